@@ -1,0 +1,190 @@
+"""One function builds every environment: `make_env(EnvConfig(...), seed)` -> `VecEnv`.
+
+CPU (physx_cpu): one env runs in-process; several run one per process (gymnasium's
+AsyncVectorEnv over ManiSkill's CPUGymWrapper, one torch thread each). GPU (physx_cuda): ManiSkill's
+batched envs in this process. Both come back as the same `VecEnv` (see vector.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import gymnasium as gym
+
+from robodistill.envs.vector import VecEnv, single_env
+from robodistill.errors import UserError
+
+# Tasks run and tested here (CPU, no downloaded assets). Any other registered ManiSkill task that
+# needs no downloads works too; these are the ones we vouch for.
+SUPPORTED_TASKS = (
+    "PushCube-v1",
+    "PickCube-v1",
+    "StackCube-v1",
+    "PullCube-v1",
+    "PegInsertionSide-v1",
+    "LiftPegUpright-v1",
+    "PushT-v1",
+    "PokeCube-v1",
+    "RollBall-v1",
+    "PlugCharger-v1",
+)
+OBS_MODES = ("state", "rgb")
+SIM_BACKENDS = ("physx_cpu", "physx_cuda")
+SETUP_HINT = "run `make setup` (scripts/setup.sh) to install Mesa's lavapipe Vulkan driver"
+
+
+@dataclass
+class EnvConfig:
+    """Everything that decides what environment is built. Mirrors configs/env/*.yaml."""
+
+    task: str = "PushCube-v1"
+    obs_mode: str = "state"  # state: {"state"}; rgb: {"state", "rgb"} (proprioception + camera)
+    control_mode: str | None = "pd_ee_delta_pos"  # None: the task's default
+    num_envs: int = 1
+    sim_backend: str = "physx_cpu"
+    max_episode_steps: int | None = None  # None: the task's default
+    reward_mode: str | None = None  # None: the task's default (normalized_dense for the cube tasks)
+    image_size: int = 128  # camera width/height for obs_mode=rgb
+    render_size: int = 256  # video frame width/height
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "EnvConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise UserError(f"unknown env field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**dict(cfg))
+
+
+def _registered_tasks() -> dict:
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    return REGISTERED_ENVS
+
+
+def _missing_assets(task: str) -> list[str]:
+    from mani_skill.utils import assets
+
+    ids = assets.expand_data_group_into_individual_data_source_ids(task) if task in assets.DATA_GROUPS else []
+    return [i for i in ids if not assets.is_data_source_downloaded(i)]
+
+
+def _check(cfg: EnvConfig) -> None:
+    """Fail early, before SAPIEN starts, with an error that names the field and the choices."""
+    tasks = _registered_tasks()
+    if cfg.task not in tasks:
+        raise UserError(f"unknown task '{cfg.task}' (env.task). Supported tasks: {', '.join(SUPPORTED_TASKS)}")
+    missing = _missing_assets(cfg.task)
+    if missing:
+        raise UserError(
+            f"task '{cfg.task}' needs downloaded assets ({', '.join(missing)}), and downloads are not available "
+            f"here. Use a task that needs none: {', '.join(SUPPORTED_TASKS)}"
+        )
+    reward_modes = tasks[cfg.task].cls.SUPPORTED_REWARD_MODES
+    if cfg.reward_mode is not None and cfg.reward_mode not in reward_modes:
+        raise UserError(f"reward_mode '{cfg.reward_mode}' is not valid for {cfg.task} (env.reward_mode). Valid: {', '.join(reward_modes)}")
+    if cfg.obs_mode not in OBS_MODES:
+        raise UserError(f"unknown obs_mode '{cfg.obs_mode}' for {cfg.task} (env.obs_mode). Valid: {', '.join(OBS_MODES)}")
+    if cfg.sim_backend not in SIM_BACKENDS:
+        raise UserError(f"unknown sim_backend '{cfg.sim_backend}' (env.sim_backend). Valid: {', '.join(SIM_BACKENDS)}")
+    if cfg.num_envs < 1:
+        raise UserError(f"env.num_envs must be >= 1, got {cfg.num_envs}")
+    if cfg.sim_backend == "physx_cuda" and not _cuda():
+        raise UserError("env.sim_backend=physx_cuda needs a CUDA GPU and a CUDA build of torch; use physx_cpu here")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gym_kwargs(cfg: EnvConfig, num_envs: int, render: bool) -> dict:
+    """Keyword arguments for `gym.make(cfg.task, **kwargs)` of a ManiSkill task."""
+    kwargs: dict[str, Any] = dict(
+        num_envs=num_envs,
+        obs_mode="rgb" if cfg.obs_mode == "rgb" else "state",
+        sim_backend=cfg.sim_backend,
+        render_mode="rgb_array" if render else None,
+        human_render_camera_configs=dict(width=cfg.render_size, height=cfg.render_size),
+        # "gpu" means SAPIEN's CUDA renderer; without CUDA, ask for lavapipe directly (no warning).
+        render_backend="gpu" if _cuda() else "cpu",
+    )
+    if cfg.obs_mode == "rgb":
+        kwargs["sensor_configs"] = dict(width=cfg.image_size, height=cfg.image_size)
+    for key in ("control_mode", "reward_mode", "max_episode_steps"):
+        if getattr(cfg, key) is not None:
+            kwargs[key] = getattr(cfg, key)
+    return kwargs
+
+
+def _gym_make(cfg: EnvConfig, num_envs: int, render: bool) -> gym.Env:
+    try:
+        return gym.make(cfg.task, **gym_kwargs(cfg, num_envs, render))
+    except RuntimeError as err:
+        if "physical device" in str(err) or "Vulkan" in str(err) or "vk::" in str(err):
+            raise UserError(f"no Vulkan device for SAPIEN ({err}); {SETUP_HINT}") from err
+        raise
+    except (AssertionError, KeyError, NotImplementedError) as err:
+        raise UserError(_explain_make_error(cfg, err)) from err
+
+
+def _explain_make_error(cfg: EnvConfig, err: Exception) -> str:
+    """ManiSkill rejects a bad control mode with a bare assert: name the valid ones."""
+    probe = gym.make(cfg.task, num_envs=1, obs_mode="state", sim_backend="physx_cpu", render_backend="cpu")
+    try:
+        control_modes = list(probe.unwrapped.agent.supported_control_modes)
+    finally:
+        probe.close()
+    if cfg.control_mode is not None and cfg.control_mode not in control_modes:
+        return f"control_mode '{cfg.control_mode}' is not valid for {cfg.task} (env.control_mode). Valid: {', '.join(control_modes)}"
+    return f"ManiSkill could not build {cfg.task} with {asdict(cfg)}: {err!r}"
+
+
+def build_single(cfg: EnvConfig, render: bool) -> gym.Env:
+    """One ManiSkill env (batched API, num_envs=1) with our observation convention applied."""
+    return single_env(_gym_make(cfg, 1, render), rgb=cfg.obs_mode == "rgb")
+
+
+def _worker_env(cfg: EnvConfig, render: bool, ignore_terminations: bool) -> gym.Env:
+    # One thread per env worker: torch's default of one per core makes stepping erratic here.
+    import torch
+    from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+    torch.set_num_threads(1)
+    return CPUGymWrapper(build_single(cfg, render), ignore_terminations=ignore_terminations, record_metrics=True)
+
+
+def make_env(
+    cfg: EnvConfig | Mapping[str, Any],
+    *,
+    render: bool = False,
+    ignore_terminations: bool = False,
+) -> VecEnv:
+    """Build `cfg.num_envs` copies of a ManiSkill task as one `VecEnv`.
+
+    :param render: enable `VecEnv.render()` (videos); costs a render camera per env.
+    :param ignore_terminations: run every episode to the time limit (evaluation: success_at_end
+        is then meaningful). False: episodes end early on success or failure (RL training).
+    """
+    if not isinstance(cfg, EnvConfig):
+        cfg = EnvConfig.from_mapping(cfg)
+    _check(cfg)
+    if cfg.sim_backend == "physx_cuda" or cfg.num_envs == 1:
+        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+
+        env = single_env(_gym_make(cfg, cfg.num_envs, render), rgb=cfg.obs_mode == "rgb")
+        vec = ManiSkillVectorEnv(env, auto_reset=True, ignore_terminations=ignore_terminations, record_metrics=True)
+        return VecEnv(vec, cfg)
+    # AsyncVectorEnv builds one env in this process for the spaces, so config errors surface here.
+    make_one = functools.partial(_worker_env, cfg, render, ignore_terminations)
+    vec = gym.vector.AsyncVectorEnv(
+        [make_one] * cfg.num_envs,
+        context="forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn",
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    return VecEnv(vec, cfg)

@@ -1,0 +1,187 @@
+"""The one vectorized-env convention everything downstream uses, and its stable-baselines3 view.
+
+Convention (ManiSkill's own `ManiSkillVectorEnv` conventions, whatever the backend):
+- observations are a dict of batched torch tensors on `env.device`: `state` (B, D) float32 always,
+  `rgb` (B, H, W, 3 * cameras) uint8 when obs_mode=rgb;
+- `step` returns torch tensors `reward` (B,), `terminated` (B,), `truncated` (B,) and `info`;
+- finished envs reset at once (same step); for them `info["_final_info"]` is True,
+  `info["final_observation"]` holds the last observation and `info["final_info"]["episode"]` the
+  episode metrics `success_once`, `success_at_end` (with ignore_terminations), `return`, `episode_len`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv as SB3VecEnv
+
+Obs = dict[str, torch.Tensor]
+
+
+class StateDictObservation(gym.ObservationWrapper):
+    """obs_mode=state: the flat state vector becomes `{"state": vector}`."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        base = env.unwrapped
+        base.update_obs_space({"state": base._init_raw_obs})
+
+    def observation(self, observation):
+        return {"state": observation}
+
+
+def single_env(env: gym.Env, rgb: bool) -> gym.Env:
+    """Apply the observation convention to a ManiSkill env made by `gym.make`."""
+    if rgb:
+        from mani_skill.utils.wrappers.flatten import FlattenRGBDObservationWrapper
+
+        return FlattenRGBDObservationWrapper(env, rgb=True, depth=False, state=True)
+    return StateDictObservation(env)
+
+
+def _task_max_steps(task: str) -> int:
+    # ManiSkill applies its own time limit, so gymnasium's spec does not know it.
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    return int(REGISTERED_ENVS[task].max_episode_steps)
+
+
+def _to_torch(x: Any, device: torch.device) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_torch(v, device) for k, v in x.items()}
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        return torch.from_numpy(x).to(device)
+    if isinstance(x, (bool, int, float, np.number, np.bool_)):
+        return torch.as_tensor(x, device=device)
+    return x
+
+
+def _stack_final_obs(final_obs: np.ndarray, current: Obs) -> Obs:
+    """gymnasium gives the last observation of each finished env as an object array of dicts."""
+    out = {k: v.clone() for k, v in current.items()}
+    for i, obs in enumerate(final_obs):
+        if obs is not None:
+            for k in out:
+                out[k][i] = torch.as_tensor(obs[k])
+    return out
+
+
+class VecEnv:
+    """A batch of ManiSkill envs behind the convention above.
+
+    Wraps `ManiSkillVectorEnv` (GPU, or one CPU env) or gymnasium's `AsyncVectorEnv` of
+    `CPUGymWrapper` workers (several CPU envs); `make_env` picks.
+    """
+
+    def __init__(self, vec: gym.vector.VectorEnv, cfg):
+        self._vec = vec
+        self.cfg = cfg
+        self.num_envs: int = vec.num_envs
+        self.batched = not isinstance(vec, gym.vector.AsyncVectorEnv)
+        self.device = vec.device if self.batched else torch.device("cpu")
+        self.single_observation_space: gym.spaces.Dict = vec.single_observation_space
+        self.single_action_space: gym.spaces.Box = vec.single_action_space
+        self.action_low = torch.as_tensor(self.single_action_space.low, device=self.device)
+        self.action_high = torch.as_tensor(self.single_action_space.high, device=self.device)
+        self.max_episode_steps: int = cfg.max_episode_steps or _task_max_steps(cfg.task)
+        self.control_freq: int = int(vec.base_env.control_freq if self.batched else vec.get_attr("control_freq")[0])
+
+    def reset(self, seed: int | list[int] | None = None) -> Obs:
+        obs, _ = self._vec.reset(seed=seed)
+        return obs if self.batched else _to_torch(obs, self.device)
+
+    def step(self, action: torch.Tensor | np.ndarray):
+        if self.batched:
+            action = torch.as_tensor(action, device=self.device, dtype=torch.float32)
+            return self._vec.step(action)
+        action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
+        obs, reward, terminated, truncated, info = self._vec.step(action.astype(np.float32))
+        obs = _to_torch(obs, self.device)
+        if "final_info" in info:
+            info["final_observation"] = _stack_final_obs(info.pop("final_obs"), obs)
+        info = _to_torch(info, self.device)
+        return obs, _to_torch(reward, self.device).float(), _to_torch(terminated, self.device), _to_torch(truncated, self.device), info
+
+    def render(self) -> np.ndarray:
+        """RGB frames of every env, (B, H, W, 3) uint8 (needs `make_env(..., render=True)`)."""
+        if self.batched:
+            frames = self._vec.render()
+            return frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        return np.stack(self._vec.call("render"))
+
+    def close(self) -> None:
+        self._vec.close()
+
+    def __enter__(self) -> "VecEnv":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SB3View(SB3VecEnv):
+    """The same envs as a stable-baselines3 `VecEnv` (numpy in and out, SB3's info keys).
+
+    Observations are a Box of the state vector for obs_mode=state and the Dict otherwise, so SB3's
+    `MlpPolicy` and `MultiInputPolicy` both apply.
+    """
+
+    def __init__(self, env: VecEnv):
+        self.env = env
+        self._flat = set(env.single_observation_space.spaces) == {"state"}
+        space = env.single_observation_space["state"] if self._flat else env.single_observation_space
+        self.render_mode = None
+        super().__init__(env.num_envs, space, env.single_action_space)
+        self._seed: int | None = None
+        self._actions: np.ndarray | None = None
+
+    def _np(self, obs: Obs):
+        if self._flat:
+            return obs["state"].cpu().numpy()
+        return {k: v.cpu().numpy() for k, v in obs.items()}
+
+    def reset(self):
+        obs = self.env.reset(seed=self._seed)
+        self._seed = None
+        return self._np(obs)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = actions
+
+    def step_wait(self):
+        obs, reward, terminated, truncated, info = self.env.step(self._actions)
+        done = (terminated | truncated).cpu().numpy()
+        infos: list[dict] = [{} for _ in range(self.num_envs)]
+        if done.any():
+            final_obs = self._np(info["final_observation"])
+            episode = {k: v.cpu().numpy() for k, v in info["final_info"].get("episode", {}).items()}
+            for i in np.flatnonzero(done):
+                infos[i]["terminal_observation"] = final_obs[i] if self._flat else {k: v[i] for k, v in final_obs.items()}
+                infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+                if episode:
+                    infos[i]["episode"] = {"r": float(episode["return"][i]), "l": int(episode["episode_len"][i])}
+                    if "success_once" in episode:
+                        infos[i]["is_success"] = bool(episode["success_once"][i])
+        return self._np(obs), reward.cpu().numpy(), done, infos
+
+    def seed(self, seed: int | None = None):
+        self._seed = seed
+        return [seed] * self.num_envs
+
+    def close(self) -> None:
+        self.env.close()
+
+    def get_attr(self, attr_name: str, indices=None) -> list[Any]:
+        return [getattr(self.env, attr_name)] * len(self._get_indices(indices))
+
+    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+        raise AttributeError(f"SB3View cannot set '{attr_name}' on ManiSkill envs")
+
+    def env_method(self, method_name: str, *args, indices=None, **kwargs) -> list[Any]:
+        raise AttributeError(f"SB3View has no per-env method '{method_name}'")
+
+    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+        return [False] * len(self._get_indices(indices))

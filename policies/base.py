@@ -1,0 +1,63 @@
+"""What every policy is to the rest of robodistill, and how one is found by name or checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from robodistill import checkpoints
+from robodistill.errors import UserError
+
+Obs = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Maps a batch of observation histories to action chunks in env units.
+
+    `obs[key]` is (B, obs_horizon, ...); the result is (B, H, A) with H >= act_horizon, of which the
+    first `act_horizon` actions are executed before the policy is asked again (receding horizon).
+    """
+
+    obs_horizon: int
+    act_horizon: int
+
+    def predict_chunk(self, obs: Obs) -> torch.Tensor: ...
+
+
+# Policy kinds that can be rebuilt from a checkpoint: kind -> from_checkpoint(payload, env) -> Policy.
+LOADERS: dict[str, Callable] = {}
+
+
+def register_loader(kind: str):
+    def add(from_checkpoint: Callable) -> Callable:
+        LOADERS[kind] = from_checkpoint
+        return from_checkpoint
+
+    return add
+
+
+def load_policy(spec: str, env, seed: int = 0) -> Policy:
+    """`random`, `scripted` (PushCube-v1 only), or the path of a checkpoint of a registered policy kind."""
+    if spec == "random":
+        from robodistill.policies.random import RandomPolicy
+
+        return RandomPolicy(env.action_low, env.action_high, seed=seed)
+    if spec == "scripted":
+        from robodistill.policies.scripted import PushCubeScripted
+
+        wanted = PushCubeScripted.supported
+        have = {k: getattr(env.cfg, k) for k in wanted}
+        if have != wanted:
+            raise UserError(f"policy=scripted is a PushCube expert for env {wanted}; this env is {have}")
+        return PushCubeScripted()
+    if not Path(spec).exists():
+        raise UserError(f"policy '{spec}' is neither 'random', 'scripted' nor an existing checkpoint file")
+    payload = checkpoints.load(spec)
+    kind = payload.get("kind")
+    if kind not in LOADERS:
+        known = ", ".join(sorted(LOADERS)) or "none registered yet"
+        raise UserError(f"checkpoint '{spec}' holds a '{kind}', which is not a policy (policy kinds: {known})")
+    return LOADERS[kind](payload, env)

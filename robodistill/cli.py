@@ -1,0 +1,70 @@
+"""`robodistill <command> key=value ...`: one hydra config per command under configs/.
+
+Each command is a function `main(cfg)` in a module; hydra composes `configs/<command>.yaml` with the
+overrides, creates the run directory `runs/<command>/<time>-<name>/` and saves the resolved config
+there (`.hydra/config.yaml`). Every hydra flag works (`--cfg job`, `-m` sweeps, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from robodistill.configs import register_schemas
+from robodistill.errors import UserError
+
+# command -> (module with main(cfg), one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("robodistill.evaluation", "roll out a policy; success rates with 95% Wilson intervals, eval.json, videos"),
+}
+
+USAGE = """usage: robodistill <command> [key=value ...] [--help]
+
+commands:
+{commands}
+
+`robodistill <command> --help` shows the command's config and its defaults.
+Example: robodistill eval env=PushCube-v1 policy=random episodes=10 seed=0 video=true"""
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return USAGE.format(commands="\n".join(lines))
+
+
+def _guarded(task_fn):
+    """Bad input ends in one clear line, not a traceback through hydra."""
+
+    def run(cfg: DictConfig):
+        try:
+            return task_fn(cfg)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}'.\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    register_schemas()
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"robodistill {command}", *overrides]
+    hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(
+        _guarded(module.main)
+    )()
+
+
+if __name__ == "__main__":
+    main()

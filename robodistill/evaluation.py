@@ -1,0 +1,169 @@
+"""The one evaluation every command uses: roll a policy out, report rates with Wilson intervals.
+
+Episodes run in waves of `env.num_envs`; episode k is reset with seed `seed + k`, so a result does
+not depend on how many envs ran it. Every episode runs to the time limit (ignore_terminations), so
+both success_once (ever succeeded) and success_at_end (succeeded at the last step) are defined.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from robodistill.envs import EnvConfig, VecEnv, make_env
+from robodistill.errors import UserError
+from robodistill.inference.chunks import ChunkExecutor
+from robodistill.policies import Policy, load_policy
+
+RATES = ("success_once", "success_at_end")
+
+
+@dataclass
+class EvalConfig:
+    """`robodistill eval` (configs/eval.yaml)."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: str = "random"  # random, scripted (PushCube-v1 expert), or the path of a policy checkpoint
+    episodes: int = 10
+    seed: int = 0  # episode k is reset with seed + k
+    video: bool = False  # mp4s of the first video_episodes episodes in <run>/videos/
+    video_episodes: int = 2
+    name: str = "eval"  # run directory suffix
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial rate (sound at 0/n and n/n, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class EvalReport:
+    episodes: list[dict]
+    seconds: float
+    env_steps: int
+    summary: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.episodes)
+        summary: dict = {"episodes": n}
+        for rate in RATES:
+            if n and rate in self.episodes[0]:
+                k = sum(bool(e[rate]) for e in self.episodes)
+                lo, hi = wilson_interval(k, n)
+                summary[rate] = {"rate": k / n, "successes": k, "ci95": [lo, hi]}
+        for key in ("return", "episode_len"):
+            values = np.array([e[key] for e in self.episodes], dtype=np.float64)
+            summary[f"mean_{key}"] = float(values.mean()) if n else float("nan")
+            summary[f"std_{key}"] = float(values.std()) if n else float("nan")
+        summary["seconds"] = self.seconds
+        summary["env_steps_per_second"] = self.env_steps / self.seconds if self.seconds > 0 else float("nan")
+        self.summary = summary
+
+    def table(self, title: str = "") -> str:
+        s = self.summary
+        lines = [title] if title else []
+        lines.append(f"{'metric':<16} {'value':>8}   95% interval")
+        for rate in RATES:
+            if rate in s:
+                r = s[rate]
+                lines.append(f"{rate:<16} {r['rate']:>8.1%}   [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]   ({r['successes']}/{s['episodes']})")
+        lines.append(f"{'mean return':<16} {s['mean_return']:>8.3f}   (std {s['std_return']:.3f})")
+        lines.append(f"{'episode length':<16} {s['mean_episode_len']:>8.1f}")
+        lines.append(f"{'wall time':<16} {s['seconds']:>7.1f}s   ({s['env_steps_per_second']:.0f} env steps/s)")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path, **extra) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**extra, "summary": self.summary, "episodes": self.episodes}, indent=2))
+        return path
+
+
+def _write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+
+
+def evaluate(
+    policy: Policy,
+    env: VecEnv,
+    episodes: int,
+    seed: int = 0,
+    video_dir: str | Path | None = None,
+    video_episodes: int = 2,
+    progress: bool = True,
+) -> EvalReport:
+    """Run `episodes` episodes of `policy` in `env` (made with ignore_terminations=True).
+
+    :param video_dir: if given (and env made with render=True), mp4s of the first
+        `video_episodes` episodes are written there.
+    """
+    rows: list[dict] = []
+    n_envs = env.num_envs
+    record = video_dir is not None and video_episodes > 0
+    steps = 0
+    start = time.perf_counter()
+    bar = tqdm(total=episodes, desc="eval", unit="ep", disable=not progress)
+    for wave_start in range(0, episodes, n_envs):
+        seeds = [seed + wave_start + i for i in range(n_envs)]
+        obs = env.reset(seed=seeds)
+        executor = ChunkExecutor(policy, n_envs)
+        executor.observe(obs)
+        finished: dict[int, dict] = {}
+        frames: list[np.ndarray] = []
+        film = min(n_envs, video_episodes - wave_start, episodes - wave_start) if record else 0
+        while len(finished) < n_envs:
+            if film > 0:
+                frames.append(env.render()[:film])
+            obs, _, terminated, truncated, info = env.step(executor.act())
+            steps += n_envs
+            done = (terminated | truncated).cpu()
+            for i in done.nonzero().flatten().tolist():
+                if i not in finished:
+                    ep = info["final_info"]["episode"]
+                    finished[i] = {k: ep[k][i].item() for k in ("return", "episode_len", *RATES) if k in ep}
+            executor.observe(obs, done)
+        for i in range(min(n_envs, episodes - wave_start)):
+            rows.append({"episode": wave_start + i, "seed": seeds[i], **finished[i]})
+        bar.update(min(n_envs, episodes - wave_start))
+        if film > 0:
+            for i, clip in enumerate(np.stack(frames, axis=1)):  # (film, T, H, W, 3)
+                _write_video(list(clip), Path(video_dir) / f"episode_{wave_start + i:03d}.mp4", env.control_freq)
+    bar.close()
+    return EvalReport(rows, time.perf_counter() - start, steps)
+
+
+def main(cfg: DictConfig) -> EvalReport:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.episodes < 1:
+        raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
+    torch.manual_seed(cfg.seed)
+    env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
+    with make_env(env_cfg, render=bool(cfg.video), ignore_terminations=True) as env:
+        policy = load_policy(str(cfg.policy), env, seed=cfg.seed)
+        report = evaluate(
+            policy, env, int(cfg.episodes), seed=int(cfg.seed),
+            video_dir=run_dir / "videos" if cfg.video else None, video_episodes=int(cfg.video_episodes),
+        )
+    report.save(run_dir / "eval.json", env=env_cfg.__dict__, policy=str(cfg.policy), seed=int(cfg.seed))
+    print(report.table(f"{cfg.policy} on {env_cfg.task} ({report.summary['episodes']} episodes, seed {cfg.seed})"))
+    print(f"run: {run_dir}")
+    return report

@@ -1,0 +1,59 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from robodistill import checkpoints
+from robodistill.envs import EnvConfig, make_env
+from robodistill.errors import UserError
+from robodistill.policies import load_policy
+
+
+def test_roundtrip_keeps_tensors_config_and_rng(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    path = checkpoints.save(tmp_path / "ckpt" / "last.pt", {
+        "kind": "test", "config": {"lr": 1e-3, "dims": [3, 2]}, "step": 7,
+        "model": net.state_dict(), "rng": checkpoints.rng_state(),
+    })
+    draws = (random.random(), np.random.rand(), torch.rand(2))
+    loaded = checkpoints.load(path)
+    assert loaded["step"] == 7 and loaded["config"] == {"lr": 1e-3, "dims": [3, 2]}
+    torch.testing.assert_close(loaded["model"]["weight"], net.weight.detach())
+    checkpoints.set_rng_state(loaded["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert draws[0] == again[0] and draws[1] == again[1] and torch.equal(draws[2], again[2])
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp files left
+
+
+def test_failed_save_keeps_previous_file_and_leaves_no_temp(tmp_path):
+    path = checkpoints.save(tmp_path / "last.pt", {"kind": "test", "step": 1})
+    with pytest.raises(Exception):
+        checkpoints.save(path, {"kind": "test", "step": 2, "bad": lambda: None})  # unpicklable
+    assert checkpoints.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_truncated_and_foreign_files_are_named_in_the_error(tmp_path):
+    good = checkpoints.save(tmp_path / "good.pt", {"kind": "test", "model": torch.nn.Linear(64, 64).state_dict()})
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(UserError, match="cut.pt.*cannot be read"):
+        checkpoints.load(cut)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    with pytest.raises(UserError, match="foreign.pt' is not a robodistill checkpoint"):
+        checkpoints.load(foreign)
+    with pytest.raises(UserError, match="missing.pt' does not exist"):
+        checkpoints.load(tmp_path / "missing.pt")
+
+
+def test_load_policy_refuses_non_policy_checkpoint_and_wrong_task(tmp_path):
+    path = checkpoints.save(tmp_path / "trainer.pt", {"kind": "trainer-state"})
+    with make_env(EnvConfig(task="PickCube-v1")) as env:
+        with pytest.raises(UserError, match="holds a 'trainer-state', which is not a policy"):
+            load_policy(str(path), env)
+        with pytest.raises(UserError, match="PushCube expert"):
+            load_policy("scripted", env)
+        with pytest.raises(UserError, match="neither 'random', 'scripted' nor an existing checkpoint"):
+            load_policy(str(tmp_path / "nope.pt"), env)

@@ -1,0 +1,48 @@
+import json
+
+
+def test_help_lists_commands_and_command_help_shows_config(cli):
+    top = cli("--help")
+    assert top.returncode == 0 and "eval" in top.stdout and "usage: robodistill" in top.stdout
+    sub = cli("eval", "--help")
+    assert sub.returncode == 0
+    assert "env: LiftPegUpright-v1" in sub.stdout and "episodes: 10" in sub.stdout and "control_mode: pd_ee_delta_pos" in sub.stdout
+
+
+def test_eval_writes_run_dir_eval_json_and_video(cli, tmp_path):
+    r = cli("eval", "env=PushCube-v1", "policy=scripted", "episodes=2", "seed=3", "video=true", "video_episodes=1")
+    assert r.returncode == 0, r.stderr
+    for word in ("success_once", "success_at_end", "mean return", "episode length", "95% interval"):
+        assert word in r.stdout
+    (run,) = (tmp_path / "runs" / "eval").iterdir()
+    assert run.name.endswith("-PushCube-v1")
+    report = json.loads((run / "eval.json").read_text())
+    assert [e["seed"] for e in report["episodes"]] == [3, 4]
+    assert report["summary"]["success_once"]["successes"] == 2
+    lo, hi = report["summary"]["success_once"]["ci95"]
+    assert 0.3 < lo < 0.4 and hi == 1.0
+    assert (run / "videos" / "episode_000.mp4").stat().st_size > 1000
+    assert "policy: scripted" in (run / ".hydra" / "config.yaml").read_text()
+
+
+def test_bad_input_is_one_clear_line(cli):
+    cases = {
+        ("env.task=NoSuchTask-v9",): "Supported tasks: PushCube-v1",
+        ("env=NoSuchTask-v9",): "Available options in 'env'",
+        ("env.control_mode=teleport",): "Valid: pd_joint_delta_pos",
+        ("episodes=many",): "could not be converted to Integer",
+        ("policy=missing.pt",): "neither 'random', 'scripted' nor an existing checkpoint",
+    }
+    for args, message in cases.items():
+        r = cli("eval", *args, "episodes=1")
+        assert r.returncode != 0, args
+        assert message in r.stderr + r.stdout, (args, r.stderr)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+    r = cli("evaluate")
+    assert r.returncode == 2 and "unknown command 'evaluate'" in r.stderr
+
+
+def test_missing_vulkan_device_names_the_fix(cli):
+    r = cli("eval", "episodes=1", env={"VK_ICD_FILENAMES": "/nonexistent/icd.json"})
+    assert r.returncode == 2
+    assert "no Vulkan device" in r.stderr and "make setup" in r.stderr

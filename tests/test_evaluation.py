@@ -1,0 +1,83 @@
+import json
+
+import imageio.v2 as imageio
+import pytest
+import torch
+
+from robodistill.envs import EnvConfig, make_env
+from robodistill.evaluation import evaluate, wilson_interval
+from robodistill.inference.chunks import ChunkExecutor
+from robodistill.policies import RandomPolicy
+from robodistill.policies.scripted import PushCubeScripted
+
+
+@pytest.mark.parametrize(
+    "k, n, lo, hi",
+    [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (45, 50, 0.7864, 0.9565)],
+)
+def test_wilson_interval_matches_reference_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-4)
+
+
+class CountingPolicy:
+    """Chunks whose actions encode (call number, position in chunk) so the order of execution shows."""
+
+    obs_horizon = 2
+    act_horizon = 2
+
+    def __init__(self):
+        self.calls = 0
+        self.seen = []
+
+    def predict_chunk(self, obs):
+        self.calls += 1
+        self.seen.append(obs["state"].clone())
+        b = obs["state"].shape[0]
+        steps = torch.arange(4, dtype=torch.float32)  # pred horizon 4, only 2 executed
+        return (self.calls * 10 + steps).view(1, 4, 1).expand(b, 4, 1)
+
+
+def test_chunk_executor_receding_horizon_history_and_restart():
+    policy = CountingPolicy()
+    ex = ChunkExecutor(policy, num_envs=2)
+    ex.observe({"state": torch.tensor([[1.0], [2.0]])})
+    assert policy.seen == [] and ex.act().tolist() == [[10.0], [10.0]]
+    torch.testing.assert_close(policy.seen[0], torch.tensor([[[1.0], [1.0]], [[2.0], [2.0]]]))  # padded history
+    ex.observe({"state": torch.tensor([[3.0], [4.0]])}, torch.tensor([False, False]))
+    assert ex.act().tolist() == [[11.0], [11.0]] and policy.calls == 1  # second action of the same chunk
+    ex.observe({"state": torch.tensor([[5.0], [6.0]])}, torch.tensor([False, True]))  # env 1 restarts
+    assert ex.act().tolist() == [[20.0], [20.0]] and policy.calls == 2
+    torch.testing.assert_close(policy.seen[1], torch.tensor([[[3.0], [5.0]], [[6.0], [6.0]]]))
+    ex.observe({"state": torch.tensor([[7.0], [8.0]])}, torch.tensor([False, True]))
+    assert ex.act().tolist() == [[21.0], [30.0]]  # only env 1 re-planned
+    assert policy.seen[2].shape[0] == 1
+
+
+def test_scripted_expert_succeeds_and_random_fails_on_pushcube():
+    with make_env(EnvConfig(task="PushCube-v1"), ignore_terminations=True) as env:
+        expert = evaluate(PushCubeScripted(), env, episodes=3, seed=0, progress=False)
+        random = evaluate(RandomPolicy(env.action_low, env.action_high, seed=0), env, episodes=3, seed=0, progress=False)
+    assert expert.summary["success_once"]["successes"] == 3
+    assert random.summary["success_once"]["successes"] == 0
+    assert expert.summary["mean_return"] > random.summary["mean_return"]
+    assert [e["seed"] for e in expert.episodes] == [0, 1, 2]
+    assert all(e["episode_len"] == 50 for e in expert.episodes)
+
+
+def test_results_do_not_depend_on_number_of_envs(tmp_path):
+    """Episode k is seeded seed + k, so one env and two workers report the same episodes."""
+    with make_env(EnvConfig(task="PushCube-v1"), ignore_terminations=True) as env:
+        one = evaluate(PushCubeScripted(), env, episodes=3, seed=7, progress=False)
+    with make_env(EnvConfig(task="PushCube-v1", num_envs=2), ignore_terminations=True, render=True) as env:
+        two = evaluate(PushCubeScripted(), env, episodes=3, seed=7, progress=False, video_dir=tmp_path, video_episodes=3)
+    for a, b in zip(one.episodes, two.episodes):
+        assert a["seed"] == b["seed"] and a["success_once"] == b["success_once"]
+        assert a["return"] == pytest.approx(b["return"], abs=1e-3)
+    videos = sorted(p.name for p in tmp_path.glob("*.mp4"))
+    assert videos == ["episode_000.mp4", "episode_001.mp4", "episode_002.mp4"]
+    frames = imageio.mimread(tmp_path / "episode_002.mp4")
+    assert len(frames) == 50 and frames[0].shape == (256, 256, 3)
+    path = two.save(tmp_path / "eval.json", policy="scripted")
+    saved = json.loads(path.read_text())
+    assert len(saved["episodes"]) == 3 and saved["summary"]["episodes"] == 3
