@@ -5,9 +5,11 @@ from hydra.core.config_store import ConfigStore
 
 def register_schemas() -> None:
     """Typed schemas the yaml files build on, so a misspelled or mistyped field is an error."""
+    from robodistill.demos import DemosConfig
     from robodistill.envs.factory import EnvConfig
     from robodistill.evaluation import EvalConfig
 
     store = ConfigStore.instance()
     store.store(group="schema", name="env", node=EnvConfig)
     store.store(group="schema", name="eval", node=EvalConfig)
+    store.store(group="schema", name="demos", node=DemosConfig)

@@ -16,10 +16,13 @@ from omegaconf import DictConfig
 from robodistill.configs import register_schemas
 from robodistill.errors import UserError
 
-# command -> (module with main(cfg), one-line summary)
+# command -> (module with main(cfg), one-line summary); ARGV_COMMANDS take plain arguments, no hydra.
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("robodistill.evaluation", "roll out a policy; success rates with 95% Wilson intervals, eval.json, videos"),
+    "demos": ("robodistill.demos", "motion-planning demonstrations in ManiSkill's trajectory format, converted to any obs/control mode"),
+    "dataset": ("robodistill.data.info", "`dataset info PATH`: episodes, lengths, success, shapes, modes, a PNG of action ranges"),
 }
+ARGV_COMMANDS = {"dataset"}
 
 USAGE = """usage: robodistill <command> [key=value ...] [--help]
 
@@ -58,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"error: unknown command '{command}'.\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
-    register_schemas()
     module = importlib.import_module(COMMANDS[command][0])
+    if command in ARGV_COMMANDS:
+        return _guarded(module.main)(overrides)
+    register_schemas()
     sys.argv = [f"robodistill {command}", *overrides]
     hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(
         _guarded(module.main)

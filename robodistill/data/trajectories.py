@@ -1,0 +1,199 @@
+"""Reading ManiSkill trajectory files (`X.h5` + `X.json`), checked, into episodes.
+
+The format is ManiSkill's own (written by `RecordEpisode`, `replay_trajectory`, its downloadable
+demos): `traj_<id>/actions` (T, A), `traj_<id>/obs` (T+1 observations: an array for obs_mode=state,
+a group agent/extra/sensor_data for rgb), and a json with `env_info` (env_id, env_kwargs) and one
+row per episode (episode_id, episode_seed, control_mode, success, ...). Observations come out in
+robodistill's convention: `state` (T+1, D) float32, and `rgb` (T+1, H, W, 3 * cameras) uint8.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from robodistill.errors import UserError
+
+ArrayLike = Any  # np.ndarray, or h5py.Dataset when left on disk
+
+
+@dataclass
+class Episode:
+    source: Path
+    episode_id: int
+    seed: int | None
+    success: bool | None
+    actions: np.ndarray  # (T, A) float32
+    obs: dict[str, ArrayLike]  # (T + 1, ...) per key
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+@dataclass
+class TrajectoryFile:
+    """One checked `.h5` + `.json` pair; episodes are read on demand with `episodes()`."""
+
+    path: Path
+    meta: dict
+    h5: h5py.File = field(repr=False)
+
+    @property
+    def env_id(self) -> str:
+        return self.meta["env_info"]["env_id"]
+
+    @property
+    def env_kwargs(self) -> dict:
+        return self.meta["env_info"].get("env_kwargs", {})
+
+    @property
+    def control_mode(self) -> str | None:
+        rows = self.meta["episodes"]
+        return self.env_kwargs.get("control_mode") or (rows[0].get("control_mode") if rows else None)
+
+    @property
+    def obs_mode(self) -> str | None:
+        return self.env_kwargs.get("obs_mode")
+
+    def episodes(self, ids: list[int] | None = None, in_memory: bool = True) -> list[Episode]:
+        rows = self.meta["episodes"] if ids is None else [self.meta["episodes"][i] for i in ids]
+        return [self._episode(row, in_memory) for row in rows]
+
+    def _episode(self, row: dict, in_memory: bool) -> Episode:
+        name = f"traj_{row['episode_id']}"
+        group = self.h5[name]
+        where = f"{self.path}, episode {name}"
+        if "actions" not in group or "obs" not in group or len(group["obs"]) == 0:
+            raise UserError(f"{where}: has no 'actions' or no 'obs' (obs_mode=none files only hold actions; convert them with `robodistill demos` or replay_trajectory -o state)")
+        actions = np.asarray(group["actions"][:], dtype=np.float32)
+        if actions.ndim != 2:
+            raise UserError(f"{where}: actions have shape {actions.shape}, expected (T, action_dim)")
+        obs = _observations(group["obs"], in_memory, where)
+        for key, value in obs.items():
+            if len(value) != len(actions) + 1:
+                raise UserError(f"{where}: {len(value)} '{key}' observations for {len(actions)} actions (expected T + 1)")
+        seed = row.get("episode_seed", row.get("reset_kwargs", {}).get("seed"))
+        return Episode(self.path, int(row["episode_id"]), None if seed is None else int(seed), row.get("success"), actions, obs)
+
+    def close(self) -> None:
+        self.h5.close()
+
+
+def _observations(obs: h5py.Dataset | h5py.Group, in_memory: bool, where: str) -> dict[str, ArrayLike]:
+    if isinstance(obs, h5py.Dataset):
+        return {"state": np.asarray(obs[:], dtype=np.float32)}
+    # The same flattening as ManiSkill's FlattenRGBDObservationWrapper: state = agent + extra, in
+    # the order recorded (groups are written with track_order), images concatenated per camera.
+    parts = [_flatten(obs[k]) for k in obs if k not in ("sensor_data", "sensor_param")]
+    out: dict[str, ArrayLike] = {"state": np.concatenate(parts, axis=1).astype(np.float32)}
+    cameras = obs.get("sensor_data")
+    if cameras is not None:
+        rgb = [cameras[c]["rgb"] for c in cameras if "rgb" in cameras[c]]
+        if not rgb:
+            raise UserError(f"{where}: sensor_data has no rgb images")
+        if len(rgb) == 1 and not in_memory:
+            out["rgb"] = rgb[0]
+        else:
+            out["rgb"] = np.concatenate([r[:] for r in rgb], axis=-1)
+    return out
+
+
+def _flatten(node: h5py.Dataset | h5py.Group) -> np.ndarray:
+    """(T, D) from a nested group of (T,) or (T, d) arrays, depth-first in recorded order."""
+    if isinstance(node, h5py.Group):
+        return np.concatenate([_flatten(node[k]) for k in node], axis=1)
+    value = np.asarray(node[:], dtype=np.float32)
+    return value.reshape(len(value), -1)
+
+
+def open_trajectory(path: str | Path) -> TrajectoryFile:
+    """Open and check a trajectory pair; every problem names the file (and episode) and the fix."""
+    path = Path(path)
+    if path.suffix != ".h5":
+        path = path.with_suffix(".h5") if path.with_suffix(".h5").exists() else path
+    if not path.is_file():
+        raise UserError(f"trajectory file '{path}' does not exist")
+    json_path = path.with_suffix(".json")
+    if not json_path.is_file():
+        raise UserError(f"'{json_path}' is missing: a ManiSkill trajectory is X.h5 plus X.json with env_info and episodes")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"'{json_path}' is not valid JSON ({err})") from err
+    for key in ("env_info", "episodes"):
+        if key not in meta:
+            raise UserError(f"'{json_path}' has no '{key}' field; is it a ManiSkill trajectory json?")
+    if "env_id" not in meta["env_info"]:
+        raise UserError(f"'{json_path}': env_info has no env_id")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"'{path}' ({path.stat().st_size} bytes) is not a readable HDF5 file: truncated or corrupted? ({err})") from err
+    missing = [f"traj_{row['episode_id']}" for row in meta["episodes"] if f"traj_{row['episode_id']}" not in h5]
+    if missing:
+        h5.close()
+        raise UserError(f"'{json_path}' lists episodes {missing[:5]}{'...' if len(missing) > 5 else ''} that '{path}' does not have: the pair does not match (or the .h5 is truncated)")
+    return TrajectoryFile(path, meta, h5)
+
+
+def load_episodes(
+    paths: str | Path | list[str | Path],
+    control_mode: str | None = None,
+    obs_mode: str | None = None,
+    success_only: bool = False,
+    max_memory_gb: float = 8.0,
+) -> list[Episode]:
+    """Episodes from one or more trajectory files, checked against each other and the request.
+
+    :param control_mode: if given, every file must have been recorded with it.
+    :param obs_mode: `state` or `rgb`; if given, files must hold such observations.
+    :param max_memory_gb: RGB images stay on disk (read per window) beyond this estimated size.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise UserError("no trajectory files given")
+    files = [open_trajectory(p) for p in paths]
+    for f in files:
+        if control_mode is not None and f.control_mode != control_mode:
+            raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: convert it (robodistill demos ... control_mode={control_mode}) or change env.control_mode")
+        if obs_mode is not None and _file_obs_mode(f) != obs_mode:
+            raise UserError(f"'{f.path}' holds obs_mode={_file_obs_mode(f)} observations, but obs_mode={obs_mode} was asked for")
+    in_memory = sum(_rgb_bytes(f) for f in files) <= max_memory_gb * 2**30
+    episodes: list[Episode] = []
+    for f in files:
+        ids = [i for i, row in enumerate(f.meta["episodes"]) if row.get("success", True) or not success_only]
+        episodes += f.episodes(ids, in_memory=in_memory)
+    _check_consistent(episodes)
+    return episodes
+
+
+def _file_obs_mode(f: TrajectoryFile) -> str:
+    mode = f.obs_mode
+    if mode in (None, "none"):
+        return "none"
+    return "rgb" if "rgb" in mode or "sensor" in mode else mode
+
+
+def _rgb_bytes(f: TrajectoryFile) -> int:
+    total = 0
+    for row in f.meta["episodes"]:
+        sensors = f.h5[f"traj_{row['episode_id']}"].get("obs/sensor_data")
+        if sensors is not None:
+            total += sum(sensors[c]["rgb"].size for c in sensors if "rgb" in sensors[c])
+    return total
+
+
+def _check_consistent(episodes: list[Episode]) -> None:
+    if not episodes:
+        raise UserError("the trajectory files hold no (successful) episodes")
+    first = episodes[0]
+    want = {"actions": first.actions.shape[1:], **{k: tuple(v.shape[1:]) for k, v in first.obs.items()}}
+    for ep in episodes[1:]:
+        have = {"actions": ep.actions.shape[1:], **{k: tuple(v.shape[1:]) for k, v in ep.obs.items()}}
+        if have != want:
+            raise UserError(f"{ep.source}, episode traj_{ep.episode_id}: shapes {have} differ from {want} in {first.source}, episode traj_{first.episode_id}")

@@ -1,0 +1,184 @@
+"""`robodistill demos`: successful demonstrations from ManiSkill's motion-planning solutions.
+
+1. Plan: worker processes run ManiSkill's solver for the task (pd_joint_pos, no observations),
+   recording with ManiSkill's `RecordEpisode`; a failed plan is dropped and the next seed tried.
+   Worker w tries seeds seed + w, seed + w + workers, ...: the set of files is repeatable.
+2. Merge the workers' files with ManiSkill's `merge_trajectories`.
+3. Convert to the requested obs and control mode with ManiSkill's `replay_trajectory`
+   (`--use-first-env-state`), which keeps only episodes that still succeed.
+Everything is written in a temp folder next to the output and renamed into place at the end, so
+an interrupted run leaves nothing half-written. Output: `<out>/<name>.h5/.json` (converted) and
+`<out>/<name>.none.pd_joint_pos.h5/.json` (the plans, to convert to other modes later).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from robodistill.envs import EnvConfig
+from robodistill.errors import UserError
+
+
+@dataclass
+class DemosConfig:
+    """`robodistill demos` (configs/demos.yaml)."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)  # task, obs_mode, control_mode, image_size are used
+    n: int = 10  # successful demonstrations wanted
+    workers: int = 2  # planning and conversion processes
+    seed: int = 0  # first planning seed
+    out: str | None = None  # output folder; default datasets/<task>
+    max_failure_rate: float = 0.5  # give up when more plans than this fail
+    name: str = "demos"
+
+
+def solutions() -> dict:
+    from mani_skill.examples.motionplanning.panda.run import MP_SOLUTIONS
+
+    return MP_SOLUTIONS
+
+
+def _plan_worker(task: str, seeds: list[int], quota: int, max_failures: int, out_dir: str, worker: int, image_size: int, progress) -> dict:
+    """Plan until `quota` successes; returns the recorded file and what happened per seed."""
+    import gymnasium as gym
+    import torch
+    from mani_skill.utils.wrappers.record import RecordEpisode
+
+    torch.set_num_threads(1)
+    env = gym.make(
+        task, obs_mode="none", control_mode="pd_joint_pos", render_mode="rgb_array", sim_backend="physx_cpu",
+        render_backend="cpu", sensor_configs=dict(width=image_size, height=image_size),
+    )
+    env = RecordEpisode(
+        env, output_dir=out_dir, trajectory_name=f"plan.{worker}", save_video=False, save_on_reset=False,
+        source_type="motionplanning", source_desc="ManiSkill motion-planning solution, recorded by robodistill demos",
+    )
+    solve = solutions()[task]
+    done, failed = [], []
+    for seed in seeds:
+        if len(done) == quota or len(failed) > max_failures:
+            break
+        try:
+            result = solve(env, seed=seed, debug=False, vis=False)
+        except Exception:  # the solver raises on unreachable poses; that is a failed plan
+            result = -1
+        ok = result != -1 and bool(result[-1]["success"].item())
+        env.flush_trajectory(save=ok)
+        (done if ok else failed).append(seed)
+        progress.put(ok)
+    path = str(env._h5_file.filename)
+    env.close()
+    return {"path": path, "seeds": done, "failed_seeds": failed}
+
+
+def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
+    from mani_skill.trajectory.merge_trajectory import merge_trajectories
+
+    workers = max(1, min(cfg.workers, cfg.n))
+    quotas = [cfg.n // workers + (w < cfg.n % workers) for w in range(workers)]
+    max_failures = int(cfg.max_failure_rate * cfg.n / (1 - cfg.max_failure_rate)) + 2
+    seed_lists = [[cfg.seed + w + k * workers for k in range(quotas[w] + max_failures + 1)] for w in range(workers)]
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Manager() as manager, ctx.Pool(workers) as pool:
+        progress = manager.Queue()
+        jobs = [
+            pool.apply_async(_plan_worker, (cfg.env.task, seed_lists[w], quotas[w], max_failures // workers + 1, str(tmp), w, cfg.env.image_size, progress))
+            for w in range(workers)
+        ]
+        ok = fail = 0
+        with tqdm(total=cfg.n, desc=f"planning {cfg.env.task}", unit="demo") as bar:
+            while not all(j.ready() for j in jobs) or not progress.empty():
+                try:
+                    success = progress.get(timeout=0.2)
+                except Exception:
+                    continue
+                ok, fail = ok + success, fail + (not success)
+                bar.update(int(success))
+                bar.set_postfix(failed_plans=fail)
+        results = [j.get() for j in jobs]
+    seeds = sorted(s for r in results for s in r["seeds"])
+    failed = sorted(s for r in results for s in r["failed_seeds"])
+    if len(seeds) < cfg.n:
+        raise UserError(f"the motion planner failed too often on {cfg.env.task}: {len(seeds)} successes, {len(failed)} failures (max_failure_rate={cfg.max_failure_rate})")
+    merged = tmp / "plans.h5"
+    merge_trajectories(str(merged), [r["path"] for r in results])
+    return merged, {"seeds": seeds, "failed_seeds": failed}
+
+
+def _convert(cfg: DemosConfig, plans: Path) -> Path:
+    """ManiSkill's own replay tool turns joint-position plans into the requested modes."""
+    obs_mode = cfg.env.obs_mode
+    cmd = [
+        sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(plans),
+        "--use-first-env-state", "-c", cfg.env.control_mode, "-o", obs_mode, "--save-traj",
+        "-b", "physx_cpu", "--num-envs", str(max(1, cfg.workers)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = plans.with_name(f"{plans.stem}.{obs_mode}.{cfg.env.control_mode}.physx_cpu.h5")
+    if result.returncode != 0 or not out.exists():
+        raise RuntimeError(f"replay_trajectory failed ({' '.join(cmd)}):\n{result.stderr[-3000:]}")
+    return out
+
+
+def generate(cfg: DemosConfig) -> dict:
+    """Plan, convert and move into place; returns a report (counts, seeds, seconds, paths)."""
+    if cfg.env.task not in solutions():
+        raise UserError(f"no motion-planning solution for {cfg.env.task}; tasks with one: {', '.join(sorted(solutions()))}")
+    if cfg.n < 1:
+        raise UserError(f"n must be >= 1, got {cfg.n}")
+    if cfg.env.control_mode is None:
+        raise UserError("env.control_mode must be set for demos (e.g. pd_ee_delta_pos)")
+    out_dir = Path(cfg.out or Path("datasets") / cfg.env.task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"mp_n{cfg.n}_seed{cfg.seed}.{cfg.env.obs_mode}.{cfg.env.control_mode}"
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".demos-", dir=out_dir) as tmp:
+        plans, plan_report = _plan(cfg, Path(tmp))
+        plan_seconds = time.perf_counter() - start
+        converted = _convert(cfg, plans)
+        convert_seconds = time.perf_counter() - start - plan_seconds
+        meta = json.loads(converted.with_suffix(".json").read_text())
+        plan_meta = json.loads(plans.with_suffix(".json").read_text())
+        # replay_trajectory drops where the episodes came from; keep it.
+        meta.update({k: plan_meta[k] for k in ("source_type", "source_desc") if k in plan_meta})
+        converted.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        kept = len(meta["episodes"])
+        final = out_dir / f"{name}.h5"
+        raw = out_dir / f"mp_n{cfg.n}_seed{cfg.seed}.none.pd_joint_pos.h5"
+        for src, dst in ((plans, raw), (converted, final)):
+            os.replace(src.with_suffix(".json"), dst.with_suffix(".json"))
+            os.replace(src, dst)
+    return {
+        "task": cfg.env.task, "path": str(final), "plans_path": str(raw), "requested": cfg.n,
+        "planned": len(plan_report["seeds"]), "failed_plans": len(plan_report["failed_seeds"]), "converted": kept,
+        "plan_seconds": round(plan_seconds, 1), "convert_seconds": round(convert_seconds, 1), **plan_report,
+    }
+
+
+def main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    config = DemosConfig(**{**OmegaConf.to_container(cfg, resolve=True), "env": EnvConfig.from_mapping(cfg.env)})
+    report = generate(config)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "demos.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"{report['task']}: {report['converted']}/{report['requested']} demonstrations in {report['path']}\n"
+        f"  planning {report['plan_seconds']}s ({report['failed_plans']} failed plans retried with new seeds), "
+        f"conversion to {config.env.obs_mode}/{config.env.control_mode} {report['convert_seconds']}s"
+    )
+    if report["converted"] < report["requested"]:
+        print(f"  {report['requested'] - report['converted']} plans did not replay successfully in {config.env.control_mode} and were dropped")
+    return report

@@ -1,0 +1,139 @@
+"""Real motion-planning demos, round-tripped through robodistill and ManiSkill's own tools."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, open_trajectory
+from robodistill.demos import DemosConfig, generate
+from robodistill.envs import EnvConfig, make_env
+from robodistill.errors import UserError
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def pushcube(tmp_path_factory):
+    """3 PushCube demos, state + pd_ee_delta_pos, made by the CLI as a user would."""
+    root = tmp_path_factory.mktemp("pushcube")
+    r = run_cli("demos", "env=PushCube-v1", "n=3", "seed=10", f"out={root / 'ds'}", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3/3 demonstrations" in r.stdout
+    return root / "ds" / "mp_n3_seed10.state.pd_ee_delta_pos.h5"
+
+
+@pytest.fixture(scope="module")
+def pickcube_rgb(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pickcube")
+    cfg = DemosConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out))
+    return generate(cfg)
+
+
+def test_demos_load_with_seeds_success_and_windows(pushcube):
+    episodes = load_episodes(pushcube, control_mode="pd_ee_delta_pos", obs_mode="state")
+    assert len(episodes) == 3 and all(e.success for e in episodes)
+    assert sorted(e.seed for e in episodes) == [10, 11, 12]
+    assert all(e.obs["state"].shape == (len(e) + 1, 35) and e.actions.shape == (len(e), 4) for e in episodes)
+    norms = fit_normalizers(episodes)
+    ds = WindowDataset(episodes, Horizons(), delta_actions=True, normalizers=norms)
+    assert len(ds) == sum(len(e) - 16 + 8 - 1 + 2 for e in episodes)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
+    assert batch["obs"]["state"].shape == (8, 2, 35) and batch["actions"].shape == (8, 16, 4)
+    assert batch["actions"].abs().max() <= 1 + 1e-5
+    # the raw plans are kept too, for converting to other modes later
+    plans = open_trajectory(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")
+    assert plans.control_mode == "pd_joint_pos" and len(plans.meta["episodes"]) == 3
+    assert not list(pushcube.parent.glob(".demos-*"))  # no temp folder left
+
+
+def test_demo_first_state_matches_the_live_env(pushcube):
+    ep = min(load_episodes(pushcube), key=lambda e: e.seed)
+    with make_env(EnvConfig(task="PushCube-v1")) as env:
+        obs = env.reset(seed=[ep.seed])
+    np.testing.assert_allclose(obs["state"][0].numpy(), ep.obs["state"][0], atol=1e-4)
+
+
+def test_maniskill_tools_read_and_replay_our_files(pushcube):
+    from mani_skill.trajectory.dataset import ManiSkillTrajectoryDataset
+
+    ms = ManiSkillTrajectoryDataset(str(pushcube))
+    assert len(ms) == sum(len(e) for e in load_episodes(pushcube))
+    replay = subprocess.run(
+        [sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(pushcube),
+         "--use-first-env-state", "-c", "pd_ee_delta_pos", "-o", "state", "-b", "physx_cpu"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert "3/3=100.00%" in replay.stdout + replay.stderr
+
+
+def test_rgb_demos_match_the_live_rgb_env(pickcube_rgb):
+    assert pickcube_rgb["converted"] == 2 and pickcube_rgb["planned"] == 2
+    episodes = load_episodes(pickcube_rgb["path"], obs_mode="rgb")
+    ep = min(episodes, key=lambda e: e.seed)
+    assert ep.obs["rgb"].shape == (len(ep) + 1, 48, 48, 3) and ep.obs["rgb"].dtype == np.uint8
+    with make_env(EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48)) as env:
+        obs = env.reset(seed=[ep.seed])
+    np.testing.assert_allclose(obs["state"][0].numpy(), ep.obs["state"][0], atol=1e-4)
+    assert obs["rgb"].shape[1:] == ep.obs["rgb"].shape[1:]
+    sample = WindowDataset(episodes, Horizons(), delta_actions=True)[0]
+    assert sample["obs"]["rgb"].shape == (2, 48, 48, 3) and sample["obs"]["rgb"].dtype == torch.uint8
+
+
+def test_dataset_info_prints_and_plots(pushcube, tmp_path):
+    r = run_cli("dataset", "info", str(pushcube), "--plot", str(tmp_path / "ranges.png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for text in ("PushCube-v1", "control_mode=pd_ee_delta_pos", "episodes      3, 3 successful (100%)", "state (35,) float32", "actions       (4,)"):
+        assert text in r.stdout
+    assert (tmp_path / "ranges.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def copy_pair(src, dst_dir, name="copy"):
+    h5 = dst_dir / f"{name}.h5"
+    shutil.copy(src, h5)
+    shutil.copy(src.with_suffix(".json"), h5.with_suffix(".json"))
+    return h5
+
+
+def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_path):
+    truncated = copy_pair(pushcube, tmp_path, "truncated")
+    truncated.write_bytes(truncated.read_bytes()[:96])  # what ManiSkill's planner entry point once left
+    with pytest.raises(UserError, match="truncated.h5' \\(96 bytes\\) is not a readable HDF5 file"):
+        load_episodes(truncated)
+
+    lonely = tmp_path / "lonely.h5"
+    shutil.copy(pushcube, lonely)
+    with pytest.raises(UserError, match="lonely.json' is missing"):
+        load_episodes(lonely)
+
+    mismatched = copy_pair(pushcube, tmp_path, "mismatched")
+    meta = json.loads(mismatched.with_suffix(".json").read_text())
+    meta["episodes"].append({**meta["episodes"][0], "episode_id": 99})
+    mismatched.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="lists episodes \\['traj_99'\\] that .*mismatched.h5' does not have"):
+        load_episodes(mismatched)
+
+    with pytest.raises(UserError, match="recorded with control_mode=pd_ee_delta_pos, but pd_joint_pos was asked for"):
+        load_episodes(pushcube, control_mode="pd_joint_pos")
+
+    ragged = copy_pair(pushcube, tmp_path, "ragged")
+    with h5py.File(ragged, "r+") as f:
+        state = f["traj_1/obs"][:]
+        del f["traj_1/obs"]
+        f["traj_1/obs"] = state[:, :30]
+    with pytest.raises(UserError, match="ragged.h5, episode traj_1: shapes .*'state': \\(30,\\).* differ"):
+        load_episodes(ragged)
+
+    with pytest.raises(UserError, match="obs_mode=none files only hold actions"):
+        load_episodes(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")
+
+
+def test_demos_refuses_tasks_without_a_planner(tmp_path):
+    r = run_cli("demos", "env=PushT-v1", "n=1", cwd=tmp_path)
+    assert r.returncode == 2 and "no motion-planning solution for PushT-v1" in r.stderr and "PickCube-v1" in r.stderr
