@@ -1,5 +1,9 @@
 """The one evaluation every command uses: roll a policy out, report rates with Wilson intervals.
 
+Whatever an env reports in `final_info["episode"]` is kept per episode: booleans (success_once,
+success_at_end, fail_once, ...) become rates with intervals, numbers (return, episode_len, ...) get
+mean and std.
+
 Episodes run in waves of `env.num_envs`; episode k is reset with seed `seed + k`, so a result does
 not depend on how many envs ran it. Every episode runs to the time limit (ignore_terminations), so
 both success_once (ever succeeded) and success_at_end (succeeded at the last step) are defined.
@@ -22,9 +26,6 @@ from robodistill.envs import EnvConfig, VecEnv, make_env
 from robodistill.errors import UserError
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies import Policy, load_policy
-
-RATES = ("success_once", "success_at_end")
-
 
 @dataclass
 class EvalConfig:
@@ -58,17 +59,18 @@ class EvalReport:
     summary: dict = field(init=False)
 
     def __post_init__(self) -> None:
+        """Boolean episode metrics become rates with Wilson intervals; numbers get mean and std."""
         n = len(self.episodes)
         summary: dict = {"episodes": n}
-        for rate in RATES:
-            if n and rate in self.episodes[0]:
-                k = sum(bool(e[rate]) for e in self.episodes)
-                lo, hi = wilson_interval(k, n)
-                summary[rate] = {"rate": k / n, "successes": k, "ci95": [lo, hi]}
-        for key in ("return", "episode_len"):
-            values = np.array([e[key] for e in self.episodes], dtype=np.float64)
-            summary[f"mean_{key}"] = float(values.mean()) if n else float("nan")
-            summary[f"std_{key}"] = float(values.std()) if n else float("nan")
+        keys = [k for k in (self.episodes[0] if n else {}) if k not in ("episode", "seed")]
+        for key in keys:
+            values = [e[key] for e in self.episodes]
+            if isinstance(values[0], bool):
+                k = sum(values)
+                summary[key] = {"rate": k / n, "count": k, "ci95": list(wilson_interval(k, n))}
+            else:
+                arr = np.asarray(values, dtype=np.float64)
+                summary[f"mean_{key}"], summary[f"std_{key}"] = float(arr.mean()), float(arr.std())
         summary["seconds"] = self.seconds
         summary["env_steps_per_second"] = self.env_steps / self.seconds if self.seconds > 0 else float("nan")
         self.summary = summary
@@ -77,12 +79,11 @@ class EvalReport:
         s = self.summary
         lines = [title] if title else []
         lines.append(f"{'metric':<16} {'value':>8}   95% interval")
-        for rate in RATES:
-            if rate in s:
-                r = s[rate]
-                lines.append(f"{rate:<16} {r['rate']:>8.1%}   [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]   ({r['successes']}/{s['episodes']})")
-        lines.append(f"{'mean return':<16} {s['mean_return']:>8.3f}   (std {s['std_return']:.3f})")
-        lines.append(f"{'episode length':<16} {s['mean_episode_len']:>8.1f}")
+        for key, r in s.items():
+            if isinstance(r, dict):
+                lines.append(f"{key:<16} {r['rate']:>8.1%}   [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]   ({r['count']}/{s['episodes']})")
+        for key in (k[len("mean_"):] for k in s if k.startswith("mean_")):
+            lines.append(f"{key.replace('_', ' '):<16} {s['mean_' + key]:>8.3f}   (std {s['std_' + key]:.3f})")
         lines.append(f"{'wall time':<16} {s['seconds']:>7.1f}s   ({s['env_steps_per_second']:.0f} env steps/s)")
         return "\n".join(lines)
 
@@ -137,7 +138,7 @@ def evaluate(
             for i in done.nonzero().flatten().tolist():
                 if i not in finished:
                     ep = info["final_info"]["episode"]
-                    finished[i] = {k: ep[k][i].item() for k in ("return", "episode_len", *RATES) if k in ep}
+                    finished[i] = {k: ep[k][i].item() for k in ep if not k.startswith("_") and k != "reward"}
             executor.observe(obs, done)
         for i in range(min(n_envs, episodes - wave_start)):
             rows.append({"episode": wave_start + i, "seed": seeds[i], **finished[i]})

@@ -12,13 +12,13 @@ def test_help_lists_commands_and_command_help_shows_config(cli):
 def test_eval_writes_run_dir_eval_json_and_video(cli, tmp_path):
     r = cli("eval", "env=PushCube-v1", "policy=scripted", "episodes=2", "seed=3", "video=true", "video_episodes=1")
     assert r.returncode == 0, r.stderr
-    for word in ("success_once", "success_at_end", "mean return", "episode length", "95% interval"):
+    for word in ("success_once", "success_at_end", "return", "episode len", "95% interval"):
         assert word in r.stdout
     (run,) = (tmp_path / "runs" / "eval").iterdir()
     assert run.name.endswith("-PushCube-v1")
     report = json.loads((run / "eval.json").read_text())
     assert [e["seed"] for e in report["episodes"]] == [3, 4]
-    assert report["summary"]["success_once"]["successes"] == 2
+    assert report["summary"]["success_once"]["count"] == 2
     lo, hi = report["summary"]["success_once"]["ci95"]
     assert 0.3 < lo < 0.4 and hi == 1.0
     assert (run / "videos" / "episode_000.mp4").stat().st_size > 1000

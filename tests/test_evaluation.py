@@ -58,8 +58,8 @@ def test_scripted_expert_succeeds_and_random_fails_on_pushcube():
     with make_env(EnvConfig(task="PushCube-v1"), ignore_terminations=True) as env:
         expert = evaluate(PushCubeScripted(), env, episodes=3, seed=0, progress=False)
         random = evaluate(RandomPolicy(env.action_low, env.action_high, seed=0), env, episodes=3, seed=0, progress=False)
-    assert expert.summary["success_once"]["successes"] == 3
-    assert random.summary["success_once"]["successes"] == 0
+    assert expert.summary["success_once"]["count"] == 3
+    assert random.summary["success_once"]["count"] == 0
     assert expert.summary["mean_return"] > random.summary["mean_return"]
     assert [e["seed"] for e in expert.episodes] == [0, 1, 2]
     assert all(e["episode_len"] == 50 for e in expert.episodes)
