@@ -1,6 +1,7 @@
-"""Policies: the Policy contract, a random baseline, and loading a policy by name or checkpoint."""
+"""Policies: the Policy contract, baselines, the Diffusion Policy, and loading by name or checkpoint."""
 
 from robodistill.policies.base import LOADERS, Policy, load_policy, register_loader
+from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy  # registers its loader
 from robodistill.policies.random import RandomPolicy
 
-__all__ = ["LOADERS", "Policy", "RandomPolicy", "load_policy", "register_loader"]
+__all__ = ["LOADERS", "DiffusionConfig", "DiffusionPolicy", "Policy", "RandomPolicy", "load_policy", "register_loader"]

@@ -33,6 +33,8 @@ class EvalConfig:
 
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: str = "random"  # random, scripted (PushCube-v1 expert), or the path of a policy checkpoint
+    sampler: str | None = None  # diffusion checkpoints: ddpm or ddim (default: the checkpoint's)
+    steps: int | None = None  # denoiser calls per chunk for `sampler`
     episodes: int = 10
     seed: int = 0  # episode k is reset with seed + k
     video: bool = False  # mp4s of the first video_episodes episodes in <run>/videos/
@@ -160,6 +162,10 @@ def main(cfg: DictConfig) -> EvalReport:
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
     with make_env(env_cfg, render=bool(cfg.video), ignore_terminations=True) as env:
         policy = load_policy(str(cfg.policy), env, seed=cfg.seed)
+        if cfg.sampler is not None or cfg.steps is not None:
+            if not hasattr(policy, "set_sampler"):
+                raise UserError(f"sampler/steps apply to diffusion checkpoints, not to policy={cfg.policy}")
+            policy.set_sampler(cfg.sampler or policy.sampler.name, cfg.steps or policy.sampler.steps)
         report = evaluate(
             policy, env, int(cfg.episodes), seed=int(cfg.seed),
             video_dir=run_dir / "videos" if cfg.video else None, video_episodes=int(cfg.video_episodes),

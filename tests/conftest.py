@@ -24,3 +24,23 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
 @pytest.fixture
 def cli(tmp_path):
     return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)
+
+
+@pytest.fixture(scope="session")
+def pushcube_demos(tmp_path_factory) -> Path:
+    """3 PushCube demos, state + pd_ee_delta_pos, made by the CLI as a user would."""
+    root = tmp_path_factory.mktemp("pushcube")
+    r = run_cli("demos", "env=PushCube-v1", "n=3", "seed=10", f"out={root / 'ds'}", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3/3 demonstrations" in r.stdout
+    return root / "ds" / "mp_n3_seed10.state.pd_ee_delta_pos.h5"
+
+
+@pytest.fixture(scope="session")
+def pushcube_rgb_demos(tmp_path_factory) -> dict:
+    """2 PushCube demos with 48x48 RGB observations (made in-process)."""
+    from robodistill.demos import DemosConfig, generate
+    from robodistill.envs import EnvConfig
+
+    out = tmp_path_factory.mktemp("pushcube_rgb")
+    return generate(DemosConfig(env=EnvConfig(task="PushCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out)))

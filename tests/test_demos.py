@@ -12,27 +12,14 @@ import pytest
 import torch
 
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, open_trajectory
-from robodistill.demos import DemosConfig, generate
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from tests.conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def pushcube(tmp_path_factory):
-    """3 PushCube demos, state + pd_ee_delta_pos, made by the CLI as a user would."""
-    root = tmp_path_factory.mktemp("pushcube")
-    r = run_cli("demos", "env=PushCube-v1", "n=3", "seed=10", f"out={root / 'ds'}", cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "3/3 demonstrations" in r.stdout
-    return root / "ds" / "mp_n3_seed10.state.pd_ee_delta_pos.h5"
-
-
-@pytest.fixture(scope="module")
-def pickcube_rgb(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pickcube")
-    cfg = DemosConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out))
-    return generate(cfg)
+@pytest.fixture
+def pushcube(pushcube_demos):
+    return pushcube_demos
 
 
 def test_demos_load_with_seeds_success_and_windows(pushcube):
@@ -73,12 +60,12 @@ def test_maniskill_tools_read_and_replay_our_files(pushcube):
     assert "3/3=100.00%" in replay.stdout + replay.stderr
 
 
-def test_rgb_demos_match_the_live_rgb_env(pickcube_rgb):
-    assert pickcube_rgb["converted"] == 2 and pickcube_rgb["planned"] == 2
-    episodes = load_episodes(pickcube_rgb["path"], obs_mode="rgb")
+def test_rgb_demos_match_the_live_rgb_env(pushcube_rgb_demos):
+    assert pushcube_rgb_demos["converted"] == 2 and pushcube_rgb_demos["planned"] == 2
+    episodes = load_episodes(pushcube_rgb_demos["path"], obs_mode="rgb")
     ep = min(episodes, key=lambda e: e.seed)
     assert ep.obs["rgb"].shape == (len(ep) + 1, 48, 48, 3) and ep.obs["rgb"].dtype == np.uint8
-    with make_env(EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48)) as env:
+    with make_env(EnvConfig(task="PushCube-v1", obs_mode="rgb", image_size=48)) as env:
         obs = env.reset(seed=[ep.seed])
     np.testing.assert_allclose(obs["state"][0].numpy(), ep.obs["state"][0], atol=1e-4)
     assert obs["rgb"].shape[1:] == ep.obs["rgb"].shape[1:]

@@ -1,0 +1,51 @@
+"""Observation encoders: a history of observations -> one conditioning vector per sample."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StateEncoder(nn.Module):
+    """The (normalized) state history, flattened: (B, T, D) -> (B, T * D)."""
+
+    def __init__(self, state_dim: int, horizon: int):
+        super().__init__()
+        self.out_dim = state_dim * horizon
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return obs["state"].flatten(1)
+
+
+class RgbEncoder(nn.Module):
+    """A small CNN per frame (trained from scratch, GroupNorm, global average pooling) whose
+    features are joined with the proprioceptive state. Training takes random crops of `crop` of
+    the image (the usual augmentation); evaluation takes the centre crop of the same size."""
+
+    def __init__(self, channels: int, state_dim: int, horizon: int, features: int = 64, crop: float = 0.9):
+        super().__init__()
+        self.crop = crop
+        self.cnn = nn.Sequential(
+            nn.Conv2d(channels, 32, 5, stride=2, padding=2), nn.GroupNorm(8, 32), nn.Mish(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.Mish(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GroupNorm(16, 128), nn.Mish(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, features),
+        )
+        self.out_dim = (features + state_dim) * horizon
+
+    def _crop(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        ch, cw = max(1, int(h * self.crop)), max(1, int(w * self.crop))
+        if self.training:
+            top = torch.randint(0, h - ch + 1, ()).item()
+            left = torch.randint(0, w - cw + 1, ()).item()
+        else:
+            top, left = (h - ch) // 2, (w - cw) // 2
+        return img[..., top : top + ch, left : left + cw]
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        rgb = obs["rgb"]  # (B, T, H, W, C) uint8
+        b, t = rgb.shape[:2]
+        img = rgb.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
+        feats = self.cnn(self._crop(img)).view(b, t, -1)
+        return torch.cat([feats, obs["state"]], dim=-1).flatten(1)

@@ -1,0 +1,1 @@
+"""Training pipelines: one module per command, each readable top to bottom."""

@@ -1,0 +1,247 @@
+"""`robodistill train-teacher`: imitation training of the Diffusion Policy teacher.
+
+Reads top to bottom: data -> model -> optimisation loop with EMA, periodic shared evaluation,
+atomic checkpoints (last every `checkpoint_every`, best on evaluation) and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from robodistill import checkpoints
+from robodistill.data import Horizons, WindowDataset, load_episodes, split_episodes
+from robodistill.envs import EnvConfig, make_env
+from robodistill.errors import UserError
+from robodistill.evaluation import evaluate
+from robodistill.policies.diffusion.config import DiffusionConfig
+from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
+
+
+@dataclass
+class TrainTeacherConfig:
+    """`robodistill train-teacher` (configs/train-teacher.yaml)."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: DiffusionConfig = field(default_factory=DiffusionConfig)
+    dataset: str = ""  # trajectory .h5 path(s), comma-separated
+    num_demos: int | None = None  # use the first N episodes
+    val_fraction: float = 0.1
+    iterations: int = 30000
+    minutes: float | None = None  # also stop after this much training time (evaluation excluded)
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    warmup: int = 500
+    ema_power: float = 0.75
+    eval_every: int = 2000  # iterations; 0: only at the end
+    eval_episodes: int = 20
+    checkpoint_every: int = 1000
+    threads: int = 2
+    device: str = "auto"
+    resume: bool = False  # continue from the newest checkpoints/last.pt of a run with this name
+    resume_from: str | None = None  # or from this run directory / checkpoint file
+    seed: int = 0
+    name: str = "teacher"
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _batches(ds: WindowDataset, batch_size: int, gen: torch.Generator):
+    """Endless batches of windows drawn uniformly with replacement: the generator's state alone
+    decides what comes next, so a resumed run draws exactly the batches the original would have.
+    State windows are small and are collated once; RGB windows are read per batch."""
+    data = torch.utils.data.default_collate([ds[i] for i in range(len(ds))]) if "rgb" not in ds.episodes[0].obs else None
+    while True:
+        idx = torch.randint(len(ds), (batch_size,), generator=gen)
+        if data is None:
+            yield torch.utils.data.default_collate([ds[i] for i in idx.tolist()])
+        else:
+            yield {"obs": {k: v[idx] for k, v in data["obs"].items()}, "actions": data["actions"][idx]}
+
+
+def _find_resume(cfg: TrainTeacherConfig, run_dir: Path) -> Path | None:
+    if cfg.resume_from:
+        path = Path(cfg.resume_from)
+        path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f"resume_from={cfg.resume_from}: no checkpoint at {path}")
+        return path
+    if not cfg.resume:
+        return None
+    runs = sorted(p for p in run_dir.parent.glob(f"*-{cfg.name}") if p != run_dir and (p / "checkpoints" / "last.pt").is_file())
+    if not runs:
+        raise UserError(f"resume=true: no earlier run named '{cfg.name}' with checkpoints/last.pt under {run_dir.parent}")
+    return runs[-1] / "checkpoints" / "last.pt"
+
+
+def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- data: episodes split by episode; normalizers fitted on the training split only
+    if not cfg.dataset:
+        raise UserError("dataset= is required: the .h5 written by `robodistill demos` (comma-separate several)")
+    episodes = load_episodes(cfg.dataset.split(","), control_mode=cfg.env.control_mode, obs_mode=cfg.env.obs_mode)
+    episodes = episodes[: cfg.num_demos] if cfg.num_demos else episodes
+    train_ids, val_ids = split_episodes(len(episodes), cfg.val_fraction, cfg.seed)
+    train_eps, val_eps = [episodes[i] for i in train_ids], [episodes[i] for i in val_ids]
+    p = cfg.policy
+    horizons = Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon)
+    delta = "delta" in (cfg.env.control_mode or "")
+    train_ds = WindowDataset(train_eps, horizons, delta_actions=delta)
+    val_ds = WindowDataset(val_eps, horizons, delta_actions=delta) if val_eps else None
+
+    # ---- model: the env tells the action bounds and checks the dataset's observation shape
+    env_cfg = cfg.env
+    with make_env(EnvConfig(**{**asdict(env_cfg), "num_envs": 1})) as probe:
+        low, high = probe.action_low.cpu(), probe.action_high.cpu()
+        state_dim = probe.single_observation_space["state"].shape[0]
+    if train_eps[0].obs["state"].shape[1] != state_dim:
+        raise UserError(f"dataset states have {train_eps[0].obs['state'].shape[1]} dims, the env {env_cfg.task} ({env_cfg.obs_mode}) gives {state_dim}: was it recorded for another task or obs_mode?")
+    rgb = train_eps[0].obs.get("rgb")
+    policy = DiffusionPolicy(p, state_dim, train_eps[0].actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None)
+    policy.fit_normalizers(
+        np.concatenate([e.obs["state"][: len(e)] for e in train_eps]), np.concatenate([e.actions for e in train_eps])
+    )
+    policy.to(device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
+    # Warm-up (decay grows as 1 - (1 + step)^-power up to 0.9999), as diffusion_policy does: a fixed
+    # 0.9999 from step 0 would leave the EMA mostly at the random initial weights for 10k steps.
+    ema = EMAModel(policy.parameters(), decay=0.9999, use_ema_warmup=True, power=cfg.ema_power)
+    step, best, train_seconds = 0, -1.0, 0.0
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+
+    # Built before any state is restored: building envs and modules draws from the global RNGs.
+    eval_env = make_env(env_cfg, ignore_terminations=True)
+    ema_policy = DiffusionPolicy.from_spec(policy.spec()).to(device)
+
+    resume_path = _find_resume(cfg, run_dir)
+    if resume_path is not None:
+        state = checkpoints.load(resume_path, map_location=device)
+        if state.get("kind") != KIND or state["policy"] != policy.spec():
+            raise UserError(f"{resume_path} was written for another model config: {state.get('policy')} vs {policy.spec()}")
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        ema.load_state_dict(state["ema_state"])
+        step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
+        checkpoints.set_rng_state(state["rng"])
+        batch_gen.set_state(state["batch_rng"])
+        print(f"resumed from {resume_path} at iteration {step}")
+
+    def ema_weights() -> dict:
+        ema.store(policy.parameters())
+        ema.copy_to(policy.parameters())
+        weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        ema.restore(policy.parameters())
+        return weights
+
+    def save(name: str) -> None:
+        checkpoints.save(run_dir / "checkpoints" / f"{name}.pt", {
+            "kind": KIND, "policy": policy.spec(), "env": asdict(env_cfg), "train": asdict(cfg),
+            "model": policy.state_dict(), "ema": ema_weights(), "ema_state": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+            "step": step, "best": best, "train_seconds": train_seconds, "rng": checkpoints.rng_state(),
+            "batch_rng": batch_gen.get_state(),
+        })
+
+    def run_eval() -> dict:
+        ema_policy.load_state_dict(ema_weights())
+        ema_policy.eval()
+        report = evaluate(ema_policy, eval_env, cfg.eval_episodes, seed=10_000 + cfg.seed, progress=False)
+        return report.summary
+
+    @torch.no_grad()
+    def val_loss() -> float | None:
+        if val_ds is None:
+            return None
+        gen = torch.Generator().manual_seed(0)
+        batch = next(_batches(val_ds, min(len(val_ds), 256), gen))
+        policy.eval()
+        loss = policy.loss(_to(batch, device)).item()
+        policy.train()
+        return loss
+
+    # ---- optimisation
+    writer = SummaryWriter(str(run_dir / "tb"))
+    metrics = (run_dir / "metrics.jsonl").open("a")
+    batches = _batches(train_ds, cfg.batch_size, batch_gen)
+    policy.train()
+    bar = tqdm(total=cfg.iterations, initial=step, desc="train-teacher", unit="it")
+    history: list[dict] = []
+    tick = time.perf_counter()
+    while step < cfg.iterations and (cfg.minutes is None or train_seconds < cfg.minutes * 60):
+        loss = policy.loss(_to(next(batches), device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(policy.parameters())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/lr", lr_schedule.get_last_lr()[0], step)
+        now = time.perf_counter()
+        train_seconds += now - tick
+        tick = now
+        last = step >= cfg.iterations or (cfg.minutes is not None and train_seconds >= cfg.minutes * 60)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            row = {"step": step, "train_seconds": round(train_seconds, 1), "loss": loss.item(), "val_loss": val_loss()}
+            summary = run_eval() if cfg.eval_episodes else {}
+            if summary:
+                row.update(success_once=summary["success_once"]["rate"], success_at_end=summary["success_at_end"]["rate"],
+                           ci95=summary["success_once"]["ci95"], eval_seconds=round(summary["seconds"], 1))
+                for key in ("success_once", "success_at_end"):
+                    writer.add_scalar(f"eval/{key}", row[key], step)
+                if row["success_once"] > best:
+                    best = row["success_once"]
+                    save("best")
+            history.append(row)
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            tqdm.write(json.dumps(row))
+            tick = time.perf_counter()  # evaluation time is not training time
+        if step % cfg.checkpoint_every == 0 or last:
+            save("last")
+            tick = time.perf_counter()
+    bar.close()
+    writer.close()
+    metrics.close()
+    eval_env.close()
+    return {"step": step, "train_seconds": train_seconds, "best_success_once": best, "history": history,
+            "samples_per_second": step * cfg.batch_size / max(train_seconds, 1e-9)}
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {"obs": {k: v.to(device) for k, v in batch["obs"].items()}, "actions": batch["actions"].to(device)}
+
+
+def main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    config = TrainTeacherConfig(**{**raw, "env": EnvConfig.from_mapping(raw["env"]), "policy": DiffusionConfig(**raw["policy"])})
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = train(config, run_dir)
+    print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s "
+          f"({result['samples_per_second']:.0f} samples/s); best success_once {result['best_success_once']:.1%}")
+    print(f"checkpoints: {run_dir / 'checkpoints'}")
+    return result

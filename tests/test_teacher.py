@@ -1,0 +1,135 @@
+"""The Diffusion Policy teacher: samplers, denoisers, real training runs, resume, evaluation."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from robodistill import checkpoints
+from robodistill.errors import UserError
+from robodistill.inference.samplers import make_sampler, make_training_scheduler
+from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
+from tests.conftest import ROBODISTILL
+
+TINY = ["policy.mlp_hidden=[64,64]", "env.max_episode_steps=20", "eval_episodes=1", "threads=1"]
+
+
+def test_samplers_call_the_denoiser_steps_times_and_ddim_is_deterministic():
+    training = make_training_scheduler(100)
+    calls = []
+
+    def denoiser(x, t, cond):  # a real (analytic) denoiser: predicts noise proportional to x
+        calls.append(int(t[0]))
+        return 0.1 * x
+
+    cond = torch.zeros(2, 3)
+    out = make_sampler("ddpm", 5, training)(denoiser, cond, (2, 8, 4), torch.Generator().manual_seed(0))
+    assert out.shape == (2, 8, 4) and len(calls) == 5 and calls == sorted(calls, reverse=True)
+    ddim = make_sampler("ddim", 10, training)
+    a = ddim(denoiser, cond, (2, 8, 4), torch.Generator().manual_seed(1))
+    b = ddim(denoiser, cond, (2, 8, 4), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        make_sampler("euler", 5, training)
+
+
+@pytest.mark.parametrize("denoiser, extra", [("unet", dict(unet_dims=[16, 32])), ("mlp", dict(mlp_hidden=[32]))])
+def test_both_denoisers_learn_and_return_bounded_chunks(denoiser, extra):
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(denoiser=denoiser, pred_horizon=8, act_horizon=4, **extra)
+    policy = DiffusionPolicy(cfg, 5, 3, -torch.ones(3) * 0.5, torch.ones(3) * 0.5)
+    states, actions = torch.randn(100, 5), torch.rand(100, 3) * 2 - 1
+    policy.fit_normalizers(states.numpy(), actions.numpy())
+    batch = {"obs": {"state": torch.randn(16, 2, 5)}, "actions": torch.rand(16, 8, 3) * 2 - 1}
+    opt = torch.optim.Adam(policy.parameters(), 1e-3)
+    losses = []
+    for _ in range(30):
+        loss = policy.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < sum(losses[:5])
+    policy.eval()
+    chunk = policy.predict_chunk({"state": torch.randn(2, 2, 5)})
+    assert chunk.shape == (2, 4, 3) and chunk.abs().max() <= 0.5  # clipped to the action bounds
+    with pytest.raises(UserError, match="sampler 'heun'"):
+        policy.set_sampler("heun", 4)
+
+
+def test_unet_needs_a_horizon_multiple_of_four():
+    with pytest.raises(UserError, match="multiple of 4"):
+        DiffusionPolicy(DiffusionConfig(denoiser="unet", pred_horizon=10, act_horizon=4), 5, 3, -torch.ones(3), torch.ones(3))
+
+
+def run_dir(root, name):
+    (path,) = [p for p in (root / "runs" / "train-teacher").iterdir() if p.name.endswith(name)]
+    return path
+
+
+def test_killed_run_resumes_exactly_where_it_would_have_been(cli, tmp_path, pushcube_demos):
+    args = [f"dataset={pushcube_demos}", *TINY, "iterations=600", "checkpoint_every=100", "eval_every=0"]
+    straight = cli("train-teacher", *args, "name=straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    # kill -9 a second run soon after its first checkpoint: it loses at most one interval
+    proc = subprocess.Popen([*ROBODISTILL, "train-teacher", *args, "name=killed"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "runs").glob("train-teacher/*-killed/checkpoints/last.pt")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = checkpoints.load(run_dir(tmp_path, "killed") / "checkpoints" / "last.pt")  # loads: never half-written
+    assert saved["step"] % 100 == 0 and 100 <= saved["step"] < 600
+
+    resumed = cli("train-teacher", *args, "name=killed", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at iteration {saved['step']}" in resumed.stdout
+    killed_runs = sorted((tmp_path / "runs" / "train-teacher").glob("*-killed"))  # the resumed run is the newest
+    ends = [checkpoints.load(run_dir(tmp_path, "straight") / "checkpoints" / "last.pt"),
+            checkpoints.load(killed_runs[-1] / "checkpoints" / "last.pt")]
+    assert ends[0]["step"] == ends[1]["step"] == 600
+    for key in ("model", "ema"):
+        for name, tensor in ends[0][key].items():
+            torch.testing.assert_close(tensor, ends[1][key][name], rtol=0, atol=0, msg=f"{key}.{name}")
+
+
+def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, tmp_path, pushcube_demos):
+    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=20", "eval_every=0", "name=t")
+    assert train.returncode == 0, train.stderr[-3000:]
+    rows = [json.loads(l) for l in (run_dir(tmp_path, "t") / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 20 and 0 <= rows[-1]["success_once"] <= 1 and rows[-1]["val_loss"] is not None
+    ckpt = run_dir(tmp_path, "t") / "checkpoints" / "best.pt"
+    for sampler, steps in (("ddpm", 5), ("ddim", 3)):
+        r = cli("eval", f"policy={ckpt}", "env.max_episode_steps=20", "episodes=1", f"sampler={sampler}", f"steps={steps}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "success_once" in r.stdout
+    wrong_env = cli("eval", f"policy={ckpt}", "env=PickCube-v1", "episodes=1")
+    assert wrong_env.returncode == 2 and "trained on {'task': 'PushCube-v1'" in wrong_env.stderr and "PickCube-v1" in wrong_env.stderr
+    random_sampler = cli("eval", "policy=random", "sampler=ddim", "episodes=1")
+    assert random_sampler.returncode == 2 and "apply to diffusion checkpoints" in random_sampler.stderr
+
+
+def test_teacher_bad_input(cli, pushcube_demos):
+    mode = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "env.control_mode=pd_joint_delta_pos", "iterations=2")
+    assert mode.returncode == 2 and "recorded with control_mode=pd_ee_delta_pos, but pd_joint_delta_pos" in mode.stderr
+    task = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "env=PickCube-v1", "iterations=2")
+    assert task.returncode == 2 and "dataset states have 35 dims, the env PickCube-v1" in task.stderr
+    missing = cli("train-teacher", "dataset=nowhere.h5", "iterations=2")
+    assert missing.returncode == 2 and "'nowhere.h5' does not exist" in missing.stderr
+    resume = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "resume=true", "name=fresh")
+    assert resume.returncode == 2 and "no earlier run named 'fresh'" in resume.stderr
+
+
+def test_rgb_teacher_trains_and_evaluates(cli, tmp_path, pushcube_rgb_demos):
+    r = cli("train-teacher", f"dataset={pushcube_rgb_demos['path']}", *TINY, "env.obs_mode=rgb", "env.image_size=48",
+            "iterations=6", "batch_size=8", "eval_every=0", "name=rgb")
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = checkpoints.load(run_dir(tmp_path, "rgb") / "checkpoints" / "last.pt")
+    assert saved["policy"]["dims"]["rgb_channels"] == 3 and saved["step"] == 6
+    assert any(k.startswith("encoder.cnn") for k in saved["model"])
