@@ -37,10 +37,10 @@ def pushcube_demos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pushcube_rgb_demos(tmp_path_factory) -> dict:
-    """2 PushCube demos with 48x48 RGB observations (made in-process)."""
+def pickcube_rgb_demos(tmp_path_factory) -> dict:
+    """2 PickCube demos with 48x48 RGB observations (made in-process): a second task, a second obs mode."""
     from robodistill.demos import DemosConfig, generate
     from robodistill.envs import EnvConfig
 
-    out = tmp_path_factory.mktemp("pushcube_rgb")
-    return generate(DemosConfig(env=EnvConfig(task="PushCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out)))
+    out = tmp_path_factory.mktemp("pickcube_rgb")
+    return generate(DemosConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out)))

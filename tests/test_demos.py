@@ -60,12 +60,12 @@ def test_maniskill_tools_read_and_replay_our_files(pushcube):
     assert "3/3=100.00%" in replay.stdout + replay.stderr
 
 
-def test_rgb_demos_match_the_live_rgb_env(pushcube_rgb_demos):
-    assert pushcube_rgb_demos["converted"] == 2 and pushcube_rgb_demos["planned"] == 2
-    episodes = load_episodes(pushcube_rgb_demos["path"], obs_mode="rgb")
+def test_rgb_demos_match_the_live_rgb_env(pickcube_rgb_demos):
+    assert pickcube_rgb_demos["converted"] == 2 and pickcube_rgb_demos["planned"] == 2
+    episodes = load_episodes(pickcube_rgb_demos["path"], obs_mode="rgb")
     ep = min(episodes, key=lambda e: e.seed)
     assert ep.obs["rgb"].shape == (len(ep) + 1, 48, 48, 3) and ep.obs["rgb"].dtype == np.uint8
-    with make_env(EnvConfig(task="PushCube-v1", obs_mode="rgb", image_size=48)) as env:
+    with make_env(EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48)) as env:
         obs = env.reset(seed=[ep.seed])
     np.testing.assert_allclose(obs["state"][0].numpy(), ep.obs["state"][0], atol=1e-4)
     assert obs["rgb"].shape[1:] == ep.obs["rgb"].shape[1:]

@@ -126,8 +126,8 @@ def test_teacher_bad_input(cli, pushcube_demos):
     assert resume.returncode == 2 and "no earlier run named 'fresh'" in resume.stderr
 
 
-def test_rgb_teacher_trains_and_evaluates(cli, tmp_path, pushcube_rgb_demos):
-    r = cli("train-teacher", f"dataset={pushcube_rgb_demos['path']}", *TINY, "env.obs_mode=rgb", "env.image_size=48",
+def test_rgb_teacher_trains_and_evaluates(cli, tmp_path, pickcube_rgb_demos):
+    r = cli("train-teacher", f"dataset={pickcube_rgb_demos['path']}", *TINY, "env=PickCube-v1", "env.obs_mode=rgb", "env.image_size=48",
             "iterations=6", "batch_size=8", "eval_every=0", "name=rgb")
     assert r.returncode == 0, r.stderr[-3000:]
     saved = checkpoints.load(run_dir(tmp_path, "rgb") / "checkpoints" / "last.pt")

@@ -106,11 +106,11 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     train_ds = WindowDataset(train_eps, horizons, delta_actions=delta)
     val_ds = WindowDataset(val_eps, horizons, delta_actions=delta) if val_eps else None
 
-    # ---- model: the env tells the action bounds and checks the dataset's observation shape
+    # ---- model: the evaluation env tells the action bounds and checks the dataset's observations
     env_cfg = cfg.env
-    with make_env(EnvConfig(**{**asdict(env_cfg), "num_envs": 1})) as probe:
-        low, high = probe.action_low.cpu(), probe.action_high.cpu()
-        state_dim = probe.single_observation_space["state"].shape[0]
+    eval_env = make_env(env_cfg, ignore_terminations=True)
+    low, high = eval_env.action_low.cpu(), eval_env.action_high.cpu()
+    state_dim = eval_env.single_observation_space["state"].shape[0]
     if train_eps[0].obs["state"].shape[1] != state_dim:
         raise UserError(f"dataset states have {train_eps[0].obs['state'].shape[1]} dims, the env {env_cfg.task} ({env_cfg.obs_mode}) gives {state_dim}: was it recorded for another task or obs_mode?")
     rgb = train_eps[0].obs.get("rgb")
@@ -127,8 +127,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     step, best, train_seconds = 0, -1.0, 0.0
     batch_gen = torch.Generator().manual_seed(cfg.seed)
 
-    # Built before any state is restored: building envs and modules draws from the global RNGs.
-    eval_env = make_env(env_cfg, ignore_terminations=True)
+    # Built before any state is restored: building modules (and envs, above) draws from the global RNGs.
     ema_policy = DiffusionPolicy.from_spec(policy.spec()).to(device)
 
     resume_path = _find_resume(cfg, run_dir)
