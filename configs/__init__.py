@@ -8,8 +8,10 @@ def register_schemas() -> None:
     from robodistill.demos import DemosConfig
     from robodistill.envs.factory import EnvConfig
     from robodistill.evaluation import EvalConfig
+    from robodistill.training.ppo_rnd import AGVTrainConfig
 
     store = ConfigStore.instance()
     store.store(group="schema", name="env", node=EnvConfig)
     store.store(group="schema", name="eval", node=EvalConfig)
     store.store(group="schema", name="demos", node=DemosConfig)
+    store.store(group="schema", name="agv_train", node=AGVTrainConfig)

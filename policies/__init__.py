@@ -2,5 +2,6 @@
 
 from robodistill.policies.base import LOADERS, Policy, load_policy, register_loader
 from robodistill.policies.random import RandomPolicy
+from robodistill.policies import agv  # noqa: F401,E402  (registers the agv_ppo checkpoint loader)
 
 __all__ = ["LOADERS", "Policy", "RandomPolicy", "load_policy", "register_loader"]

@@ -13,7 +13,9 @@ import numpy as np
 from robodistill.envs.agv.scenes import MOVER_RADIUS, ROBOT_RADIUS, Scene, generate
 
 DT = 0.1  # s; 10 Hz control
-V_MAX, W_MAX = 1.0, 2.0  # m/s, rad/s: an action of +-1 commands these
+# An action of +1 commands V_MAX and W_MAX, -1 commands V_REVERSE and -W_MAX: AGVs mostly drive forward
+# and only back off slowly, which also means an untrained policy wanders instead of dithering in place.
+V_MAX, V_REVERSE, W_MAX = 1.0, -0.3, 2.0  # m/s, m/s, rad/s
 A_MAX, ALPHA_MAX = 2.0, 6.0  # m/s^2, rad/s^2: commands are reached no faster than this
 RAYS = 16
 RAY_RANGE = 4.0  # m
@@ -120,7 +122,8 @@ class AGVBatch:
         """Advance every robot by DT. Returns reward, terminated, truncated and the episode metrics
         of every robot (meaningful for the finished ones), before any reset."""
         a = np.clip(action, -1.0, 1.0)
-        self.v += np.clip(a[:, 0] * V_MAX - self.v, -A_MAX * DT, A_MAX * DT)
+        v_cmd = V_REVERSE + (a[:, 0] + 1.0) * 0.5 * (V_MAX - V_REVERSE)
+        self.v += np.clip(v_cmd - self.v, -A_MAX * DT, A_MAX * DT)
         self.w += np.clip(a[:, 1] * W_MAX - self.w, -ALPHA_MAX * DT, ALPHA_MAX * DT)
         before = self.goal_distance()
         self.theta = np.mod(self.theta + self.w * DT + np.pi, 2 * np.pi) - np.pi

@@ -93,38 +93,50 @@ def _warehouse_shelves(rng: np.random.Generator, scene: Scene) -> list[list[floa
 
 def _clearance(points: np.ndarray, rects: np.ndarray) -> np.ndarray:
     """Distance from each point (N, 2) to the nearest rectangle (K, 4)."""
-    closest = np.clip(points[:, None, :], rects[None, :, :2], rects[None, :, 2:])
-    return np.linalg.norm(points[:, None, :] - closest, axis=-1).min(axis=1)
+    p = points[:, None, :]
+    gap = np.maximum(np.maximum(rects[None, :, :2] - p, p - rects[None, :, 2:]), 0.0)
+    return np.sqrt((gap * gap).sum(-1).min(axis=1))
 
 
 def _free_point(rng: np.random.Generator, rects: np.ndarray, size: float, margin: float) -> np.ndarray:
+    # Candidates in bulk: one numpy call instead of a Python loop per rejected point.
     while True:
-        p = rng.uniform(margin, size - margin, size=(1, 2))
-        if _clearance(p, rects)[0] > margin:
-            return p[0]
+        p = rng.uniform(margin, size - margin, size=(64, 2))
+        ok = np.flatnonzero(_clearance(p, rects) > margin)
+        if ok.size:
+            return p[ok[0]]
 
 
 def _connected(rects: np.ndarray, size: float, a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether a robot fits along some path from a to b (grid flood fill, obstacles grown by the radius)."""
-    cell = 0.2
+    """Whether a robot fits along some path from a to b: flood fill of a grid whose obstacles are
+    grown by the robot radius (as boxes, slightly conservative at corners)."""
+    cell = 0.1
     n = int(round(size / cell))
-    centres = (np.arange(n) + 0.5) * cell
-    grid = np.stack(np.meshgrid(centres, centres, indexing="ij"), axis=-1).reshape(-1, 2)
-    free = (_clearance(grid, rects) > ROBOT_RADIUS).reshape(n, n)
+    free = np.ones((n, n), dtype=bool)
+    for xmin, ymin, xmax, ymax in rects:
+        lo = np.floor((np.array([xmin, ymin]) - ROBOT_RADIUS) / cell + 0.5).astype(int).clip(0, n)
+        hi = np.ceil((np.array([xmax, ymax]) + ROBOT_RADIUS) / cell - 0.5).astype(int).clip(0, n)
+        free[lo[0]:hi[0], lo[1]:hi[1]] = False
     labels, _ = ndimage.label(free)
     ia, ib = (np.clip((p / cell).astype(int), 0, n - 1) for p in (a, b))
     return labels[tuple(ia)] != 0 and labels[tuple(ia)] == labels[tuple(ib)]
 
 
-def _mover_path(rng: np.random.Generator, rects: np.ndarray, size: float) -> tuple[np.ndarray, np.ndarray]:
-    margin = MOVER_RADIUS + 0.05
+def _mover_path(rng: np.random.Generator, rects: np.ndarray, size: float, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A straight path clear of shelves that passes no closer to the robot's start than a safe gap."""
+    margin, n = MOVER_RADIUS + 0.05, 16
     while True:
-        a = _free_point(rng, rects, size, margin)
-        angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(2.0, 5.0)
-        b = a + length * np.array([np.cos(angle), np.sin(angle)])
-        along = a + np.linspace(0, 1, 16)[:, None] * (b - a)
-        if (along > margin).all() and (along < size - margin).all() and (_clearance(along, rects) > margin).all():
-            return a, b
+        a = rng.uniform(margin, size - margin, size=(n, 2))
+        angle, length = rng.uniform(0, 2 * np.pi, n), rng.uniform(2.0, 5.0, n)
+        b = a + length[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=-1)
+        away = _segment_distance(start, a, b) > ROBOT_RADIUS + MOVER_RADIUS + 0.3
+        inside = np.flatnonzero(((b > margin) & (b < size - margin)).all(axis=1) & away)
+        # 10 points along a path of at most 5 m are closer together than a shelf grown by the margin is thick.
+        along = a[inside, None] + np.linspace(0, 1, 10)[None, :, None] * (b - a)[inside, None]
+        clear = (_clearance(along.reshape(-1, 2), rects) > margin).reshape(-1, 10).all(axis=1)
+        ok = inside[clear]
+        if ok.size:
+            return a[ok[0]], b[ok[0]]
 
 
 def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -140,12 +152,10 @@ def generate(rng: np.random.Generator, scene: Scene) -> Layout:
     while True:
         shelves = shelf_fn(rng, scene)
         rects = np.concatenate([walls(scene.size), np.asarray(shelves, dtype=np.float64).reshape(-1, 4)])
-        movers = [_mover_path(rng, rects, scene.size) for _ in range(scene.movers)]
+        start = _free_point(rng, rects, scene.size, ROBOT_RADIUS + 0.3)
+        movers = [_mover_path(rng, rects, scene.size, start) for _ in range(scene.movers)]
         mover_a = np.asarray([m[0] for m in movers]).reshape(-1, 2)
         mover_b = np.asarray([m[1] for m in movers]).reshape(-1, 2)
-        start = _free_point(rng, rects, scene.size, ROBOT_RADIUS + 0.3)
-        if scene.movers and _segment_distance(start, mover_a, mover_b).min() < ROBOT_RADIUS + MOVER_RADIUS + 0.3:
-            continue
         for _ in range(50):
             goal = _free_point(rng, rects, scene.size, ROBOT_RADIUS + 0.2)
             if np.linalg.norm(goal - start) >= scene.min_goal_distance:

@@ -1,0 +1,1 @@
+"""Trainers: reinforcement learning from scratch (PPO, PPO + RND for the AGV warehouse)."""
