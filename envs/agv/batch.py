@@ -36,11 +36,12 @@ def ray_box_distances(origin: np.ndarray, dirs: np.ndarray, rects: np.ndarray, m
 
     origin (B, 2), dirs (B, R, 2) unit vectors, rects (B, K, 4) -> (B, R).
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = 1.0 / dirs[:, :, None, :]  # (B, R, 1, 2); +-inf for axis-parallel rays is what the slab test wants
-        t1 = (rects[:, None, :, :2] - origin[:, None, None, :]) * inv
-        t2 = (rects[:, None, :, 2:] - origin[:, None, None, :]) * inv
-    t1, t2 = np.nan_to_num(t1, nan=-np.inf), np.nan_to_num(t2, nan=np.inf)
+    # A ray parallel to an axis gets a tiny component instead of 0: no inf * 0 = nan, same distances.
+    safe = np.where(np.abs(dirs) < 1e-12, 1e-12, dirs)
+    inv = 1.0 / safe[:, :, None, :]  # (B, R, 1, 2)
+    o = origin[:, None, None, :]
+    t1 = (rects[:, None, :, :2] - o) * inv
+    t2 = (rects[:, None, :, 2:] - o) * inv
     near = np.minimum(t1, t2).max(axis=-1)
     far = np.maximum(t1, t2).min(axis=-1)
     hit = (far >= np.maximum(near, 0.0))

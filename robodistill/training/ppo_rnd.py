@@ -51,8 +51,8 @@ class AGVTrainConfig:
     num_envs: int = 16
     num_steps: int = 128  # rollout length per env and update
     lr: float = 3e-4  # annealed linearly to 0
-    update_epochs: int = 4
-    num_minibatches: int = 4
+    update_epochs: int = 10
+    num_minibatches: int = 8
     gamma: float = 0.99
     gamma_int: float = 0.99
     gae_lambda: float = 0.95
