@@ -7,7 +7,7 @@
    Success is pooled over seeds with a 95% Wilson interval; path length and time to goal are means
    over the successful episodes. The PNG shows the periodic evaluations during training.
 
-    taskset -c 1 .venv/bin/python benchmarks/agv.py [--budget 65536] [--seeds 0 1 2] [--out runs/bench-agv]
+    taskset -c 1 .venv/bin/python benchmarks/agv.py [--budget 114688] [--seeds 0 1 2] [--out runs/bench-agv]
 
 Issue 9 targets, checked at the end: PPO+RND's success >= PPO's + 30 points on the sparse complex
 scenes and no worse on all four; >= 5,000 env steps/s per core with 16 robots.
@@ -91,7 +91,7 @@ def plot(curves: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=65_536, help="env steps per training run")
+    parser.add_argument("--budget", type=int, default=114_688, help="env steps per training run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=list(SCENES))
     parser.add_argument("--eval-episodes", type=int, default=48, help="final evaluation episodes per run")
