@@ -331,9 +331,10 @@ def main(cfg) -> dict:
     conf = AGVTrainConfig(**OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(conf.run_dir or HydraConfig.get().runtime.output_dir)
     result = train(conf, run_dir)
-    last = result["history"][-1] if result["history"] else {}
-    print(f"{conf.algo} on {conf.scene}: {result['step']} env steps, eval success {last.get('success', float('nan')):.1%} "
-          f"{last.get('success_ci95')}, collision {last.get('collision', float('nan')):.1%}")
+    last = result["history"][-1]
+    lo, hi = last["success_ci95"]
+    print(f"{conf.algo} on {conf.scene}: {result['step']} env steps, eval success {last['success']:.1%} [{lo:.1%}, {hi:.1%}] "
+          f"over {conf.eval_episodes} episodes, collision {last['collision']:.1%}")
     print(f"policy: {result['policy']}  (robodistill eval policy={result['policy']} env=agv env.scene={conf.scene})")
     print(f"run: {run_dir}")
     return result
