@@ -9,9 +9,11 @@ def register_schemas() -> None:
     from robodistill.envs.factory import EnvConfig
     from robodistill.evaluation import EvalConfig
     from robodistill.training.teacher import TrainTeacherConfig
+    from robodistill.training.ppo_rnd import AGVTrainConfig
 
     store = ConfigStore.instance()
     store.store(group="schema", name="env", node=EnvConfig)
     store.store(group="schema", name="eval", node=EvalConfig)
     store.store(group="schema", name="demos", node=DemosConfig)
     store.store(group="schema", name="train-teacher", node=TrainTeacherConfig)
+    store.store(group="schema", name="agv_train", node=AGVTrainConfig)

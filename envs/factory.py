@@ -33,6 +33,7 @@ SUPPORTED_TASKS = (
 )
 OBS_MODES = ("state", "rgb")
 SIM_BACKENDS = ("physx_cpu", "physx_cuda")
+AGV_TASK = "robodistill/AGVWarehouse-v0"  # envs/agv; imported lazily so ManiSkill users never load it
 SETUP_HINT = "run `make setup` (scripts/setup.sh) to install Mesa's lavapipe Vulkan driver"
 
 
@@ -49,6 +50,7 @@ class EnvConfig:
     reward_mode: str | None = None  # None: the task's default (normalized_dense for the cube tasks)
     image_size: int = 128  # camera width/height for obs_mode=rgb
     render_size: int = 256  # video frame width/height
+    scene: str | None = None  # robodistill/AGVWarehouse-v0 only: simple|complex _ static|dynamic (envs/agv)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "EnvConfig":
@@ -173,6 +175,11 @@ def make_env(
     """
     if not isinstance(cfg, EnvConfig):
         cfg = EnvConfig.from_mapping(cfg)
+    if cfg.task == AGV_TASK:
+        # Not ManiSkill: a numpy batch of robots in this process, already in the VecEnv convention.
+        from robodistill.envs.agv import AGVVecEnv
+
+        return AGVVecEnv(cfg, render=render)
     _check(cfg)
     if cfg.sim_backend == "physx_cuda" or cfg.num_envs == 1:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv

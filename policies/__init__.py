@@ -1,5 +1,6 @@
 """Policies: the Policy contract, baselines, the Diffusion Policy, and loading by name or checkpoint."""
 
+from robodistill.policies import agv  # noqa: F401  (registers the agv_ppo checkpoint loader)
 from robodistill.policies.base import LOADERS, Policy, load_policy, register_loader
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy  # registers its loader
 from robodistill.policies.random import RandomPolicy

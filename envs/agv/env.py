@@ -1,0 +1,118 @@
+"""The AGV warehouse as a gymnasium env (one robot) and as a `VecEnv`-convention batch (many robots).
+
+Episodes end at the goal (terminated, success), on a collision (terminated, penalty) or at the
+scene's time limit (truncated). Unlike ManiSkill tasks they always end early on success or
+collision, also in evaluation: after a crash there is nothing left to evaluate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from robodistill.envs.agv.batch import DT, EPISODE_METRICS, OBS_DIM, AGVBatch, Rewards
+from robodistill.envs.agv.render import render
+from robodistill.envs.agv.scenes import get_scene
+from robodistill.envs.factory import AGV_TASK as TASK
+from robodistill.errors import UserError
+
+REWARD_MODES = {"sparse": Rewards(), "dense": Rewards(shaping=0.1)}
+DEFAULT_SCENE = "complex_dynamic"
+
+OBSERVATION_SPACE = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+ACTION_SPACE = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+
+def make_batch(scene: str, num: int, reward_mode: str | None = None, max_episode_steps: int | None = None) -> AGVBatch:
+    mode = reward_mode or "sparse"
+    if mode not in REWARD_MODES:
+        raise UserError(f"unknown reward_mode '{mode}' for {TASK} (env.reward_mode). Valid: {', '.join(REWARD_MODES)}")
+    if num < 1:
+        raise UserError(f"env.num_envs must be >= 1, got {num}")
+    spec = get_scene(scene)
+    if max_episode_steps is not None:
+        spec = replace(spec, max_steps=int(max_episode_steps))
+    return AGVBatch(spec, num, REWARD_MODES[mode])
+
+
+class AGVWarehouseEnv(gym.Env):
+    """One AGV; `gym.make("robodistill/AGVWarehouse-v0", scene="simple_static")`."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1 / DT))}
+
+    def __init__(self, scene: str = DEFAULT_SCENE, reward_mode: str | None = None, max_episode_steps: int | None = None,
+                 render_mode: str | None = None, render_size: int = 256):
+        self.batch = make_batch(scene, 1, reward_mode, max_episode_steps)
+        self.observation_space, self.action_space = OBSERVATION_SPACE, ACTION_SPACE
+        self.render_mode, self.render_size = render_mode, render_size
+
+    def reset(self, *, seed: int | None = None, options=None):
+        super().reset(seed=seed)
+        self.batch.reset(np.array([0]), [seed])
+        return self.batch.observe()[0], {}
+
+    def step(self, action):
+        reward, terminated, truncated, episode = self.batch.step(np.asarray(action, dtype=np.float64)[None])
+        info = {"episode": {k: v[0] for k, v in episode.items()}} if terminated[0] or truncated[0] else {}
+        return self.batch.observe()[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
+
+    def render(self):
+        return render(self.batch, self.render_size)[0]
+
+
+class AGVVecEnv:
+    """`cfg.num_envs` robots behind the `robodistill.envs.VecEnv` convention (torch out, same-step
+    auto-reset, `final_info["episode"]`), so `evaluate()` and the trainers treat it like any env."""
+
+    def __init__(self, cfg, render: bool = False):
+        self.cfg = cfg
+        self.batch = make_batch(cfg.scene or DEFAULT_SCENE, cfg.num_envs, cfg.reward_mode, cfg.max_episode_steps)
+        self.num_envs = cfg.num_envs
+        self.device = torch.device("cpu")
+        self.single_observation_space = gym.spaces.Dict({"state": OBSERVATION_SPACE})
+        self.single_action_space = ACTION_SPACE
+        self.action_low = torch.as_tensor(ACTION_SPACE.low)
+        self.action_high = torch.as_tensor(ACTION_SPACE.high)
+        self.max_episode_steps = self.batch.max_steps
+        self.control_freq = int(round(1 / DT))
+        self._render = render
+        self.batch.reset(np.arange(self.num_envs))
+
+    def reset(self, seed: int | list[int] | None = None) -> dict[str, torch.Tensor]:
+        if isinstance(seed, int):
+            seed = [seed + i for i in range(self.num_envs)]
+        self.batch.reset(np.arange(self.num_envs), seed)
+        return {"state": torch.from_numpy(self.batch.observe())}
+
+    def step(self, action):
+        action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
+        reward, terminated, truncated, episode = self.batch.step(action.astype(np.float64))
+        done = terminated | truncated
+        info: dict = {}
+        if done.any():
+            final_obs = self.batch.observe()
+            self.batch.reset(np.flatnonzero(done))
+            info = {
+                "_final_info": torch.from_numpy(done),
+                "final_observation": {"state": torch.from_numpy(final_obs)},
+                "final_info": {"episode": {k: torch.from_numpy(np.asarray(episode[k])) for k in EPISODE_METRICS}},
+            }
+        obs = {"state": torch.from_numpy(self.batch.observe())}
+        return obs, torch.from_numpy(reward), torch.from_numpy(terminated), torch.from_numpy(truncated), info
+
+    def render(self) -> np.ndarray:
+        if not self._render:
+            raise UserError("this AGV env was made without render=True; videos need make_env(..., render=True)")
+        return render(self.batch, self.cfg.render_size)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "AGVVecEnv":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,180 @@
+"""The AGV warehouse env and PPO + RND: real env, real training steps, no mocks."""
+
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from robodistill import checkpoints
+from robodistill.envs import EnvConfig, make_env
+from robodistill.envs.agv import SCENES, TASK
+from robodistill.envs.agv.batch import GOAL_RADIUS, RAY_RANGE, RAYS, ray_box_distances, ray_circle_distances
+from robodistill.envs.agv.scenes import FAR, walls
+from robodistill.errors import UserError
+from robodistill.training.ppo_rnd import Agent, AGVTrainConfig, check, train
+
+
+def agv(scene="complex_dynamic", num_envs=4, **kw):
+    return make_env(EnvConfig(task=TASK, scene=scene, num_envs=num_envs, control_mode=None, **kw))
+
+
+def random_actions(n, b, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).uniform(-1, 1, (n, b, 2)).astype(np.float32))
+
+
+def rollout(env, seeds, actions):
+    obs = [env.reset(seed=seeds)["state"]]
+    rewards, dones = [], []
+    for a in actions:
+        o, r, te, tr, _ = env.step(a)
+        obs.append(o["state"])
+        rewards.append(r)
+        dones.append(te | tr)
+    return torch.stack(obs), torch.stack(rewards), torch.stack(dones)
+
+
+@pytest.mark.parametrize("scene", list(SCENES))
+def test_same_seed_same_episodes_other_seed_other_layout(scene):
+    acts = random_actions(250, 3)
+    a, b = rollout(agv(scene, 3), [5, 6, 7], acts), rollout(agv(scene, 3), [5, 6, 7], acts)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    assert a[2].any(), "250 random steps should finish some episode (auto-reset covered)"
+    other = rollout(agv(scene, 3), [8, 9, 10], acts[:1])
+    assert not torch.equal(a[0][0], other[0][0])
+
+
+def test_vectorized_equals_single_env_stepping():
+    seeds, n = [11, 12, 13], 300
+    acts = random_actions(n, len(seeds), seed=1)
+    obs, rewards, dones = rollout(agv("complex_dynamic", len(seeds)), seeds, acts)
+    for i, seed in enumerate(seeds):
+        single = gym.make(TASK, scene="complex_dynamic")
+        o, _ = single.reset(seed=seed)
+        np.testing.assert_array_equal(o, obs[0, i].numpy())
+        for t in range(n):
+            o, r, te, tr, info = single.step(acts[t, i].numpy())
+            assert r == pytest.approx(rewards[t, i].item()) and (te or tr) == dones[t, i].item()
+            if te or tr:
+                assert set(info["episode"]) >= {"success_once", "collision", "path_length", "time_to_goal"}
+                o, _ = single.reset()  # the batch auto-resets the same way: the robot's generator continues
+            np.testing.assert_array_equal(o, obs[t + 1, i].numpy())
+    assert dones.any()
+
+
+def test_lidar_hits_known_walls_and_movers_at_known_distances():
+    rects = np.concatenate([walls(8.0), np.full((3, 4), FAR)])[None]
+    origin = np.array([[2.0, 3.0]])
+    dirs = np.array([[[-1.0, 0.0], [0.0, -1.0], [1.0, 0.0], [0.0, 1.0], [-math.sqrt(0.5), -math.sqrt(0.5)]]])
+    got = ray_box_distances(origin, dirs, rects, RAY_RANGE)[0]
+    np.testing.assert_allclose(got, [2.0, 3.0, RAY_RANGE, RAY_RANGE, 2.0 * math.sqrt(2)], atol=1e-9)
+    circle = ray_circle_distances(origin, dirs[:, :1], np.array([[[0.5, 3.0]]]), 0.3, RAY_RANGE)
+    np.testing.assert_allclose(circle[0], [1.2], atol=1e-9)
+    # Through the env: robot at (2, 3) facing -x; ray 8 of 16 points straight ahead at the wall.
+    env = agv("simple_static", 1)
+    env.reset(seed=0)
+    env.batch.rects[0] = rects[0]
+    env.batch.pos[0], env.batch.theta[0] = (2.0, 3.0), math.pi
+    rays = env.batch.observe()[0, :RAYS] * RAY_RANGE
+    assert rays[RAYS // 2] == pytest.approx(2.0) and rays[0] == pytest.approx(RAY_RANGE)
+
+
+def place(env, pos, theta, goal):
+    """Put robot 0 alone in the arena (walls only), still, at pos facing theta."""
+    b = env.batch
+    b.rects[0] = np.concatenate([walls(b.scene.size), np.full((b.scene.slots - 4, 4), FAR)])
+    b.pos[0], b.theta[0], b.goal[0], b.v[0], b.w[0] = pos, theta, goal, 0.0, 0.0
+
+
+def drive_forward(env, steps=30):
+    for _ in range(steps):
+        obs, reward, terminated, truncated, info = env.step(torch.tensor([[1.0, 0.0]]))
+        if terminated[0] or truncated[0]:
+            return reward[0].item(), terminated[0].item(), info
+    raise AssertionError("the episode did not end")
+
+
+def test_collision_ends_episode_with_penalty():
+    env = agv("simple_static", 1)
+    env.reset(seed=0)
+    place(env, (1.0, 4.0), math.pi, goal=(6.0, 4.0))  # 0.75 m of free floor ahead, then the wall
+    reward, terminated, info = drive_forward(env)
+    ep = info["final_info"]["episode"]
+    assert terminated and reward == -1.0
+    assert ep["collision"][0] and not ep["success_once"][0]
+    assert 0.7 < ep["path_length"][0] < 1.0 and info["final_observation"]["state"][0, RAYS // 2] * RAY_RANGE < 0.3
+
+
+def test_reaching_goal_gives_success_and_reward():
+    env = agv("simple_static", 1)
+    env.reset(seed=0)
+    place(env, (2.0, 4.0), 0.0, goal=(4.0, 4.0))
+    reward, terminated, info = drive_forward(env)
+    ep = info["final_info"]["episode"]
+    assert terminated and reward == 1.0 and ep["success_once"][0] and not ep["collision"][0]
+    assert ep["time_to_goal"][0].item() == pytest.approx(ep["episode_len"][0].item() * 0.1)
+    assert ep["path_length"][0] == pytest.approx(2.0 - GOAL_RADIUS, abs=0.1)
+
+
+def tiny(tmp_path, **kw):
+    base = dict(scene="simple_dynamic", num_envs=4, num_steps=32, total_steps=256, eval_episodes=4,
+                eval_every=0, obs_norm_init_steps=5, progress=False, run_dir=str(tmp_path))
+    return AGVTrainConfig(**{**base, **kw})
+
+
+def test_ppo_rnd_updates_change_parameters_and_intrinsic_normalizer(tmp_path):
+    cfg = tiny(tmp_path)
+    result = train(cfg, tmp_path)
+    torch.manual_seed(cfg.seed)
+    initial = Agent(21, 2, cfg.hidden).state_dict()
+    ck = checkpoints.load(result["checkpoint"])
+    changed = [k for k in initial if not torch.equal(initial[k], ck["agent"][k])]
+    assert {"actor.mean.0.weight", "critic.0.weight", "v_int.weight"} <= set(changed)
+    assert ck["int_rms"]["count"] > 1 and ck["int_rms"]["var"].item() != 1.0
+    assert ck["obs_rms"]["count"] > 1
+    assert (tmp_path / "policy.pt").is_file() and any((tmp_path / "tb").iterdir())
+
+
+def test_resume_continues_at_the_same_step(tmp_path):
+    batch = 4 * 32
+    first = train(tiny(tmp_path, algo="ppo", total_steps=2 * batch, checkpoint_every=1, eval_every=1), tmp_path)
+    assert first["step"] == 2 * batch
+    saved = checkpoints.load(first["checkpoint"])
+    second = train(tiny(tmp_path, algo="ppo", total_steps=3 * batch, checkpoint_every=1, eval_every=1, resume=True), tmp_path)
+    assert second["step"] == 3 * batch
+    assert [h["step"] for h in second["history"]] == [0, batch, 2 * batch, 3 * batch]
+    resumed = checkpoints.load(second["checkpoint"])
+    assert resumed["update"] == saved["update"] + 1 == 3
+    assert resumed["obs_rms"]["count"] > saved["obs_rms"]["count"]
+
+
+@pytest.mark.parametrize("field, value, message", [("scene", "warehouse", "unknown scene"), ("algo", "sac", "unknown algo"),
+                                                   ("combine", "max", "unknown combine"), ("total_steps", 10, "less than one update")])
+def test_bad_training_input_is_a_user_error(field, value, message):
+    with pytest.raises(UserError, match=message):
+        check(AGVTrainConfig(**{field: value}))
+
+
+def test_bad_env_input_is_a_user_error():
+    with pytest.raises(UserError, match="unknown AGV scene 'nope'"):
+        agv("nope")
+    with pytest.raises(UserError, match="reward_mode 'shaped'"):
+        agv("simple_static", reward_mode="shaped")
+
+
+def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
+    bad = cli("agv-train", "algo=sac")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: unknown algo 'sac'. Valid: ppo, ppo_rnd"]
+    out = cli("agv-train", "scene=simple_static", "num_envs=4", "num_steps=32", "total_steps=128", "eval_episodes=2",
+              "obs_norm_init_steps=2", "progress=false", f"run_dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr
+    ev = cli("eval", f"policy={tmp_path / 'run' / 'policy.pt'}", "env=agv", "env.scene=simple_static", "env.num_envs=2",
+             "episodes=2", "video=true", "video_episodes=1", "name=agv")
+    assert ev.returncode == 0, ev.stderr
+    (run,) = (tmp_path / "runs" / "eval").iterdir()
+    summary = json.loads((run / "eval.json").read_text())["summary"]
+    assert {"success_once", "collision", "mean_path_length", "mean_time_to_goal"} <= set(summary)
+    assert (run / "videos" / "episode_000.mp4").is_file()
