@@ -109,7 +109,7 @@ class AGVVecEnv:
         return render(self.batch, self.cfg.render_size)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the robots are numpy arrays in this process (no simulator, no workers)."""
 
     def __enter__(self) -> "AGVVecEnv":
         return self
