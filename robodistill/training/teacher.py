@@ -240,7 +240,8 @@ def main(cfg: DictConfig) -> dict:
     config = TrainTeacherConfig(**{**raw, "env": EnvConfig.from_mapping(raw["env"]), "policy": DiffusionConfig(**raw["policy"])})
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(config, run_dir)
-    print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s "
-          f"({result['samples_per_second']:.0f} samples/s); best success_once {result['best_success_once']:.1%}")
+    best = result["best_success_once"]
+    print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s ({result['samples_per_second']:.0f} samples/s)"
+          + (f"; best success_once {best:.1%}" if best >= 0 else "; not evaluated (eval_episodes=0)"))
     print(f"checkpoints: {run_dir / 'checkpoints'}")
     return result
