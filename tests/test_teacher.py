@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from robodistill import checkpoints
+from robodistill.data import Normalizer
 from robodistill.errors import UserError
 from robodistill.inference.samplers import make_sampler, make_training_scheduler
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
@@ -43,7 +44,7 @@ def test_both_denoisers_learn_and_return_bounded_chunks(denoiser, extra):
     cfg = DiffusionConfig(denoiser=denoiser, pred_horizon=8, act_horizon=4, **extra)
     policy = DiffusionPolicy(cfg, 5, 3, -torch.ones(3) * 0.5, torch.ones(3) * 0.5)
     states, actions = torch.randn(100, 5), torch.rand(100, 3) * 2 - 1
-    policy.fit_normalizers(states.numpy(), actions.numpy())
+    policy.load_normalizers({"state": Normalizer.fit(states.numpy()), "actions": Normalizer.fit(actions.numpy())})
     batch = {"obs": {"state": torch.randn(16, 2, 5)}, "actions": torch.rand(16, 8, 3) * 2 - 1}
     opt = torch.optim.Adam(policy.parameters(), 1e-3)
     losses = []

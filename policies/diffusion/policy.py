@@ -65,9 +65,11 @@ class DiffusionPolicy(nn.Module):
             raise UserError(f"steps={steps} must be between 1 and the {self.cfg.num_train_timesteps} training timesteps")
         self.sampler = make_sampler(name, steps, self.noise_scheduler)
 
-    def fit_normalizers(self, states, actions) -> None:
-        for key, data in (("state", states), ("actions", actions)):
-            self.normalizers[key].load_state_dict(Normalizer.fit(data, self.cfg.normalizer).state_dict())
+    def load_normalizers(self, fitted: dict[str, Normalizer]) -> None:
+        """Take the `state` and `actions` normalizers fitted on the training split
+        (`robodistill.data.fit_normalizers`)."""
+        for key in ("state", "actions"):
+            self.normalizers[key].load_state_dict(fitted[key].state_dict())
 
     def _condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         obs = {**obs, "state": self.normalizers["state"](obs["state"].float())}

@@ -11,7 +11,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -20,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from robodistill import checkpoints
-from robodistill.data import Horizons, WindowDataset, load_episodes, split_episodes
+from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, split_episodes
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
@@ -115,9 +114,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         raise UserError(f"dataset states have {train_eps[0].obs['state'].shape[1]} dims, the env {env_cfg.task} ({env_cfg.obs_mode}) gives {state_dim}: was it recorded for another task or obs_mode?")
     rgb = train_eps[0].obs.get("rgb")
     policy = DiffusionPolicy(p, state_dim, train_eps[0].actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None)
-    policy.fit_normalizers(
-        np.concatenate([e.obs["state"][: len(e)] for e in train_eps]), np.concatenate([e.actions for e in train_eps])
-    )
+    policy.load_normalizers(fit_normalizers(train_eps, p.normalizer))
     policy.to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
