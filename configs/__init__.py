@@ -8,6 +8,8 @@ def register_schemas() -> None:
     from robodistill.demos import DemosConfig
     from robodistill.envs.factory import EnvConfig
     from robodistill.evaluation import EvalConfig
+    from robodistill.inference.latency import BenchLatencyConfig
+    from robodistill.training.distill import DistillConfig
     from robodistill.training.teacher import TrainTeacherConfig
     from robodistill.training.ppo_rnd import AGVTrainConfig
 
@@ -17,3 +19,5 @@ def register_schemas() -> None:
     store.store(group="schema", name="demos", node=DemosConfig)
     store.store(group="schema", name="train-teacher", node=TrainTeacherConfig)
     store.store(group="schema", name="agv_train", node=AGVTrainConfig)
+    store.store(group="schema", name="distill", node=DistillConfig)
+    store.store(group="schema", name="bench-latency", node=BenchLatencyConfig)

@@ -47,7 +47,7 @@ class AGVPolicy:
         self.actor, self.obs_mean, self.obs_var = actor, obs_mean, obs_var
 
     @torch.no_grad()
-    def predict_chunk(self, obs: Obs) -> torch.Tensor:
+    def predict_chunk(self, obs: Obs, streams: torch.Tensor | None = None) -> torch.Tensor:
         x = normalize(obs["state"][:, -1].float(), self.obs_mean, self.obs_var)
         return self.actor.mean(x).clamp(-1.0, 1.0).unsqueeze(1)
 

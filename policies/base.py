@@ -19,12 +19,14 @@ class Policy(Protocol):
 
     `obs[key]` is (B, obs_horizon, ...); the result is (B, H, A) with H >= act_horizon, of which the
     first `act_horizon` actions are executed before the policy is asked again (receding horizon).
+    `streams` names the env of each row; a policy that remembers something between calls (RTI's
+    warm start) keys it by stream and also has `reset(streams)`, called when their episodes restart.
     """
 
     obs_horizon: int
     act_horizon: int
 
-    def predict_chunk(self, obs: Obs) -> torch.Tensor: ...
+    def predict_chunk(self, obs: Obs, streams: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 # Policy kinds that can be rebuilt from a checkpoint: kind -> from_checkpoint(payload, env) -> Policy.

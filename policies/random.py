@@ -13,7 +13,7 @@ class RandomPolicy:
         self.low, self.high = low, high
         self.generator = torch.Generator(device=low.device).manual_seed(seed)
 
-    def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_chunk(self, obs: dict[str, torch.Tensor], streams: torch.Tensor | None = None) -> torch.Tensor:
         batch = next(iter(obs.values())).shape[0]
         u = torch.rand((batch, 1, self.low.shape[0]), generator=self.generator, device=self.low.device)
         return self.low + u * (self.high - self.low)

@@ -21,7 +21,7 @@ class PushCubeScripted:
     act_horizon = 1
     supported = {"task": "PushCube-v1", "control_mode": "pd_ee_delta_pos", "obs_mode": "state"}
 
-    def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_chunk(self, obs: dict[str, torch.Tensor], streams: torch.Tensor | None = None) -> torch.Tensor:
         state = obs["state"][:, -1]
         tcp, goal, obj = state[:, TCP], state[:, GOAL], state[:, OBJ]
         direction = goal[:, :2] - obj[:, :2]

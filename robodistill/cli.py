@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("robodistill.evaluation", "roll out a policy; success rates with 95% Wilson intervals, eval.json, videos"),
     "demos": ("robodistill.demos", "motion-planning demonstrations in ManiSkill's trajectory format, converted to any obs/control mode"),
     "train-teacher": ("robodistill.training.teacher", "train the Diffusion Policy teacher on demonstrations (EMA, periodic eval, checkpoints, resume)"),
+    "distill": ("robodistill.training.distill", "distill a teacher checkpoint into a one-step consistency head (variant=regression|consistency)"),
+    "bench-latency": ("robodistill.inference.latency", "per sampler: denoiser calls, latency p50/p99 at batch 1, success with intervals, a PNG"),
     "agv-train": ("robodistill.training.ppo_rnd", "PPO or PPO + RND on the AGV warehouse (scene=, algo=ppo_rnd|ppo, total_steps=); policy.pt for eval"),
     "dataset": ("robodistill.data.info", "`dataset info PATH`: episodes, lengths, success, shapes, modes, a PNG of action ranges"),
 }

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from robodistill.envs import EnvConfig, VecEnv, make_env
 from robodistill.errors import UserError
 from robodistill.inference.chunks import ChunkExecutor
+from robodistill.inference.samplers import RTIConfig
 from robodistill.policies import Policy, load_policy
 
 @dataclass
@@ -33,8 +34,9 @@ class EvalConfig:
 
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: str = "random"  # random, scripted (PushCube-v1 expert), or the path of a policy checkpoint
-    sampler: str | None = None  # diffusion checkpoints: ddpm or ddim (default: the checkpoint's)
-    steps: int | None = None  # denoiser calls per chunk for `sampler`
+    sampler: str | None = None  # diffusion checkpoints: ddpm, ddim, rti or consistency (default: the checkpoint's)
+    steps: int | None = None  # denoiser calls per chunk for `sampler` (rti: see `rti.timesteps`)
+    rti: RTIConfig = field(default_factory=RTIConfig)  # the rti sampler's settings
     episodes: int = 10
     seed: int = 0  # episode k is reset with seed + k
     video: bool = False  # mp4s of the first video_episodes episodes in <run>/videos/
@@ -152,6 +154,15 @@ def evaluate(
     return EvalReport(rows, time.perf_counter() - start, steps)
 
 
+def configure_sampler(policy: Policy, sampler: str | None, steps: int | None, rti: RTIConfig) -> None:
+    """Apply `sampler=`/`steps=` (and `rti.*`) to a diffusion policy; other policies have none."""
+    if sampler is None and steps is None:
+        return
+    if not hasattr(policy, "set_sampler"):
+        raise UserError("sampler/steps apply to diffusion checkpoints, not to this policy")
+    policy.set_sampler(sampler or policy.sampler.name, steps, rti)
+
+
 def main(cfg: DictConfig) -> EvalReport:
     from hydra.core.hydra_config import HydraConfig
 
@@ -162,10 +173,7 @@ def main(cfg: DictConfig) -> EvalReport:
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
     with make_env(env_cfg, render=bool(cfg.video), ignore_terminations=True) as env:
         policy = load_policy(str(cfg.policy), env, seed=cfg.seed)
-        if cfg.sampler is not None or cfg.steps is not None:
-            if not hasattr(policy, "set_sampler"):
-                raise UserError(f"sampler/steps apply to diffusion checkpoints, not to policy={cfg.policy}")
-            policy.set_sampler(cfg.sampler or policy.sampler.name, cfg.steps or policy.sampler.steps)
+        configure_sampler(policy, cfg.sampler, cfg.steps, RTIConfig(**OmegaConf.to_container(cfg.rti)))
         report = evaluate(
             policy, env, int(cfg.episodes), seed=int(cfg.seed),
             video_dir=run_dir / "videos" if cfg.video else None, video_episodes=int(cfg.video_episodes),

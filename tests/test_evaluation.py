@@ -30,7 +30,7 @@ class CountingPolicy:
         self.calls = 0
         self.seen = []
 
-    def predict_chunk(self, obs):
+    def predict_chunk(self, obs, streams=None):
         self.calls += 1
         self.seen.append(obs["state"].clone())
         b = obs["state"].shape[0]

@@ -22,6 +22,9 @@ class DiffusionConfig:
     sampler, sampler_steps: how actions are drawn by default (`ddpm` or `ddim`, denoiser calls).
     normalizer: `minmax` (to [-1, 1]) or `meanstd` for state and actions.
     rgb_features: image features per frame for obs_mode=rgb; crop: random-crop fraction in training.
+    gripper_scale: the RTI paper's "scale" variant: binary gripper dims (detected in the demos as
+        dims that only take -1 and 1) are divided by this in model space instead of min-max
+        normalised, so a warm-started denoiser has a small jump to correct. 1: off.
     """
 
     obs_horizon: int = 2
@@ -39,3 +42,4 @@ class DiffusionConfig:
     normalizer: str = "minmax"
     rgb_features: int = 64
     crop: float = 0.9
+    gripper_scale: float = 1.0

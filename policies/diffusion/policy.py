@@ -14,9 +14,12 @@ from torch.nn import functional as F
 
 from robodistill.data.normalizers import Normalizer
 from robodistill.errors import UserError
-from robodistill.inference.samplers import SAMPLERS, Sampler, make_sampler, make_training_scheduler
+from robodistill.inference.samplers import (
+    SAMPLERS, ConsistencySampler, RTIConfig, RTISampler, Sampler, make_sampler, make_training_scheduler,
+)
 from robodistill.policies.base import register_loader
 from robodistill.policies.diffusion.config import DiffusionConfig
+from robodistill.policies.diffusion.consistency import ConsistencyHead
 from robodistill.policies.diffusion.denoisers import ConditionalUnet1D, MlpDenoiser
 from robodistill.policies.diffusion.encoders import RgbEncoder, StateEncoder
 
@@ -32,6 +35,7 @@ class DiffusionPolicy(nn.Module):
         action_low: torch.Tensor,
         action_high: torch.Tensor,
         rgb_channels: int | None = None,
+        gripper_dims: list[int] | None = None,
     ):
         super().__init__()
         if cfg.denoiser == "unet" and cfg.pred_horizon % 4:
@@ -39,8 +43,12 @@ class DiffusionPolicy(nn.Module):
         if cfg.denoiser not in ("unet", "mlp"):
             raise UserError(f"policy.denoiser='{cfg.denoiser}' is not one of unet, mlp")
         self.cfg = cfg
-        self.obs_horizon, self.act_horizon = cfg.obs_horizon, cfg.act_horizon
-        self.dims = {"state_dim": state_dim, "action_dim": action_dim, "rgb_channels": rgb_channels}
+        self.obs_horizon = cfg.obs_horizon
+        if cfg.gripper_scale <= 0:
+            raise UserError(f"policy.gripper_scale={cfg.gripper_scale} must be > 0 (1: off)")
+        # Binary gripper dims (-1 closed, 1 open): RTI snaps them and may train them scaled.
+        self.dims = {"state_dim": state_dim, "action_dim": action_dim, "rgb_channels": rgb_channels,
+                     "gripper_dims": list(gripper_dims or [])}
         self.normalizers = nn.ModuleDict({
             "state": Normalizer(state_dim, cfg.normalizer), "actions": Normalizer(action_dim, cfg.normalizer),
         })
@@ -57,19 +65,63 @@ class DiffusionPolicy(nn.Module):
         self.noise_scheduler = make_training_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type)
         self.sampler: Sampler = make_sampler(cfg.sampler, cfg.sampler_steps, self.noise_scheduler)
         self.generator: torch.Generator | None = None
+        self.consistency: ConsistencyHead | None = None  # attached by `robodistill distill`
 
-    def set_sampler(self, name: str, steps: int) -> None:
+    @property
+    def act_horizon(self) -> int:
+        """Actions executed per chunk: the config's, unless the sampler executes fewer (RTI: 1)."""
+        return self.sampler.executes or self.cfg.act_horizon
+
+    def set_sampler(self, name: str, steps: int | None = None, rti: RTIConfig | None = None) -> None:
+        """`ddpm`/`ddim` with `steps` denoiser calls, `rti` (its tail is `rti.timesteps`), or
+        `consistency` with 1-3 calls of the distilled head."""
         if name not in SAMPLERS:
             raise UserError(f"sampler '{name}' is not one of {', '.join(SAMPLERS)}")
-        if not 1 <= steps <= self.cfg.num_train_timesteps:
-            raise UserError(f"steps={steps} must be between 1 and the {self.cfg.num_train_timesteps} training timesteps")
+        n = self.cfg.num_train_timesteps
+        if name == "rti":
+            if steps is not None:
+                raise UserError("sampler=rti takes its denoiser calls from rti.timesteps (e.g. rti.timesteps=[3,1,0]), not steps=")
+            try:
+                self.sampler = RTISampler(rti or RTIConfig(), self.noise_scheduler, self._snap_gripper)
+            except ValueError as err:
+                raise UserError(str(err)) from err
+            return
+        steps = steps or self.sampler.steps
+        if name == "consistency":
+            if self.consistency is None:
+                raise UserError("this checkpoint has no consistency head: make one with `robodistill distill teacher=<checkpoint>`")
+            if not 1 <= steps <= 3:
+                raise UserError(f"sampler=consistency takes steps=1, 2 or 3, got {steps}")
+            self.sampler = ConsistencySampler(self.consistency, steps, self.noise_scheduler)
+            return
+        if not 1 <= steps <= n:
+            raise UserError(f"steps={steps} must be between 1 and the {n} training timesteps")
         self.sampler = make_sampler(name, steps, self.noise_scheduler)
+
+    def reset(self, streams: torch.Tensor | None = None) -> None:
+        """Forget what a stateful sampler remembers of these streams (envs whose episode restarted)."""
+        self.sampler.reset(streams)
+
+    def _snap_gripper(self, x: torch.Tensor) -> torch.Tensor:
+        """Binary gripper dims of a normalised chunk set to exactly closed (-1) or open (1)."""
+        grip = self.dims["gripper_dims"]
+        if not grip:
+            return x
+        norm = self.normalizers["actions"]
+        raw = norm.unnormalize(x)[..., grip]
+        x = x.clone()
+        x[..., grip] = (torch.where(raw >= 0, 1.0, -1.0) - norm.center[grip]) * norm.scale[grip]
+        return x
 
     def load_normalizers(self, fitted: dict[str, Normalizer]) -> None:
         """Take the `state` and `actions` normalizers fitted on the training split
         (`robodistill.data.fit_normalizers`)."""
         for key in ("state", "actions"):
             self.normalizers[key].load_state_dict(fitted[key].state_dict())
+        if self.cfg.gripper_scale != 1:
+            grip = self.dims["gripper_dims"]
+            self.normalizers["actions"].center[grip] = 0.0
+            self.normalizers["actions"].scale[grip] = 1 / self.cfg.gripper_scale
 
     def _condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         obs = {**obs, "state": self.normalizers["state"](obs["state"].float())}
@@ -86,16 +138,16 @@ class DiffusionPolicy(nn.Module):
         return F.mse_loss(self.denoiser(x_t, t, cond), target)
 
     @torch.no_grad()
-    def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict_chunk(self, obs: dict[str, torch.Tensor], streams: torch.Tensor | None = None) -> torch.Tensor:
         """(B, act_horizon, A) actions in env units: the part of the predicted chunk that starts at
-        the newest observation."""
+        the newest observation. `streams`: the env of each row, for stateful samplers (RTI)."""
         cond = self._condition({k: v.to(self.action_low.device) for k, v in obs.items()})
         shape = (cond.shape[0], self.cfg.pred_horizon, self.dims["action_dim"])
-        x0 = self.sampler(self.denoiser, cond, shape, self.generator)
-        actions = self.normalizers["actions"].unnormalize(x0.clamp(-1, 1) if self.cfg.normalizer == "minmax" else x0)
+        x0 = self.sampler(self.denoiser, cond, shape, self.generator, streams)
         start = self.obs_horizon - 1
-        actions = actions[:, start : start + self.act_horizon]
-        return torch.maximum(torch.minimum(actions, self.action_high), self.action_low)
+        x0 = x0[:, start : start + self.act_horizon]
+        actions = self.normalizers["actions"].unnormalize(x0.clamp(-1, 1) if self.cfg.normalizer == "minmax" else x0)
+        return actions.clamp_(self.action_low, self.action_high)
 
     def spec(self) -> dict:
         """What rebuilds this module: saved in checkpoints next to the weights."""
@@ -105,7 +157,8 @@ class DiffusionPolicy(nn.Module):
     def from_spec(cls, spec: dict) -> "DiffusionPolicy":
         dims = spec["dims"]
         a = dims["action_dim"]
-        return cls(DiffusionConfig(**spec["config"]), dims["state_dim"], a, -torch.ones(a), torch.ones(a), dims["rgb_channels"])
+        return cls(DiffusionConfig(**spec["config"]), dims["state_dim"], a, -torch.ones(a), torch.ones(a),
+                   dims["rgb_channels"], dims.get("gripper_dims"))
 
 
 @register_loader(KIND)
@@ -119,6 +172,10 @@ def load_diffusion(payload: dict, env) -> DiffusionPolicy:
     policy = DiffusionPolicy.from_spec(payload["policy"])
     try:
         policy.load_state_dict(payload["ema"])
+        if "consistency" in payload:
+            head = ConsistencyHead.from_denoiser(policy.denoiser)
+            head.load_state_dict(payload["consistency"]["weights"])
+            policy.consistency = head
     except RuntimeError as err:
         raise UserError(f"checkpoint weights do not fit the model config saved with them: {str(err)[:500]}") from err
     return policy.eval().to(env.device)

@@ -103,3 +103,16 @@ def fit_normalizers(episodes: list[Episode], mode: str = "minmax") -> dict[str, 
         "state": Normalizer.fit(np.concatenate([ep.obs["state"][: len(ep)] for ep in episodes]), mode),
         "actions": Normalizer.fit(np.concatenate([ep.actions for ep in episodes]), mode),
     }
+
+
+def sample_batches(ds: WindowDataset, batch_size: int, gen: torch.Generator):
+    """Endless batches of windows drawn uniformly with replacement: the generator's state alone
+    decides what comes next, so a resumed run draws exactly the batches the original would have.
+    State windows are small and are collated once; RGB windows are read per batch."""
+    data = torch.utils.data.default_collate([ds[i] for i in range(len(ds))]) if "rgb" not in ds.episodes[0].obs else None
+    while True:
+        idx = torch.randint(len(ds), (batch_size,), generator=gen)
+        if data is None:
+            yield torch.utils.data.default_collate([ds[i] for i in idx.tolist()])
+        else:
+            yield {"obs": {k: v[idx] for k, v in data["obs"].items()}, "actions": data["actions"][idx]}

@@ -25,9 +25,12 @@ class ChunkExecutor:
     def observe(self, obs: Obs, restarted: torch.Tensor | None = None) -> None:
         """Take the newest observation; `restarted` marks envs whose episode just began."""
         h = self.policy.obs_horizon
+        reset = getattr(self.policy, "reset", None)
         if not self.history or restarted is None:
             self.history = {k: v.unsqueeze(1).repeat_interleave(h, dim=1).clone() for k, v in obs.items()}
             self.left.zero_()
+            if reset is not None:
+                reset(None)
             return
         restarted = restarted.to(self.left.device)
         for k, v in obs.items():
@@ -36,6 +39,8 @@ class ChunkExecutor:
             mask = restarted.to(v.device).view(-1, *([1] * (hist.dim() - 1)))
             self.history[k] = torch.where(mask, fresh, hist)
         self.left[restarted] = 0
+        if reset is not None and restarted.any():
+            reset(restarted.nonzero().squeeze(1))
 
     @torch.no_grad()
     def act(self) -> torch.Tensor:
@@ -43,7 +48,7 @@ class ChunkExecutor:
         need = self.left == 0
         if need.any():
             rows = need.nonzero().squeeze(1)
-            chunk = self.policy.predict_chunk({k: v[rows.to(v.device)] for k, v in self.history.items()})
+            chunk = self.policy.predict_chunk({k: v[rows.to(v.device)] for k, v in self.history.items()}, rows)
             chunk = chunk[:, : self.policy.act_horizon]
             if self.queue is None:
                 self.queue = torch.zeros(self.num_envs, *chunk.shape[1:], dtype=chunk.dtype, device=chunk.device)

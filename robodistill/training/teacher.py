@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -19,12 +20,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from robodistill import checkpoints
-from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, split_episodes
+from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches, split_episodes
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
+from robodistill.training.runs import find_resume, pick_device
 
 
 @dataclass
@@ -54,42 +56,10 @@ class TrainTeacherConfig:
     name: str = "teacher"
 
 
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def _batches(ds: WindowDataset, batch_size: int, gen: torch.Generator):
-    """Endless batches of windows drawn uniformly with replacement: the generator's state alone
-    decides what comes next, so a resumed run draws exactly the batches the original would have.
-    State windows are small and are collated once; RGB windows are read per batch."""
-    data = torch.utils.data.default_collate([ds[i] for i in range(len(ds))]) if "rgb" not in ds.episodes[0].obs else None
-    while True:
-        idx = torch.randint(len(ds), (batch_size,), generator=gen)
-        if data is None:
-            yield torch.utils.data.default_collate([ds[i] for i in idx.tolist()])
-        else:
-            yield {"obs": {k: v[idx] for k, v in data["obs"].items()}, "actions": data["actions"][idx]}
-
-
-def _find_resume(cfg: TrainTeacherConfig, run_dir: Path) -> Path | None:
-    if cfg.resume_from:
-        path = Path(cfg.resume_from)
-        path = path / "checkpoints" / "last.pt" if path.is_dir() else path
-        if not path.is_file():
-            raise UserError(f"resume_from={cfg.resume_from}: no checkpoint at {path}")
-        return path
-    if not cfg.resume:
-        return None
-    runs = sorted(p for p in run_dir.parent.glob(f"*-{cfg.name}") if p != run_dir and (p / "checkpoints" / "last.pt").is_file())
-    if not runs:
-        raise UserError(f"resume=true: no earlier run named '{cfg.name}' with checkpoints/last.pt under {run_dir.parent}")
-    return runs[-1] / "checkpoints" / "last.pt"
-
-
 def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- data: episodes split by episode; normalizers fitted on the training split only
@@ -113,7 +83,9 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     if train_eps[0].obs["state"].shape[1] != state_dim:
         raise UserError(f"dataset states have {train_eps[0].obs['state'].shape[1]} dims, the env {env_cfg.task} ({env_cfg.obs_mode}) gives {state_dim}: was it recorded for another task or obs_mode?")
     rgb = train_eps[0].obs.get("rgb")
-    policy = DiffusionPolicy(p, state_dim, train_eps[0].actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None)
+    actions = np.concatenate([e.actions for e in train_eps])
+    gripper_dims = [d for d in range(actions.shape[1]) if np.isin(actions[:, d], (-1.0, 1.0)).all()]
+    policy = DiffusionPolicy(p, state_dim, actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None, gripper_dims)
     policy.load_normalizers(fit_normalizers(train_eps, p.normalizer))
     policy.to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -127,7 +99,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     # Built before any state is restored: building modules (and envs, above) draws from the global RNGs.
     ema_policy = DiffusionPolicy.from_spec(policy.spec()).to(device)
 
-    resume_path = _find_resume(cfg, run_dir)
+    resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
     if resume_path is not None:
         state = checkpoints.load(resume_path, map_location=device)
         if state.get("kind") != KIND or state["policy"] != policy.spec():
@@ -168,7 +140,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         if val_ds is None:
             return None
         gen = torch.Generator().manual_seed(0)
-        batch = next(_batches(val_ds, min(len(val_ds), 256), gen))
+        batch = next(sample_batches(val_ds, min(len(val_ds), 256), gen))
         policy.eval()
         loss = policy.loss(_to(batch, device)).item()
         policy.train()
@@ -177,7 +149,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     # ---- optimisation
     writer = SummaryWriter(str(run_dir / "tb"))
     metrics = (run_dir / "metrics.jsonl").open("a")
-    batches = _batches(train_ds, cfg.batch_size, batch_gen)
+    batches = sample_batches(train_ds, cfg.batch_size, batch_gen)
     policy.train()
     bar = tqdm(total=cfg.iterations, initial=step, desc="train-teacher", unit="it")
     history: list[dict] = []

@@ -1,0 +1,164 @@
+"""`robodistill bench-latency`: what each sampler of a checkpoint costs per action and what it achieves.
+
+For every sampler, in one process: denoiser calls per inference, latency of one inference call
+(`predict_chunk` at batch 1: encoder, sampler, normalisation) as p50/p99, compute per executed
+action (p50 / actions executed per inference), and success_once with its 95% interval over
+`episodes` episodes. One forward pass of the denoiser at batch 1 is the floor any sampler pays.
+RTI is timed warm (its steady state); the full denoise that starts each episode is in its success,
+not in its latency. Writes latency.json and latency.png (success vs latency).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from robodistill.envs import EnvConfig, make_env
+from robodistill.errors import UserError
+from robodistill.evaluation import EvalReport, evaluate
+from robodistill.inference.samplers import RTIConfig
+from robodistill.policies import load_policy
+
+DEFAULT_SAMPLERS = ["ddpm:100", "ddim:10", "rti", "consistency:1", "consistency:3"]
+
+
+@dataclass
+class BenchLatencyConfig:
+    """`robodistill bench-latency` (configs/bench-latency.yaml)."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ckpt: str = ""  # a diffusion checkpoint (with a consistency head for the consistency rows)
+    samplers: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLERS))  # name[:steps]
+    rti: RTIConfig = field(default_factory=RTIConfig)
+    calls: int = 200  # timed inference calls per sampler
+    episodes: int = 100  # success episodes per sampler; 0: latency only
+    seed: int = 0
+    threads: int = 1
+    name: str = "latency"
+
+
+def _percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = np.asarray(seconds) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def _timed(fn, calls: int) -> list[float]:
+    for _ in range(5):  # warm-up: allocator, first-call dispatch
+        fn()
+    out = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _parse(spec: str) -> tuple[str, int | None]:
+    name, _, steps = spec.partition(":")
+    if steps and not steps.isdigit():
+        raise UserError(f"samplers: '{spec}' is not name[:steps], e.g. ddim:10, rti, consistency:1")
+    return name, int(steps) if steps else None
+
+
+def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, calls: int, episodes: int,
+            seed: int = 0, label: str = "") -> list[dict]:
+    """One row per sampler of `ckpt` (see the module doc); `label` names the checkpoint in the rows."""
+    rows = []
+    with make_env(env_cfg, ignore_terminations=True) as env:
+        policy = load_policy(ckpt, env, seed=seed)
+        if not hasattr(policy, "set_sampler"):
+            raise UserError(f"ckpt={ckpt} is not a diffusion checkpoint; bench-latency compares its samplers")
+        if any(_parse(s)[0] == "consistency" for s in samplers) and policy.consistency is None:
+            raise UserError(f"ckpt={ckpt} has no consistency head: distill one (`robodistill distill teacher={ckpt}`) or drop the consistency samplers")
+        first = env.reset(seed=[seed] * env.num_envs)
+        obs = {k: v[:1].unsqueeze(1).repeat_interleave(policy.obs_horizon, dim=1) for k, v in first.items()}
+        cond = policy._condition(obs)
+        x = torch.randn(1, policy.cfg.pred_horizon, policy.dims["action_dim"])
+        t = torch.full((1,), policy.cfg.num_train_timesteps - 1)
+        with torch.no_grad():
+            floor, _ = _percentiles(_timed(lambda: policy.denoiser(x, t, cond), calls))
+        for spec in samplers:
+            name, steps = _parse(spec)
+            policy.set_sampler(name, steps, rti if name == "rti" else None)
+            policy.reset(None)
+            p50, p99 = _percentiles(_timed(lambda: policy.predict_chunk(obs), calls))
+            row = {
+                "checkpoint": label or ckpt, "task": env_cfg.task, "sampler": spec,
+                "denoiser_calls": policy.sampler.steps, "actions_per_inference": policy.act_horizon,
+                "p50_ms": p50, "p99_ms": p99, "ms_per_action": p50 / policy.act_horizon,
+                "forward_ms": floor, "p50_over_forward": p50 / floor,
+            }
+            if episodes:
+                report: EvalReport = evaluate(policy, env, episodes, seed=seed, progress=False)
+                s = report.summary["success_once"]
+                row.update(success_once=s["rate"], ci95=s["ci95"], episodes=episodes, eval_seconds=report.seconds)
+            rows.append(row)
+            print(format_rows(rows[-1:], header=len(rows) == 1), flush=True)
+    return rows
+
+
+def format_rows(rows: list[dict], header: bool = True) -> str:
+    lines = []
+    if header:
+        lines.append(f"| {'task':<12} | {'checkpoint':<14} | {'sampler':<15} | calls | act/inf | p50 ms | p99 ms | ms/action | x forward | success_once [95% CI] |")
+        lines.append("|" + "|".join("-" * w for w in (14, 16, 17, 7, 9, 8, 8, 11, 11, 23)) + "|")
+    for r in rows:
+        success = f"{r['success_once']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]" if "success_once" in r else "-"
+        lines.append(f"| {r['task']:<12} | {r['checkpoint'][-14:]:<14} | {r['sampler']:<15} | {r['denoiser_calls']:>5} | {r['actions_per_inference']:>7} "
+                     f"| {r['p50_ms']:>6.2f} | {r['p99_ms']:>6.2f} | {r['ms_per_action']:>9.3f} | {r['p50_over_forward']:>9.1f} | {success:<21} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Success vs p50 latency (log scale), one marker per sampler, one colour per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rated = [r for r in rows if "success_once" in r]
+    if not rated:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, task in enumerate(sorted({r["task"] for r in rated})):
+        for r in (r for r in rated if r["task"] == task):
+            lo, hi = r["ci95"]
+            ax.errorbar(r["p50_ms"], r["success_once"], yerr=[[r["success_once"] - lo], [hi - r["success_once"]]],
+                        fmt="o", color=f"C{i}", capsize=3)
+            ax.annotate(f"{r['sampler']} ({r['checkpoint'][-12:]})" if r["sampler"].startswith("consistency") else r["sampler"],
+                        (r["p50_ms"], r["success_once"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.plot([], [], "o", color=f"C{i}", label=task)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per inference call, p50 (ms, batch 1, CPU)")
+    ax.set_ylabel("success_once (95% Wilson interval)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(cfg: DictConfig) -> list[dict]:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.ckpt:
+        raise UserError("ckpt= is required: a train-teacher or distill checkpoint")
+    torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
+    rti = RTIConfig(**OmegaConf.to_container(cfg.rti))
+    rows = measure(str(cfg.ckpt), env_cfg, list(cfg.samplers), rti, int(cfg.calls), int(cfg.episodes), int(cfg.seed))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "latency.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, run_dir / "latency.png")
+    print(format_rows(rows))
+    print(f"run: {run_dir}")
+    return rows

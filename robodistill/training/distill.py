@@ -1,0 +1,229 @@
+"""`robodistill distill`: a one-step consistency head for a trained Diffusion Policy teacher.
+
+Reads top to bottom: teacher + observations -> head warm-started from the teacher's denoiser ->
+optimisation loop of one of two variants -> a checkpoint that holds the teacher and the head, so
+`robodistill eval policy=<it> sampler=consistency steps=1` (or the teacher's own samplers) runs it.
+
+Variants (`variant=`), both on the teacher's frozen observation encoder:
+- `regression` (RL-100's same-noise head): from noise x_T the teacher runs its deterministic DDIM
+  chain; the head learns to map x_T (at the top timestep) and every state of that chain (at its
+  timestep) straight to the chain's end. Needs only observations.
+- `consistency` (LCM / ManiCM discrete consistency distillation): a demonstrated chunk is noised to
+  t, the teacher takes one DDIM step from t to t - skip, and the head at t must match a slowly moving
+  (EMA 0.95) copy of itself at t - skip; f(x, 0) = x anchors the chain at clean chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from torch.nn import functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from robodistill import checkpoints
+from robodistill.data import Horizons, WindowDataset, load_episodes, sample_batches
+from robodistill.envs import EnvConfig, make_env
+from robodistill.errors import UserError
+from robodistill.evaluation import evaluate
+from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
+from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
+from robodistill.training.runs import find_resume, pick_device
+
+
+@dataclass
+class DistillConfig:
+    """`robodistill distill` (configs/distill.yaml)."""
+
+    teacher: str = ""  # a train-teacher checkpoint (best.pt or last.pt)
+    variant: str = "regression"  # regression (RL-100 same-noise) or consistency (LCM/ManiCM)
+    dataset: str | None = None  # observations (and, for `consistency`, chunks); default: the teacher's dataset
+    teacher_steps: int = 10  # regression: the teacher's DDIM steps whose chain end is the target
+    skip: int = 10  # consistency: timesteps one teacher DDIM step spans (ManiCM: 10 of 100)
+    target_decay: float = 0.95  # consistency: EMA rate of the target copy of the head
+    iterations: int = 5000
+    minutes: float | None = None  # also stop after this much training time
+    batch_size: int = 256
+    lr: float = 1e-4
+    warmup: int = 200
+    eval_episodes: int = 50  # success of sampler=consistency steps=1 at the end; 0: none
+    checkpoint_every: int = 500
+    threads: int = 2
+    device: str = "auto"
+    resume: bool = False  # continue from the newest checkpoints/last.pt of a run with this name
+    resume_from: str | None = None
+    seed: int = 0
+    name: str = "distill"
+
+
+def _predicted_x0(teacher: DiffusionPolicy, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The teacher's clean-chunk estimate at (x_t, t), whichever quantity it was trained to predict."""
+    pred = teacher.denoiser(x_t, t, cond)
+    if teacher.cfg.prediction_type == "epsilon":
+        ab = teacher.noise_scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1)
+        pred = (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+    return pred.clamp(-1, 1)
+
+
+def train(cfg: DistillConfig, run_dir: Path) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.variant not in VARIANTS:
+        raise UserError(f"variant='{cfg.variant}' is not one of {', '.join(VARIANTS)}")
+    if not cfg.teacher or not Path(cfg.teacher).is_file():
+        raise UserError(f"teacher={cfg.teacher!r}: give the path of a train-teacher checkpoint (runs/train-teacher/<run>/checkpoints/last.pt)")
+    payload = checkpoints.load(cfg.teacher, map_location=device)
+    if payload.get("kind") != KIND:
+        raise UserError(f"teacher={cfg.teacher} holds a '{payload.get('kind')}', not a Diffusion Policy teacher")
+    teacher = DiffusionPolicy.from_spec(payload["policy"])
+    teacher.load_state_dict(payload["ema"])
+    teacher.to(device).eval().requires_grad_(False)
+    n_train = teacher.cfg.num_train_timesteps
+    if cfg.variant == "consistency" and not 1 <= cfg.skip < n_train:
+        raise UserError(f"skip={cfg.skip} must be between 1 and {n_train - 1}")
+
+    # ---- data: the teacher's own observations (windows with its horizons)
+    env_cfg = EnvConfig.from_mapping(payload["env"])
+    dataset = cfg.dataset or payload["train"]["dataset"]
+    episodes = load_episodes(dataset.split(","), control_mode=env_cfg.control_mode, obs_mode=env_cfg.obs_mode)
+    p = teacher.cfg
+    windows = WindowDataset(episodes, Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon),
+                            delta_actions="delta" in (env_cfg.control_mode or ""))
+
+    # ---- the head, warm-started from the teacher's denoiser; its target copy for `consistency`
+    head = ConsistencyHead.from_denoiser(teacher.denoiser).to(device).requires_grad_(True).train()
+    target = copy.deepcopy(head).requires_grad_(False)
+    target_ema = EMAModel(head.parameters(), decay=cfg.target_decay)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-6)
+    lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
+    ddim = DDIMScheduler.from_config(teacher.noise_scheduler.config)
+    ddim.set_timesteps(cfg.teacher_steps, device=device)
+    alphas = teacher.noise_scheduler.alphas_cumprod.to(device)
+    step, train_seconds = 0, 0.0
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+
+    resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
+    if resume_path is not None:
+        state = checkpoints.load(resume_path, map_location=device)
+        done = state.get("consistency", {})
+        if done.get("config", {}).get("variant") != cfg.variant or state.get("policy") != payload["policy"]:
+            raise UserError(f"{resume_path} is not a '{cfg.variant}' distillation of this teacher: start a new run (another name=)")
+        head.load_state_dict(done["weights"])
+        optimizer.load_state_dict(done["optimizer"])
+        lr_schedule.load_state_dict(done["lr_schedule"])
+        target_ema.load_state_dict(done["target_ema"])
+        step, train_seconds = done["step"], done["train_seconds"]
+        checkpoints.set_rng_state(done["rng"])
+        batch_gen.set_state(done["batch_rng"])
+        print(f"resumed from {resume_path} at iteration {step}")
+
+    def save(name: str) -> None:
+        checkpoints.save(run_dir / "checkpoints" / f"{name}.pt", {
+            **{k: payload[k] for k in ("kind", "policy", "env", "train", "ema")},
+            "consistency": {
+                "weights": head.state_dict(), "config": asdict(cfg), "step": step, "train_seconds": train_seconds,
+                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                "target_ema": target_ema.state_dict(), "rng": checkpoints.rng_state(), "batch_rng": batch_gen.get_state(),
+            },
+        })
+
+    def regression_loss(cond: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """Head(x at its timestep) -> the end of the teacher's DDIM chain through x, for x_T and one
+        random state of the chain per sample."""
+        x = torch.randn(shape, device=device)
+        states, times = [x], [torch.full((shape[0],), n_train - 1, device=device)]
+        with torch.no_grad():
+            stride = n_train // cfg.teacher_steps
+            for t in ddim.timesteps:
+                x = ddim.step(teacher.denoiser(x, t.expand(shape[0]), cond), t, x).prev_sample
+                states.append(x)
+                times.append((t - stride).clamp(min=0).expand(shape[0]))  # where the step landed
+            end = x.clamp(-1, 1)
+            pick = torch.randint(1, len(states) - 1, (shape[0],), device=device)
+            mid = torch.stack(states[:-1], 1)[torch.arange(shape[0], device=device), pick]
+            mid_t = torch.stack(times[:-1], 1)[torch.arange(shape[0], device=device), pick]
+        x_in = torch.cat([states[0], mid])
+        t_in = torch.cat([times[0], mid_t]).long()
+        return F.mse_loss(head(x_in, t_in, torch.cat([cond, cond])), torch.cat([end, end]))
+
+    def consistency_loss(cond: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Head at t (noised demo chunk) -> target copy at t - skip after one teacher DDIM step."""
+        b = x0.shape[0]
+        t_hi = torch.randint(cfg.skip, n_train, (b,), device=device)
+        t_lo = t_hi - cfg.skip
+        x_hi = teacher.noise_scheduler.add_noise(x0, torch.randn_like(x0), t_hi)
+        with torch.no_grad():
+            x0_hat = _predicted_x0(teacher, x_hi, t_hi, cond)
+            ab_hi, ab_lo = alphas[t_hi].view(-1, 1, 1), alphas[t_lo].view(-1, 1, 1)
+            eps_hat = (x_hi - ab_hi.sqrt() * x0_hat) / (1 - ab_hi).sqrt()
+            x_lo = ab_lo.sqrt() * x0_hat + (1 - ab_lo).sqrt() * eps_hat
+            goal = target(x_lo, t_lo, cond)
+        return F.mse_loss(head(x_hi, t_hi, cond), goal)
+
+    # ---- optimisation
+    writer = SummaryWriter(str(run_dir / "tb"))
+    batches = sample_batches(windows, cfg.batch_size, batch_gen)
+    bar = tqdm(total=cfg.iterations, initial=step, desc=f"distill ({cfg.variant})", unit="it")
+    tick = time.perf_counter()
+    while step < cfg.iterations and (cfg.minutes is None or train_seconds < cfg.minutes * 60):
+        batch = next(batches)
+        obs = {k: v.to(device) for k, v in batch["obs"].items()}
+        with torch.no_grad():
+            cond = teacher._condition(obs)
+        if cfg.variant == "regression":
+            loss = regression_loss(cond, (cond.shape[0], p.pred_horizon, teacher.dims["action_dim"]))
+        else:
+            target_ema.copy_to(target.parameters())
+            loss = consistency_loss(cond, teacher.normalizers["actions"](batch["actions"].to(device)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        target_ema.step(head.parameters())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.5f}")
+            writer.add_scalar("distill/loss", loss.item(), step)
+        now = time.perf_counter()
+        train_seconds += now - tick
+        tick = now
+        last = step >= cfg.iterations or (cfg.minutes is not None and train_seconds >= cfg.minutes * 60)
+        if step % cfg.checkpoint_every == 0 or last:
+            save("last")
+            tick = time.perf_counter()
+    bar.close()
+    writer.close()
+
+    result = {"step": step, "train_seconds": round(train_seconds, 1), "variant": cfg.variant}
+    if cfg.eval_episodes:
+        teacher.consistency = head.eval()
+        teacher.set_sampler("consistency", 1)
+        with make_env(env_cfg, ignore_terminations=True) as env:
+            report = evaluate(teacher, env, cfg.eval_episodes, seed=10_000 + cfg.seed)
+        result["consistency_1"] = report.summary
+        print(report.table(f"consistency head, 1 step, on {env_cfg.task}"))
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    config = DistillConfig(**OmegaConf.to_container(cfg, resolve=True))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = train(config, run_dir)
+    print(f"distilled {result['step']} iterations in {result['train_seconds']:.0f}s; "
+          f"checkpoint (teacher + head): {run_dir / 'checkpoints' / 'last.pt'}")
+    return result

@@ -1,0 +1,122 @@
+"""Fast control: the RTI warm-start sampler, the consistency head (`distill`), `bench-latency`."""
+
+import json
+
+import pytest
+import torch
+
+from robodistill import checkpoints
+from robodistill.data import Normalizer
+from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_timesteps, make_training_scheduler
+from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
+from robodistill.policies.diffusion.consistency import ConsistencyHead
+from tests.test_teacher import TINY, run_dir
+
+
+class Recorder:
+    """A real analytic x0-predicting denoiser (shrinks x) that records what it was called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, cond):
+        self.calls.append((int(t[0]), x.clone()))
+        return 0.5 * x.clamp(-1, 1)
+
+
+def test_rti_warm_starts_from_the_shifted_chunk_and_runs_only_its_tail():
+    training = make_training_scheduler(100, prediction_type="sample")
+    rti = RTISampler(RTIConfig(timesteps=[3, 1, 0], actions_per_inference=2, gripper="none"), training, None)
+    den, cond, gen = Recorder(), torch.zeros(2, 3), torch.Generator().manual_seed(0)
+    first = rti(den, cond, (2, 8, 4), gen)
+    assert len(den.calls) == 100  # the full DDPM denoise that starts an episode
+
+    den.calls.clear()
+    rti(den, cond, (2, 8, 4), gen)
+    assert [t for t, _ in den.calls] == [3, 1, 0]
+    shifted = torch.cat([first[:, 2:], first[:, -1:], first[:, -1:]], dim=1)  # 2 actions executed, last repeated
+    torch.testing.assert_close(den.calls[0][1], shifted)
+
+    rti.reset(torch.tensor([1]))  # stream 1's episode restarted: it alone is denoised from scratch
+    den.calls.clear()
+    rti(den, cond, (2, 8, 4), gen, streams=torch.tensor([0, 1]))
+    assert len(den.calls) == 100 + 3 and den.calls[0][1].shape[0] == 1
+    with pytest.raises(ValueError, match="strictly descending"):
+        RTISampler(RTIConfig(timesteps=[1, 3]), training, None)
+
+
+def _policy(**cfg):
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(DiffusionConfig(pred_horizon=8, act_horizon=4, mlp_hidden=[32], **cfg), 5, 3,
+                             -torch.ones(3), torch.ones(3), gripper_dims=[2])
+    actions = torch.rand(100, 3) * 0.4 - 0.2
+    actions[:, 2] = torch.where(torch.rand(100) > 0.5, 1.0, -1.0)
+    policy.load_normalizers({"state": Normalizer.fit(torch.randn(100, 5).numpy()), "actions": Normalizer.fit(actions.numpy())})
+    return policy.eval()
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_rti_snaps_the_gripper_and_the_scale_variant_keeps_it_small(scale):
+    policy = _policy(gripper_scale=scale)
+    policy.set_sampler("rti", rti=RTIConfig(timesteps=[2, 1, 0]))
+    assert policy.act_horizon == 1
+    obs = {"state": torch.randn(3, 2, 5)}
+    for _ in range(3):
+        chunk = policy.predict_chunk(obs, streams=torch.arange(3))
+        assert chunk.shape == (3, 1, 3) and set(chunk[..., 2].flatten().tolist()) <= {-1.0, 1.0}
+    stored = policy.sampler.memory[..., 2].abs()  # the guess the next call warm-starts from, model space
+    torch.testing.assert_close(stored, torch.full_like(stored, 1 / scale))
+    policy.set_sampler("ddim", 4)
+    assert policy.act_horizon == 4
+
+
+def test_consistency_head_keeps_clean_chunks_and_samples_in_its_steps():
+    head = ConsistencyHead.from_denoiser(_policy().denoiser)
+    x, cond = torch.randn(2, 8, 3), torch.randn(2, 10)
+    torch.testing.assert_close(head(x, torch.zeros(2, dtype=torch.long), cond), x)  # f(x, 0) = x
+    assert consistency_timesteps(1, 100) == [99] and consistency_timesteps(3, 100) == [99, 66, 33]
+
+
+def test_distill_both_variants_then_eval_and_bench_latency(cli, tmp_path, pushcube_demos):
+    from robodistill.errors import UserError
+
+    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=30", "eval_every=0", "eval_episodes=0", "name=t")
+    assert train.returncode == 0, train.stderr[-3000:]
+    teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
+    no_head = cli("eval", f"policy={teacher}", "env.max_episode_steps=20", "sampler=consistency", "steps=1")
+    assert no_head.returncode == 2 and "robodistill distill teacher=" in no_head.stderr
+
+    heads = {}
+    for variant in ("regression", "consistency"):
+        r = cli("distill", f"teacher={teacher}", f"variant={variant}", "iterations=20", "checkpoint_every=10",
+                "batch_size=16", "eval_episodes=1", "threads=1", f"name={variant}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "consistency head, 1 step" in r.stdout
+        (path,) = (tmp_path / "runs" / "distill").glob(f"*-{variant}")
+        heads[variant] = path / "checkpoints" / "last.pt"
+        saved = checkpoints.load(heads[variant])
+        assert saved["consistency"]["step"] == 20 and saved["ema"].keys() == checkpoints.load(teacher)["ema"].keys()
+        moved = [k for k, v in saved["consistency"]["weights"].items() if not torch.equal(v, saved["ema"]["denoiser." + k.removeprefix("network.")])]
+        assert moved  # the head was trained away from its warm start
+
+    more = cli("distill", f"teacher={teacher}", "variant=regression", "iterations=30", "batch_size=16",
+               "eval_episodes=0", "threads=1", "name=regression", "resume=true")
+    assert more.returncode == 0 and "at iteration 20" in more.stdout, more.stderr[-3000:]
+
+    for sampler in ("sampler=consistency steps=3", "sampler=rti rti.timesteps=[2,0]"):
+        r = cli("eval", f"policy={heads['consistency']}", "env.max_episode_steps=20", "episodes=2", *sampler.split())
+        assert r.returncode == 0 and "success_once" in r.stdout, r.stderr[-3000:]
+
+    bench = cli("bench-latency", f"ckpt={heads['regression']}", "env.max_episode_steps=20", "episodes=1", "calls=5", "name=b")
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    (out,) = (tmp_path / "runs" / "bench-latency").glob("*-b")
+    rows = json.loads((out / "latency.json").read_text())
+    assert [r["sampler"] for r in rows] == ["ddpm:100", "ddim:10", "rti", "consistency:1", "consistency:3"]
+    assert [r["denoiser_calls"] for r in rows] == [100, 10, 3, 1, 3]
+    assert all(0 <= r["success_once"] <= 1 and r["p50_ms"] > 0 for r in rows) and (out / "latency.png").stat().st_size > 0
+    bad = cli("distill", "teacher=nothing.pt")
+    assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
+    with pytest.raises(UserError, match="steps=1, 2 or 3"):
+        policy = _policy()
+        policy.consistency = ConsistencyHead.from_denoiser(policy.denoiser)
+        policy.set_sampler("consistency", 5)
