@@ -64,6 +64,10 @@ def main() -> None:
             samplers = (TEACHER_SAMPLERS if i == 0 else []) + HEAD_SAMPLERS
             for row in measure(path, env, samplers, rti, args.calls, args.episodes, args.seed, label=label):
                 rows.append({**row, "checkpoint": label if row["sampler"].startswith("consistency") else "teacher"})
+            if i == 0:  # the paper's setting: re-plan after every action
+                one = RTIConfig(timesteps=rti.timesteps, actions_per_inference=1)
+                rows += [{**row, "checkpoint": "teacher", "sampler": "rti (1 action)"}
+                         for row in measure(path, env, ["rti"], one, args.calls, args.episodes, args.seed)]
     for task, (path, *_) in _pairs(args.rti_scaled, "--rti-scaled"):
         env = EnvConfig(task=task, max_episode_steps=args.max_episode_steps)
         rows += measure(path, env, ["ddpm:100", "rti"], rti, args.calls, args.episodes, args.seed, label="gripper-scaled")

@@ -59,6 +59,8 @@ def _policy(**cfg):
 def test_rti_snaps_the_gripper_and_the_scale_variant_keeps_it_small(scale):
     policy = _policy(gripper_scale=scale)
     policy.set_sampler("rti", rti=RTIConfig(timesteps=[2, 1, 0]))
+    assert policy.act_horizon == 4  # the policy's own, unless rti.actions_per_inference says otherwise
+    policy.set_sampler("rti", rti=RTIConfig(timesteps=[2, 1, 0], actions_per_inference=1))
     assert policy.act_horizon == 1
     obs = {"state": torch.randn(3, 2, 5)}
     for _ in range(3):

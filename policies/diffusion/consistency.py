@@ -22,6 +22,15 @@ class ConsistencyHead(nn.Module):
         super().__init__()
         self.network = network
         self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+        self._temb: dict[int, torch.Tensor] = {}  # timestep -> its embedding, while weights are fixed
+
+    def train(self, mode: bool = True) -> "ConsistencyHead":
+        self._temb.clear()  # cached embeddings belong to the weights (and device) they came from
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._temb.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     @classmethod
     def from_denoiser(cls, denoiser: nn.Module) -> "ConsistencyHead":
@@ -39,7 +48,15 @@ class ConsistencyHead(nn.Module):
 
     @torch.no_grad()
     def jump(self, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
-        """forward() at one timestep for the whole batch, with the scalings as plain numbers: at
-        batch 1 on a CPU every tensor op counts against the one-forward-pass floor."""
+        """forward() at one timestep for the whole batch. The sampler's timesteps are fixed, so the
+        scalings are plain numbers and the timestep embedding is computed once: at batch 1 on a CPU
+        every small tensor op counts against the one-forward-pass floor."""
         c_skip, c_out = self.scalings(float(t))
-        return self.network(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), cond).mul_(c_out).add_(x, alpha=c_skip)
+        steps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if self.training:
+            temb = None
+        else:
+            if t not in self._temb:
+                self._temb[t] = self.network.time(steps[:1])
+            temb = self._temb[t].expand(x.shape[0], -1)
+        return self.network(x, steps, cond, temb).mul_(c_out).add_(x, alpha=c_skip)

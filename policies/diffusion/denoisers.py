@@ -70,8 +70,9 @@ class ConditionalUnet1D(nn.Module):
             ]))
         self.out = nn.Sequential(ConvBlock(dims[0], dims[0], kernel, groups), nn.Conv1d(dims[0], action_dim, 1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        c = torch.cat([self.time(t), cond], dim=-1)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """`temb`: self.time(t) when the caller already has it (a fixed timestep)."""
+        c = torch.cat([self.time(t) if temb is None else temb, cond], dim=-1)
         h = x.transpose(1, 2)  # (B, A, H): convolve over time
         skips = []
         for res1, res2, down in self.down:
@@ -98,6 +99,7 @@ class MlpDenoiser(nn.Module):
         layers.append(nn.Linear(width, action_dim * horizon))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        inp = torch.cat([x.flatten(1), self.time(t), cond], dim=-1)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """`temb`: self.time(t) when the caller already has it (a fixed timestep)."""
+        inp = torch.cat([x.flatten(1), self.time(t) if temb is None else temb, cond], dim=-1)
         return self.net(inp).view_as(x)

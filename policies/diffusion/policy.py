@@ -69,7 +69,7 @@ class DiffusionPolicy(nn.Module):
 
     @property
     def act_horizon(self) -> int:
-        """Actions executed per chunk: the config's, unless the sampler executes fewer (RTI: 1)."""
+        """Actions executed per chunk: the config's, unless the sampler says otherwise (RTI's setting)."""
         return self.sampler.executes or self.cfg.act_horizon
 
     def set_sampler(self, name: str, steps: int | None = None, rti: RTIConfig | None = None) -> None:
@@ -82,7 +82,7 @@ class DiffusionPolicy(nn.Module):
             if steps is not None:
                 raise UserError("sampler=rti takes its denoiser calls from rti.timesteps (e.g. rti.timesteps=[3,1,0]), not steps=")
             try:
-                self.sampler = RTISampler(rti or RTIConfig(), self.noise_scheduler, self._snap_gripper)
+                self.sampler = RTISampler(rti or RTIConfig(), self.noise_scheduler, self._snap_gripper, self.cfg.act_horizon)
             except ValueError as err:
                 raise UserError(str(err)) from err
             return

@@ -40,7 +40,7 @@ class Normalizer(nn.Module):
         return (x - self.center) * self.scale
 
     def unnormalize(self, y: torch.Tensor) -> torch.Tensor:
-        return y / self.scale + self.center
+        return torch.addcdiv(self.center, y, self.scale)  # y / scale + center, in one op
 
     def extra_repr(self) -> str:
         return f"dim={self.center.numel()}, mode={self.mode}"
