@@ -52,19 +52,17 @@ ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM = "https://github.com/haosulab/ManiSkill"
 BASELINE = "examples/baselines/diffusion_policy"
 BASELINE_PACKAGES = ["numpy<2", "mani_skill==3.0.1", "gymnasium==0.29.1", "diffusers", "tyro", "tensorboard", "h5py"]
-DATASETS = {
-    "PushCube-v1": "/tmp/ds/PushCube-v1/mp_n100_seed0.state.pd_ee_delta_pos.h5",
-    "PickCube-v1": "/tmp/ds/mp_n100_seed0.state.pd_ee_delta_pos.h5",
-}
+TASKS = ["PushCube-v1", "PickCube-v1"]
+DEMOS = "mp_n100_seed0.state.pd_ee_delta_pos.h5"  # what `robodistill demos n=100 seed=0` writes
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run(cmd: list, log: Path, cwd: Path | None = None) -> float:
+def run(cmd: list, log: Path) -> float:
     """Run to completion with output to `log`; wall seconds."""
     start = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
-        subprocess.run([str(c) for c in cmd], cwd=cwd, env=ONE_THREAD, stdout=f, stderr=subprocess.STDOUT, check=True)
+        subprocess.run([str(c) for c in cmd], env=ONE_THREAD, stdout=f, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - start
 
 
@@ -90,9 +88,13 @@ def prepare_baseline(repo: str, cache: Path) -> tuple[Path, Path]:
 
 
 def ensure_dataset(task: str, path: str) -> str:
-    if not Path(path).exists():
-        run([ROOT / ".venv/bin/robodistill", "demos", f"env={task}", "n=100", "seed=0", f"out={path}"], Path(path).with_suffix(".log"))
-    return path
+    path = Path(path).resolve()
+    if not path.exists():
+        print(f"{path} missing: recording 100 motion-planning demos of {task}", flush=True)
+        run([ROOT / ".venv/bin/robodistill", "demos", f"env={task}", "n=100", "seed=0", f"out={path.parent}"], path.with_suffix(".log"))
+        if not path.exists():
+            raise FileNotFoundError(f"`robodistill demos` did not write {path}: see {path.with_suffix('.log')}")
+    return str(path)
 
 
 def rate(k: int, n: int) -> dict:
@@ -191,8 +193,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per run")
-    ap.add_argument("--tasks", nargs="+", default=list(DATASETS))
-    ap.add_argument("--datasets", nargs="+", help="one .h5 per task (default: /tmp/ds/...; made with `robodistill demos` if missing)")
+    ap.add_argument("--tasks", nargs="+", default=TASKS)
+    ap.add_argument("--datasets", nargs="+", help=f"one .h5 per task (default: datasets/<task>/{DEMOS}, recorded if missing)")
     ap.add_argument("--episodes", type=int, default=100, help="evaluation episodes per run")
     ap.add_argument("--seed", type=int, default=10_000, help="episode k of every evaluation is reset with seed + k")
     ap.add_argument("--baseline-batches", type=int, nargs="+", default=[64, 1024])
@@ -202,7 +204,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     src, python = prepare_baseline(a.maniskill_repo, a.cache)
-    datasets = dict(zip(a.tasks, a.datasets or [DATASETS[t] for t in a.tasks]))
+    datasets = dict(zip(a.tasks, a.datasets or [ROOT / "datasets" / t / DEMOS for t in a.tasks]))
     for task in a.tasks:
         datasets[task] = ensure_dataset(task, datasets[task])
     # Method by method across tasks: the teacher and the first baseline batch (64: the target's
