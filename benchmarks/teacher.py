@@ -10,7 +10,8 @@ each followed by 100 evaluation episodes (max_episode_steps 100, episode k reset
 Runs go method by method, so the teacher and the batch-64 baseline finish on every task first.
 One markdown table: samples/s, iterations, success_once and success_at_end with 95% Wilson
 intervals, evaluation wall time (process start to exit). Raw numbers go to `<out>/teacher.json`,
-rewritten after every run. With the defaults: about 90 minutes on one core.
+rewritten after every run. With the defaults: about 1 h 45 min on one core (a teacher run ~12 min,
+a baseline run ~20 min: its 100-step DDPM sampling makes 100 episodes take ~9 min).
 
     taskset -c 1 .venv/bin/python benchmarks/teacher.py [--minutes 10] [--tasks PushCube-v1 PickCube-v1]
         [--maniskill-repo PATH_OR_URL] [--episodes 100] [--out runs/bench-teacher]
