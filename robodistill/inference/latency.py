@@ -68,7 +68,8 @@ def _parse(spec: str) -> tuple[str, int | None]:
 
 def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, calls: int, episodes: int,
             seed: int = 0, label: str = "") -> list[dict]:
-    """One row per sampler of `ckpt` (see the module doc); `label` names the checkpoint in the rows."""
+    """One row per sampler of `ckpt` (see the module doc); `label` names the checkpoint in the rows
+    (default: its run directory)."""
     rows = []
     with make_env(env_cfg, ignore_terminations=True) as env:
         policy = load_policy(ckpt, env, seed=seed)
@@ -89,7 +90,7 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
             policy.reset(None)
             p50, p99 = _percentiles(_timed(lambda: policy.predict_chunk(obs), calls))
             row = {
-                "checkpoint": label or ckpt, "task": env_cfg.task, "sampler": spec,
+                "checkpoint": label or Path(ckpt).resolve().parent.parent.name, "task": env_cfg.task, "sampler": spec,
                 "denoiser_calls": policy.sampler.steps, "actions_per_inference": policy.act_horizon,
                 "p50_ms": p50, "p99_ms": p99, "ms_per_action": p50 / policy.act_horizon,
                 "forward_ms": floor, "p50_over_forward": p50 / floor,
