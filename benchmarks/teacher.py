@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=100, help="evaluation episodes per run")
     ap.add_argument("--seed", type=int, default=10_000, help="episode k of every evaluation is reset with seed + k")
     ap.add_argument("--baseline-batches", type=int, nargs="+", default=[64, 1024])
+    ap.add_argument("--skip-teacher", action="store_true", help="run only the baseline rows (e.g. to add a batch size)")
     ap.add_argument("--maniskill-repo", default=UPSTREAM, help="ManiSkill git dir, checkout or URL")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/robodistill/benchmarks/maniskill_dp")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-teacher" / time.strftime("%Y-%m-%d_%H-%M-%S"))
@@ -210,7 +211,8 @@ def main() -> None:
         datasets[task] = ensure_dataset(task, datasets[task])
     # Method by method across tasks: the teacher and the first baseline batch (64: the target's
     # comparison) finish on every task before the slow batch-1024 runs start.
-    methods = [("robodistill teacher", "robodistill", 256)] + [("ManiSkill DP baseline", f"maniskill-b{b}", b) for b in a.baseline_batches]
+    methods = [] if a.skip_teacher else [("robodistill teacher", "robodistill", 256)]
+    methods += [("ManiSkill DP baseline", f"maniskill-b{b}", b) for b in a.baseline_batches]
     rows: list[dict] = []
     for method, slug, batch in methods:
         for task in a.tasks:

@@ -6,6 +6,9 @@ from hydra.core.config_store import ConfigStore
 def register_schemas() -> None:
     """Typed schemas the yaml files build on, so a misspelled or mistyped field is an error."""
     from robodistill.demos import DemosConfig
+    from robodistill.deploy.controller import ControlConfig
+    from robodistill.deploy.export import ExportConfig
+    from robodistill.deploy.server import ServeConfig
     from robodistill.envs.factory import EnvConfig
     from robodistill.evaluation import EvalConfig
     from robodistill.inference.latency import BenchLatencyConfig
@@ -21,3 +24,6 @@ def register_schemas() -> None:
     store.store(group="schema", name="agv_train", node=AGVTrainConfig)
     store.store(group="schema", name="distill", node=DistillConfig)
     store.store(group="schema", name="bench-latency", node=BenchLatencyConfig)
+    store.store(group="schema", name="export", node=ExportConfig)
+    store.store(group="schema", name="serve", node=ServeConfig)
+    store.store(group="schema", name="control", node=ControlConfig)

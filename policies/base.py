@@ -42,7 +42,8 @@ def register_loader(kind: str):
 
 
 def load_policy(spec: str, env, seed: int = 0) -> Policy:
-    """`random`, `scripted` (PushCube-v1 only), or the path of a checkpoint of a registered policy kind."""
+    """`random`, `scripted` (PushCube-v1 only), a bundle directory (`robodistill export`), or the path
+    of a checkpoint of a registered policy kind."""
     if spec == "random":
         from robodistill.policies.random import RandomPolicy
 
@@ -55,8 +56,12 @@ def load_policy(spec: str, env, seed: int = 0) -> Policy:
         if have != wanted:
             raise UserError(f"policy=scripted is a PushCube expert for env {wanted}; this env is {have}")
         return PushCubeScripted()
-    if not Path(spec).exists():
-        raise UserError(f"policy '{spec}' is neither 'random', 'scripted' nor an existing checkpoint file")
+    from robodistill.policies.bundle import is_bundle, load_bundle_policy
+
+    if is_bundle(spec):
+        return load_bundle_policy(spec, env, seed=seed)
+    if not Path(spec).is_file():
+        raise UserError(f"policy '{spec}' is neither 'random', 'scripted', a bundle directory nor an existing checkpoint file")
     payload = checkpoints.load(spec)
     kind = payload.get("kind")
     if kind not in LOADERS:

@@ -23,10 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-teacher": ("robodistill.training.teacher", "train the Diffusion Policy teacher on demonstrations (EMA, periodic eval, checkpoints, resume)"),
     "distill": ("robodistill.training.distill", "distill a teacher checkpoint into a one-step consistency head (variant=regression|consistency)"),
     "bench-latency": ("robodistill.inference.latency", "per sampler: denoiser calls, latency p50/p99 at batch 1, success with intervals, a PNG"),
+    "export": ("robodistill.deploy.export", "a deploy bundle: one ONNX/TorchScript graph with normalisation inside, metadata.json, parity-checked"),
+    "serve": ("robodistill.deploy.server", "serve a bundle over openpi's websocket protocol (openpi_client.WebsocketClientPolicy works unchanged)"),
+    "control": ("robodistill.deploy.controller", "closed loop at a fixed rate through a policy server (bundle= or server=ws://...): success, jitter, deadline misses, latency"),
     "agv-train": ("robodistill.training.ppo_rnd", "PPO or PPO + RND on the AGV warehouse (scene=, algo=ppo_rnd|ppo, total_steps=); policy.pt for eval"),
     "dataset": ("robodistill.data.info", "`dataset info PATH`: episodes, lengths, success, shapes, modes, a PNG of action ranges"),
+    "summary": ("robodistill.summary", "`summary [--runs runs] [--name NAME]`: one table of the newest run of each command"),
 }
-ARGV_COMMANDS = {"dataset"}
+ARGV_COMMANDS = {"dataset", "summary"}
 
 USAGE = """usage: robodistill <command> [key=value ...] [--help]
 

@@ -105,6 +105,12 @@ def _write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
     imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
 
 
+def episode_metrics(info: dict, i: int) -> dict:
+    """What the env recorded about env i's finished episode (success_once, return, ...)."""
+    ep = info["final_info"]["episode"]
+    return {k: ep[k][i].item() for k in ep if not k.startswith("_") and k != "reward"}
+
+
 def evaluate(
     policy: Policy,
     env: VecEnv,
@@ -141,8 +147,7 @@ def evaluate(
             done = (terminated | truncated).cpu()
             for i in done.nonzero().flatten().tolist():
                 if i not in finished:
-                    ep = info["final_info"]["episode"]
-                    finished[i] = {k: ep[k][i].item() for k in ep if not k.startswith("_") and k != "reward"}
+                    finished[i] = episode_metrics(info, i)
             executor.observe(obs, done)
         for i in range(min(n_envs, episodes - wave_start)):
             rows.append({"episode": wave_start + i, "seed": seeds[i], **finished[i]})

@@ -55,5 +55,5 @@ def test_load_policy_refuses_non_policy_checkpoint_and_wrong_task(tmp_path):
             load_policy(str(path), env)
         with pytest.raises(UserError, match="PushCube expert"):
             load_policy("scripted", env)
-        with pytest.raises(UserError, match="neither 'random', 'scripted' nor an existing checkpoint"):
+        with pytest.raises(UserError, match="neither 'random', 'scripted', a bundle directory nor an existing checkpoint"):
             load_policy(str(tmp_path / "nope.pt"), env)

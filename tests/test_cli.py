@@ -31,7 +31,7 @@ def test_bad_input_is_one_clear_line(cli):
         ("env=NoSuchTask-v9",): "Available options in 'env'",
         ("env.control_mode=teleport",): "Valid: pd_joint_delta_pos",
         ("episodes=many",): "could not be converted to Integer",
-        ("policy=missing.pt",): "neither 'random', 'scripted' nor an existing checkpoint",
+        ("policy=missing.pt",): "neither 'random', 'scripted', a bundle directory nor an existing checkpoint",
     }
     for args, message in cases.items():
         r = cli("eval", *args, "episodes=1")

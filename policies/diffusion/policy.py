@@ -123,13 +123,14 @@ class DiffusionPolicy(nn.Module):
             self.normalizers["actions"].center[grip] = 0.0
             self.normalizers["actions"].scale[grip] = 1 / self.cfg.gripper_scale
 
-    def _condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Raw observation histories -> the denoiser's conditioning vector."""
         obs = {**obs, "state": self.normalizers["state"](obs["state"].float())}
         return self.encoder(obs)
 
     def loss(self, batch: dict) -> torch.Tensor:
         """The denoising loss on a batch of raw windows (`obs` (B, T, ...), `actions` (B, H, A))."""
-        cond = self._condition(batch["obs"])
+        cond = self.condition(batch["obs"])
         x0 = self.normalizers["actions"](batch["actions"])
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.cfg.num_train_timesteps, (x0.shape[0],), device=x0.device)
@@ -141,13 +142,17 @@ class DiffusionPolicy(nn.Module):
     def predict_chunk(self, obs: dict[str, torch.Tensor], streams: torch.Tensor | None = None) -> torch.Tensor:
         """(B, act_horizon, A) actions in env units: the part of the predicted chunk that starts at
         the newest observation. `streams`: the env of each row, for stateful samplers (RTI)."""
-        cond = self._condition({k: v.to(self.action_low.device) for k, v in obs.items()})
+        cond = self.condition({k: v.to(self.action_low.device) for k, v in obs.items()})
         shape = (cond.shape[0], self.cfg.pred_horizon, self.dims["action_dim"])
-        x0 = self.sampler(self.denoiser, cond, shape, self.generator, streams)
+        return self.to_actions(self.sampler(self.denoiser, cond, shape, self.generator, streams))
+
+    def to_actions(self, x0: torch.Tensor) -> torch.Tensor:
+        """A sampled chunk in model space -> its executed part (from the newest observation on) in
+        env units, within the action bounds."""
         start = self.obs_horizon - 1
         x0 = x0[:, start : start + self.act_horizon]
         actions = self.normalizers["actions"].unnormalize(x0.clamp(-1, 1) if self.cfg.normalizer == "minmax" else x0)
-        return actions.clamp_(self.action_low, self.action_high)
+        return torch.clamp(actions, self.action_low, self.action_high)
 
     def spec(self) -> dict:
         """What rebuilds this module: saved in checkpoints next to the weights."""
@@ -161,14 +166,8 @@ class DiffusionPolicy(nn.Module):
                    dims["rgb_channels"], dims.get("gripper_dims"))
 
 
-@register_loader(KIND)
-def load_diffusion(payload: dict, env) -> DiffusionPolicy:
-    """Rebuild the EMA policy of a teacher checkpoint and check it fits `env`."""
-    trained_on = payload["env"]
-    here = {k: getattr(env.cfg, k) for k in ("task", "obs_mode", "control_mode")}
-    theirs = {k: trained_on.get(k) for k in here}
-    if here != theirs:
-        raise UserError(f"the checkpoint was trained on {theirs}, but the env is {here}: set env=... to match")
+def from_checkpoint(payload: dict) -> DiffusionPolicy:
+    """The EMA policy of a teacher checkpoint, with its consistency head if it has one."""
     policy = DiffusionPolicy.from_spec(payload["policy"])
     try:
         policy.load_state_dict(payload["ema"])
@@ -178,4 +177,15 @@ def load_diffusion(payload: dict, env) -> DiffusionPolicy:
             policy.consistency = head
     except RuntimeError as err:
         raise UserError(f"checkpoint weights do not fit the model config saved with them: {str(err)[:500]}") from err
-    return policy.eval().to(env.device)
+    return policy.eval()
+
+
+@register_loader(KIND)
+def load_diffusion(payload: dict, env) -> DiffusionPolicy:
+    """Rebuild the EMA policy of a teacher checkpoint and check it fits `env`."""
+    trained_on = payload["env"]
+    here = {k: getattr(env.cfg, k) for k in ("task", "obs_mode", "control_mode")}
+    theirs = {k: trained_on.get(k) for k in here}
+    if here != theirs:
+        raise UserError(f"the checkpoint was trained on {theirs}, but the env is {here}: set env=... to match")
+    return from_checkpoint(payload).to(env.device)

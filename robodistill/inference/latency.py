@@ -79,7 +79,7 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
             raise UserError(f"ckpt={ckpt} has no consistency head: distill one (`robodistill distill teacher={ckpt}`) or drop the consistency samplers")
         first = env.reset(seed=[seed] * env.num_envs)
         obs = {k: v[:1].unsqueeze(1).repeat_interleave(policy.obs_horizon, dim=1) for k, v in first.items()}
-        cond = policy._condition(obs)
+        cond = policy.condition(obs)
         x = torch.randn(1, policy.cfg.pred_horizon, policy.dims["action_dim"])
         t = torch.full((1,), policy.cfg.num_train_timesteps - 1)
         with torch.no_grad():

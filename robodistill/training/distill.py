@@ -180,7 +180,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         batch = next(batches)
         obs = {k: v.to(device) for k, v in batch["obs"].items()}
         with torch.no_grad():
-            cond = teacher._condition(obs)
+            cond = teacher.condition(obs)
         if cfg.variant == "regression":
             loss = regression_loss(cond, (cond.shape[0], p.pred_horizon, teacher.dims["action_dim"]))
         else:

@@ -1,0 +1,181 @@
+"""Deploy bundles, read side: a directory written by `robodistill export`, run without the training code.
+
+    <bundle>/policy.onnx | policy.ts    the whole policy as one graph (normalisation, encoder, the
+                                        unrolled sampler, unnormalisation, clamping to the bounds)
+    <bundle>/metadata.json              what goes in and out, the env it drives, where it came from
+
+The graph's inputs are the observation history (`metadata["observation"]`: key -> shape without
+the batch dim, dtype) and `noise` (`metadata["noise"]`): the sampler's Gaussian draws, supplied by
+the caller so that a seeded generator makes every call reproducible. Its output `actions` is
+(B, chunk_length, A) in env units.
+
+`metadata.json` records the sha256 of every file in the bundle and a checksum of its own content;
+`Bundle.load` refuses a bundle whose files do not match. `BundlePolicy` makes a bundle a `Policy`, so
+`robodistill eval policy=<bundle dir>` evaluates exactly what the server serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robodistill.errors import UserError
+
+FORMAT = "robodistill-bundle-v1"
+METADATA = "metadata.json"
+GRAPH_FILES = {"onnx": "policy.onnx", "torchscript": "policy.ts"}
+
+
+class BundleError(UserError):
+    """A bundle that cannot be used: missing, tampered, or from another format."""
+
+
+class ObservationError(UserError):
+    """An observation that does not fit the bundle (missing key, shape, dtype, non-finite)."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def metadata_checksum(metadata: dict) -> str:
+    """sha256 of the metadata without its own `checksum` field, in a canonical JSON form."""
+    body = {k: v for k, v in metadata.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def check_observation(obs: dict, spec: dict, batched: bool) -> dict[str, np.ndarray]:
+    """The observation arrays the graph takes, or an ObservationError that says what to send.
+
+    :param spec: `metadata["observation"]`, key -> {"shape", "dtype"} without the batch dim.
+    :param batched: arrays carry a leading batch dim (in-process), or not (one request on the wire).
+    """
+    if not isinstance(obs, dict):
+        raise ObservationError(f"an observation must be a dict of arrays with keys {sorted(spec)}, got {type(obs).__name__}")
+    missing = [k for k in spec if k not in obs]
+    if missing:
+        raise ObservationError(f"observation is missing key(s) {missing}; this policy takes {_describe(spec)}")
+    out = {}
+    batch = None
+    for key, s in spec.items():
+        x = obs[key]
+        if not isinstance(x, np.ndarray):
+            raise ObservationError(f"observation['{key}'] must be a numpy array of {_describe({key: s})}, got {type(x).__name__}")
+        shape = tuple(x.shape[1:] if batched else x.shape)
+        if shape != tuple(s["shape"]) or (batched and x.ndim == 0):
+            want = ("(B, " if batched else "(") + ", ".join(map(str, s["shape"])) + ")"
+            raise ObservationError(f"observation['{key}'] has shape {tuple(x.shape)}, expected {want}: "
+                                   f"the last {s['shape'][0]} observations, oldest first")
+        if x.dtype != np.dtype(s["dtype"]):
+            raise ObservationError(f"observation['{key}'] has dtype {x.dtype}, expected {s['dtype']} "
+                                   f"(send np.asarray(x, dtype=np.{s['dtype']}))")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise ObservationError(f"observation['{key}'] contains NaN or inf")
+        if batched:
+            if batch is not None and x.shape[0] != batch:
+                raise ObservationError(f"observation['{key}'] has batch size {x.shape[0]}, other keys {batch}")
+            batch = x.shape[0]
+        out[key] = x if batched else x[None]
+    return out
+
+
+def _describe(spec: dict) -> str:
+    return ", ".join(f"'{k}': {s['dtype']} {tuple(s['shape'])}" for k, s in spec.items())
+
+
+class Bundle:
+    """A loaded, verified bundle: `infer(obs, noise) -> (B, chunk_length, A)` float32 actions."""
+
+    def __init__(self, path: Path, metadata: dict, threads: int = 1):
+        self.path, self.metadata = path, metadata
+        self.observation: dict = metadata["observation"]
+        self.noise_shape: tuple[int, ...] = tuple(metadata["noise"]["shape"])
+        graph = metadata["graph"]
+        file = path / graph["file"]
+        if graph["format"] == "onnx":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = opts.inter_op_num_threads = threads
+            self._session = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+            self._run = lambda inputs: self._session.run(["actions"], inputs)[0]
+        else:
+            with warnings.catch_warnings():  # TorchScript is deprecated in torch, still what libtorch loads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(file), map_location="cpu")
+            names = graph["inputs"]
+            self._run = lambda inputs: module(*(torch.from_numpy(inputs[n]) for n in names)).numpy()
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 1) -> "Bundle":
+        """Read and verify `<path>/metadata.json` and the graph it names."""
+        path = Path(path)
+        meta_file = path / METADATA
+        if not meta_file.is_file():
+            raise BundleError(f"'{path}' is not a bundle: it has no {METADATA} (make one with `robodistill export ckpt=...`)")
+        try:
+            metadata = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as err:
+            raise BundleError(f"{meta_file} is not valid JSON ({err}); re-export the bundle") from err
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise BundleError(f"{meta_file} is not a {FORMAT} bundle; re-export it with this robodistill")
+        if metadata.get("checksum") != metadata_checksum(metadata):
+            raise BundleError(f"{meta_file} was modified after export (its checksum does not match); re-export the bundle")
+        for name, digest in metadata["files"].items():
+            if not (path / name).is_file():
+                raise BundleError(f"bundle '{path}' is missing {name}; re-export it")
+            if sha256(path / name) != digest:
+                raise BundleError(f"bundle '{path}': {name} does not match the sha256 in {METADATA} (tampered or corrupted); re-export it")
+        return cls(path, metadata, threads)
+
+    @property
+    def chunk_length(self) -> int:
+        return int(self.metadata["action"]["chunk_length"])
+
+    def noise(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.standard_normal((batch, *self.noise_shape), dtype=np.float32)
+
+    def infer(self, obs: dict[str, np.ndarray], noise: np.ndarray) -> np.ndarray:
+        """Batched, already checked observations (`check_observation(..., batched=True)`)."""
+        return self._run({**obs, "noise": noise})
+
+
+class BundlePolicy:
+    """A bundle as a `Policy` for evaluation: noise from a generator seeded like the server's, so
+    an in-process evaluation and a closed loop through `robodistill serve` see the same draws."""
+
+    def __init__(self, bundle: Bundle, seed: int = 0):
+        self.bundle = bundle
+        self.obs_horizon = int(bundle.metadata["policy"]["obs_horizon"])
+        self.act_horizon = bundle.chunk_length
+        self.rng = np.random.default_rng(seed)
+
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict[str, torch.Tensor], streams: torch.Tensor | None = None) -> torch.Tensor:
+        arrays = check_observation({k: v.cpu().numpy() for k, v in obs.items()}, self.bundle.observation, batched=True)
+        batch = next(iter(arrays.values())).shape[0]
+        device = next(iter(obs.values())).device
+        return torch.from_numpy(self.bundle.infer(arrays, self.bundle.noise(batch, self.rng))).to(device)
+
+
+def is_bundle(spec: str) -> bool:
+    return Path(spec).is_dir() and (Path(spec) / METADATA).is_file()
+
+
+def load_bundle_policy(spec: str, env, seed: int = 0) -> BundlePolicy:
+    """A bundle directory as a policy for `env`, which must be the env it was exported for."""
+    bundle = Bundle.load(spec)
+    theirs = {k: bundle.metadata["env"][k] for k in ("task", "obs_mode", "control_mode")}
+    here = {k: getattr(env.cfg, k) for k in theirs}
+    if here != theirs:
+        raise UserError(f"bundle '{spec}' drives {theirs}, but the env is {here}: set env=... to match")
+    return BundlePolicy(bundle, seed)

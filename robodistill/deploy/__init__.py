@@ -1,0 +1,1 @@
+"""Deploy: export bundles, the openpi-protocol policy server, and the fixed-rate controller loop."""

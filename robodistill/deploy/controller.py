@@ -1,0 +1,350 @@
+"""`robodistill control`: a fixed-rate control loop that drives a robot from a policy server.
+
+Built on openpi-client's runtime: `Runtime` runs the loop at `hz` (get_observation -> get_action ->
+apply_action), the robot is an openpi `Environment`, the policy is `WebsocketClientPolicy`. What
+openpi's `ActionChunkBroker` does not do, `ChunkAgent` adds: inference in the background, so the loop
+never blocks on the network for longer than its deadline.
+
+`ChunkAgent`, per control step:
+  1. stacks the newest observation into the history the policy takes (a new episode starts with
+     copies of its first observation, as in training and `robodistill eval`);
+  2. when `replan_below` or fewer actions are left, sends the history to the server (one request in
+     flight at a time);
+  3. a chunk that arrives is timestamped by the step of its observation: action k of it belongs to
+     that step + k, so actions whose time has passed are skipped, not executed late;
+  4. with no action left, waits for the request in flight until `deadline_ms` after the step began;
+     past the deadline it is late: `on_late=hold` repeats the last action, `on_late=stop` sends the
+     stop action (zero arm motion under delta/velocity control, the last target under position
+     control; the gripper keeps its last command);
+  5. clamps the action to the bounds in the bundle's metadata.
+With `replan_below=0` and no late steps, the loop executes exactly what `robodistill eval` does.
+
+A robot is anything with openpi's `Environment` methods: `reset()`, `get_observation()` (one
+frame: key -> array without history or batch dim, as the bundle's metadata lists them),
+`apply_action({"actions": (A,) array})` and `is_episode_complete()`. `ManiSkillRobot` treats the
+simulator as the robot. For a real arm, implement the same four methods: `reset` moves to the home
+pose and waits, `get_observation` reads the joint/end-effector state (and camera) in the same units
+and order as the training data, `apply_action` sends one command of the bundle's `control_mode`
+at `control_freq` (metadata["env"]) without blocking, and `is_episode_complete` asks the operator
+or a success detector.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+from openpi_client import base_policy
+from openpi_client.runtime import agent as openpi_agent
+from openpi_client.runtime import environment as openpi_environment
+from openpi_client.runtime import subscriber as openpi_subscriber
+from openpi_client.runtime.runtime import Runtime
+
+from robodistill.envs import EnvConfig, VecEnv, make_env
+from robodistill.errors import UserError
+from robodistill.evaluation import EvalReport, episode_metrics
+
+ON_LATE = ("hold", "stop")
+
+
+@dataclass
+class ControllerConfig:
+    """How `ChunkAgent` buffers, re-plans and handles late inference."""
+
+    hz: float = 20.0  # control rate; 0: as fast as the robot steps (simulation only)
+    replan_below: int = 0  # request the next chunk when this many actions are left; 0: when they run out
+    deadline_ms: float | None = None  # how long a step may wait for a chunk; default half a period (hz=0: 1 s)
+    on_late: str = "hold"  # hold | stop: what a step with no action in time sends
+
+    def deadline_s(self) -> float:
+        if self.deadline_ms is not None:
+            return self.deadline_ms / 1e3
+        return 0.5 / self.hz if self.hz > 0 else 1.0
+
+    def check(self, chunk_length: int) -> None:
+        if self.hz < 0:
+            raise UserError(f"hz={self.hz} must be >= 0 (0: unpaced, simulation only)")
+        if self.on_late not in ON_LATE:
+            raise UserError(f"on_late='{self.on_late}' is not one of {', '.join(ON_LATE)}")
+        if not 0 <= self.replan_below < chunk_length:
+            raise UserError(f"replan_below={self.replan_below} must be between 0 and the chunk length - 1 ({chunk_length - 1})")
+        if self.deadline_ms is not None and self.deadline_ms <= 0:
+            raise UserError(f"deadline_ms={self.deadline_ms} must be > 0")
+
+
+class ChunkAgent(openpi_agent.Agent):
+    """Action chunks from a policy (openpi `BasePolicy`), executed one per step; see the module doc."""
+
+    def __init__(self, policy: base_policy.BasePolicy, metadata: dict, cfg: ControllerConfig):
+        self.policy, self.cfg = policy, cfg
+        self.keys = list(metadata["observation"])
+        self.obs_horizon = int(metadata["policy"]["obs_horizon"])
+        self.low = np.asarray(metadata["action"]["low"], np.float32)
+        self.high = np.asarray(metadata["action"]["high"], np.float32)
+        control = metadata["env"]["control_mode"] or ""
+        self.stop_zeroes = np.ones_like(self.low, dtype=bool) if ("delta" in control or "vel" in control) else np.zeros_like(self.low, dtype=bool)
+        self.stop_zeroes[metadata["action"].get("gripper_dims", [])] = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._pending: tuple[Future, int] | None = None  # the request in flight and its observation's step
+        self.records: list[dict] = []  # one per step: episode, step, sent (when the action left), wait_ms, late
+        self.requests: list[dict] = []  # one per chunk: round-trip and server milliseconds, skipped actions
+        self.episode = -1  # Runtime calls reset() before every episode
+        self._clear()
+
+    def _clear(self) -> None:
+        self.history: deque | None = None
+        self.chunk: np.ndarray | None = None
+        self.chunk_step = 0
+        self.step = 0
+        self.last: np.ndarray | None = None
+
+    def reset(self) -> None:
+        if self._pending is not None:
+            self._pending[0].exception()  # let a request in flight finish; its chunk is for the old episode
+            self._pending = None
+        self._clear()
+        self.episode += 1
+        self.policy.reset()
+
+    def _infer(self, obs: dict) -> tuple[np.ndarray, float, float]:
+        start = time.perf_counter()
+        result = self.policy.infer(obs)
+        rtt = (time.perf_counter() - start) * 1e3
+        return np.asarray(result["actions"], np.float32), rtt, float(result.get("server_timing", {}).get("infer_ms", float("nan")))
+
+    def _adopt(self) -> None:
+        future, obs_step = self._pending
+        self._pending = None
+        try:
+            chunk, rtt, server_ms = future.result()
+        except Exception as err:
+            raise UserError(f"inference failed: {err}") from err
+        skipped = min(self.step - obs_step, len(chunk))
+        self.chunk, self.chunk_step = chunk, obs_step
+        self.requests.append({"episode": self.episode, "step": obs_step, "round_trip_ms": rtt, "server_ms": server_ms, "skipped": skipped})
+
+    def _left(self) -> int:
+        return 0 if self.chunk is None else max(0, len(self.chunk) - (self.step - self.chunk_step))
+
+    def get_action(self, observation: dict) -> dict:
+        start = time.perf_counter()
+        frame = {k: np.asarray(observation[k]) for k in self.keys}
+        if self.history is None:
+            self.history = deque([frame] * self.obs_horizon, maxlen=self.obs_horizon)
+        else:
+            self.history.append(frame)
+        if self._pending is not None and self._pending[0].done():
+            self._adopt()
+        if self._pending is None and self._left() <= self.cfg.replan_below:
+            obs = {k: np.stack([f[k] for f in self.history]) for k in self.keys}
+            self._pending = (self._pool.submit(self._infer, obs), self.step)
+        if self._left() == 0 and self._pending is not None:
+            try:
+                self._pending[0].result(timeout=max(0.0, self.cfg.deadline_s() - (time.perf_counter() - start)))
+                self._adopt()
+            except FutureTimeout:
+                pass
+        late = self._left() == 0
+        if not late:
+            action = self.chunk[self.step - self.chunk_step]
+        elif self.last is None or self.cfg.on_late == "stop":
+            base = self.last if self.last is not None else np.zeros_like(self.low)
+            action = np.where(self.stop_zeroes, 0.0, base).astype(np.float32)
+        else:
+            action = self.last
+        action = np.clip(action, self.low, self.high)
+        sent = time.perf_counter()
+        self.records.append({"episode": self.episode, "step": self.step, "sent": sent, "wait_ms": (sent - start) * 1e3, "late": late})
+        self.last = action
+        self.step += 1
+        return {"actions": action}
+
+
+class EpisodeProgress(openpi_subscriber.Subscriber):
+    """A progress bar over episodes."""
+
+    def __init__(self, episodes: int):
+        self.bar = tqdm(total=episodes, desc="control", unit="ep")
+
+    def on_episode_start(self) -> None:
+        pass
+
+    def on_step(self, observation: dict, action: dict) -> None:
+        pass
+
+    def on_episode_end(self) -> None:
+        self.bar.update(1)
+
+
+class ManiSkillRobot(openpi_environment.Environment):
+    """The simulator as the robot: one ManiSkill env, episode k reset with seed `seed + k` (as
+    `robodistill eval` does), every episode run to its time limit."""
+
+    def __init__(self, env: VecEnv, seed: int = 0):
+        self.env, self.seed = env, seed
+        self.episodes: list[dict] = []
+        self.steps = 0
+        self._next = 0
+        self._obs: dict | None = None
+        self._done = False
+
+    def reset(self) -> None:
+        self._seed = self.seed + self._next
+        self._next += 1
+        self._obs = self.env.reset(seed=self._seed)
+        self._done = False
+
+    def get_observation(self) -> dict:
+        return {k: v[0].cpu().numpy() for k, v in self._obs.items()}
+
+    def apply_action(self, action: dict) -> None:
+        obs, _, terminated, truncated, info = self.env.step(np.asarray(action["actions"], np.float32)[None])
+        self._obs = obs
+        self.steps += 1
+        if bool((terminated | truncated)[0]):
+            self.episodes.append({"episode": len(self.episodes), "seed": self._seed, **episode_metrics(info, 0)})
+            self._done = True
+
+    def is_episode_complete(self) -> bool:
+        return self._done
+
+
+@dataclass
+class ControlConfig:
+    """`robodistill control` (configs/control.yaml)."""
+
+    bundle: str | None = None  # a bundle directory: served from this process on a free loopback port
+    server: str | None = None  # or a running server, ws://host:port (robodistill serve, or openpi's)
+    api_key: str | None = None  # for server=; default: the ROBODISTILL_API_KEY env var
+    robot: str = "maniskill"  # the simulator as the robot (the only adapter shipped; see ManiSkillRobot)
+    env: str | None = None  # task id; default: the bundle's (obs and control mode always come from it)
+    max_episode_steps: int | None = None  # default: the bundle's
+    episodes: int = 10
+    seed: int = 0  # episode k is reset with seed + k; a bundle= server draws its noise from this seed
+    hz: float = 20.0  # see ControllerConfig for these four
+    replan_below: int = 0
+    deadline_ms: float | None = None
+    on_late: str = "hold"
+    name: str = "control"
+
+
+def connect(url: str, api_key: str | None) -> base_policy.BasePolicy:
+    """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+    from websockets.exceptions import InvalidStatus, InvalidURI
+
+    if not url.startswith(("ws://", "wss://")):
+        raise UserError(f"server={url!r} must be a websocket URL, e.g. ws://127.0.0.1:8000")
+    try:
+        return WebsocketClientPolicy(url, api_key=api_key)
+    except InvalidStatus as err:
+        code = err.response.status_code
+        hint = ": set api_key= (or ROBODISTILL_API_KEY) to the server's key" if code == 401 else ""
+        raise UserError(f"the server at {url} refused the connection (HTTP {code}){hint}") from err
+    except (OSError, InvalidURI) as err:
+        raise UserError(f"no policy server at {url} ({err}): start one with `robodistill serve bundle=<dir>`") from err
+
+
+def _percentiles(values: list[float], qs=(50, 99)) -> list[float]:
+    return [float(np.percentile(values, q)) for q in qs] if values else [float("nan")] * len(qs)
+
+
+def timing_summary(agent: ChunkAgent, cfg: ControllerConfig) -> dict:
+    """Loop periods are the times between consecutive actions leaving the agent (what the robot
+    sees); the robot's own step time only shortens the sleep, as long as it fits in a period."""
+    sent = np.asarray([r["sent"] for r in agent.records])
+    episode = np.asarray([r["episode"] for r in agent.records])
+    periods = (np.diff(sent)[np.diff(episode) == 0] * 1e3).tolist()
+    rtt = [r["round_trip_ms"] for r in agent.requests]
+    server = [r["server_ms"] for r in agent.requests if np.isfinite(r["server_ms"])]
+    out = {
+        "hz": cfg.hz, "steps": len(agent.records), "late_steps": sum(r["late"] for r in agent.records),
+        "deadline_ms": cfg.deadline_s() * 1e3, "on_late": cfg.on_late, "requests": len(agent.requests),
+        "skipped_actions": sum(r["skipped"] for r in agent.requests),
+        "period_ms_p50_p99": _percentiles(periods),
+        "round_trip_ms_p50_p99": _percentiles(rtt), "server_infer_ms_p50_p99": _percentiles(server),
+    }
+    if cfg.hz > 0 and periods:
+        jitter = np.abs(np.asarray(periods) - 1e3 / cfg.hz)
+        out["jitter_ms_p50_p99_max"] = [*_percentiles(jitter.tolist()), float(jitter.max())]
+    return out
+
+
+def timing_table(t: dict) -> str:
+    lines = []
+    p50, p99 = t["period_ms_p50_p99"]
+    if "jitter_ms_p50_p99_max" in t:
+        j = t["jitter_ms_p50_p99_max"]
+        lines.append(f"{'loop':<16} {t['hz']:g} Hz: period p50 {p50:.2f} ms, p99 {p99:.2f} ms; "
+                     f"jitter p50 {j[0]:.2f} ms, p99 {j[1]:.2f} ms, max {j[2]:.2f} ms")
+    else:
+        lines.append(f"{'loop':<16} unpaced: period p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    lines.append(f"{'deadline misses':<16} {t['late_steps']} of {t['steps']} steps (deadline {t['deadline_ms']:.1f} ms, "
+                 f"on_late={t['on_late']}); {t['skipped_actions']} stale actions skipped")
+    r, s = t["round_trip_ms_p50_p99"], t["server_infer_ms_p50_p99"]
+    lines.append(f"{'inference':<16} {t['requests']} requests: round trip p50 {r[0]:.2f} ms, p99 {r[1]:.2f} ms; "
+                 f"server graph p50 {s[0]:.2f} ms, p99 {s[1]:.2f} ms")
+    return "\n".join(lines)
+
+
+def main(cfg: DictConfig) -> EvalReport:
+    from hydra.core.hydra_config import HydraConfig
+
+    from robodistill.deploy.server import API_KEY_ENV, PolicyServer
+    from robodistill.policies.bundle import Bundle
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if bool(cfg.bundle) == bool(cfg.server):
+        raise UserError("give exactly one of bundle=<dir> (served from this process) or server=ws://host:port")
+    if cfg.robot != "maniskill":
+        raise UserError(f"robot='{cfg.robot}' is not an adapter here; robot=maniskill (see ManiSkillRobot for a real arm)")
+    if cfg.episodes < 1:
+        raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
+    controller = ControllerConfig(float(cfg.hz), int(cfg.replan_below), cfg.deadline_ms, str(cfg.on_late))
+    server = None
+    api_key = cfg.api_key or os.environ.get(API_KEY_ENV)
+    if cfg.bundle:
+        server = PolicyServer(Bundle.load(cfg.bundle), port=0, api_key=api_key, seed=int(cfg.seed)).start()
+    url = server.url if server else str(cfg.server)
+    policy = connect(url, api_key)
+    meta = policy.get_server_metadata()
+    if not isinstance(meta, dict) or not {"env", "observation", "action", "policy"} <= set(meta):
+        raise UserError(f"the server at {url} sent no robodistill bundle metadata (env, observation, action, policy)")
+    controller.check(int(meta["action"]["chunk_length"]))
+    e = meta["env"]
+    if cfg.env and cfg.env != e["task"]:
+        raise UserError(f"env={cfg.env}, but the policy drives {e['task']}: drop env= or serve a bundle for {cfg.env}")
+    env_cfg = EnvConfig(task=e["task"], obs_mode=e["obs_mode"], control_mode=e["control_mode"], num_envs=1,
+                        max_episode_steps=cfg.max_episode_steps or e["max_episode_steps"], image_size=e.get("image_size", 128))
+    agent = ChunkAgent(policy, meta, controller)
+    start = time.perf_counter()
+    logging.getLogger().setLevel(logging.WARNING)  # openpi's runtime logs every episode start and end
+    with make_env(env_cfg, ignore_terminations=True) as env:
+        robot = ManiSkillRobot(env, seed=int(cfg.seed))
+        progress = EpisodeProgress(int(cfg.episodes))
+        Runtime(robot, agent, [progress], max_hz=controller.hz, num_episodes=int(cfg.episodes)).run()
+        progress.bar.close()
+    if server is not None:
+        server.stop()
+    report = EvalReport(robot.episodes, time.perf_counter() - start, robot.steps)
+    timing = timing_summary(agent, controller)
+    with open(run_dir / "telemetry.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["episode", "step", "sent", "wait_ms", "late"])
+        writer.writeheader()
+        writer.writerows(agent.records)
+    report.save(run_dir / "control.json", env=env_cfg.__dict__, server=url, bundle=cfg.bundle,
+                controller=asdict(controller), timing=timing, requests=agent.requests)
+    print(report.table(f"{e['task']} through {url} at {controller.hz:g} Hz ({report.summary['episodes']} episodes, seed {cfg.seed})"))
+    print(timing_table(timing))
+    print(f"run: {run_dir}")
+    return report

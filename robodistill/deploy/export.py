@@ -1,0 +1,238 @@
+"""`robodistill export ckpt=<ckpt> sampler=consistency format=onnx|torchscript`: a deploy bundle.
+
+The bundle (read side: robodistill.policies.bundle) is one graph with everything between raw
+observations and env actions inside it: state normalisation, the observation encoder, the sampler
+unrolled over its fixed timesteps, unnormalisation and clamping to the action bounds. Only
+deterministic-given-noise samplers export: `consistency` (1-3 head calls) and `ddim`; the sampler's
+Gaussian draws are a graph input, so a caller with a seeded generator gets reproducible actions.
+RTI keeps a chunk per stream between calls, which a stateless graph cannot; DDPM draws fresh noise
+inside every step.
+
+At export time the graph is run by the bundle's own runtime (onnxruntime or TorchScript) and by
+PyTorch on the same observations and noise; a max abs difference above `tolerance` fails the export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from omegaconf import DictConfig
+from torch import nn
+
+import robodistill
+from robodistill import checkpoints
+from robodistill.envs import EnvConfig, make_env
+from robodistill.errors import UserError
+from robodistill.inference.samplers import consistency_timesteps
+from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
+from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
+
+EXPORT_SAMPLERS = ("consistency", "ddim")
+
+
+@dataclass
+class ExportConfig:
+    """`robodistill export` (configs/export.yaml)."""
+
+    ckpt: str = ""  # a diffusion checkpoint (for sampler=consistency: one made by `robodistill distill`)
+    sampler: str = "consistency"  # consistency | ddim
+    steps: int | None = None  # consistency: 1 (default), 2 or 3 head calls; ddim: the checkpoint's sampler_steps
+    format: str = "onnx"  # onnx | torchscript
+    out: str | None = None  # the bundle directory; default <run dir>/bundle
+    overwrite: bool = False  # replace an existing `out`
+    tolerance: float = 1e-4  # max abs action difference to PyTorch allowed by the parity check
+    parity_batch: int = 16  # observations in the parity check
+    seed: int = 0
+    name: str = "export"
+
+
+class ChunkGraph(nn.Module):
+    """(observation histories..., noise) -> (B, act_horizon, A) env actions, for one fixed sampler."""
+
+    def __init__(self, policy: DiffusionPolicy, sampler: str, steps: int):
+        super().__init__()
+        self.policy = policy
+        self.sampler = sampler
+        self.keys = ["rgb", "state"] if policy.dims["rgb_channels"] else ["state"]
+        n = policy.cfg.num_train_timesteps
+        if sampler == "consistency":
+            self.timesteps = consistency_timesteps(steps, n)
+            abar = policy.noise_scheduler.alphas_cumprod
+            self.renoise = [(abar[t].sqrt().item(), (1 - abar[t]).sqrt().item()) for t in self.timesteps]
+        else:
+            self.scheduler = DDIMScheduler.from_config(policy.noise_scheduler.config)
+            self.scheduler.set_timesteps(steps)
+            self.timesteps = [int(t) for t in self.scheduler.timesteps]
+        draws = len(self.timesteps) if sampler == "consistency" else 1
+        self.noise_shape = (draws, policy.cfg.pred_horizon, policy.dims["action_dim"])
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *obs, noise = inputs
+        cond = self.policy.condition(dict(zip(self.keys, obs)))
+        x = noise[:, 0]
+        for i, t in enumerate(self.timesteps):
+            steps = torch.full((x.shape[0],), t, dtype=torch.long)
+            if self.sampler == "consistency":
+                if i:  # multistep consistency: re-noise the jump's result to the next, lower timestep
+                    a, s = self.renoise[i]
+                    x = a * x + s * noise[:, i]
+                x = self.policy.consistency(x, steps, cond).clamp(-1, 1)
+            else:
+                x = self.scheduler.step(self.policy.denoiser(x, steps, cond), t, x).prev_sample
+        return self.policy.to_actions(x)
+
+
+def build_graph(payload: dict, sampler: str, steps: int | None) -> ChunkGraph:
+    if payload.get("kind") != KIND:
+        raise UserError(f"ckpt holds a '{payload.get('kind')}'; export takes Diffusion Policy checkpoints")
+    if sampler not in EXPORT_SAMPLERS:
+        why = {"rti": "it keeps a chunk per stream between calls", "ddpm": "it draws fresh noise inside every step"}
+        reason = f" ({why[sampler]})" if sampler in why else ""
+        raise UserError(f"sampler='{sampler}' cannot be exported{reason}: use sampler=consistency or sampler=ddim")
+    policy = from_checkpoint(payload)
+    if sampler == "consistency":
+        if policy.consistency is None:
+            raise UserError("this checkpoint has no consistency head: make one with `robodistill distill teacher=<checkpoint>`, "
+                            "or export sampler=ddim")
+        steps = steps or 1
+        if not 1 <= steps <= 3:
+            raise UserError(f"sampler=consistency takes steps=1, 2 or 3, got {steps}")
+    else:
+        steps = steps or policy.cfg.sampler_steps
+        if not 1 <= steps <= policy.cfg.num_train_timesteps:
+            raise UserError(f"steps={steps} must be between 1 and the {policy.cfg.num_train_timesteps} training timesteps")
+    return ChunkGraph(policy, sampler, steps).eval().requires_grad_(False)
+
+
+def example_inputs(graph: ChunkGraph, env_cfg: EnvConfig, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Observations inside the training range (and random images) plus noise, for tracing and parity."""
+    policy = graph.policy
+    norm = policy.normalizers["state"]
+    center, scale = norm.center.numpy(), norm.scale.numpy()
+    h = policy.obs_horizon
+    state = center + rng.uniform(-1, 1, (batch, h, center.size)) / scale
+    inputs = {"state": state.astype(np.float32)}
+    if "rgb" in graph.keys:
+        size = env_cfg.image_size
+        inputs["rgb"] = rng.integers(0, 256, (batch, h, size, size, policy.dims["rgb_channels"]), dtype=np.uint8)
+    inputs["noise"] = rng.standard_normal((batch, *graph.noise_shape), dtype=np.float32)
+    return {k: inputs[k] for k in [*graph.keys, "noise"]}
+
+
+def write_graph(graph: ChunkGraph, fmt: str, inputs: dict[str, np.ndarray], path: Path) -> None:
+    args = tuple(torch.from_numpy(v) for v in inputs.values())
+    if fmt == "onnx":
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        # The exporter logs every optimisation pass at INFO (hydra's root level) and each torchvision op it skips.
+        loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+        levels = [log.level for log in loggers]
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(graph, args, str(path), input_names=list(inputs), output_names=["actions"],
+                                  dynamic_shapes=(tuple({0: batch} for _ in inputs),), external_data=False, verbose=False)
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
+    else:
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch, still what libtorch loads
+            warnings.simplefilter("ignore")
+            torch.jit.trace(graph, args, check_trace=False).save(str(path))
+
+
+def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
+    """Write the bundle to `out` (atomically: a temp directory renamed at the end); returns its metadata."""
+    if cfg.format not in GRAPH_FILES:
+        raise UserError(f"format='{cfg.format}' is not one of {', '.join(GRAPH_FILES)}")
+    if not cfg.ckpt or not Path(cfg.ckpt).is_file():
+        raise UserError(f"ckpt={cfg.ckpt!r}: give the path of a checkpoint (runs/distill/<run>/checkpoints/last.pt)")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(f"out={out} exists and is not empty: choose another out= or add overwrite=true")
+    payload = checkpoints.load(cfg.ckpt)
+    graph = build_graph(payload, cfg.sampler, cfg.steps)
+    policy = graph.policy
+    env_cfg = EnvConfig.from_mapping({**payload["env"], "num_envs": 1, "sim_backend": "physx_cpu"})
+    with make_env(env_cfg) as env:
+        control_freq, max_steps = env.control_freq, env.max_episode_steps
+    rng = np.random.default_rng(cfg.seed)
+    trace_inputs = example_inputs(graph, env_cfg, 2, rng)
+    parity_inputs = example_inputs(graph, env_cfg, cfg.parity_batch, rng)  # another batch size: the batch dim is free
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        file = GRAPH_FILES[cfg.format]
+        write_graph(graph, cfg.format, trace_inputs, tmp / file)
+        action_dim = policy.dims["action_dim"]
+        metadata = {
+            "format": FORMAT,
+            "robodistill_version": robodistill.__version__,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "graph": {"file": file, "format": cfg.format, "inputs": list(trace_inputs), "outputs": ["actions"]},
+            "observation": {k: {"shape": list(trace_inputs[k].shape[1:]), "dtype": str(trace_inputs[k].dtype)} for k in graph.keys},
+            "noise": {"shape": list(graph.noise_shape), "dtype": "float32", "distribution": "standard normal"},
+            "action": {"dim": action_dim, "chunk_length": policy.act_horizon, "low": policy.action_low.tolist(),
+                       "high": policy.action_high.tolist(), "gripper_dims": policy.dims["gripper_dims"]},
+            "env": {"task": env_cfg.task, "obs_mode": env_cfg.obs_mode, "control_mode": env_cfg.control_mode,
+                    "control_freq": control_freq, "max_episode_steps": max_steps,
+                    **({"image_size": env_cfg.image_size} if env_cfg.obs_mode == "rgb" else {})},
+            "policy": {"kind": payload["kind"], "sampler": cfg.sampler, "steps": len(graph.timesteps),
+                       "timesteps": graph.timesteps, "obs_horizon": policy.obs_horizon,
+                       "pred_horizon": policy.cfg.pred_horizon, "denoiser": policy.cfg.denoiser},
+            "source": {"checkpoint": str(Path(cfg.ckpt).resolve()), "sha256": sha256(Path(cfg.ckpt))},
+            "files": {file: sha256(tmp / file)},
+        }
+        # Parity: the bundle's own runtime against PyTorch, same observations and noise.
+        with torch.no_grad():
+            expected = graph(*(torch.from_numpy(v) for v in parity_inputs.values())).numpy()
+        metadata["checksum"] = metadata_checksum(metadata)
+        (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
+        bundle = Bundle.load(tmp)
+        got = bundle.infer({k: parity_inputs[k] for k in graph.keys}, parity_inputs["noise"])
+        diff = float(np.abs(got - expected).max())
+        if not diff <= cfg.tolerance:
+            raise UserError(f"parity check failed: the {cfg.format} graph differs from PyTorch by {diff:.3g} "
+                            f"(tolerance {cfg.tolerance}); nothing was written to {out}")
+        metadata["parity"] = {"max_abs_diff": diff, "tolerance": cfg.tolerance, "batch": cfg.parity_batch}
+        metadata["checksum"] = metadata_checksum(metadata)
+        (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, metadata
+
+
+def main(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    config = ExportConfig(**{k: cfg[k] for k in ExportConfig.__dataclass_fields__})
+    out = Path(cfg.out) if cfg.out else run_dir / "bundle"
+    torch.manual_seed(cfg.seed)
+    path, meta = export(config, out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "export.json").write_text(json.dumps({"bundle": str(path.resolve()), "metadata": meta}, indent=2))
+    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    p, e = meta["policy"], meta["env"]
+    print(f"bundle: {path}  ({meta['graph']['format']}, {size:.1f} MB)")
+    print(f"  {e['task']} {e['obs_mode']}/{e['control_mode']} at {e['control_freq']} Hz; {p['sampler']} {p['steps']} step(s); "
+          f"{meta['action']['chunk_length']} actions per inference")
+    print(f"  parity vs PyTorch: max abs diff {meta['parity']['max_abs_diff']:.2e} (tolerance {meta['parity']['tolerance']:.0e}, "
+          f"{meta['parity']['batch']} observations)")
+    print(f"serve it: robodistill serve bundle={path}")
+    return path

@@ -1,0 +1,96 @@
+"""`robodistill summary [--runs runs] [--name NAME]`: one table of the newest run of each command.
+
+Reads what the runs wrote (metrics.jsonl, result.json, eval.json, latency.json, the bundle's
+metadata.json, control.json), so it can be run at any time; `make demo` ends with it. `--name`
+keeps runs whose directory ends with `-<name>` (or `-<name>-...`), e.g. the demo's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from robodistill.errors import UserError
+
+
+def _rate(s: dict, key: str = "success_once") -> str:
+    r = s[key]
+    return f"{r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}] ({r['count']}/{s['episodes']})"
+
+
+def _teacher(run: Path) -> list[str]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    return [f"{last['step']} iterations in {last['train_seconds'] / 60:.1f} min, loss {last['loss']:.4f}"]
+
+
+def _eval(run: Path) -> list[str]:
+    s = json.loads((run / "eval.json").read_text())["summary"]
+    return [f"success_once {_rate(s)}, success_at_end {_rate(s, 'success_at_end')}"]
+
+
+def _distill(run: Path) -> list[str]:
+    r = json.loads((run / "result.json").read_text())
+    return [f"{r['variant']} head: {r['step']} iterations in {r['train_seconds'] / 60:.1f} min"]
+
+
+def _latency(run: Path) -> list[str]:
+    return [f"{r['sampler']:<14} {r['denoiser_calls']:>3} calls, p50 {r['p50_ms']:7.2f} ms, "
+            f"success_once {r['success_once']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}] ({r['episodes']} ep)"
+            for r in json.loads((run / "latency.json").read_text())]
+
+
+def _export(run: Path) -> list[str]:
+    e = json.loads((run / "export.json").read_text())
+    m = e["metadata"]
+    return [f"{m['graph']['format']} bundle, {m['policy']['sampler']} {m['policy']['steps']} step(s), "
+            f"parity {m['parity']['max_abs_diff']:.1e}: {e['bundle']}"]
+
+
+def _control(run: Path) -> list[str]:
+    c = json.loads((run / "control.json").read_text())
+    t = c["timing"]
+    jitter = f"jitter p99 {t['jitter_ms_p50_p99_max'][1]:.1f} ms, " if "jitter_ms_p50_p99_max" in t else ""
+    return [f"success_once {_rate(c['summary'])} through the server at {t['hz']:g} Hz",
+            f"{jitter}{t['late_steps']}/{t['steps']} deadline misses, round trip p50 {t['round_trip_ms_p50_p99'][0]:.1f} ms"]
+
+
+# command -> what its run directory says, in pipeline order
+READERS = {"train-teacher": _teacher, "eval": _eval, "distill": _distill, "bench-latency": _latency,
+           "export": _export, "control": _control}
+
+
+def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]:
+    """(command, run directory name, one line of result) rows, newest run of each command."""
+    rows = []
+    for command, read in READERS.items():
+        found = sorted((runs / command).glob("*")) if (runs / command).is_dir() else []
+        if name:
+            found = [p for p in found if p.name.endswith(f"-{name}") or f"-{name}-" in p.name]
+        # Every eval run of the name (e.g. the teacher's and the scripted expert's), else the newest.
+        chosen = found if command == "eval" else found[-1:]
+        for run in chosen:
+            try:
+                lines = read(run)
+            except (FileNotFoundError, KeyError, json.JSONDecodeError, IndexError):
+                lines = ["(incomplete run)"]
+            rows += [(command, run.name, line) for line in lines]
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="robodistill summary", description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=Path, default=Path("runs"), help="the runs directory (default: runs)")
+    ap.add_argument("--name", help="only runs named NAME (directory ending -NAME or containing -NAME-)")
+    a = ap.parse_args(argv)
+    if not a.runs.is_dir():
+        raise UserError(f"--runs {a.runs} is not a directory: run a command first, or point --runs at its runs/")
+    rows = summarize(a.runs, a.name)
+    if not rows:
+        raise UserError(f"no runs{' named ' + a.name if a.name else ''} under {a.runs}")
+    w1, w2 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"{'command':<{w1}}  {'run':<{w2}}  result")
+    print(f"{'-' * w1}  {'-' * w2}  {'-' * 6}")
+    for command, run, line in rows:
+        print(f"{command:<{w1}}  {run:<{w2}}  {line}")

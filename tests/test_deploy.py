@@ -1,0 +1,242 @@
+"""Deploy: export bundles, the openpi-protocol server, the fixed-rate controller."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from openpi_client.base_policy import BasePolicy
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+from robodistill import checkpoints
+from robodistill.deploy.controller import ChunkAgent, ControllerConfig
+from robodistill.deploy.export import ExportConfig, export
+from robodistill.envs import EnvConfig, make_env
+from robodistill.errors import UserError
+from robodistill.policies.bundle import Bundle, BundleError
+from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
+from robodistill.policies.diffusion.consistency import ConsistencyHead
+from tests.conftest import ROBODISTILL
+
+ENV = EnvConfig(task="PushCube-v1", max_episode_steps=30)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small diffusion checkpoint with a consistency head: untrained weights, real shapes for PushCube."""
+    torch.manual_seed(0)
+    with make_env(ENV) as env:
+        state_dim, action_dim = env.single_observation_space["state"].shape[-1], env.single_action_space.shape[-1]
+    cfg = DiffusionConfig(pred_horizon=8, act_horizon=4, mlp_hidden=[64, 64])
+    policy = DiffusionPolicy(cfg, state_dim, action_dim, -torch.ones(action_dim), torch.ones(action_dim), gripper_dims=[action_dim - 1])
+    policy.normalizers["state"].scale.uniform_(0.5, 2.0)  # not the identity, so normalisation is exercised
+    head = ConsistencyHead.from_denoiser(policy.denoiser)
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    checkpoints.save(path, {"kind": "diffusion", "policy": policy.spec(), "env": asdict(ENV), "ema": policy.state_dict(),
+                            "consistency": {"weights": head.state_dict()}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory) -> Path:
+    out, _ = export(ExportConfig(ckpt=str(checkpoint), sampler="consistency", steps=2), tmp_path_factory.mktemp("b") / "bundle")
+    return out
+
+
+def _in_process_policy(checkpoint, sampler, steps) -> DiffusionPolicy:
+    from robodistill.policies.diffusion.policy import from_checkpoint
+
+    policy = from_checkpoint(checkpoints.load(checkpoint))
+    policy.set_sampler(sampler, steps)
+    return policy
+
+
+@pytest.mark.parametrize("fmt,sampler,steps", [("onnx", "consistency", 2), ("torchscript", "ddim", 3)])
+def test_bundle_computes_what_the_policy_computes(checkpoint, tmp_path, fmt, sampler, steps):
+    out, meta = export(ExportConfig(ckpt=str(checkpoint), sampler=sampler, steps=steps, format=fmt), tmp_path / "b")
+    assert meta["parity"]["max_abs_diff"] <= 1e-4 and meta["source"]["sha256"] and meta["env"]["control_freq"] == 20
+    assert meta["action"]["chunk_length"] == 4 and meta["observation"]["state"]["dtype"] == "float32"
+    loaded = Bundle.load(out)
+    policy = _in_process_policy(checkpoint, sampler, steps)
+    obs = {"state": torch.randn(5, 2, meta["observation"]["state"]["shape"][1])}
+    # The sampler's draws, in the order the in-process sampler makes them, are the bundle's noise input.
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.stack([torch.randn(5, 8, 4, generator=gen) for _ in range(meta["noise"]["shape"][0])], dim=1)
+    policy.generator = torch.Generator().manual_seed(7)
+    expected = policy.predict_chunk(obs).numpy()
+    got = loaded.infer({"state": obs["state"].numpy()}, noise.numpy())
+    assert got.shape == (5, 4, 4) and np.abs(got - expected).max() < 1e-5
+
+
+def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_path, cli):
+    bad = cli("export", f"ckpt={checkpoint}", "format=tflite")
+    assert bad.returncode == 2 and "format='tflite' is not one of onnx, torchscript" in bad.stderr
+    with pytest.raises(UserError, match="keeps a chunk per stream"):
+        export(ExportConfig(ckpt=str(checkpoint), sampler="rti"), tmp_path / "x")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        export(ExportConfig(ckpt=str(checkpoint)), bundle)
+    payload = checkpoints.load(checkpoint)
+    del payload["consistency"]
+    checkpoints.save(tmp_path / "teacher.pt", payload)
+    with pytest.raises(UserError, match="no consistency head"):
+        export(ExportConfig(ckpt=str(tmp_path / "teacher.pt")), tmp_path / "y")
+
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(bundle), str(copy)], check=True)
+    graph = copy / "policy.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 1
+    graph.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="policy.onnx does not match the sha256"):
+        Bundle.load(copy)
+    graph.unlink()
+    with pytest.raises(BundleError, match="missing policy.onnx"):
+        Bundle.load(copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["action"]["high"] = [9.0] * 4
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="modified after export"):
+        Bundle.load(copy)
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    """`robodistill serve` in its own process, on a free port, with an API key."""
+    proc = subprocess.Popen([*ROBODISTILL, "serve", f"bundle={bundle}", "port=0", "api_key=sesame", "max_message_mb=1",
+                             f"hydra.run.dir={bundle.parent / 'serve'}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(r"on ws://127\.0\.0\.1:(\d+)", line)
+        if found:
+            break
+    assert found, "".join(lines)
+    yield int(found.group(1))
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    assert "requests" in proc.stdout.read()
+
+
+def test_server_speaks_openpi_protocol_and_survives_bad_input(server, bundle):
+    with urllib.request.urlopen(f"http://127.0.0.1:{server}/healthz") as r:
+        assert r.status == 200
+    with pytest.raises(InvalidStatus, match="401"):
+        WebsocketClientPolicy("127.0.0.1", server, api_key="wrong")
+    client = WebsocketClientPolicy("127.0.0.1", server, api_key="sesame")
+    meta = client.get_server_metadata()
+    assert meta["checksum"] == json.loads((bundle / "metadata.json").read_text())["checksum"]
+    obs = {"state": np.zeros(meta["observation"]["state"]["shape"], np.float32)}
+    reply = client.infer(obs)
+    assert reply["actions"].shape == (4, 4) and reply["server_timing"]["infer_ms"] > 0
+
+    bad = {
+        "missing key": ({"image": obs["state"]}, "missing key(s) ['state']"),
+        "wrong shape": ({"state": obs["state"][0]}, "expected (2, "),
+        "wrong dtype": ({"state": obs["state"].astype(np.float64)}, "expected float32"),
+        "NaN": ({"state": np.full_like(obs["state"], np.nan)}, "NaN or inf"),
+        "not a dict": ([1, 2], "must be a dict"),
+    }
+    for case, (payload, message) in bad.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            client.infer(payload)
+    client._ws.send(b"\xc1 not msgpack")
+    assert "malformed frame" in client._ws.recv()
+    assert np.array_equal(client.infer(obs)["actions"].shape, (4, 4))  # the connection still serves
+
+    big = WebsocketClientPolicy("127.0.0.1", server, api_key="sesame")
+    with pytest.raises(ConnectionClosedError, match="message too big"):
+        big.infer({"state": np.zeros((600, 1000), np.float32)})
+
+    # Several clients at once; each connection's noise starts from the server seed, so identical
+    # requests get identical answers whoever else is being served.
+    answers, errors = {}, []
+
+    def one_client(i: int) -> None:
+        try:
+            c = WebsocketClientPolicy("127.0.0.1", server, api_key="sesame")
+            answers[i] = [c.infer(obs)["actions"] for _ in range(20)]
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(answers) == 4
+    for i in range(1, 4):
+        np.testing.assert_allclose(np.stack(answers[i]), np.stack(answers[0]), atol=1e-5)
+
+
+def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bundle, cli, tmp_path):
+    env = {"ROBODISTILL_API_KEY": "sesame"}
+    # seed=0 resets the episodes with seeds 0, 1 and is the server's noise seed (the fixture's default),
+    # which `eval policy=<bundle> seed=0` also uses for its noise.
+    loop = cli("control", f"server=ws://127.0.0.1:{server}", "episodes=2", "seed=0", "hz=0", "max_episode_steps=30", "name=c", env=env)
+    assert loop.returncode == 0, loop.stderr[-3000:]
+    assert "deadline misses  0 of 60 steps" in loop.stdout and "success_once" in loop.stdout
+    local = cli("eval", f"policy={bundle}", "episodes=2", "seed=0", "env.max_episode_steps=30", "name=e")
+    assert local.returncode == 0, local.stderr[-3000:]
+    (c,) = (tmp_path / "runs" / "control").glob("*-c")
+    (e,) = (tmp_path / "runs" / "eval").glob("*-e")
+    through, here = json.loads((c / "control.json").read_text()), json.loads((e / "eval.json").read_text())
+    # Same seeds, same noise stream: the same episodes, step for step.
+    assert [x["seed"] for x in through["episodes"]] == [x["seed"] for x in here["episodes"]] == [0, 1]
+    for a, b in zip(through["episodes"], here["episodes"]):
+        assert a["success_once"] == b["success_once"] and a["return"] == pytest.approx(b["return"], abs=1e-3)
+    lo, hi = here["summary"]["success_once"]["ci95"]
+    assert lo <= through["summary"]["success_once"]["rate"] <= hi
+    assert through["timing"]["requests"] == 2 * 8  # 30 steps, 4 actions per chunk
+    assert (c / "telemetry.csv").read_text().count("\n") == 61
+
+    table = cli("summary", "--name", "c")
+    assert table.returncode == 0 and "through the server at 0 Hz" in table.stdout and "0/60 deadline misses" in table.stdout
+
+    wrong = cli("control", f"server=ws://127.0.0.1:{server}", "episodes=1", env={"ROBODISTILL_API_KEY": "nope"})
+    assert wrong.returncode == 2 and "refused the connection (HTTP 401)" in wrong.stderr
+    nobody = cli("control", "server=ws://127.0.0.1:9", "episodes=1")
+    assert nobody.returncode == 2 and "no policy server at ws://127.0.0.1:9" in nobody.stderr
+
+
+class SlowPolicy(BasePolicy):
+    """A bundle behind a slow link: every answer takes `delay` seconds."""
+
+    def __init__(self, bundle: Bundle, delay: float):
+        self.bundle, self.delay, self.rng = bundle, delay, np.random.default_rng(0)
+
+    def infer(self, obs: dict) -> dict:
+        time.sleep(self.delay)
+        arrays = {k: v[None] for k, v in obs.items()}
+        return {"actions": self.bundle.infer(arrays, self.bundle.noise(1, self.rng))[0]}
+
+
+@pytest.mark.parametrize("on_late", ["hold", "stop"])
+def test_late_inference_holds_or_stops_and_stale_actions_are_skipped(bundle, on_late):
+    loaded = Bundle.load(bundle)
+    agent = ChunkAgent(SlowPolicy(loaded, delay=0.12), loaded.metadata, ControllerConfig(hz=20, deadline_ms=20, on_late=on_late))
+    agent.reset()
+    frame = {"state": np.zeros(loaded.metadata["observation"]["state"]["shape"][1], np.float32)}
+    actions = []
+    for _ in range(12):
+        actions.append(agent.get_action(frame)["actions"])
+        time.sleep(0.05)  # the rest of a 20 Hz period
+    late = [r["late"] for r in agent.records]
+    assert late[:2] == [True, True]  # 120 ms of inference: the first steps have nothing in time
+    assert not all(late)
+    assert agent.requests[0]["skipped"] >= 2  # the chunk came back steps after its observation
+    if on_late == "stop":  # delta control: zero arm motion, the gripper as it was
+        np.testing.assert_array_equal(actions[0], np.zeros(4))
+    low, high = np.asarray(loaded.metadata["action"]["low"]), np.asarray(loaded.metadata["action"]["high"])
+    assert all(((a >= low) & (a <= high)).all() for a in actions)
+    with pytest.raises(UserError, match="replan_below=4"):
+        ControllerConfig(replan_below=4).check(4)
