@@ -13,6 +13,7 @@ def register_schemas() -> None:
     from robodistill.evaluation import EvalConfig
     from robodistill.inference.latency import BenchLatencyConfig
     from robodistill.training.distill import DistillConfig
+    from robodistill.training.rpd import RPDConfig
     from robodistill.training.teacher import TrainTeacherConfig
     from robodistill.training.ppo_rnd import AGVTrainConfig
 
@@ -27,3 +28,4 @@ def register_schemas() -> None:
     store.store(group="schema", name="export", node=ExportConfig)
     store.store(group="schema", name="serve", node=ServeConfig)
     store.store(group="schema", name="control", node=ControlConfig)
+    store.store(group="schema", name="rpd", node=RPDConfig)

@@ -175,6 +175,8 @@ class SB3View(SB3VecEnv):
         self.env.close()
 
     def get_attr(self, attr_name: str, indices=None) -> list[Any]:
+        if attr_name == "render_mode":  # asked by SB3 at construction; frames come from VecEnv.render()
+            return [None] * len(self._get_indices(indices))
         return [getattr(self.env, attr_name)] * len(self._get_indices(indices))
 
     def set_attr(self, attr_name: str, value: Any, indices=None) -> None:

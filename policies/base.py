@@ -42,8 +42,8 @@ def register_loader(kind: str):
 
 
 def load_policy(spec: str, env, seed: int = 0) -> Policy:
-    """`random`, `scripted` (PushCube-v1 only), a bundle directory (`robodistill export`), or the path
-    of a checkpoint of a registered policy kind."""
+    """`random`, `scripted` (PushCube-v1 only), a bundle directory (`robodistill export`), an RL
+    student's SB3 zip (`robodistill rpd`), or the path of a checkpoint of a registered policy kind."""
     if spec == "random":
         from robodistill.policies.random import RandomPolicy
 
@@ -60,6 +60,10 @@ def load_policy(spec: str, env, seed: int = 0) -> Policy:
 
     if is_bundle(spec):
         return load_bundle_policy(spec, env, seed=seed)
+    if spec.endswith(".zip") and Path(spec).is_file():
+        from robodistill.policies.student import load_student
+
+        return load_student(spec, env)
     if not Path(spec).is_file():
         raise UserError(f"policy '{spec}' is neither 'random', 'scripted', a bundle directory nor an existing checkpoint file")
     payload = checkpoints.load(spec)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-teacher": ("robodistill.training.teacher", "train the Diffusion Policy teacher on demonstrations (EMA, periodic eval, checkpoints, resume)"),
     "distill": ("robodistill.training.distill", "distill a teacher checkpoint into a one-step consistency head (variant=regression|consistency)"),
     "bench-latency": ("robodistill.inference.latency", "per sampler: denoiser calls, latency p50/p99 at batch 1, success with intervals, a PNG"),
+    "rpd": ("robodistill.training.rpd", "RPD: a PPO student (SB3) pulled toward a teacher's actions (teacher=<ckpt|bundle|ws://...|none>)"),
     "export": ("robodistill.deploy.export", "a deploy bundle: one ONNX/TorchScript graph with normalisation inside, metadata.json, parity-checked"),
     "serve": ("robodistill.deploy.server", "serve a bundle over openpi's websocket protocol (openpi_client.WebsocketClientPolicy works unchanged)"),
     "control": ("robodistill.deploy.controller", "closed loop at a fixed rate through a policy server (bundle= or server=ws://...): success, jitter, deadline misses, latency"),

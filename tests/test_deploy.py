@@ -240,3 +240,16 @@ def test_late_inference_holds_or_stops_and_stale_actions_are_skipped(bundle, on_
     assert all(((a >= low) & (a <= high)).all() for a in actions)
     with pytest.raises(UserError, match="replan_below=4"):
         ControllerConfig(replan_below=4).check(4)
+
+
+def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):
+    from robodistill.policies.teachers import load_teacher
+
+    with make_env(ENV) as env:
+        assert load_teacher("none", env) is None
+        history = {"state": env.reset(seed=0)["state"][:, None].repeat(3, 2, 1)}  # (3, 2, D): 3 rows, obs_horizon 2
+        local = load_teacher(str(checkpoint), env)
+        assert local.policy.sampler.name == "consistency" and local.act(history).shape == (3, 4)
+        remote = load_teacher(f"ws://127.0.0.1:{server}", env, api_key="sesame")
+        actions = remote.act(history)
+        assert remote.obs_horizon == 2 and actions.shape == (3, 4) and actions.abs().max() <= 1

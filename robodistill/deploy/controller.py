@@ -53,6 +53,7 @@ from openpi_client.runtime.runtime import Runtime
 from robodistill.envs import EnvConfig, VecEnv, make_env
 from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, episode_metrics
+from robodistill.wire import API_KEY_ENV, connect
 
 ON_LATE = ("hold", "stop")
 
@@ -238,23 +239,6 @@ class ControlConfig:
     name: str = "control"
 
 
-def connect(url: str, api_key: str | None) -> base_policy.BasePolicy:
-    """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line."""
-    from openpi_client.websocket_client_policy import WebsocketClientPolicy
-    from websockets.exceptions import InvalidStatus, InvalidURI
-
-    if not url.startswith(("ws://", "wss://")):
-        raise UserError(f"server={url!r} must be a websocket URL, e.g. ws://127.0.0.1:8000")
-    try:
-        return WebsocketClientPolicy(url, api_key=api_key)
-    except InvalidStatus as err:
-        code = err.response.status_code
-        hint = ": set api_key= (or ROBODISTILL_API_KEY) to the server's key" if code == 401 else ""
-        raise UserError(f"the server at {url} refused the connection (HTTP {code}){hint}") from err
-    except (OSError, InvalidURI) as err:
-        raise UserError(f"no policy server at {url} ({err}): start one with `robodistill serve bundle=<dir>`") from err
-
-
 def _percentiles(values: list[float], qs=(50, 99)) -> list[float]:
     return [float(np.percentile(values, q)) for q in qs] if values else [float("nan")] * len(qs)
 
@@ -300,7 +284,7 @@ def timing_table(t: dict) -> str:
 def main(cfg: DictConfig) -> EvalReport:
     from hydra.core.hydra_config import HydraConfig
 
-    from robodistill.deploy.server import API_KEY_ENV, PolicyServer
+    from robodistill.deploy.server import PolicyServer
     from robodistill.policies.bundle import Bundle
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

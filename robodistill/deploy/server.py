@@ -41,8 +41,8 @@ from websockets.exceptions import ConnectionClosed
 import robodistill
 from robodistill.errors import UserError
 from robodistill.policies.bundle import Bundle, check_observation
+from robodistill.wire import API_KEY_ENV
 
-API_KEY_ENV = "ROBODISTILL_API_KEY"
 
 
 @dataclass

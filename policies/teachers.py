@@ -1,0 +1,77 @@
+"""Teachers: what RPD (and later RL-100) asks for an action, whatever the teacher is.
+
+A teacher maps a batch of observation histories to one action each: `act(obs) -> (B, A)` in env
+units, where `obs[key]` is (B, obs_horizon, ...) as in the Policy contract. It is queried on stored
+observations and never executed, so it only has to be right, not fast per call. Three kinds:
+
+- any `Policy` (a diffusion checkpoint with its fastest sampler: the consistency head if it has one,
+  else its own; a bundle directory): the first action of the chunk it predicts at the newest
+  observation;
+- a policy served over openpi's websocket protocol (`ws://host:port`: `robodistill serve`, or a VLA
+  served by openpi), one request per observation through `openpi_client.WebsocketClientPolicy`;
+- the small VLA (later).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from robodistill.errors import UserError
+from robodistill.policies.base import Obs, Policy, load_policy
+from robodistill.wire import connect
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    obs_horizon: int
+
+    def act(self, obs: Obs) -> torch.Tensor: ...
+
+
+class PolicyTeacher:
+    """A `Policy` as a teacher: the first action of each predicted chunk."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.obs_horizon = policy.obs_horizon
+
+    @torch.no_grad()
+    def act(self, obs: Obs) -> torch.Tensor:
+        return self.policy.predict_chunk(obs)[:, 0]
+
+
+class RemoteTeacher:
+    """A policy behind openpi's websocket protocol. Its metadata must say `policy.obs_horizon`
+    (robodistill bundles do); a server without it (e.g. openpi's) gets single frames."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        self.client = connect(url, api_key)
+        meta = self.client.get_server_metadata() or {}
+        self.obs_horizon = int(meta.get("policy", {}).get("obs_horizon", 1))
+        self.single_frame = "policy" not in meta
+
+    def act(self, obs: Obs) -> torch.Tensor:
+        arrays = {k: v.cpu().numpy() for k, v in obs.items()}
+        batch = next(iter(arrays.values())).shape[0]
+        out = []
+        for i in range(batch):
+            row = {k: (v[i, -1] if self.single_frame else v[i]) for k, v in arrays.items()}
+            out.append(np.asarray(self.client.infer(row)["actions"], np.float32)[0])
+        return torch.from_numpy(np.stack(out)).to(next(iter(obs.values())).device)
+
+
+def load_teacher(spec: str, env, api_key: str | None = None) -> Teacher | None:
+    """`none`, `ws://host:port` (a served policy) or a checkpoint / bundle path for `env`."""
+    if spec in ("", "none", None):
+        return None
+    if spec.startswith(("ws://", "wss://")):
+        return RemoteTeacher(spec, api_key)
+    policy = load_policy(spec, env)
+    if getattr(policy, "consistency", None) is not None:
+        policy.set_sampler("consistency", 1)  # the cheapest way to ask a diffusion teacher
+    if not isinstance(policy, Policy):
+        raise UserError(f"teacher={spec} is not a policy")
+    return PolicyTeacher(policy)

@@ -1,0 +1,399 @@
+"""`robodistill rpd`: Refined Policy Distillation, a PPO student pulled toward a teacher's actions.
+
+RPD (Jülg, Burgard, Walter 2025; design/algorithms.md section 1) is PPO with one more loss term:
+
+    L = L_clip + vf_coef L_V - ent_coef H + lambda_t * distill(mu_theta(s), a_T(s))
+
+where mu_theta(s) is the student's mean action and a_T(s) the teacher's action on the *stored*
+rollout observation s. The teacher is queried, never executed: exploration is the student's own.
+distill is `mse` (the paper's default), `l1`, or `bc` = -log pi_theta(a_T | s). lambda_t is constant
+(`distill_coef`, the paper's 1.0) or cosine-annealed to 0 over `anneal_steps` env steps, then off.
+teacher=none (or distill_coef=0) is exactly the PPO baseline with identical settings.
+
+Built on stable-baselines3: `RPD` is its `PPO` with the teacher's actions attached to the rollout
+buffer and the term added to the loss (`train` below is SB3's PPO update with that one term), so a
+saved student is an SB3 zip that `stable_baselines3.PPO.load` opens and `predict`s with. The teacher
+is fixed during a rollout's update, so its actions are computed once per rollout, in batches, on the
+stored observations (with the observation history a diffusion teacher takes, rebuilt from the
+buffer's episode starts), not per minibatch per epoch as in the authors' code: the same numbers,
+several times cheaper. Truncated episodes bootstrap from the value of their last observation (SB3's
+time-limit handling, ManiSkill's finite-horizon GAE); envs reset independently (partial resets).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.utils import explained_variance
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from robodistill.envs import EnvConfig, SB3View, make_env
+from robodistill.errors import UserError
+from robodistill.evaluation import evaluate
+from robodistill.policies.student import GaussianStudent, NormalizedState
+from robodistill.policies.teachers import Teacher, load_teacher
+from robodistill.training.runs import find_resume
+
+DISTILL_LOSSES = ("mse", "l1", "bc")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class RPDConfig:
+    """`robodistill rpd` (configs/rpd.yaml)."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    teacher: str = "none"  # a diffusion checkpoint, a bundle dir, ws://host:port (a served policy), or none: plain PPO
+    api_key: str | None = None  # for a ws:// teacher; default: the ROBODISTILL_API_KEY env var
+    total_steps: int = 200_000  # env steps, all envs together
+    seed: int = 0
+    # RPD
+    distill: str = "mse"  # mse | l1 | bc (-log pi(a_T|s))
+    distill_coef: float = 1.0  # lambda; 0: plain PPO
+    schedule: str = "constant"  # constant | cosine (lambda * (0.5 cos(pi t / anneal_steps) + 0.5), then 0)
+    anneal_steps: int | None = None  # default: total_steps
+    # PPO (RPD's defaults, sized for a few CPU envs)
+    n_steps: int = 200  # rollout length per env
+    batch_size: int = 100  # minibatch size
+    n_epochs: int = 8
+    lr: float = 3e-4
+    gamma: float | None = None  # default: 0.8 for dense rewards, 0.99 for sparse (as RPD)
+    gae_lambda: float = 0.9
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float | None = 0.2
+    hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+    log_std_init: float = -0.5
+    obs_norm_steps: int = 1000  # random-action env steps (not counted in total_steps) that fit the state normaliser
+    # run
+    eval_every: int = 10_000  # env steps between evaluations (success with intervals); 0: only at the end
+    eval_episodes: int = 20
+    checkpoint_every: int = 10_000  # env steps between atomic checkpoints/last.zip
+    resume: bool = False  # continue the newest run with this name from checkpoints/last.zip
+    resume_from: str | None = None  # or from this run directory / zip
+    threads: int = 1
+    progress: bool = True
+    name: str = "rpd"
+
+
+class TeacherRolloutSamples(NamedTuple):
+    observations: torch.Tensor
+    actions: torch.Tensor
+    old_values: torch.Tensor
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    teacher_actions: torch.Tensor
+
+
+class TeacherRolloutBuffer(RolloutBuffer):
+    """SB3's rollout buffer plus the teacher's action for every stored observation."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.teacher_actions = np.zeros((self.buffer_size, self.n_envs, self.action_dim), dtype=np.float32)
+
+    def get(self, batch_size: int | None = None):
+        if not self.generator_ready:  # flattened the way the parent flattens its own arrays
+            self.teacher_actions = self.swap_and_flatten(self.teacher_actions)
+        yield from super().get(batch_size)
+
+    def _get_samples(self, batch_inds: np.ndarray, env=None) -> TeacherRolloutSamples:
+        base = super()._get_samples(batch_inds, env)
+        return TeacherRolloutSamples(*base, self.to_torch(self.teacher_actions[batch_inds]))
+
+
+def stack_history(obs: np.ndarray, starts: np.ndarray, horizon: int, prev_obs: np.ndarray | None,
+                  prev_starts: np.ndarray | None) -> np.ndarray:
+    """(n, E, D) rollout observations -> (n, E, horizon, D) histories, oldest first. Before an
+    episode's first observation the history repeats it (as in training and evaluation). `prev_*`:
+    the previous rollout's last horizon-1 steps (None: this is the first rollout)."""
+    n, envs = obs.shape[:2]
+    out = np.repeat(obs[:, :, None], horizon, axis=2)
+    if horizon == 1:
+        return out
+    lead = horizon - 1
+    if prev_obs is None:
+        prev_obs = np.repeat(obs[:1], lead, axis=0)
+        prev_starts = np.ones((lead, envs), dtype=bool)
+    ext_obs = np.concatenate([prev_obs, obs])
+    ext_starts = np.concatenate([prev_starts.astype(bool), starts.astype(bool)])
+    blocked = np.zeros((n, envs), dtype=bool)
+    for j in range(1, horizon):
+        blocked |= ext_starts[lead + 1 - j : lead + 1 - j + n]  # an episode began at step t - j + 1
+        out[:, :, lead - j] = np.where(blocked[..., None], out[:, :, lead - j + 1], ext_obs[lead - j : lead - j + n])
+    return out
+
+
+class RPD(PPO):
+    """SB3 PPO + lambda * distill(student mean, teacher action); see the module doc."""
+
+    def __init__(self, *args, teacher: Teacher | None = None, distill: str = "mse", distill_coef: float = 1.0,
+                 schedule: str = "constant", anneal_steps: int | None = None, teacher_batch: int = 4096, **kwargs):
+        self.teacher = teacher
+        self.distill, self.distill_coef, self.schedule = distill, distill_coef, schedule
+        self.anneal_steps, self.teacher_batch = anneal_steps, teacher_batch
+        self._tail: tuple[np.ndarray, np.ndarray] | None = None
+        super().__init__(*args, rollout_buffer_class=TeacherRolloutBuffer, **kwargs)
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "teacher", "_tail"]
+
+    def coef(self) -> float:
+        """lambda at the current env step."""
+        if self.teacher is None or self.distill_coef == 0:
+            return 0.0
+        if self.schedule == "constant":
+            return self.distill_coef
+        horizon = self.anneal_steps or self._total_timesteps
+        if self.num_timesteps >= horizon:
+            return 0.0
+        return self.distill_coef * (0.5 * math.cos(math.pi * self.num_timesteps / horizon) + 0.5)
+
+    def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps) -> bool:
+        ok = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        if ok and self.coef() > 0:
+            self._label(rollout_buffer)
+        return ok
+
+    @torch.no_grad()
+    def _label(self, buffer: TeacherRolloutBuffer) -> None:
+        """The teacher's action on every stored observation, in batches, once per rollout."""
+        h = self.teacher.obs_horizon
+        obs, starts = buffer.observations, buffer.episode_starts
+        prev = self._tail if self._tail is not None else (None, None)
+        hist = stack_history(obs, starts, h, *prev)
+        flat = torch.from_numpy(hist.reshape(-1, *hist.shape[2:])).float()
+        actions = [self.teacher.act({"state": flat[i : i + self.teacher_batch]}).cpu().numpy()
+                   for i in range(0, len(flat), self.teacher_batch)]
+        buffer.teacher_actions[:] = np.concatenate(actions).reshape(buffer.teacher_actions.shape)
+        if h > 1:
+            self._tail = (obs[-(h - 1):].copy(), starts[-(h - 1):].copy())
+
+    def _distill_loss(self, dist, teacher_actions: torch.Tensor) -> torch.Tensor:
+        if self.distill == "bc":
+            return -dist.log_prob(teacher_actions).mean()
+        mean = dist.distribution.mean
+        return F.mse_loss(mean, teacher_actions) if self.distill == "mse" else F.l1_loss(mean, teacher_actions)
+
+    def train(self) -> None:
+        """SB3's PPO update (clipped surrogate, value loss, entropy, KL early stop) + the RPD term."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)
+        coef = self.coef()
+        logs: dict[str, list[float]] = {k: [] for k in ("pg", "value", "entropy", "distill", "kl", "clip_fraction")}
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            for data in self.rollout_buffer.get(self.batch_size):
+                dist = self.policy.get_distribution(data.observations)
+                values = self.policy.predict_values(data.observations).flatten()
+                log_prob, entropy = dist.log_prob(data.actions), dist.entropy()
+                adv = data.advantages
+                if self.normalize_advantage and len(adv) > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                ratio = torch.exp(log_prob - data.old_log_prob)
+                pg_loss = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
+                value_loss = F.mse_loss(data.returns, values)
+                entropy_loss = -entropy.mean() if entropy is not None else log_prob.mean()
+                loss = pg_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+                if coef > 0:
+                    distill_loss = self._distill_loss(dist, data.teacher_actions)
+                    loss = loss + coef * distill_loss
+                    logs["distill"].append(distill_loss.item())
+                with torch.no_grad():
+                    log_ratio = log_prob - data.old_log_prob
+                    approx_kl = torch.mean(torch.exp(log_ratio) - 1 - log_ratio).item()
+                logs["pg"].append(pg_loss.item())
+                logs["value"].append(value_loss.item())
+                logs["entropy"].append(entropy_loss.item())
+                logs["kl"].append(approx_kl)
+                logs["clip_fraction"].append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
+                if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
+                    continue_training = False
+                    break
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+        for key, values in logs.items():
+            if values:
+                self.logger.record(f"train/{key}", float(np.mean(values)))
+        self.logger.record("train/distill_coef", coef)
+        self.logger.record("train/explained_variance",
+                           explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()))
+        self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+
+
+def fit_normalizer(model: PPO, vec: SB3View, steps: int, seed: int) -> None:
+    """Fit the student's NormalizedState on `steps` env steps of uniformly random actions."""
+    if steps <= 0:
+        return
+    rng = np.random.default_rng(seed)
+    space = vec.action_space
+    vec.seed(seed)
+    states = [vec.reset()]
+    for _ in range(max(1, steps // vec.num_envs)):
+        actions = rng.uniform(space.low, space.high, (vec.num_envs, *space.shape)).astype(np.float32)
+        states.append(vec.step(actions)[0])
+    model.policy.features_extractor.fit(np.concatenate(states))
+    vec.seed(seed)  # learn() starts from the same reset as it would have without this
+
+
+def save_atomic(model: PPO, path: Path) -> None:
+    """SB3's zip, written to a temp name and renamed: a kill mid-save keeps the previous one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".zip", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class RunCallback(BaseCallback):
+    """Periodic shared evaluation (success with intervals -> history.json, TensorBoard), atomic
+    checkpoints, a progress bar, and training throughput with evaluation time left out."""
+
+    def __init__(self, cfg: RPDConfig, run_dir: Path, eval_env, history: list[dict]):
+        super().__init__()
+        self.cfg, self.run_dir, self.eval_env, self.history = cfg, run_dir, eval_env, history
+        self.bar = None
+        self.next_eval = self.next_ckpt = 0
+        self.eval_seconds = 0.0
+        self.start = time.perf_counter()
+        self.start_steps = 0
+
+    def _on_training_start(self) -> None:
+        n = self.model.num_timesteps
+        self.start_steps = n
+        self.next_eval = (n // self.cfg.eval_every + 1) * self.cfg.eval_every if self.cfg.eval_every else math.inf
+        self.next_ckpt = (n // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
+        self.bar = tqdm(total=self.cfg.total_steps, initial=n, desc="rpd", unit="step", disable=not self.cfg.progress)
+        if not self.history:
+            self.evaluate()  # step 0: what the student does before training
+
+    def evaluate(self) -> dict:
+        start = time.perf_counter()
+        report = evaluate(GaussianStudent(self.model), self.eval_env, self.cfg.eval_episodes, seed=10_000 + self.cfg.seed, progress=False)
+        self.eval_seconds += time.perf_counter() - start
+        s = report.summary
+        train_seconds = time.perf_counter() - self.start - self.eval_seconds
+        row = {"step": self.model.num_timesteps, "success_once": s["success_once"]["rate"], "ci95": s["success_once"]["ci95"],
+               "success_at_end": s["success_at_end"]["rate"], "return": s["mean_return"], "episodes": s["episodes"],
+               "train_steps_per_second": (self.model.num_timesteps - self.start_steps) / max(train_seconds, 1e-9)}
+        self.history.append(row)
+        (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+        self.logger.record("eval/success_once", row["success_once"])
+        self.logger.record("eval/return", row["return"])
+        if self.bar is not None:
+            self.bar.set_postfix(success=f"{row['success_once']:.0%}")
+        return row
+
+    def _on_step(self) -> bool:
+        n = self.model.num_timesteps
+        self.bar.update(n - self.bar.n)
+        if n >= self.next_eval:
+            self.next_eval += self.cfg.eval_every
+            self.evaluate()
+        if n >= self.next_ckpt:
+            self.next_ckpt += self.cfg.checkpoint_every
+            save_atomic(self.model, self.run_dir / "checkpoints" / "last.zip")
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()
+
+
+def check(cfg: RPDConfig) -> None:
+    if cfg.distill not in DISTILL_LOSSES:
+        raise UserError(f"distill='{cfg.distill}' is not one of {', '.join(DISTILL_LOSSES)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"schedule='{cfg.schedule}' is not one of {', '.join(SCHEDULES)}")
+    if cfg.distill_coef < 0:
+        raise UserError(f"distill_coef={cfg.distill_coef} must be >= 0")
+    if cfg.total_steps < 1 or cfg.n_steps < 1 or cfg.batch_size < 2:
+        raise UserError("total_steps and n_steps must be >= 1 and batch_size >= 2")
+    if cfg.env.obs_mode != "state":
+        raise UserError(f"env.obs_mode={cfg.env.obs_mode}: the RPD student takes state observations (env.obs_mode=state)")
+    if cfg.checkpoint_every < 1:
+        raise UserError(f"checkpoint_every={cfg.checkpoint_every} must be >= 1")
+
+
+def train(cfg: RPDConfig, run_dir: Path) -> dict:
+    check(cfg)
+    torch.set_num_threads(cfg.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dense = (cfg.env.reward_mode or "normalized_dense") != "sparse"
+    gamma = cfg.gamma if cfg.gamma is not None else (0.8 if dense else 0.99)
+    env = make_env(cfg.env)
+    eval_env = make_env(cfg.env, ignore_terminations=True)
+    try:
+        teacher = load_teacher(cfg.teacher, eval_env, cfg.api_key)
+        vec = SB3View(env)
+        rpd = {"teacher": teacher, "distill": cfg.distill, "distill_coef": cfg.distill_coef, "schedule": cfg.schedule,
+               "anneal_steps": cfg.anneal_steps}
+        resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
+        history: list[dict] = []
+        if resume_path is not None:
+            model = RPD.load(resume_path, env=vec, device="cpu", **rpd)
+            old = resume_path.parent.parent / "history.json"
+            history = json.loads(old.read_text()) if old.is_file() else []
+            model.set_random_seed(cfg.seed + model.num_timesteps)
+            print(f"resumed from {resume_path} at step {model.num_timesteps}")
+        else:
+            model = RPD("MlpPolicy", vec, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
+                        learning_rate=cfg.lr, gamma=gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
+                        ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl,
+                        policy_kwargs={"net_arch": {"pi": list(cfg.hidden), "vf": list(cfg.hidden)}, "activation_fn": nn.Tanh,
+                                       "log_std_init": cfg.log_std_init, "features_extractor_class": NormalizedState},
+                        tensorboard_log=str(run_dir / "tb"), seed=cfg.seed, device="cpu", **rpd)
+            fit_normalizer(model, vec, cfg.obs_norm_steps, cfg.seed)
+        callback = RunCallback(cfg, run_dir, eval_env, history)
+        model.learn(max(0, cfg.total_steps - model.num_timesteps), callback=callback, reset_num_timesteps=False,
+                    tb_log_name="rpd")
+        if cfg.eval_every == 0 or history[-1]["step"] != model.num_timesteps:
+            callback.evaluate()
+        save_atomic(model, run_dir / "checkpoints" / "last.zip")
+        save_atomic(model, run_dir / "student.zip")
+    finally:
+        env.close()
+        eval_env.close()
+    return {"history": history, "student": str(run_dir / "student.zip")}
+
+
+def main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container["env"] = EnvConfig.from_mapping(container["env"])
+    config = RPDConfig(**container)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = train(config, run_dir)
+    last = result["history"][-1]
+    lo, hi = last["ci95"]
+    print(f"{config.env.task}: {last['step']} env steps, success_once {last['success_once']:.0%} [{lo:.0%}, {hi:.0%}] "
+          f"over {last['episodes']} episodes; {last['train_steps_per_second']:.0f} training env steps/s")
+    print(f"student: {result['student']}  (stable_baselines3.PPO.load opens it; robodistill eval policy=... evaluates it)")
+    return result

@@ -1,0 +1,34 @@
+"""The wire: openpi's websocket policy protocol, client side (openpi-client's codec and client).
+
+At the bottom of the import graph: the remote teacher (policies) and the controller (deploy) both
+connect through here; the server (deploy) speaks the same protocol.
+"""
+
+from __future__ import annotations
+
+import os
+
+from openpi_client import base_policy
+
+from robodistill.errors import UserError
+
+API_KEY_ENV = "ROBODISTILL_API_KEY"
+
+
+def connect(url: str, api_key: str | None = None) -> base_policy.BasePolicy:
+    """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line.
+    `api_key` defaults to the ROBODISTILL_API_KEY env var."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+    from websockets.exceptions import InvalidStatus, InvalidURI
+
+    if not url.startswith(("ws://", "wss://")):
+        raise UserError(f"{url!r} is not a websocket URL: use e.g. ws://127.0.0.1:8000")
+    api_key = api_key or os.environ.get(API_KEY_ENV)
+    try:
+        return WebsocketClientPolicy(url, api_key=api_key)
+    except InvalidStatus as err:
+        code = err.response.status_code
+        hint = f": set api_key= (or {API_KEY_ENV}) to the server's key" if code == 401 else ""
+        raise UserError(f"the server at {url} refused the connection (HTTP {code}){hint}") from err
+    except (OSError, InvalidURI) as err:
+        raise UserError(f"no policy server at {url} ({err}): start one with `robodistill serve bundle=<dir>`") from err

@@ -1,0 +1,93 @@
+"""RPD: the teacher-guided PPO student (robodistill rpd) and the teacher interface."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+
+from robodistill.envs import EnvConfig, SB3View, make_env
+from robodistill.policies import load_policy
+from robodistill.policies.teachers import PolicyTeacher, load_teacher
+from robodistill.policies.student import NormalizedState
+from robodistill.training.rpd import RPD, fit_normalizer, stack_history
+
+ENV = EnvConfig(task="PushCube-v1")
+SMALL = {"n_steps": 100, "batch_size": 25, "n_epochs": 10, "learning_rate": 1e-3, "device": "cpu",
+         "policy_kwargs": {"net_arch": [64, 64], "features_extractor_class": NormalizedState}}
+
+
+def test_history_repeats_the_first_observation_of_each_episode():
+    obs = np.arange(6, dtype=np.float32).reshape(6, 1, 1)  # one env, observations 0..5
+    starts = np.array([1, 0, 0, 1, 0, 0], dtype=np.float32).reshape(6, 1)  # episodes begin at 0 and 3
+    h = stack_history(obs, starts, 3, None, None)[:, 0, :, 0]
+    assert h.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [3, 3, 3], [3, 3, 4], [3, 4, 5]]
+    # The next rollout continues the episode from the previous rollout's last two steps.
+    nxt = stack_history(np.array([[[6.0]]]), np.zeros((1, 1)), 3, obs[-2:], starts[-2:])[:, 0, :, 0]
+    assert nxt.tolist() == [[4, 5, 6]]
+
+
+class CountingTeacher(PolicyTeacher):
+    def __init__(self, policy):
+        super().__init__(policy)
+        self.calls = 0
+
+    def act(self, obs):
+        self.calls += 1
+        return super().act(obs)
+
+
+def _gap(model, states: torch.Tensor, teacher: PolicyTeacher) -> float:
+    """Mean squared distance between the student's mean action and the teacher's on fixed states."""
+    with torch.no_grad():
+        mean = model.policy.get_distribution(states).distribution.mean
+        return float(((mean - PolicyTeacher.act(teacher, {"state": states[:, None]})) ** 2).mean())
+
+
+def _trained(cls, **kwargs):
+    """A fresh env and a model of `cls` after 400 env steps from seed 0."""
+    with make_env(ENV) as env:
+        vec = SB3View(env)
+        model = cls("MlpPolicy", vec, seed=0, **SMALL, **kwargs)
+        fit_normalizer(model, vec, 300, seed=0)
+        model.learn(400)
+    return model
+
+
+def test_rpd_pulls_the_student_to_the_teacher_and_off_is_plain_ppo():
+    with make_env(ENV) as env:
+        teacher = CountingTeacher(load_policy("scripted", env))
+        states = torch.stack([env.reset(seed=s)["state"][0] for s in range(32)])
+    rpd = _trained(RPD, teacher=teacher, distill_coef=10.0)
+    assert teacher.calls == 4  # once per rollout (100 steps, one batch), not per minibatch or epoch
+    ppo = _trained(PPO)
+    off = _trained(RPD, teacher=teacher, distill_coef=0.0)
+    assert teacher.calls == 4  # lambda = 0: the teacher is never asked
+    for a, b in zip(ppo.policy.parameters(), off.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the identical PPO baseline
+    untrained = RPD("MlpPolicy", SB3View(make_env(ENV)), seed=0, **SMALL)
+    untrained.policy.features_extractor.load_state_dict(rpd.policy.features_extractor.state_dict())
+    before, pulled, ppo_gap = (_gap(m, states, teacher) for m in (untrained, rpd, ppo))
+    assert pulled < 0.3 * before and pulled < 0.3 * ppo_gap, (before, pulled, ppo_gap)
+
+
+def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
+    args = ["teacher=scripted", "n_steps=100", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "eval_every=200",
+            "eval_episodes=2", "checkpoint_every=200", "env.max_episode_steps=25", "name=r"]
+    first = cli("rpd", *args, "total_steps=200")
+    assert first.returncode == 0, first.stderr[-3000:]
+    more = cli("rpd", *args, "total_steps=400", "resume=true")
+    assert more.returncode == 0 and "at step 200" in more.stdout, more.stderr[-3000:]
+    run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))[-1]
+    history = json.loads((run / "history.json").read_text())
+    assert [h["step"] for h in history] == [0, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
+    student = PPO.load(run / "student.zip", device="cpu")
+    action, _ = student.predict(np.zeros(student.observation_space.shape, np.float32), deterministic=True)
+    assert action.shape == (4,) and student.num_timesteps == 400
+    ev = cli("eval", f"policy={run / 'student.zip'}", "episodes=1", "env.max_episode_steps=10")
+    assert ev.returncode == 0 and "success_once" in ev.stdout, ev.stderr[-2000:]
+    for bad, message in {"distill=kl": "distill='kl' is not one of mse, l1, bc",
+                         "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9"}.items():
+        r = cli("rpd", bad, "total_steps=10")
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
