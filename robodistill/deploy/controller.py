@@ -295,6 +295,9 @@ def main(cfg: DictConfig) -> EvalReport:
     if cfg.episodes < 1:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
     controller = ControllerConfig(float(cfg.hz), int(cfg.replan_below), cfg.deadline_ms, str(cfg.on_late))
+    # openpi's client and runtime and the websockets server log every connection and episode at INFO.
+    for log in (logging.getLogger(), logging.getLogger("websockets")):
+        log.setLevel(logging.WARNING)
     server = None
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV)
     if cfg.bundle:
@@ -312,7 +315,6 @@ def main(cfg: DictConfig) -> EvalReport:
                         max_episode_steps=cfg.max_episode_steps or e["max_episode_steps"], image_size=e.get("image_size", 128))
     agent = ChunkAgent(policy, meta, controller)
     start = time.perf_counter()
-    logging.getLogger().setLevel(logging.WARNING)  # openpi's runtime logs every episode start and end
     with make_env(env_cfg, ignore_terminations=True) as env:
         robot = ManiSkillRobot(env, seed=int(cfg.seed))
         progress = EpisodeProgress(int(cfg.episodes))
