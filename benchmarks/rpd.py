@@ -49,22 +49,24 @@ def wait(proc: subprocess.Popen, log: Path) -> None:
 
 
 def make_teacher(task: str, a: argparse.Namespace, out: Path) -> tuple[Path, dict]:
-    """Few demos, a short training: a teacher that is useful but far from perfect."""
+    """Few demos, a short training: a teacher that is useful but far from perfect (on the last core)."""
+    core = a.parallel - 1
     ds_dir = out / "teachers" / task / "demos"
     dataset = ds_dir / f"mp_n{a.teacher_demos}_seed0.state.pd_ee_delta_pos.h5"
     if not dataset.is_file():
-        wait(run([*RD, "demos", f"env={task}", f"n={a.teacher_demos}", "seed=0", f"out={ds_dir}"], ds_dir / "demos.log"), ds_dir / "demos.log")
+        wait(run([*RD, "demos", f"env={task}", f"n={a.teacher_demos}", "seed=0", "workers=1", f"out={ds_dir}"], ds_dir / "demos.log", core), ds_dir / "demos.log")
     train_dir = out / "teachers" / task / "train"
     ckpt = train_dir / "checkpoints" / "last.pt"
     if not ckpt.is_file():
         log = out / "teachers" / task / "train.log"
         wait(run([*RD, "train-teacher", f"env={task}", f"dataset={dataset}", f"minutes={a.teacher_minutes}", "iterations=100000",
-                  "eval_every=0", "eval_episodes=0", "val_fraction=0", f"hydra.run.dir={train_dir}"], log, 0), log)
+                  "eval_every=0", "eval_episodes=0", "val_fraction=0", "threads=1", f"hydra.run.dir={train_dir}"], log, core), log)
     eval_dir = out / "teachers" / task / "eval"
     if not (eval_dir / "eval.json").is_file():
-        # The same episode length as the student's env, so the line is comparable.
+        # The student's env (episode length included), so the line is comparable.
         log = out / "teachers" / task / "eval.log"
-        wait(run([*RD, "eval", f"env={task}", f"policy={ckpt}", "episodes=100", "seed=10000", f"hydra.run.dir={eval_dir}"], log, 0), log)
+        wait(run([*RD, "eval", f"env={task}", f"env.max_episode_steps={a.max_episode_steps}", f"policy={ckpt}", "episodes=100",
+                  "seed=10000", f"hydra.run.dir={eval_dir}"], log, core), log)
     return ckpt, json.loads((eval_dir / "eval.json").read_text())["summary"]["success_once"]
 
 
@@ -124,20 +126,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150_000, help="env steps per run (the same for PPO and RPD)")
     ap.add_argument("--eval-every", type=int, default=10_000)
     ap.add_argument("--eval-episodes", type=int, default=50)
+    ap.add_argument("--max-episode-steps", type=int, default=100,
+                    help="for students and teacher alike; motion-planning demos (and so the teacher) take longer than PushCube's default 50")
     ap.add_argument("--teacher-demos", type=int, default=10)
     ap.add_argument("--teacher-minutes", type=float, default=2.0)
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time, each pinned to its own core")
+    ap.add_argument("--teachers-only", action="store_true", help="make and evaluate the teachers, then stop")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
     teachers, ckpts = {}, {}
     for task in a.tasks:
         ckpts[task], teachers[task] = make_teacher(task, a, a.out)
         print(f"[{time.strftime('%H:%M:%S')}] {task} teacher: success_once {teachers[task]['rate']:.0%} ({ckpts[task]})", flush=True)
+    if a.teachers_only:
+        return
 
     jobs = []
     for task, reward, seed, method in itertools.product(a.tasks, a.rewards, a.seeds, ("PPO", "RPD")):
         run_dir = a.out / task / reward / f"{method}-seed{seed}"
         cmd = [*RD, "rpd", f"env={task}", f"env.reward_mode={'sparse' if reward == 'sparse' else 'normalized_dense'}",
+               f"env.max_episode_steps={a.max_episode_steps}",
                f"teacher={ckpts[task] if method == 'RPD' else 'none'}", f"total_steps={a.steps}", f"seed={seed}",
                f"eval_every={a.eval_every}", f"eval_episodes={a.eval_episodes}", "progress=false", f"hydra.run.dir={run_dir}"]
         jobs.append(((task, reward, seed, method), run_dir, cmd))

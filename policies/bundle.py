@@ -5,8 +5,9 @@
     <bundle>/metadata.json              what goes in and out, the env it drives, where it came from
 
 The graph's inputs are the observation history (`metadata["observation"]`: key -> shape without
-the batch dim, dtype) and `noise` (`metadata["noise"]`): the sampler's Gaussian draws, supplied by
-the caller so that a seeded generator makes every call reproducible. Its output `actions` is
+the batch dim, dtype) and, for a diffusion policy, `noise` (`metadata["noise"]`): the sampler's
+Gaussian draws, supplied by the caller so that a seeded generator makes every call reproducible
+(an RL student's mean action takes none: `metadata["noise"]` is null). Its output `actions` is
 (B, chunk_length, A) in env units.
 
 `metadata.json` records the sha256 of every file in the bundle and a checksum of its own content;
@@ -98,7 +99,7 @@ class Bundle:
     def __init__(self, path: Path, metadata: dict, threads: int = 1):
         self.path, self.metadata = path, metadata
         self.observation: dict = metadata["observation"]
-        self.noise_shape: tuple[int, ...] = tuple(metadata["noise"]["shape"])
+        self.noise_shape: tuple[int, ...] | None = tuple(metadata["noise"]["shape"]) if metadata["noise"] else None
         graph = metadata["graph"]
         file = path / graph["file"]
         if graph["format"] == "onnx":
@@ -141,12 +142,15 @@ class Bundle:
     def chunk_length(self) -> int:
         return int(self.metadata["action"]["chunk_length"])
 
-    def noise(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+    def noise(self, batch: int, rng: np.random.Generator) -> np.ndarray | None:
+        """The graph's noise input for `batch` observations (None: a deterministic policy takes none)."""
+        if self.noise_shape is None:
+            return None
         return rng.standard_normal((batch, *self.noise_shape), dtype=np.float32)
 
-    def infer(self, obs: dict[str, np.ndarray], noise: np.ndarray) -> np.ndarray:
+    def infer(self, obs: dict[str, np.ndarray], noise: np.ndarray | None) -> np.ndarray:
         """Batched, already checked observations (`check_observation(..., batched=True)`)."""
-        return self._run({**obs, "noise": noise})
+        return self._run(obs if noise is None else {**obs, "noise": noise})
 
 
 class BundlePolicy:

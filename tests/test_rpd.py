@@ -85,8 +85,17 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     student = PPO.load(run / "student.zip", device="cpu")
     action, _ = student.predict(np.zeros(student.observation_space.shape, np.float32), deterministic=True)
     assert action.shape == (4,) and student.num_timesteps == 400
-    ev = cli("eval", f"policy={run / 'student.zip'}", "episodes=1", "env.max_episode_steps=10")
+    ev = cli("eval", f"policy={run / 'student.zip'}", "episodes=2", "env.max_episode_steps=10", "name=zip")
     assert ev.returncode == 0 and "success_once" in ev.stdout, ev.stderr[-2000:]
+    # The student exports like a teacher: the bundle's actions are the zip's mean actions.
+    ex = cli("export", f"ckpt={run / 'student.zip'}", "name=s")
+    assert ex.returncode == 0 and "mean 1 step(s)" in ex.stdout, ex.stderr[-2000:]
+    (bundle,) = (tmp_path / "runs" / "export").glob("*-s")
+    ev2 = cli("eval", f"policy={bundle / 'bundle'}", "episodes=2", "env.max_episode_steps=10", "name=bundle")
+    assert ev2.returncode == 0, ev2.stderr[-2000:]
+    returns = [[e["return"] for e in json.loads(next((tmp_path / "runs" / "eval").glob(f"*-{n}")).joinpath("eval.json").read_text())["episodes"]]
+               for n in ("zip", "bundle")]
+    np.testing.assert_allclose(returns[0], returns[1], atol=1e-3)
     for bad, message in {"distill=kl": "distill='kl' is not one of mse, l1, bc",
                          "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9"}.items():
         r = cli("rpd", bad, "total_steps=10")

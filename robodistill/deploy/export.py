@@ -6,7 +6,8 @@ unrolled over its fixed timesteps, unnormalisation and clamping to the action bo
 deterministic-given-noise samplers export: `consistency` (1-3 head calls) and `ddim`; the sampler's
 Gaussian draws are a graph input, so a caller with a seeded generator gets reproducible actions.
 RTI keeps a chunk per stream between calls, which a stateless graph cannot; DDPM draws fresh noise
-inside every step.
+inside every step. An RL student (`robodistill rpd`'s SB3 zip) exports the same way: its state
+normaliser, actor and mean action, one action per observation, no noise input.
 
 At export time the graph is run by the bundle's own runtime (onnxruntime or TorchScript) and by
 PyTorch on the same observations and noise; a max abs difference above `tolerance` fails the export.
@@ -36,6 +37,7 @@ from robodistill.errors import UserError
 from robodistill.inference.samplers import consistency_timesteps
 from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
+from robodistill.policies.student import NormalizedState
 
 EXPORT_SAMPLERS = ("consistency", "ddim")
 
@@ -44,8 +46,8 @@ EXPORT_SAMPLERS = ("consistency", "ddim")
 class ExportConfig:
     """`robodistill export` (configs/export.yaml)."""
 
-    ckpt: str = ""  # a diffusion checkpoint (for sampler=consistency: one made by `robodistill distill`)
-    sampler: str = "consistency"  # consistency | ddim
+    ckpt: str = ""  # a diffusion checkpoint (for sampler=consistency: one made by `robodistill distill`) or an RPD student .zip
+    sampler: str = "consistency"  # consistency | ddim (diffusion checkpoints; a student exports its mean action)
     steps: int | None = None  # consistency: 1 (default), 2 or 3 head calls; ddim: the checkpoint's sampler_steps
     format: str = "onnx"  # onnx | torchscript
     out: str | None = None  # the bundle directory; default <run dir>/bundle
@@ -74,7 +76,17 @@ class ChunkGraph(nn.Module):
             self.scheduler.set_timesteps(steps)
             self.timesteps = [int(t) for t in self.scheduler.timesteps]
         draws = len(self.timesteps) if sampler == "consistency" else 1
-        self.noise_shape = (draws, policy.cfg.pred_horizon, policy.dims["action_dim"])
+        self.noise_shape: tuple | None = (draws, policy.cfg.pred_horizon, policy.dims["action_dim"])
+        self.obs_horizon, self.act_horizon = policy.obs_horizon, policy.act_horizon
+        self.low, self.high = policy.action_low, policy.action_high
+        self.gripper_dims = policy.dims["gripper_dims"]
+        self.info = {"kind": KIND, "sampler": sampler, "steps": len(self.timesteps), "timesteps": self.timesteps,
+                     "obs_horizon": policy.obs_horizon, "pred_horizon": policy.cfg.pred_horizon, "denoiser": policy.cfg.denoiser}
+
+    def state_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Centre and half-width of the states the policy was trained on."""
+        norm = self.policy.normalizers["state"]
+        return norm.center.numpy(), 1 / norm.scale.numpy()
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         *obs, noise = inputs
@@ -92,9 +104,52 @@ class ChunkGraph(nn.Module):
         return self.policy.to_actions(x)
 
 
+class StudentGraph(nn.Module):
+    """An RL student (SB3 zip from `robodistill rpd`): its state normaliser, actor MLP and mean action,
+    clamped to the action bounds; deterministic, one action per observation, no noise input."""
+
+    keys = ["state"]
+    noise_shape = None
+    obs_horizon = act_horizon = 1
+    gripper_dims: list[int] = []
+
+    def __init__(self, model):
+        super().__init__()
+        p = model.policy
+        self.features, self.actor, self.action_net = p.features_extractor, p.mlp_extractor.policy_net, p.action_net
+        self.register_buffer("low", torch.as_tensor(model.action_space.low, dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(model.action_space.high, dtype=torch.float32))
+        self.info = {"kind": "sb3_ppo", "sampler": "mean", "steps": 1, "obs_horizon": 1}
+
+    def state_range(self) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(self.features, NormalizedState):
+            return self.features.mean.numpy(), self.features.std.numpy()
+        dim = self.features.features_dim
+        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # varargs, as ChunkGraph: one export call for both
+        (state,) = inputs
+        mean = self.action_net(self.actor(self.features(state[:, -1])))
+        return torch.clamp(mean, self.low, self.high)[:, None]
+
+
+def load_source(path: str, sampler: str, steps: int | None) -> tuple[nn.Module, EnvConfig]:
+    """The graph to export and the env it drives, from a diffusion checkpoint or a student zip."""
+    if path.endswith(".zip"):
+        from stable_baselines3 import PPO
+
+        model = PPO.load(path, device="cpu")
+        env = getattr(model, "robodistill_env", None)
+        if env is None:
+            raise UserError(f"{path} does not record the env it was trained on (students of `robodistill rpd` do)")
+        return StudentGraph(model).eval().requires_grad_(False), EnvConfig.from_mapping(env)
+    payload = checkpoints.load(path)
+    return build_graph(payload, sampler, steps), EnvConfig.from_mapping(payload["env"])
+
+
 def build_graph(payload: dict, sampler: str, steps: int | None) -> ChunkGraph:
     if payload.get("kind") != KIND:
-        raise UserError(f"ckpt holds a '{payload.get('kind')}'; export takes Diffusion Policy checkpoints")
+        raise UserError(f"ckpt holds a '{payload.get('kind')}'; export takes Diffusion Policy checkpoints and RPD students (.zip)")
     if sampler not in EXPORT_SAMPLERS:
         why = {"rti": "it keeps a chunk per stream between calls", "ddpm": "it draws fresh noise inside every step"}
         reason = f" ({why[sampler]})" if sampler in why else ""
@@ -114,22 +169,20 @@ def build_graph(payload: dict, sampler: str, steps: int | None) -> ChunkGraph:
     return ChunkGraph(policy, sampler, steps).eval().requires_grad_(False)
 
 
-def example_inputs(graph: ChunkGraph, env_cfg: EnvConfig, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def example_inputs(graph: nn.Module, env_cfg: EnvConfig, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Observations inside the training range (and random images) plus noise, for tracing and parity."""
-    policy = graph.policy
-    norm = policy.normalizers["state"]
-    center, scale = norm.center.numpy(), norm.scale.numpy()
-    h = policy.obs_horizon
-    state = center + rng.uniform(-1, 1, (batch, h, center.size)) / scale
-    inputs = {"state": state.astype(np.float32)}
+    center, half = graph.state_range()
+    h = graph.obs_horizon
+    inputs = {"state": (center + rng.uniform(-1, 1, (batch, h, center.size)) * half).astype(np.float32)}
     if "rgb" in graph.keys:
         size = env_cfg.image_size
-        inputs["rgb"] = rng.integers(0, 256, (batch, h, size, size, policy.dims["rgb_channels"]), dtype=np.uint8)
-    inputs["noise"] = rng.standard_normal((batch, *graph.noise_shape), dtype=np.float32)
-    return {k: inputs[k] for k in [*graph.keys, "noise"]}
+        inputs["rgb"] = rng.integers(0, 256, (batch, h, size, size, graph.policy.dims["rgb_channels"]), dtype=np.uint8)
+    if graph.noise_shape is not None:
+        inputs["noise"] = rng.standard_normal((batch, *graph.noise_shape), dtype=np.float32)
+    return {k: inputs[k] for k in [*graph.keys, "noise"] if k in inputs}
 
 
-def write_graph(graph: ChunkGraph, fmt: str, inputs: dict[str, np.ndarray], path: Path) -> None:
+def write_graph(graph: nn.Module, fmt: str, inputs: dict[str, np.ndarray], path: Path) -> None:
     args = tuple(torch.from_numpy(v) for v in inputs.values())
     if fmt == "onnx":
         batch = torch.export.Dim("batch", min=1, max=4096)
@@ -160,10 +213,8 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
         raise UserError(f"ckpt={cfg.ckpt!r}: give the path of a checkpoint (runs/distill/<run>/checkpoints/last.pt)")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"out={out} exists and is not empty: choose another out= or add overwrite=true")
-    payload = checkpoints.load(cfg.ckpt)
-    graph = build_graph(payload, cfg.sampler, cfg.steps)
-    policy = graph.policy
-    env_cfg = EnvConfig.from_mapping({**payload["env"], "num_envs": 1, "sim_backend": "physx_cpu"})
+    graph, env_cfg = load_source(cfg.ckpt, cfg.sampler, cfg.steps)
+    env_cfg = EnvConfig.from_mapping({**env_cfg.__dict__, "num_envs": 1, "sim_backend": "physx_cpu"})
     with make_env(env_cfg) as env:
         control_freq, max_steps = env.control_freq, env.max_episode_steps
     rng = np.random.default_rng(cfg.seed)
@@ -175,22 +226,20 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
     try:
         file = GRAPH_FILES[cfg.format]
         write_graph(graph, cfg.format, trace_inputs, tmp / file)
-        action_dim = policy.dims["action_dim"]
         metadata = {
             "format": FORMAT,
             "robodistill_version": robodistill.__version__,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "graph": {"file": file, "format": cfg.format, "inputs": list(trace_inputs), "outputs": ["actions"]},
             "observation": {k: {"shape": list(trace_inputs[k].shape[1:]), "dtype": str(trace_inputs[k].dtype)} for k in graph.keys},
-            "noise": {"shape": list(graph.noise_shape), "dtype": "float32", "distribution": "standard normal"},
-            "action": {"dim": action_dim, "chunk_length": policy.act_horizon, "low": policy.action_low.tolist(),
-                       "high": policy.action_high.tolist(), "gripper_dims": policy.dims["gripper_dims"]},
+            "noise": None if graph.noise_shape is None else
+                     {"shape": list(graph.noise_shape), "dtype": "float32", "distribution": "standard normal"},
+            "action": {"dim": len(graph.low), "chunk_length": graph.act_horizon, "low": graph.low.tolist(),
+                       "high": graph.high.tolist(), "gripper_dims": list(graph.gripper_dims)},
             "env": {"task": env_cfg.task, "obs_mode": env_cfg.obs_mode, "control_mode": env_cfg.control_mode,
                     "control_freq": control_freq, "max_episode_steps": max_steps,
                     **({"image_size": env_cfg.image_size} if env_cfg.obs_mode == "rgb" else {})},
-            "policy": {"kind": payload["kind"], "sampler": cfg.sampler, "steps": len(graph.timesteps),
-                       "timesteps": graph.timesteps, "obs_horizon": policy.obs_horizon,
-                       "pred_horizon": policy.cfg.pred_horizon, "denoiser": policy.cfg.denoiser},
+            "policy": graph.info,
             "source": {"checkpoint": str(Path(cfg.ckpt).resolve()), "sha256": sha256(Path(cfg.ckpt))},
             "files": {file: sha256(tmp / file)},
         }
@@ -200,7 +249,7 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
         metadata["checksum"] = metadata_checksum(metadata)
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
         bundle = Bundle.load(tmp)
-        got = bundle.infer({k: parity_inputs[k] for k in graph.keys}, parity_inputs["noise"])
+        got = bundle.infer({k: parity_inputs[k] for k in graph.keys}, parity_inputs.get("noise"))
         diff = float(np.abs(got - expected).max())
         if not diff <= cfg.tolerance:
             raise UserError(f"parity check failed: the {cfg.format} graph differs from PyTorch by {diff:.3g} "

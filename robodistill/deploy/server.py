@@ -67,7 +67,7 @@ class RequestError(UserError):
 @dataclass
 class _Pending:
     obs: dict[str, np.ndarray]
-    noise: np.ndarray
+    noise: np.ndarray | None
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
 
@@ -152,7 +152,7 @@ class PolicyServer:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             obs = {k: np.concatenate([p.obs[k] for p in batch]) for k in self.bundle.observation}
-            noise = np.concatenate([p.noise for p in batch])
+            noise = None if batch[0].noise is None else np.concatenate([p.noise for p in batch])
             start = time.perf_counter()
             try:
                 actions = await loop.run_in_executor(self._pool, self.bundle.infer, obs, noise)

@@ -27,7 +27,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -370,6 +370,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
                                        "log_std_init": cfg.log_std_init, "features_extractor_class": NormalizedState},
                         tensorboard_log=str(run_dir / "tb"), seed=cfg.seed, device="cpu", **rpd)
             fit_normalizer(model, vec, cfg.obs_norm_steps, cfg.seed)
+        model.robodistill_env = asdict(cfg.env)  # saved in the zip: what export and eval need to know
         callback = RunCallback(cfg, run_dir, eval_env, history)
         model.learn(max(0, cfg.total_steps - model.num_timesteps), callback=callback, reset_num_timesteps=False,
                     tb_log_name="rpd")
