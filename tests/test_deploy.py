@@ -1,10 +1,8 @@
 """Deploy: export bundles, the openpi-protocol server, the fixed-rate controller."""
 
 import json
-import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.request

@@ -3,13 +3,12 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 from stable_baselines3 import PPO
 
 from robodistill.envs import EnvConfig, SB3View, make_env
 from robodistill.policies import load_policy
-from robodistill.policies.teachers import PolicyTeacher, load_teacher
+from robodistill.policies.teachers import PolicyTeacher
 from robodistill.policies.student import NormalizedState
 from robodistill.training.rpd import RPD, fit_normalizer, stack_history
 
