@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--teacher-demos", type=int, default=10)
     ap.add_argument("--teacher-minutes", type=float, default=2.0)
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time, each pinned to its own core")
+    ap.add_argument("--rpd", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides for the RPD runs only, e.g. distill_coef=0.1 schedule=cosine (PPO runs keep teacher=none)")
     ap.add_argument("--teachers-only", action="store_true", help="make and evaluate the teachers, then stop")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
@@ -147,7 +149,8 @@ def main() -> None:
         cmd = [*RD, "rpd", f"env={task}", f"env.reward_mode={'sparse' if reward == 'sparse' else 'normalized_dense'}",
                f"env.max_episode_steps={a.max_episode_steps}",
                f"teacher={ckpts[task] if method == 'RPD' else 'none'}", f"total_steps={a.steps}", f"seed={seed}",
-               f"eval_every={a.eval_every}", f"eval_episodes={a.eval_episodes}", "progress=false", f"hydra.run.dir={run_dir}"]
+               f"eval_every={a.eval_every}", f"eval_episodes={a.eval_episodes}", "progress=false", f"hydra.run.dir={run_dir}",
+               *(a.rpd if method == "RPD" else [])]
         jobs.append(((task, reward, seed, method), run_dir, cmd))
     rows: list[dict] = []
     pending = [j for j in jobs]
@@ -170,11 +173,11 @@ def main() -> None:
                              "history": json.loads((run_dir / "history.json").read_text())})
                 print(f"[{time.strftime('%H:%M:%S')}] done {key}: final success_once {rows[-1]['history'][-1]['success_once']:.0%}", flush=True)
                 a.out.mkdir(parents=True, exist_ok=True)
-                (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rows": rows}, indent=2))
+                (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rpd": a.rpd, "rows": rows}, indent=2))
         time.sleep(2)
     text = summarize(rows, teachers)
     print(text)
-    (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rows": rows, "table": text}, indent=2))
+    (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rpd": a.rpd, "rows": rows, "table": text}, indent=2))
     plot(rows, teachers, a.out / "rpd.png")
     print(f"\nraw numbers: {a.out / 'rpd.json'}; plot: {a.out / 'rpd.png'}")
 

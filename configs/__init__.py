@@ -1,31 +1,31 @@
 """Hydra configs, one file per command plus groups (env/, ...); installed as robodistill.configs."""
 
+import importlib
+
 from hydra.core.config_store import ConfigStore
 
+# command -> (module, dataclass) of the typed schema its yaml builds on (`schema/<command>`).
+SCHEMAS = {
+    "eval": ("robodistill.evaluation", "EvalConfig"),
+    "demos": ("robodistill.demos", "DemosConfig"),
+    "train-teacher": ("robodistill.training.teacher", "TrainTeacherConfig"),
+    "agv-train": ("robodistill.training.ppo_rnd", "AGVTrainConfig"),
+    "distill": ("robodistill.training.distill", "DistillConfig"),
+    "bench-latency": ("robodistill.inference.latency", "BenchLatencyConfig"),
+    "export": ("robodistill.deploy.export", "ExportConfig"),
+    "serve": ("robodistill.deploy.server", "ServeConfig"),
+    "control": ("robodistill.deploy.controller", "ControlConfig"),
+    "rpd": ("robodistill.training.rpd", "RPDConfig"),
+    "rl100": ("robodistill.training.rl100", "RL100Config"),
+}
 
-def register_schemas() -> None:
-    """Typed schemas the yaml files build on, so a misspelled or mistyped field is an error."""
-    from robodistill.demos import DemosConfig
-    from robodistill.deploy.controller import ControlConfig
-    from robodistill.deploy.export import ExportConfig
-    from robodistill.deploy.server import ServeConfig
+
+def register_schemas(command: str) -> None:
+    """The typed schemas `command`'s yaml builds on (its own and env's), so a misspelled or mistyped
+    field is an error. Only these are imported: every other command's module stays unloaded."""
     from robodistill.envs.factory import EnvConfig
-    from robodistill.evaluation import EvalConfig
-    from robodistill.inference.latency import BenchLatencyConfig
-    from robodistill.training.distill import DistillConfig
-    from robodistill.training.rpd import RPDConfig
-    from robodistill.training.teacher import TrainTeacherConfig
-    from robodistill.training.ppo_rnd import AGVTrainConfig
 
+    module, name = SCHEMAS[command]
     store = ConfigStore.instance()
     store.store(group="schema", name="env", node=EnvConfig)
-    store.store(group="schema", name="eval", node=EvalConfig)
-    store.store(group="schema", name="demos", node=DemosConfig)
-    store.store(group="schema", name="train-teacher", node=TrainTeacherConfig)
-    store.store(group="schema", name="agv_train", node=AGVTrainConfig)
-    store.store(group="schema", name="distill", node=DistillConfig)
-    store.store(group="schema", name="bench-latency", node=BenchLatencyConfig)
-    store.store(group="schema", name="export", node=ExportConfig)
-    store.store(group="schema", name="serve", node=ServeConfig)
-    store.store(group="schema", name="control", node=ControlConfig)
-    store.store(group="schema", name="rpd", node=RPDConfig)
+    store.store(group="schema", name=command.replace("agv-train", "agv_train"), node=getattr(importlib.import_module(module), name))

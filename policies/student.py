@@ -3,7 +3,8 @@
 `stable_baselines3.PPO.load(path)` opens the file and `predict`s with it. `GaussianStudent` wraps it
 so that the shared evaluation, export and serving see the Policy contract: the mean action
 (deterministic), one action per observation (obs_horizon = act_horizon = 1). Its observation
-normalisation lives inside the network (`NormalizedState`), so the zip is the whole policy.
+normalisation lives inside the network (`NormalizedState`; `StateAndImage` adds SB3's NatureCNN for
+obs_mode=rgb, shared by actor and critic as in RPD), so the zip is the whole policy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from gymnasium import spaces
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, NatureCNN
 
 from robodistill.errors import UserError
 from robodistill.policies.base import Obs
@@ -39,6 +40,23 @@ class NormalizedState(BaseFeaturesExtractor):
         return ((observations.flatten(1) - self.mean) / self.std).clamp(-self.clip, self.clip)
 
 
+class StateAndImage(BaseFeaturesExtractor):
+    """obs_mode=rgb: NatureCNN features of the camera image (SB3 hands it channel-first, scaled to
+    [0, 1]) joined with the normalised state."""
+
+    def __init__(self, observation_space: spaces.Dict, cnn_features: int = 256):
+        state = NormalizedState(observation_space["state"])
+        super().__init__(observation_space, features_dim=cnn_features + state.features_dim)
+        self.state = state
+        self.cnn = NatureCNN(observation_space["rgb"], features_dim=cnn_features)
+
+    def fit(self, states: np.ndarray) -> None:
+        self.state.fit(states)
+
+    def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.cnn(observations["rgb"]), self.state(observations["state"])], dim=1)
+
+
 class GaussianStudent:
     obs_horizon = 1
     act_horizon = 1
@@ -49,7 +67,11 @@ class GaussianStudent:
     @torch.no_grad()
     def predict_chunk(self, obs: Obs, streams: torch.Tensor | None = None) -> torch.Tensor:
         state = obs["state"][:, -1]
-        actions, _ = self.model.predict(state.cpu().numpy(), deterministic=True)
+        if isinstance(self.model.observation_space, spaces.Dict):  # SB3 transposes the channel-last images itself
+            actions, _ = self.model.predict({k: obs[k][:, -1].cpu().numpy() for k in self.model.observation_space.spaces},
+                                            deterministic=True)
+        else:
+            actions, _ = self.model.predict(state.cpu().numpy(), deterministic=True)
         return torch.as_tensor(actions, dtype=torch.float32, device=state.device)[:, None]
 
 
@@ -61,8 +83,16 @@ def load_student(path: str, env) -> GaussianStudent:
         model = PPO.load(path, device="cpu")
     except Exception as err:  # SB3 raises several types for foreign or truncated zips
         raise UserError(f"'{path}' is not a stable-baselines3 PPO zip ({type(err).__name__}: {err})") from err
-    want_obs = env.single_observation_space["state"].shape
-    if model.observation_space.shape != want_obs or model.action_space.shape != env.single_action_space.shape:
-        raise UserError(f"'{Path(path).name}' takes observations {model.observation_space.shape} and actions "
-                        f"{model.action_space.shape}; this env has {want_obs} and {env.single_action_space.shape}: set env=... to match")
+    space = env.single_observation_space
+    if isinstance(model.observation_space, spaces.Dict):
+        rgb = space.spaces.get("rgb")
+        c, h, w = model.observation_space["rgb"].shape  # stored channel-first
+        have = {"state": model.observation_space["state"].shape, "rgb": (h, w, c)}
+        want = {"state": space["state"].shape, "rgb": rgb.shape if rgb is not None else None}
+    else:
+        have, want = model.observation_space.shape, space["state"].shape if set(space.spaces) == {"state"} else None
+    if have != want or model.action_space.shape != env.single_action_space.shape:
+        raise UserError(f"'{Path(path).name}' takes observations {have} and actions {model.action_space.shape}; this env "
+                        f"gives {want or dict((k, v.shape) for k, v in space.spaces.items())} and {env.single_action_space.shape}: "
+                        "set env=... (task, obs_mode, image_size) to match")
     return GaussianStudent(model)

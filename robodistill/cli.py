@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("robodistill.training.distill", "distill a teacher checkpoint into a one-step consistency head (variant=regression|consistency)"),
     "bench-latency": ("robodistill.inference.latency", "per sampler: denoiser calls, latency p50/p99 at batch 1, success with intervals, a PNG"),
     "rpd": ("robodistill.training.rpd", "RPD: a PPO student (SB3) pulled toward a teacher's actions (teacher=<ckpt|bundle|ws://...|none>)"),
+    "rl100": ("robodistill.training.rl100", "RL-100: imitation, OPE-gated offline PPO over the denoising chain, online PPO, one-step head; a stage report"),
     "export": ("robodistill.deploy.export", "a deploy bundle: one ONNX/TorchScript graph with normalisation inside, metadata.json, parity-checked"),
     "serve": ("robodistill.deploy.server", "serve a bundle over openpi's websocket protocol (openpi_client.WebsocketClientPolicy works unchanged)"),
     "control": ("robodistill.deploy.controller", "closed loop at a fixed rate through a policy server (bundle= or server=ws://...): success, jitter, deadline misses, latency"),
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(COMMANDS[command][0])
     if command in ARGV_COMMANDS:
         return _guarded(module.main)(overrides)
-    register_schemas()
+    register_schemas(command)
     sys.argv = [f"robodistill {command}", *overrides]
     hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(
         _guarded(module.main)

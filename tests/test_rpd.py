@@ -9,7 +9,8 @@ from stable_baselines3 import PPO
 from robodistill.envs import EnvConfig, SB3View, make_env
 from robodistill.policies import load_policy
 from robodistill.policies.teachers import PolicyTeacher
-from robodistill.policies.student import NormalizedState
+from robodistill.evaluation import evaluate
+from robodistill.policies.student import NormalizedState, StateAndImage
 from robodistill.training.rpd import RPD, fit_normalizer, stack_history
 
 ENV = EnvConfig(task="PushCube-v1")
@@ -99,3 +100,41 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
                          "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9"}.items():
         r = cli("rpd", bad, "total_steps=10")
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
+class RecordingTeacher(PolicyTeacher):
+    """Remembers what it was asked with."""
+
+    def act(self, obs):
+        self.seen = {k: (tuple(v.shape[1:]), v.dtype) for k, v in obs.items()}
+        return super().act(obs)
+
+
+def test_rgb_student_cnn_is_pulled_toward_a_teacher_that_sees_images(pickcube_rgb_demos, tmp_path):
+    from robodistill.training.teacher import TrainTeacherConfig, train
+
+    env_cfg = EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48)
+    train(TrainTeacherConfig(env=env_cfg, dataset=str(pickcube_rgb_demos["path"]), iterations=4, batch_size=8, eval_every=0,
+                             eval_episodes=0, val_fraction=0, threads=1), tmp_path / "teacher")
+    kwargs = {"seed": 0, "n_steps": 40, "batch_size": 20, "n_epochs": 4, "learning_rate": 1e-3, "device": "cpu",
+              "policy_kwargs": {"net_arch": [32], "features_extractor_class": StateAndImage}}
+    with make_env(env_cfg) as env:
+        teacher = RecordingTeacher(load_policy(str(tmp_path / "teacher" / "checkpoints" / "last.pt"), env))
+        vec = SB3View(env)
+        model = RPD("MultiInputPolicy", vec, teacher=teacher, distill_coef=10.0, **kwargs)
+        fit_normalizer(model, vec, 20, seed=0)
+        untrained = RPD("MultiInputPolicy", vec, teacher=teacher, **kwargs)
+        untrained.policy.load_state_dict(model.policy.state_dict())
+        model.learn(80)
+    # The teacher got its own input: image histories as (H, W, C) uint8, states as float.
+    assert teacher.seen == {"rgb": ((2, 48, 48, 3), torch.uint8), "state": ((2, vec.observation_space["state"].shape[0]), torch.float32)}
+    buf = model.rollout_buffer  # the last rollout, labelled by the teacher
+    obs = {k: torch.as_tensor(v) for k, v in buf.observations.items()}
+    labels = torch.as_tensor(buf.teacher_actions)
+    with torch.no_grad():
+        gap = [float(((m.policy.get_distribution(obs).distribution.mean - labels) ** 2).mean()) for m in (untrained, model)]
+    assert gap[1] < 0.5 * gap[0], gap
+    model.save(tmp_path / "student.zip")
+    with make_env(env_cfg, ignore_terminations=True) as env:
+        student = load_policy(str(tmp_path / "student.zip"), env)
+        assert evaluate(student, env, 1, progress=False).summary["episodes"] == 1

@@ -30,6 +30,7 @@ class Episode:
     success: bool | None
     actions: np.ndarray  # (T, A) float32
     obs: dict[str, ArrayLike]  # (T + 1, ...) per key
+    step_success: np.ndarray | None = None  # (T,) bool: the task solved after each action, where recorded
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -78,7 +79,8 @@ class TrajectoryFile:
             if len(value) != len(actions) + 1:
                 raise UserError(f"{where}: {len(value)} '{key}' observations for {len(actions)} actions (expected T + 1)")
         seed = row.get("episode_seed", row.get("reset_kwargs", {}).get("seed"))
-        return Episode(self.path, int(row["episode_id"]), None if seed is None else int(seed), row.get("success"), actions, obs)
+        step_success = np.asarray(group["success"][:], dtype=bool) if "success" in group else None
+        return Episode(self.path, int(row["episode_id"]), None if seed is None else int(seed), row.get("success"), actions, obs, step_success)
 
     def close(self) -> None:
         self.h5.close()

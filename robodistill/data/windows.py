@@ -39,7 +39,7 @@ def split_episodes(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def _take(values, start: int, stop: int, pad_after=None) -> np.ndarray:
+def take_padded(values, start: int, stop: int, pad_after=None) -> np.ndarray:
     """values[start:stop] with indices outside [0, len) filled by the edge (or `pad_after`)."""
     n = len(values)
     inside = np.asarray(values[max(start, 0) : min(stop, n)])
@@ -84,9 +84,9 @@ class WindowDataset(Dataset):
         e, s = self.index[i]
         ep = self.episodes[e]
         # Starts end early enough that a window never needs the final observation o_T.
-        obs = {k: _take(v, s, s + self.h.obs) for k, v in ep.obs.items()}
+        obs = {k: take_padded(v, s, s + self.h.obs) for k, v in ep.obs.items()}
         pad = self._hold(ep.actions) if self.delta_actions else None
-        actions = _take(ep.actions, s, s + self.h.pred, pad_after=pad)
+        actions = take_padded(ep.actions, s, s + self.h.pred, pad_after=pad)
         out_obs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in obs.items()}
         out = {"obs": out_obs, "actions": torch.from_numpy(actions)}
         with torch.no_grad():

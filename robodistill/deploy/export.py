@@ -139,6 +139,9 @@ def load_source(path: str, sampler: str, steps: int | None) -> tuple[nn.Module, 
         from stable_baselines3 import PPO
 
         model = PPO.load(path, device="cpu")
+        if not isinstance(model.policy.features_extractor, NormalizedState):
+            raise UserError(f"{path} is an RGB student: export takes state students (and diffusion checkpoints, RGB included) for now; "
+                            "evaluate it with `robodistill eval policy=...`")
         env = getattr(model, "robodistill_env", None)
         if env is None:
             raise UserError(f"{path} does not record the env it was trained on (students of `robodistill rpd` do)")

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3 import PPO
-from stable_baselines3.common.buffers import RolloutBuffer
+from gymnasium import spaces
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
@@ -45,7 +46,7 @@ from tqdm import tqdm
 from robodistill.envs import EnvConfig, SB3View, make_env
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
-from robodistill.policies.student import GaussianStudent, NormalizedState
+from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.training.runs import find_resume
 
@@ -103,8 +104,8 @@ class TeacherRolloutSamples(NamedTuple):
     teacher_actions: torch.Tensor
 
 
-class TeacherRolloutBuffer(RolloutBuffer):
-    """SB3's rollout buffer plus the teacher's action for every stored observation."""
+class TeacherActions:
+    """Adds the teacher's action for every stored observation to an SB3 rollout buffer."""
 
     def reset(self) -> None:
         super().reset()
@@ -120,6 +121,14 @@ class TeacherRolloutBuffer(RolloutBuffer):
         return TeacherRolloutSamples(*base, self.to_torch(self.teacher_actions[batch_inds]))
 
 
+class TeacherRolloutBuffer(TeacherActions, RolloutBuffer):
+    """obs_mode=state."""
+
+
+class TeacherDictRolloutBuffer(TeacherActions, DictRolloutBuffer):
+    """obs_mode=rgb (dict observations)."""
+
+
 def stack_history(obs: np.ndarray, starts: np.ndarray, horizon: int, prev_obs: np.ndarray | None,
                   prev_starts: np.ndarray | None) -> np.ndarray:
     """(n, E, D) rollout observations -> (n, E, horizon, D) histories, oldest first. Before an
@@ -127,6 +136,7 @@ def stack_history(obs: np.ndarray, starts: np.ndarray, horizon: int, prev_obs: n
     the previous rollout's last horizon-1 steps (None: this is the first rollout)."""
     n, envs = obs.shape[:2]
     out = np.repeat(obs[:, :, None], horizon, axis=2)
+    trailing = (1,) * (obs.ndim - 2)
     if horizon == 1:
         return out
     lead = horizon - 1
@@ -138,7 +148,7 @@ def stack_history(obs: np.ndarray, starts: np.ndarray, horizon: int, prev_obs: n
     blocked = np.zeros((n, envs), dtype=bool)
     for j in range(1, horizon):
         blocked |= ext_starts[lead + 1 - j : lead + 1 - j + n]  # an episode began at step t - j + 1
-        out[:, :, lead - j] = np.where(blocked[..., None], out[:, :, lead - j + 1], ext_obs[lead - j : lead - j + n])
+        out[:, :, lead - j] = np.where(blocked.reshape(n, envs, *trailing), out[:, :, lead - j + 1], ext_obs[lead - j : lead - j + n])
     return out
 
 
@@ -150,8 +160,10 @@ class RPD(PPO):
         self.teacher = teacher
         self.distill, self.distill_coef, self.schedule = distill, distill_coef, schedule
         self.anneal_steps, self.teacher_batch = anneal_steps, teacher_batch
-        self._tail: tuple[np.ndarray, np.ndarray] | None = None
-        super().__init__(*args, rollout_buffer_class=TeacherRolloutBuffer, **kwargs)
+        self._tail: tuple[dict, np.ndarray] | None = None
+        env = kwargs.get("env", args[1] if len(args) > 1 else None)
+        dict_obs = env is not None and isinstance(env.observation_space, spaces.Dict)
+        super().__init__(*args, rollout_buffer_class=TeacherDictRolloutBuffer if dict_obs else TeacherRolloutBuffer, **kwargs)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "teacher", "_tail"]
@@ -174,18 +186,25 @@ class RPD(PPO):
         return ok
 
     @torch.no_grad()
-    def _label(self, buffer: TeacherRolloutBuffer) -> None:
+    def _label(self, buffer: TeacherActions) -> None:
         """The teacher's action on every stored observation, in batches, once per rollout."""
         h = self.teacher.obs_horizon
-        obs, starts = buffer.observations, buffer.episode_starts
-        prev = self._tail if self._tail is not None else (None, None)
-        hist = stack_history(obs, starts, h, *prev)
-        flat = torch.from_numpy(hist.reshape(-1, *hist.shape[2:])).float()
-        actions = [self.teacher.act({"state": flat[i : i + self.teacher_batch]}).cpu().numpy()
-                   for i in range(0, len(flat), self.teacher_batch)]
+        obs = buffer.observations if isinstance(buffer.observations, dict) else {"state": buffer.observations}
+        starts = buffer.episode_starts
+        prev_obs, prev_starts = self._tail if self._tail is not None else ({}, None)
+        flat = {}
+        for key, value in obs.items():
+            hist = stack_history(value, starts, h, prev_obs.get(key), prev_starts)
+            hist = hist.reshape(-1, *hist.shape[2:])
+            if key == "rgb":  # the buffer holds SB3's channel-first copy; policies take (H, W, C) uint8
+                hist = np.moveaxis(hist, -3, -1).astype(np.uint8)
+            flat[key] = torch.from_numpy(hist) if key == "rgb" else torch.from_numpy(hist).float()
+        n = len(flat["state"])
+        actions = [self.teacher.act({k: v[i : i + self.teacher_batch] for k, v in flat.items()}).cpu().numpy()
+                   for i in range(0, n, self.teacher_batch)]
         buffer.teacher_actions[:] = np.concatenate(actions).reshape(buffer.teacher_actions.shape)
         if h > 1:
-            self._tail = (obs[-(h - 1):].copy(), starts[-(h - 1):].copy())
+            self._tail = ({k: v[-(h - 1):].copy() for k, v in obs.items()}, starts[-(h - 1):].copy())
 
     def _distill_loss(self, dist, teacher_actions: torch.Tensor) -> torch.Tensor:
         if self.distill == "bc":
@@ -252,10 +271,11 @@ def fit_normalizer(model: PPO, vec: SB3View, steps: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     space = vec.action_space
     vec.seed(seed)
-    states = [vec.reset()]
+    state = lambda obs: obs["state"] if isinstance(obs, dict) else obs  # noqa: E731
+    states = [state(vec.reset())]
     for _ in range(max(1, steps // vec.num_envs)):
         actions = rng.uniform(space.low, space.high, (vec.num_envs, *space.shape)).astype(np.float32)
-        states.append(vec.step(actions)[0])
+        states.append(state(vec.step(actions)[0]))
     model.policy.features_extractor.fit(np.concatenate(states))
     vec.seed(seed)  # learn() starts from the same reset as it would have without this
 
@@ -335,8 +355,6 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"distill_coef={cfg.distill_coef} must be >= 0")
     if cfg.total_steps < 1 or cfg.n_steps < 1 or cfg.batch_size < 2:
         raise UserError("total_steps and n_steps must be >= 1 and batch_size >= 2")
-    if cfg.env.obs_mode != "state":
-        raise UserError(f"env.obs_mode={cfg.env.obs_mode}: the RPD student takes state observations (env.obs_mode=state)")
     if cfg.checkpoint_every < 1:
         raise UserError(f"checkpoint_every={cfg.checkpoint_every} must be >= 1")
 
@@ -363,11 +381,12 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
             model.set_random_seed(cfg.seed + model.num_timesteps)
             print(f"resumed from {resume_path} at step {model.num_timesteps}")
         else:
-            model = RPD("MlpPolicy", vec, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
+            rgb = cfg.env.obs_mode == "rgb"
+            model = RPD("MultiInputPolicy" if rgb else "MlpPolicy", vec, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
                         learning_rate=cfg.lr, gamma=gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
                         ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl,
                         policy_kwargs={"net_arch": {"pi": list(cfg.hidden), "vf": list(cfg.hidden)}, "activation_fn": nn.Tanh,
-                                       "log_std_init": cfg.log_std_init, "features_extractor_class": NormalizedState},
+                                       "log_std_init": cfg.log_std_init, "features_extractor_class": StateAndImage if rgb else NormalizedState},
                         tensorboard_log=str(run_dir / "tb"), seed=cfg.seed, device="cpu", **rpd)
             fit_normalizer(model, vec, cfg.obs_norm_steps, cfg.seed)
         model.robodistill_env = asdict(cfg.env)  # saved in the zip: what export and eval need to know

@@ -1,0 +1,571 @@
+"""`robodistill rl100`: imitation, then OPE-gated offline PPO over the denoising chain, then online
+PPO, then a one-step head (RL-100, Lei et al. 2025; DPPO, Ren et al. 2025; design/algorithms.md 2).
+
+Stages, in order (`stages=`), each resumable and runnable alone from a checkpoint (`init=`):
+
+1. imitation: `train-teacher` on the demos (a Diffusion Policy, K-step DDIM).
+2. offline, `offline.iterations` times: roll the reference policy out (its stochastic chain) and add
+   the episodes to a buffer that starts with the demos; fit IQL critics Q, V and a dynamics
+   ensemble on the buffer; then PPO over the denoising chain: chains drawn from the reference
+   policy on buffer states, advantage A = Q(s, a_0) - V(s) (normalised) shared by every
+   fine-tuned denoising step, per-step clipped ratios. Every `gate_every` updates the candidate
+   is scored by AM-Q (mean-path rollouts in the learned model, RL-100's gate) and FQE; it becomes
+   the reference only if the gate's estimate is no worse than the reference's (`gate_margin`).
+   Both estimates and the candidate's true success in simulation are logged for every decision.
+3. online: PPO on the same per-step objective with env-level GAE in the simulator (sparse reward,
+   gamma per env step, so gamma ** act_horizon per chunk; truncation bootstraps from V).
+4. distill: RL-100's same-noise one-step head (`robodistill distill variant=regression`) of the
+   final policy.
+
+Every stage ends with its policy evaluated on `eval_episodes` fixed-seed episodes; report.json,
+report.md and ope.png (estimate vs true success per candidate) are rewritten after each stage.
+Policies are written as ordinary diffusion checkpoints (the chain's mean path is the `ddim`
+sampler), so `robodistill eval/export/distill` take them unchanged. State observations only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from robodistill import checkpoints
+from robodistill.data import load_episodes
+from robodistill.data.trajectories import Episode
+from robodistill.envs import EnvConfig, make_env
+from robodistill.errors import UserError
+from robodistill.evaluation import evaluate
+from robodistill.inference.chunks import ChunkExecutor
+from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain
+from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
+from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
+
+STAGES = ("imitation", "offline", "online", "distill")
+
+
+@dataclass
+class ImitationConfig:
+    iterations: int = 20000
+    minutes: float | None = 8.0  # also stop after this much training time
+    batch_size: int = 256
+
+
+@dataclass
+class ChainConfig:
+    steps: int = 10  # K: DDIM denoising steps (RL-100: 10 of 100 training timesteps)
+    finetune_steps: int = 10  # K': the last steps that get a likelihood and a PPO ratio
+    std: float = 0.1  # exploration noise of every denoising step (DPPO's minimum std), normalised units
+    noise_clip: float = 3.0  # draws clipped to +-noise_clip std (DPPO)
+
+
+@dataclass
+class OfflineConfig:
+    iterations: int = 3
+    collect_episodes: int = 20  # rollouts of the reference policy added to the buffer per iteration
+    critic_steps: int = 3000  # IQL gradient steps per iteration
+    dynamics_steps: int = 2000  # dynamics-ensemble gradient steps per iteration
+    updates: int = 200  # PPO updates per iteration
+    gate_every: int = 50  # updates between OPE gates
+    batch_size: int = 256
+    lr: float = 1e-5  # actor; decayed linearly to 0 over all iterations (RL-100)
+    clip: float = 0.25  # PPO ratio clip; decayed linearly like lr
+    expectile: float = 0.7
+    ensemble: int = 5
+    amq_horizon: int = 5  # decisions rolled out in the learned model (x act_horizon env steps)
+    fqe_steps: int = 2000
+    gate: str = "amq"  # the estimator that decides: amq (RL-100) or fqe
+    gate_margin: float = 0.0  # accept if estimate(candidate) >= estimate(reference) - margin
+    gate_eval_episodes: int = 20  # true success of each candidate in simulation (logged, never used to decide)
+
+
+@dataclass
+class OnlineConfig:
+    env_steps: int = 20000
+    envs: int = 1
+    decisions: int = 32  # chunks per env per update
+    epochs: int = 5
+    minibatch: int = 64
+    lr: float = 1e-5  # actor
+    critic_lr: float = 1e-3
+    clip: float = 0.2
+    gae_lambda: float = 0.95
+
+
+@dataclass
+class HeadConfig:
+    iterations: int = 3000
+    minutes: float | None = 3.0
+
+
+@dataclass
+class RL100Config:
+    """`robodistill rl100` (configs/rl100.yaml)."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    dataset: str = ""  # demos (.h5, comma-separated): imitation data and the offline buffer's start
+    init: str | None = None  # a diffusion checkpoint to start from instead of the imitation stage
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    imitation: ImitationConfig = field(default_factory=ImitationConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    gamma: float = 0.99  # per env step
+    eval_episodes: int = 200  # each stage's policy, fixed seeds
+    resume_from: str | None = None  # an earlier rl100 run directory: finished stages are kept, the rest continue there
+    threads: int = 1
+    seed: int = 0
+    name: str = "rl100"
+
+
+def check(cfg: RL100Config) -> None:
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown or not cfg.stages:
+        raise UserError(f"stages={cfg.stages}: each must be one of {', '.join(STAGES)}")
+    if cfg.env.obs_mode != "state":
+        raise UserError(f"rl100 takes env.obs_mode=state (its critics and dynamics model read states), got {cfg.env.obs_mode}")
+    if cfg.init is None and "imitation" not in cfg.stages and not cfg.resume_from:
+        raise UserError("without the imitation stage, give init=<a train-teacher or rl100 checkpoint> to start from")
+    if cfg.init is not None and not Path(cfg.init).is_file():
+        raise UserError(f"init={cfg.init}: no such checkpoint file")
+    if not cfg.dataset and ({"imitation", "offline"} & set(cfg.stages)):
+        raise UserError("dataset= is required for the imitation and offline stages: the .h5 written by `robodistill demos`")
+    if cfg.offline.gate not in ("amq", "fqe"):
+        raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of amq, fqe")
+    if cfg.offline.gate_every < 1 or cfg.online.decisions < 1 or cfg.online.envs < 1:
+        raise UserError("offline.gate_every, online.decisions and online.envs must be >= 1")
+
+
+class Run:
+    """The run directory: stage outputs, the report, and where to resume."""
+
+    def __init__(self, cfg: RL100Config, run_dir: Path):
+        self.cfg, self.dir = cfg, run_dir
+        self.path = run_dir / "report.json"
+        self.report = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}, "decisions": []}
+        self.device = torch.device("cpu")
+
+    def done(self, stage: str) -> bool:
+        return stage in self.report["stages"] and self.policy_path(stage).is_file()
+
+    def policy_path(self, stage: str) -> Path:
+        if stage == "imitation":
+            return self.dir / "imitation" / "checkpoints" / "last.pt"
+        if stage == "distill":
+            return self.dir / "distill" / "checkpoints" / "last.pt"
+        return self.dir / stage / "policy.pt"
+
+    def save_report(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.report, indent=2))
+        tmp.replace(self.path)
+        (self.dir / "report.md").write_text(report_markdown(self.report))
+        if self.report["decisions"]:
+            plot_ope(self.report["decisions"], self.dir / "ope.png")
+
+
+def load(path: Path, steps: int) -> tuple[dict, DiffusionPolicy]:
+    payload = checkpoints.load(path)
+    if payload.get("kind") != KIND:
+        raise UserError(f"{path} holds a '{payload.get('kind')}', not a Diffusion Policy checkpoint")
+    policy = from_checkpoint(payload)
+    policy.cfg.sampler, policy.cfg.sampler_steps = "ddim", steps
+    policy.set_sampler("ddim", steps)
+    policy.consistency = None
+    return payload, policy
+
+
+def save_policy(path: Path, base: dict, policy: DiffusionPolicy, **extra) -> None:
+    """An ordinary diffusion checkpoint (the chain's mean path = its ddim sampler)."""
+    checkpoints.save(path, {**{k: base[k] for k in ("kind", "env", "train")}, "policy": policy.spec(),
+                            "ema": policy.state_dict(), **extra})
+
+
+def success(policy: DiffusionPolicy, env, episodes: int, seed: int) -> dict:
+    s = evaluate(policy, env, episodes, seed=seed, progress=False).summary
+    return {"success_once": s["success_once"]["rate"], "ci95": s["success_once"]["ci95"],
+            "success_at_end": s["success_at_end"]["rate"], "episodes": episodes}
+
+
+@torch.no_grad()
+def collect(policy: DiffusionPolicy, env, episodes: int, seed: int) -> list[Episode]:
+    """Episodes of `policy` (its current sampler) in a training env (ends at success), with the
+    per-step success the critics' reward needs."""
+    n = env.num_envs
+    obs = env.reset(seed=[seed + i for i in range(n)])
+    executor = ChunkExecutor(policy, n)
+    executor.observe(obs)
+    fresh = lambda i: {"state": [obs["state"][i].cpu().numpy()], "actions": [], "success": []}  # noqa: E731
+    current = [fresh(i) for i in range(n)]
+    out: list[Episode] = []
+    while len(out) < episodes:
+        action = executor.act()
+        obs, _, terminated, truncated, info = env.step(action)
+        done = (terminated | truncated).cpu()
+        for i in range(n):
+            ended = bool(done[i])
+            last = info["final_observation"]["state"][i] if ended else obs["state"][i]
+            solved = info["final_info"]["success"][i] if ended else info["success"][i]
+            current[i]["actions"].append(action[i].cpu().numpy())
+            current[i]["state"].append(last.cpu().numpy())
+            current[i]["success"].append(bool(solved))
+            if ended:
+                c = current[i]
+                out.append(Episode(Path("rollout"), len(out), None, any(c["success"]), np.stack(c["actions"]).astype(np.float32),
+                                   {"state": np.stack(c["state"]).astype(np.float32)}, np.array(c["success"])))
+                current[i] = fresh(i)
+        executor.observe(obs, done)
+    return out[:episodes]
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def imitation(cfg: RL100Config, run: Run) -> Path:
+    from robodistill.training.teacher import TrainTeacherConfig, train
+
+    out = run.dir / "imitation"
+    last = out / "checkpoints" / "last.pt"
+    train(TrainTeacherConfig(
+        env=cfg.env, dataset=cfg.dataset, iterations=cfg.imitation.iterations, minutes=cfg.imitation.minutes,
+        batch_size=cfg.imitation.batch_size, eval_every=0, eval_episodes=0, threads=cfg.threads, device="cpu",
+        seed=cfg.seed, name=cfg.name, resume_from=str(last) if last.is_file() else None,
+    ), out)
+    return last
+
+
+def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
+    o, out = cfg.offline, run.dir / "offline"
+    base, actor = load(start, cfg.chain.steps)
+    reference = copy.deepcopy(actor)
+    make_chain = lambda p: DenoisingChain(p, cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std, cfg.chain.noise_clip)  # noqa: E731
+    actor_chain, ref_chain = make_chain(actor), make_chain(reference)
+    delta = "delta" in (env_cfg.control_mode or "")
+    demos = load_episodes(cfg.dataset.split(","), control_mode=env_cfg.control_mode, obs_mode="state")
+    try:
+        buffer = Transitions.from_episodes(demos, actor_chain, delta)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    s_dim, a_dim = buffer.state.shape[1], buffer.action.shape[1]
+    gamma_chunk = cfg.gamma ** actor.cfg.act_horizon
+    iql = IQL(s_dim, a_dim, gamma_chunk, o.expectile)
+    dynamics = DynamicsEnsemble(s_dim, a_dim, o.ensemble)
+    optimizer = torch.optim.Adam(actor.denoiser.parameters(), lr=o.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    iteration, ref_score, ref_true = 0, None, None
+    state_path = out / "state.pt"
+    if state_path.is_file():
+        state = checkpoints.load(state_path)
+        actor.load_state_dict(state["actor"])
+        reference.load_state_dict(state["reference"])
+        iql.load_state_dict(state["iql"])
+        dynamics.load_state_dict(state["dynamics"])
+        optimizer.load_state_dict(state["optimizer"])
+        buffer = Transitions(**state["buffer"])
+        iteration, ref_true = state["iteration"], state["ref_true"]
+        gen.set_state(state["gen"])
+        checkpoints.set_rng_state(state["rng"])
+        print(f"offline: resumed after iteration {iteration}")
+    total_updates = o.iterations * o.updates
+    with make_env(replace(env_cfg, reward_mode="sparse")) as train_env, make_env(env_cfg, ignore_terminations=True) as eval_env:
+        if ref_true is None:
+            ref_true = success(reference, eval_env, o.gate_eval_episodes, 20_000 + cfg.seed)
+        bar = tqdm(total=o.iterations, initial=iteration, desc="offline", unit="iter")
+        while iteration < o.iterations:
+            iteration += 1
+            # 1. experience from the reference policy's stochastic chain
+            reference.sampler = ChainSampler(ref_chain)
+            torch.manual_seed(cfg.seed * 1000 + iteration)
+            rollouts = collect(reference, train_env, o.collect_episodes, seed=30_000 + 1000 * iteration + cfg.seed)
+            reference.set_sampler("ddim", cfg.chain.steps)
+            buffer = buffer.cat(Transitions.from_episodes(rollouts, ref_chain, delta))
+            # 2. critics and the model
+            losses = {**iql.fit(buffer, o.critic_steps, o.batch_size, gen), **dynamics.fit(buffer, o.dynamics_steps, o.batch_size, gen)}
+            starts = buffer.state[buffer.first]
+            score = lambda chain, policy_seed: {  # noqa: E731
+                "amq": am_q(chain, iql, dynamics, starts, o.amq_horizon, policy_seed),
+                "fqe": fqe(chain, buffer, starts, gamma_chunk, o.fqe_steps, o.batch_size, policy_seed)}
+            ref_score = score(ref_chain, cfg.seed)  # the critics changed: rescore the reference
+            # 3. PPO over the chain, gated
+            for update in range(1, o.updates + 1):
+                done_frac = ((iteration - 1) * o.updates + update - 1) / total_updates
+                for g in optimizer.param_groups:
+                    g["lr"] = o.lr * (1 - done_frac)
+                clip = o.clip * (1 - done_frac)
+                b = buffer.batch(o.batch_size, gen)
+                with torch.no_grad():
+                    cond = actor.encoder({"state": b.state.view(len(b), actor.obs_horizon, -1)})
+                    chain, logp_old = ref_chain.sample(cond, gen)
+                    a0 = ref_chain.executed(chain[:, -1])
+                    adv = iql.q(b.state, a0) - iql.value(b.state)
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                ratio = (actor_chain.log_prob(cond, chain) - logp_old).exp()
+                adv = adv[:, None]
+                loss = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(actor.denoiser.parameters(), 1.0)
+                optimizer.step()
+                if update % o.gate_every == 0 or update == o.updates:
+                    cand = score(actor_chain, cfg.seed)
+                    accepted = cand[o.gate] >= ref_score[o.gate] - o.gate_margin
+                    cand_true = success(actor, eval_env, o.gate_eval_episodes, 20_000 + cfg.seed)
+                    row = {"iteration": iteration, "update": update, "accepted": bool(accepted),
+                           "amq": cand["amq"], "amq_reference": ref_score["amq"], "fqe": cand["fqe"], "fqe_reference": ref_score["fqe"],
+                           "true": cand_true["success_once"], "true_reference": ref_true["success_once"],
+                           "ratio_clipped": float(((ratio - 1).abs() > clip).float().mean()), "loss": loss.item(), **losses}
+                    run.report["decisions"].append(row)
+                    tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+                    if accepted:
+                        reference.load_state_dict(actor.state_dict())
+                        ref_score, ref_true = cand, cand_true
+            # 4. the iteration's result: the reference policy, checkpointed with everything to resume
+            run.report["stages"].setdefault("offline_iterations", []).append(
+                {"iteration": iteration, "collect_success": float(np.mean([e.success for e in rollouts])),
+                 "buffer": len(buffer), **ref_true})
+            checkpoints.save(state_path, {
+                "actor": actor.state_dict(), "reference": reference.state_dict(), "iql": iql.state_dict(),
+                "dynamics": dynamics.state_dict(), "optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
+                "iteration": iteration, "ref_true": ref_true, "gen": gen.get_state(), "rng": checkpoints.rng_state()})
+            run.save_report()
+            bar.update(1)
+        bar.close()
+    path = out / "policy.pt"
+    save_policy(path, base, reference, rl100={"stage": "offline", "value": iql.v.state_dict()})
+    return path
+
+
+def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
+    o, out = cfg.online, run.dir / "online"
+    base, actor = load(start, cfg.chain.steps)
+    chain = DenoisingChain(actor, cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std, cfg.chain.noise_clip)
+    h, oh = actor.cfg.act_horizon, actor.obs_horizon
+    gamma_chunk = cfg.gamma ** h
+    norm = actor.normalizers["state"]
+    state_of = lambda hist: norm(hist).flatten(1)  # noqa: E731
+    s_dim = oh * actor.dims["state_dim"]
+    value = mlp(s_dim, 1)
+    if "value" in base.get("rl100", {}):  # the offline stage's IQL V: a critic that already knows the task
+        value.load_state_dict(base["rl100"]["value"])
+    actor_opt = torch.optim.Adam(actor.denoiser.parameters(), lr=o.lr)
+    critic_opt = torch.optim.Adam(value.parameters(), lr=o.critic_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    env_steps, history = 0, []
+    state_path = out / "state.pt"
+    if state_path.is_file():
+        state = checkpoints.load(state_path)
+        actor.load_state_dict(state["actor"])
+        value.load_state_dict(state["value"])
+        actor_opt.load_state_dict(state["actor_opt"])
+        critic_opt.load_state_dict(state["critic_opt"])
+        env_steps, history = state["env_steps"], state["history"]
+        gen.set_state(state["gen"])
+        print(f"online: resumed at {env_steps} env steps")
+    hold = torch.zeros(actor.dims["action_dim"])
+    if actor.dims["gripper_dims"]:
+        hold[actor.dims["gripper_dims"]] = 1.0
+    with make_env(replace(env_cfg, reward_mode="sparse", num_envs=o.envs)) as env:
+        n = env.num_envs
+        obs = env.reset(seed=[40_000 + cfg.seed * 100 + len(history) * n + i for i in range(n)])
+        hist = obs["state"].cpu().unsqueeze(1).repeat(1, oh, 1)
+        bar = tqdm(total=o.env_steps, initial=env_steps, desc="online", unit="step")
+        while env_steps < o.env_steps:
+            rows = {k: [] for k in ("state", "chain", "logp", "reward", "ended", "value")}
+            finished = []
+            for _ in range(o.decisions):
+                s = state_of(hist)
+                with torch.no_grad():
+                    x, logp = chain.sample(actor.encoder({"state": s.view(n, oh, -1)}), gen)
+                    actions = actor.to_actions(x[:, -1]).cpu()
+                    v = value(s).squeeze(-1)
+                reward, ended = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+                for j in range(h):  # envs whose episode ended mid-chunk hold still until the chunk is over
+                    obs, _, terminated, truncated, info = env.step(torch.where(ended[:, None], hold, actions[:, j]))
+                    env_steps += n
+                    step_done = (terminated | truncated).cpu()
+                    solved = info["success"].cpu().clone()
+                    if "final_info" in info:
+                        solved[step_done] = info["final_info"]["success"].cpu()[step_done]
+                    new = step_done & ~ended
+                    reward += (solved & ~ended).float()
+                    cut = new & ~terminated.cpu()  # time-outs bootstrap from the value of where they stopped
+                    if cut.any():
+                        last = torch.cat([hist[:, 1:], info["final_observation"]["state"].cpu().unsqueeze(1)], 1)
+                        with torch.no_grad():
+                            reward[cut] += gamma_chunk * value(state_of(last[cut])).squeeze(-1)
+                    finished += [bool(solved[i]) for i in new.nonzero().flatten().tolist()]
+                    fresh = obs["state"].cpu().unsqueeze(1).repeat(1, oh, 1)
+                    hist = torch.where(step_done[:, None, None], fresh, torch.cat([hist[:, 1:], obs["state"].cpu().unsqueeze(1)], 1))
+                    ended |= step_done
+                for k, val in zip(rows, (s, x, logp, reward, ended, v)):
+                    rows[k].append(val)
+            batch = {k: torch.stack(v) for k, v in rows.items()}  # (D, n, ...)
+            with torch.no_grad():
+                next_value = value(state_of(hist)).squeeze(-1)
+                adv = torch.zeros_like(batch["reward"])
+                gae = torch.zeros(n)
+                for d in reversed(range(o.decisions)):
+                    nonterminal = (~batch["ended"][d]).float()
+                    nv = next_value if d == o.decisions - 1 else batch["value"][d + 1]
+                    delta = batch["reward"][d] + gamma_chunk * nonterminal * nv - batch["value"][d]
+                    gae = delta + gamma_chunk * o.gae_lambda * nonterminal * gae
+                    adv[d] = gae
+                returns = adv + batch["value"]
+            flat = {k: v.flatten(0, 1) for k, v in {**batch, "adv": adv, "returns": returns}.items()}
+            total = len(flat["adv"])
+            for _ in range(o.epochs):
+                for idx in torch.randperm(total, generator=gen).split(o.minibatch):
+                    s = flat["state"][idx]
+                    a = flat["adv"][idx]
+                    a = ((a - a.mean()) / (a.std() + 1e-8))[:, None] if len(idx) > 1 else a[:, None]
+                    ratio = (chain.log_prob(actor.encoder({"state": s.view(len(idx), oh, -1)}), flat["chain"][idx]) - flat["logp"][idx]).exp()
+                    pi_loss = -torch.min(ratio * a, ratio.clamp(1 - o.clip, 1 + o.clip) * a).mean()
+                    v_loss = F.mse_loss(value(s).squeeze(-1), flat["returns"][idx])
+                    actor_opt.zero_grad(set_to_none=True)
+                    critic_opt.zero_grad(set_to_none=True)
+                    (pi_loss + 0.5 * v_loss).backward()
+                    nn.utils.clip_grad_norm_(actor.denoiser.parameters(), 1.0)
+                    actor_opt.step()
+                    critic_opt.step()
+            row = {"env_steps": env_steps, "episodes": len(finished),
+                   "train_success": float(np.mean(finished)) if finished else None, "pi_loss": pi_loss.item(), "v_loss": v_loss.item()}
+            history.append(row)
+            bar.update(env_steps - bar.n)
+            bar.set_postfix(success=row["train_success"])
+            checkpoints.save(state_path, {"actor": actor.state_dict(), "value": value.state_dict(), "actor_opt": actor_opt.state_dict(),
+                                          "critic_opt": critic_opt.state_dict(), "env_steps": env_steps, "history": history,
+                                          "gen": gen.get_state()})
+        bar.close()
+    run.report["online_history"] = history
+    path = out / "policy.pt"
+    save_policy(path, base, actor, rl100={"stage": "online", "value": value.state_dict()})
+    return path
+
+
+def distill(cfg: RL100Config, run: Run, start: Path) -> Path:
+    from robodistill.training.distill import DistillConfig, train
+
+    out = run.dir / "distill"
+    last = out / "checkpoints" / "last.pt"
+    train(DistillConfig(teacher=str(start), variant="regression", dataset=cfg.dataset or None, teacher_steps=cfg.chain.steps,
+                        iterations=cfg.head.iterations, minutes=cfg.head.minutes, eval_episodes=0, threads=cfg.threads,
+                        device="cpu", seed=cfg.seed, name=cfg.name, resume_from=str(last) if last.is_file() else None), out)
+    return last
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report_markdown(report: dict) -> str:
+    lines = ["| stage | success_once [95% CI] | success_at_end | episodes |", "|---|---|---|---:|"]
+    for name, r in report["stages"].items():
+        if name == "offline_iterations":
+            for it in r:
+                lines.append(f"| offline iteration {it['iteration']} (reference; collect success {it['collect_success']:.0%}, "
+                             f"buffer {it['buffer']}) | {it['success_once']:.1%} [{it['ci95'][0]:.1%}, {it['ci95'][1]:.1%}] | "
+                             f"{it['success_at_end']:.1%} | {it['episodes']} |")
+            continue
+        label = {"distill": "one-step head (consistency, 1 call)", "init": "init (DDIM)"}.get(name, f"{name} (DDIM)")
+        lines.append(f"| {label} | {r['success_once']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | {r['success_at_end']:.1%} | {r['episodes']} |")
+    dec = report["decisions"]
+    if dec:
+        lines += ["", "Gate decisions (estimates of candidate / reference; true success in simulation):", "",
+                  "| iteration | update | AM-Q | FQE | accepted | true candidate | true reference |", "|---:|---:|---|---|---|---:|---:|"]
+        for d in dec:
+            lines.append(f"| {d['iteration']} | {d['update']} | {d['amq']:.4f} / {d['amq_reference']:.4f} | {d['fqe']:.4f} / "
+                         f"{d['fqe_reference']:.4f} | {'yes' if d['accepted'] else 'no'} | {d['true']:.0%} | {d['true_reference']:.0%} |")
+        drops = [d["true_reference"] - d["true"] for d in dec if d["accepted"]]
+        lines += ["", f"Accepted {len(drops)} of {len(dec)} candidates; worst true drop of an accepted candidate vs the "
+                  f"reference it replaced: {max(drops) * 100 if drops else 0:.0f} points (target: <= 3)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ope(decisions: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in ((axes[0], "amq", "AM-Q"), (axes[1], "fqe", "FQE")):
+        for accepted, color, label in ((True, "tab:green", "accepted"), (False, "tab:red", "rejected")):
+            pts = [(d[key], d["true"]) for d in decisions if d["accepted"] == accepted]
+            if pts:
+                ax.scatter(*zip(*pts), color=color, label=label, s=20)
+        ax.set(xlabel=f"{title} estimate of the candidate", ylabel="true success_once (simulation)", title=title)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
+    check(cfg)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, run_dir)
+    env_cfg = cfg.env
+    policy_path = Path(cfg.init) if cfg.init else None
+    if policy_path is not None and "imitation" not in cfg.stages and "init" not in run.report["stages"]:
+        _, policy = load(policy_path, cfg.chain.steps)  # the starting point's success: the line to beat
+        with make_env(env_cfg, ignore_terminations=True) as env:
+            run.report["stages"]["init"] = {**success(policy, env, cfg.eval_episodes, 10_000 + cfg.seed), "policy": str(policy_path)}
+        run.save_report()
+    for stage in STAGES:
+        if run.done(stage):
+            policy_path = run.policy_path(stage)
+            continue
+        if stage not in cfg.stages:
+            continue
+        if policy_path is None and stage != "imitation":
+            raise UserError(f"stage {stage} needs a policy: run imitation first or give init=<checkpoint>")
+        tick = time.perf_counter()
+        if stage == "imitation":
+            policy_path = imitation(cfg, run)
+        elif stage == "offline":
+            policy_path = offline(cfg, run, policy_path, env_cfg)
+        elif stage == "online":
+            policy_path = online(cfg, run, policy_path, env_cfg)
+        else:
+            policy_path = distill(cfg, run, policy_path)
+        _, policy = load(policy_path, cfg.chain.steps)
+        if stage == "distill":
+            policy = from_checkpoint(checkpoints.load(policy_path))
+            policy.set_sampler("consistency", 1)
+        with make_env(env_cfg, ignore_terminations=True) as env:
+            result = success(policy, env, cfg.eval_episodes, 10_000 + cfg.seed)
+        run.report["stages"][stage] = {**result, "policy": str(policy_path), "seconds": round(time.perf_counter() - tick, 1)}
+        run.save_report()
+        print(f"{stage}: success_once {result['success_once']:.1%} [{result['ci95'][0]:.1%}, {result['ci95'][1]:.1%}] "
+              f"over {cfg.eval_episodes} episodes ({policy_path})")
+    return run.report
+
+
+def main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    config = RL100Config(
+        env=EnvConfig.from_mapping(container.pop("env")), imitation=ImitationConfig(**container.pop("imitation")),
+        chain=ChainConfig(**container.pop("chain")), offline=OfflineConfig(**container.pop("offline")),
+        online=OnlineConfig(**container.pop("online")), head=HeadConfig(**container.pop("head")), **container)
+    run_dir = Path(config.resume_from) if config.resume_from else Path(HydraConfig.get().runtime.output_dir)
+    if config.resume_from and not (run_dir / "report.json").is_file() and not (run_dir / "imitation").is_dir():
+        raise UserError(f"resume_from={config.resume_from}: not an rl100 run directory (no report.json)")
+    report = run_stages(config, run_dir)
+    print((run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else "")
+    print(f"report: {run_dir / 'report.md'} (json: report.json, OPE scatter: ope.png)")
+    return report

@@ -1,0 +1,128 @@
+"""RL-100: the denoising chain as a policy, chunk-level transitions and critics, and the staged CLI."""
+
+import json
+
+import pytest
+import torch
+
+from robodistill import checkpoints
+from robodistill.data import load_episodes
+from robodistill.policies.diffusion.chain import DenoisingChain
+from robodistill.policies.diffusion.config import DiffusionConfig
+from robodistill.policies.diffusion.policy import DiffusionPolicy
+from robodistill.training.critics import IQL, Transitions
+
+
+def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(prediction_type=prediction_type, mlp_hidden=[64, 64])
+    return DiffusionPolicy(cfg, state_dim, 4, -torch.ones(4), torch.ones(4)).eval()
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+def test_chain_mean_path_is_the_ddim_sampler_and_scores_its_own_draws(prediction_type):
+    policy = _policy(prediction_type)
+    chain = DenoisingChain(policy, steps=10, finetune_steps=4, std=0.1)
+    cond = policy.condition({"state": torch.randn(5, 2, 9)})
+    mean_path, _ = chain.sample(cond, torch.Generator().manual_seed(3), deterministic=True)
+    policy.set_sampler("ddim", 10)
+    ddim = policy.sampler(policy.denoiser, cond, (5, 16, 4), torch.Generator().manual_seed(3))
+    assert torch.equal(mean_path[:, -1], ddim)  # a fine-tuned policy stays a plain ddim checkpoint
+
+    drawn, logp = chain.sample(cond, torch.Generator().manual_seed(4))
+    assert drawn.shape == (5, 11, 16, 4) and logp.shape == (5, 4)  # only the last K' steps carry a likelihood
+    assert not torch.equal(drawn[:, -1], mean_path[:, -1])
+    assert torch.allclose(chain.log_prob(cond, drawn), logp, atol=1e-6)
+    # Moving a step's output away from its mean lowers its likelihood.
+    moved = drawn.clone()
+    moved[:, -1] += 0.3
+    assert (chain.log_prob(cond, moved)[:, -1] < logp[:, -1]).all()
+
+
+def test_transitions_reward_first_success_and_iql_values_near_the_goal_higher(pushcube_demos):
+    episodes = load_episodes([pushcube_demos])
+    policy = _policy(state_dim=episodes[0].obs["state"].shape[1])
+    data = Transitions.from_episodes(episodes, DenoisingChain(policy), delta_actions=True)
+    solved_at = [int(e.step_success.argmax()) + 1 for e in episodes]  # every demo succeeds
+    assert len(data) == sum(solved_at) and int(data.first.sum()) == len(episodes)
+    # Transitions whose chunk reaches the first success (8 decision points per episode) end with reward 1.
+    assert int(data.done.sum()) == int(data.reward.sum()) == sum(min(8, n) for n in solved_at)
+    assert data.action.shape[1] == 8 * 4 and data.state.shape[1] == 2 * policy.dims["state_dim"]
+
+    gamma = 0.99 ** 8
+    iql = IQL(data.state.shape[1], data.action.shape[1], gamma)
+    iql.fit(data, steps=300, batch_size=128, gen=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        near, start = iql.value(data.state[data.done.bool()]).mean(), iql.value(data.state[data.first]).mean()
+    assert near > start + 0.1  # a state one chunk from success is worth more than the start
+
+
+SMALL = ["env.max_episode_steps=40", "imitation.iterations=40", "imitation.batch_size=32", "offline.iterations=1",
+         "offline.collect_episodes=2", "offline.critic_steps=40", "offline.dynamics_steps=40", "offline.updates=4",
+         "offline.gate_every=2", "offline.fqe_steps=40", "offline.gate_eval_episodes=2", "offline.batch_size=64",
+         "online.env_steps=160", "online.decisions=4", "head.iterations=10", "eval_episodes=2"]
+
+
+@pytest.fixture(scope="module")
+def rl100_run(pushcube_demos, tmp_path_factory):
+    from tests.conftest import run_cli
+
+    root = tmp_path_factory.mktemp("rl100")
+    r = run_cli("rl100", "env=PushCube-v1", f"dataset={pushcube_demos}", *SMALL, f"hydra.run.dir={root / 'run'}", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "run", r.stdout
+
+
+def test_rl100_runs_every_stage_and_reports_gates(rl100_run):
+    run, stdout = rl100_run
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["stages"]) == ["imitation", "offline_iterations", "offline", "online", "distill"]
+    for stage in ("imitation", "offline", "online", "distill"):
+        assert report["stages"][stage]["episodes"] == 2
+        assert 0 <= report["stages"][stage]["success_once"] <= 1
+    decisions = report["decisions"]
+    assert [d["update"] for d in decisions] == [2, 4]
+    for d in decisions:  # both estimators and the true success, for every candidate
+        assert {"amq", "amq_reference", "fqe", "fqe_reference", "true", "true_reference", "accepted"} <= set(d)
+        assert d["accepted"] == (d["amq"] >= d["amq_reference"])
+    assert (run / "ope.png").stat().st_size > 1000 and "Gate decisions" in (run / "report.md").read_text()
+    assert "one-step head" in stdout
+    # Every stage's policy is an ordinary diffusion checkpoint; the head's has a consistency head.
+    assert "consistency" in checkpoints.load(run / "distill" / "checkpoints" / "last.pt")
+    assert checkpoints.load(run / "online" / "policy.pt")["kind"] == "diffusion"
+
+
+def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl100_run, pushcube_demos, cli, tmp_path):
+    run, _ = rl100_run
+    init = run / "imitation" / "checkpoints" / "last.pt"
+    out = tmp_path / "gated"
+    args = ["rl100", "env=PushCube-v1", f"dataset={pushcube_demos}", *SMALL, "stages=[offline]", f"init={init}",
+            "offline.gate_margin=-1e9", f"hydra.run.dir={out}"]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["decisions"] and not any(d["accepted"] for d in report["decisions"])
+    start, kept = checkpoints.load(init)["ema"], checkpoints.load(out / "offline" / "policy.pt")["ema"]
+    assert all(torch.equal(start[k], kept[k]) for k in start)  # rejected candidates never replace the reference
+
+    # A run killed after iteration 1 continues from offline/state.pt: only iteration 2 runs.
+    (out / "offline" / "policy.pt").unlink()
+    del report["stages"]["offline"]
+    (out / "report.json").write_text(json.dumps(report))
+    r = cli(*args[:-1], "offline.iterations=2", f"resume_from={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "offline: resumed after iteration 1" in r.stdout + r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [it["iteration"] for it in report["stages"]["offline_iterations"]] == [1, 2]
+
+
+def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
+    for args, message in {
+        ("stages=[offline]",): "give init=",
+        ("stages=[warmup]",): "stages=['warmup']",
+        ("env.obs_mode=rgb", "dataset=x.h5"): "env.obs_mode=state",
+        ("init=nope.pt", "stages=[online]"): "init=nope.pt: no such checkpoint file",
+    }.items():
+        r = cli("rl100", *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
