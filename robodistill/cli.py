@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"error: unknown command '{command}'.\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
+    from robodistill.training.distributed import launch
+
+    _guarded(lambda args: launch(command, args))(overrides)  # launcher=torchrun: re-run on N ranks
     module = importlib.import_module(COMMANDS[command][0])
     if command in ARGV_COMMANDS:
         return _guarded(module.main)(overrides)

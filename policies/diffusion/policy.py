@@ -138,6 +138,10 @@ class DiffusionPolicy(nn.Module):
         target = noise if self.cfg.prediction_type == "epsilon" else x0
         return F.mse_loss(self.denoiser(x_t, t, cond), target)
 
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The training loss (so DistributedDataParallel, which hooks forward, can wrap the policy)."""
+        return self.loss(batch)
+
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], streams: torch.Tensor | None = None) -> torch.Tensor:
         """(B, act_horizon, A) actions in env units: the part of the predicted chunk that starts at

@@ -105,13 +105,16 @@ def fit_normalizers(episodes: list[Episode], mode: str = "minmax") -> dict[str, 
     }
 
 
-def sample_batches(ds: WindowDataset, batch_size: int, gen: torch.Generator):
+def sample_batches(ds: WindowDataset, batch_size: int, gen: torch.Generator, part: tuple[int, int] = (0, 1)):
     """Endless batches of windows drawn uniformly with replacement: the generator's state alone
     decides what comes next, so a resumed run draws exactly the batches the original would have.
-    State windows are small and are collated once; RGB windows are read per batch."""
+    `part=(rank, world)`: every rank draws the same global batch and keeps its slice of it, so the
+    ranks together see what one process would. State windows are small and are collated once; RGB
+    windows are read per batch."""
     data = torch.utils.data.default_collate([ds[i] for i in range(len(ds))]) if "rgb" not in ds.episodes[0].obs else None
+    rank, world = part
     while True:
-        idx = torch.randint(len(ds), (batch_size,), generator=gen)
+        idx = torch.randint(len(ds), (batch_size,), generator=gen).chunk(world)[rank]
         if data is None:
             yield torch.utils.data.default_collate([ds[i] for i in idx.tolist()])
         else:

@@ -321,7 +321,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                     cand_true = success(actor, eval_env, o.gate_eval_episodes, 20_000 + cfg.seed)
                     row = {"iteration": iteration, "update": update, "accepted": bool(accepted),
                            "amq": cand["amq"], "amq_reference": ref_score["amq"], "fqe": cand["fqe"], "fqe_reference": ref_score["fqe"],
-                           "true": cand_true["success_once"], "true_reference": ref_true["success_once"],
+                           "true": cand_true["success_once"], "true_ci95": cand_true["ci95"], "true_reference": ref_true["success_once"],
                            "ratio_clipped": float(((ratio - 1).abs() > clip).float().mean()), "loss": loss.item(), **losses}
                     run.report["decisions"].append(row)
                     tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))

@@ -16,6 +16,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -26,7 +27,8 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
-from robodistill.training.runs import find_resume, pick_device
+from robodistill.training.distributed import any_rank, finish, replicas_identical, setup
+from robodistill.training.runs import find_resume
 
 
 @dataclass
@@ -48,7 +50,7 @@ class TrainTeacherConfig:
     eval_every: int = 2000  # iterations; 0: only at the end
     eval_episodes: int = 20
     checkpoint_every: int = 1000
-    threads: int = 2
+    threads: int = 2  # CPU threads, all ranks together (launcher=torchrun nproc=N: threads // N each)
     device: str = "auto"
     resume: bool = False  # continue from the newest checkpoints/last.pt of a run with this name
     resume_from: str | None = None  # or from this run directory / checkpoint file
@@ -57,10 +59,12 @@ class TrainTeacherConfig:
 
 
 def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    ranks, device = setup(cfg.device)
+    torch.set_num_threads(max(1, cfg.threads // ranks.world))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % ranks.world:
+        raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
 
     # ---- data: episodes split by episode; normalizers fitted on the training split only
     if not cfg.dataset:
@@ -88,6 +92,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     policy = DiffusionPolicy(p, state_dim, actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None, gripper_dims)
     policy.load_normalizers(fit_normalizers(train_eps, p.normalizer))
     policy.to(device)
+    model = DDP(policy) if ranks.world > 1 else policy  # all-reduces gradients in backward
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
     # Warm-up (decay grows as 1 - (1 + step)^-power up to 0.9999), as diffusion_policy does: a fixed
@@ -121,6 +126,8 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         return weights
 
     def save(name: str) -> None:
+        if not ranks.main:
+            return
         checkpoints.save(run_dir / "checkpoints" / f"{name}.pt", {
             "kind": KIND, "policy": policy.spec(), "env": asdict(env_cfg), "train": asdict(cfg),
             "model": policy.state_dict(), "ema": ema_weights(), "ema_state": ema.state_dict(),
@@ -147,15 +154,17 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         return loss
 
     # ---- optimisation
-    writer = SummaryWriter(str(run_dir / "tb"))
-    metrics = (run_dir / "metrics.jsonl").open("a")
-    batches = sample_batches(train_ds, cfg.batch_size, batch_gen)
+    if ranks.world > 1:  # each rank its own diffusion noise and timesteps (weights stay identical)
+        torch.manual_seed(cfg.seed * 1000 + 100 * ranks.rank + step)
+    writer = SummaryWriter(str(run_dir / "tb")) if ranks.main else None
+    metrics = (run_dir / "metrics.jsonl").open("a") if ranks.main else None
+    batches = sample_batches(train_ds, cfg.batch_size, batch_gen, part=(ranks.rank, ranks.world))
     policy.train()
-    bar = tqdm(total=cfg.iterations, initial=step, desc="train-teacher", unit="it")
+    bar = tqdm(total=cfg.iterations, initial=step, desc="train-teacher", unit="it", disable=not ranks.main)
     history: list[dict] = []
     tick = time.perf_counter()
     while step < cfg.iterations and (cfg.minutes is None or train_seconds < cfg.minutes * 60):
-        loss = policy.loss(_to(next(batches), device))
+        loss = model(_to(next(batches), device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -163,15 +172,15 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         ema.step(policy.parameters())
         step += 1
         bar.update(1)
-        if step % 50 == 0:
+        if step % 50 == 0 and ranks.main:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             writer.add_scalar("train/loss", loss.item(), step)
             writer.add_scalar("train/lr", lr_schedule.get_last_lr()[0], step)
         now = time.perf_counter()
         train_seconds += now - tick
         tick = now
-        last = step >= cfg.iterations or (cfg.minutes is not None and train_seconds >= cfg.minutes * 60)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+        last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(train_seconds >= cfg.minutes * 60, ranks))
+        if ranks.main and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
             row = {"step": step, "train_seconds": round(train_seconds, 1), "loss": loss.item(), "val_loss": val_loss()}
             summary = run_eval() if cfg.eval_episodes else {}
             if summary:
@@ -191,11 +200,15 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
             save("last")
             tick = time.perf_counter()
     bar.close()
-    writer.close()
-    metrics.close()
+    if ranks.main:
+        writer.close()
+        metrics.close()
     eval_env.close()
+    in_sync = replicas_identical(policy, ranks)
+    finish(ranks)
     return {"step": step, "train_seconds": train_seconds, "best_success_once": best, "history": history,
-            "samples_per_second": step * cfg.batch_size / max(train_seconds, 1e-9)}
+            "samples_per_second": step * cfg.batch_size / max(train_seconds, 1e-9), "ranks": ranks.world,
+            "replicas_identical": in_sync, "main": ranks.main}
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -209,6 +222,10 @@ def main(cfg: DictConfig) -> dict:
     config = TrainTeacherConfig(**{**raw, "env": EnvConfig.from_mapping(raw["env"]), "policy": DiffusionConfig(**raw["policy"])})
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(config, run_dir)
+    if not result["main"]:
+        return result
+    if result["ranks"] > 1:
+        print(f"{result['ranks']} ranks (DDP); replicas identical at the end: {result['replicas_identical']}")
     best = result["best_success_once"]
     print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s ({result['samples_per_second']:.0f} samples/s)"
           + (f"; best success_once {best:.1%}" if best >= 0 else "; not evaluated (eval_episodes=0)"))
