@@ -46,3 +46,11 @@ def test_missing_vulkan_device_names_the_fix(cli):
     r = cli("eval", "episodes=1", env={"VK_ICD_FILENAMES": "/nonexistent/icd.json"})
     assert r.returncode == 2
     assert "no Vulkan device" in r.stderr and "make setup" in r.stderr
+
+
+def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path):
+    r = cli("eval", "-m", "seed=0,1", "policy=random", "episodes=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep,) = (tmp_path / "runs" / "eval").glob("*-multirun")
+    seeds = [json.loads((sweep / str(i) / "eval.json").read_text())["seed"] for i in (0, 1)]
+    assert seeds == [0, 1]
