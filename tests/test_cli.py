@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 
 def test_help_lists_commands_and_command_help_shows_config(cli):
     top = cli("--help")
@@ -48,8 +50,10 @@ def test_missing_vulkan_device_names_the_fix(cli):
     assert "no Vulkan device" in r.stderr and "make setup" in r.stderr
 
 
-def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path):
-    r = cli("eval", "-m", "seed=0,1", "policy=random", "episodes=1")
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=submitit_local"]], ids=["basic", "submitit_local"])
+def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
+    # submitit_local runs each job as its own process the way submitit_slurm submits them to Slurm.
+    r = cli("eval", "-m", *launcher, "seed=0,1", "policy=random", "episodes=1")
     assert r.returncode == 0, r.stderr[-3000:]
     (sweep,) = (tmp_path / "runs" / "eval").glob("*-multirun")
     seeds = [json.loads((sweep / str(i) / "eval.json").read_text())["seed"] for i in (0, 1)]
