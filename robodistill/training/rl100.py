@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +152,6 @@ class Run:
         self.cfg, self.dir = cfg, run_dir
         self.path = run_dir / "report.json"
         self.report = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}, "decisions": []}
-        self.device = torch.device("cpu")
 
     def done(self, stage: str) -> bool:
         return stage in self.report["stages"] and self.policy_path(stage).is_file()

@@ -90,6 +90,7 @@ class RPDConfig:
     resume: bool = False  # continue the newest run with this name from checkpoints/last.zip
     resume_from: str | None = None  # or from this run directory / zip
     threads: int = 1
+    device: str = "cpu"  # the student's torch device; a small MLP updates faster on the CPU, cuda pays off with many GPU envs
     progress: bool = True
     name: str = "rpd"
 
@@ -375,7 +376,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
         history: list[dict] = []
         if resume_path is not None:
-            model = RPD.load(resume_path, env=vec, device="cpu", **rpd)
+            model = RPD.load(resume_path, env=vec, device=cfg.device, **rpd)
             old = resume_path.parent.parent / "history.json"
             history = json.loads(old.read_text()) if old.is_file() else []
             model.set_random_seed(cfg.seed + model.num_timesteps)
@@ -387,7 +388,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
                         ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl,
                         policy_kwargs={"net_arch": {"pi": list(cfg.hidden), "vf": list(cfg.hidden)}, "activation_fn": nn.Tanh,
                                        "log_std_init": cfg.log_std_init, "features_extractor_class": StateAndImage if rgb else NormalizedState},
-                        tensorboard_log=str(run_dir / "tb"), seed=cfg.seed, device="cpu", **rpd)
+                        tensorboard_log=str(run_dir / "tb"), seed=cfg.seed, device=cfg.device, **rpd)
             fit_normalizer(model, vec, cfg.obs_norm_steps, cfg.seed)
         model.robodistill_env = asdict(cfg.env)  # saved in the zip: what export and eval need to know
         callback = RunCallback(cfg, run_dir, eval_env, history)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU path, for a machine with one NVIDIA GPU (run it where one is lent; each step stays under
+# 5 minutes): teacher training on the GPU, then PPO and RPD with sim_backend=physx_cuda and many envs
+# in one process. Prints samples/s (teacher) and training env steps/s (PPO, RPD).
+#
+#     bash benchmarks/gpu_check.sh [num_envs]        (after `make setup`; OUT=/tmp/gpu_check by default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-/tmp/gpu_check}
+ENVS=${1:-512}
+RD="$PY -m robodistill.cli"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this script checks the GPU path'; print(torch.cuda.get_device_name())"
+
+echo "== demos (motion planning runs on the CPU)"
+timeout 300 $RD demos env=PushCube-v1 n=20 seed=0 workers=4 out="$OUT/demos" | tail -2
+DATA="$OUT/demos/mp_n20_seed0.state.pd_ee_delta_pos.h5"
+
+echo "== teacher on the GPU (U-Net, 3 minutes)"
+timeout 300 $RD train-teacher env=PushCube-v1 dataset="$DATA" device=cuda policy.denoiser=unet policy.prediction_type=epsilon \
+    lr=1e-4 batch_size=256 minutes=3 iterations=100000 eval_every=0 eval_episodes=20 hydra.run.dir="$OUT/teacher" | tail -3
+
+for teacher in none "$OUT/teacher/checkpoints/last.pt"; do
+  echo "== rpd teacher=$teacher, physx_cuda x $ENVS envs"
+  timeout 300 $RD rpd env=PushCube-v1 env.sim_backend=physx_cuda env.num_envs="$ENVS" teacher="$teacher" device=cuda \
+      total_steps=$((ENVS * 50 * 20)) n_steps=50 batch_size=$((ENVS * 50 / 8)) eval_every=0 eval_episodes=100 \
+      obs_norm_steps=$((ENVS * 10)) progress=false hydra.run.dir="$OUT/rpd-$([ "$teacher" = none ] && echo ppo || echo rpd)" | tail -2
+done
