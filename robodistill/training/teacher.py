@@ -205,6 +205,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         metrics.close()
     eval_env.close()
     in_sync = replicas_identical(policy, ranks)
+    del model  # DDP's reducer must go before its process group, or its destructor can wait forever
     finish(ranks)
     return {"step": step, "train_seconds": train_seconds, "best_success_once": best, "history": history,
             "samples_per_second": step * cfg.batch_size / max(train_seconds, 1e-9), "ranks": ranks.world,
