@@ -148,8 +148,8 @@ def check(cfg: RL100Config) -> None:
 class Run:
     """The run directory: stage outputs, the report, and where to resume."""
 
-    def __init__(self, cfg: RL100Config, run_dir: Path):
-        self.cfg, self.dir = cfg, run_dir
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
         self.path = run_dir / "report.json"
         self.report = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}, "decisions": []}
 
@@ -515,7 +515,7 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg, run_dir)
+    run = Run(run_dir)
     env_cfg = cfg.env
     policy_path = Path(cfg.init) if cfg.init else None
     if policy_path is not None and "imitation" not in cfg.stages and "init" not in run.report["stages"]:
@@ -540,10 +540,11 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
             policy_path = online(cfg, run, policy_path, env_cfg)
         else:
             policy_path = distill(cfg, run, policy_path)
-        _, policy = load(policy_path, cfg.chain.steps)
         if stage == "distill":
             policy = from_checkpoint(checkpoints.load(policy_path))
             policy.set_sampler("consistency", 1)
+        else:
+            _, policy = load(policy_path, cfg.chain.steps)
         with make_env(env_cfg, ignore_terminations=True) as env:
             result = success(policy, env, cfg.eval_episodes, 10_000 + cfg.seed)
         run.report["stages"][stage] = {**result, "policy": str(policy_path), "seconds": round(time.perf_counter() - tick, 1)}
