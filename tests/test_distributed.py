@@ -1,6 +1,9 @@
-"""Data-parallel teacher training: `launcher=torchrun nproc=2` (gloo, one thread per rank)."""
+"""Data-parallel training: `launcher=torchrun nproc=2` (gloo, one thread per rank) for the teacher,
+the consistency head and the PPO student."""
 
 import json
+
+from stable_baselines3 import PPO
 
 
 def _rows(run_dir):
@@ -20,12 +23,36 @@ def test_two_ranks_stay_identical_and_learn_like_one_process(cli, tmp_path, push
     for a, b in zip(_rows(tmp_path / "ddp"), _rows(tmp_path / "one"), strict=True):
         assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.1 * b["val_loss"], (a, b)
 
+    # The consistency head of that teacher, on the same two ranks.
+    head = cli("distill", "launcher=torchrun", "nproc=2", f"teacher={tmp_path / 'ddp' / 'checkpoints' / 'last.pt'}",
+               "iterations=10", "batch_size=16", "eval_episodes=0", f"hydra.run.dir={tmp_path / 'head'}")
+    assert head.returncode == 0, head.stderr[-3000:]
+    assert "2 ranks (DDP); replicas identical at the end: True" in head.stdout
+    assert head.stdout.count("distilled 10 iterations") == 1
+    assert json.loads((tmp_path / "head" / "result.json").read_text())["ranks"] == 2
+
+
+def test_ppo_student_on_two_ranks_counts_global_steps_and_resumes_on_one(cli, tmp_path):
+    common = ["env.num_envs=4", "n_steps=50", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "obs_norm_steps=100",
+              "eval_episodes=2", "eval_every=800", "checkpoint_every=800", "progress=false", f"hydra.run.dir={tmp_path}"]
+    ddp = cli("rpd", "launcher=torchrun", "nproc=2", "total_steps=800", *common)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 ranks (DDP); replicas identical at the end: True" in ddp.stdout
+    # 2 ranks x 4 envs x 2 rollouts of 50 steps: 800 env steps in all, counted once, by rank 0.
+    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 800]
+    assert PPO.load(tmp_path / "student.zip").num_timesteps == 400  # SB3's own count: one rank's steps
+    # One process takes over the run: it continues from the global count, not from one rank's.
+    one = cli("rpd", "total_steps=1200", f"resume_from={tmp_path}", *common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resumed from" in one.stdout and "at step 800" in one.stdout
+    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 800, 1200]
+
 
 def test_launcher_bad_input_is_one_clear_line(cli, pushcube_demos):
     for args, message in {
         ("train-teacher", "launcher=torchrun", "nproc=2", "batch_size=33", f"dataset={pushcube_demos}"): "must divide evenly over nproc=2",
         ("train-teacher", "launcher=slurm"): "launcher=slurm: the launcher is torchrun",
-        ("eval", "launcher=torchrun", "policy=random"): "launcher=torchrun runs train-teacher",
+        ("eval", "launcher=torchrun", "policy=random"): "launcher=torchrun runs train-teacher, distill, rpd",
         ("train-teacher", "launcher=torchrun", "nproc=two"): "nproc=two must be a whole number",
     }.items():
         r = cli(*args)

@@ -27,6 +27,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -37,7 +38,8 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
-from robodistill.training.runs import find_resume, pick_device
+from robodistill.training.distributed import any_rank, finish, replicas_identical, setup
+from robodistill.training.runs import find_resume
 
 
 @dataclass
@@ -57,7 +59,7 @@ class DistillConfig:
     warmup: int = 200
     eval_episodes: int = 50  # success of sampler=consistency steps=1 at the end; 0: none
     checkpoint_every: int = 500
-    threads: int = 2
+    threads: int = 2  # CPU threads, all ranks together (launcher=torchrun nproc=N: threads // N each)
     device: str = "auto"
     resume: bool = False  # continue from the newest checkpoints/last.pt of a run with this name
     resume_from: str | None = None
@@ -75,10 +77,12 @@ def _predicted_x0(teacher: DiffusionPolicy, x_t: torch.Tensor, t: torch.Tensor, 
 
 
 def train(cfg: DistillConfig, run_dir: Path) -> dict:
-    torch.set_num_threads(cfg.threads)
+    ranks, device = setup(cfg.device)
+    torch.set_num_threads(max(1, cfg.threads // ranks.world))
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % ranks.world:
+        raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
     if cfg.variant not in VARIANTS:
         raise UserError(f"variant='{cfg.variant}' is not one of {', '.join(VARIANTS)}")
     if not cfg.teacher or not Path(cfg.teacher).is_file():
@@ -103,6 +107,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
 
     # ---- the head, warm-started from the teacher's denoiser; its target copy for `consistency`
     head = ConsistencyHead.from_denoiser(teacher.denoiser).to(device).requires_grad_(True).train()
+    model = DDP(head) if ranks.world > 1 else head  # all-reduces gradients in backward
     target = copy.deepcopy(head).requires_grad_(False)
     target_ema = EMAModel(head.parameters(), decay=cfg.target_decay)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-6)
@@ -129,6 +134,8 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         print(f"resumed from {resume_path} at iteration {step}")
 
     def save(name: str) -> None:
+        if not ranks.main:
+            return
         checkpoints.save(run_dir / "checkpoints" / f"{name}.pt", {
             **{k: payload[k] for k in ("kind", "policy", "env", "train", "ema")},
             "consistency": {
@@ -155,7 +162,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
             mid_t = torch.stack(times[:-1], 1)[torch.arange(shape[0], device=device), pick]
         x_in = torch.cat([states[0], mid])
         t_in = torch.cat([times[0], mid_t]).long()
-        return F.mse_loss(head(x_in, t_in, torch.cat([cond, cond])), torch.cat([end, end]))
+        return F.mse_loss(model(x_in, t_in, torch.cat([cond, cond])), torch.cat([end, end]))
 
     def consistency_loss(cond: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Head at t (noised demo chunk) -> target copy at t - skip after one teacher DDIM step."""
@@ -169,12 +176,14 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
             eps_hat = (x_hi - ab_hi.sqrt() * x0_hat) / (1 - ab_hi).sqrt()
             x_lo = ab_lo.sqrt() * x0_hat + (1 - ab_lo).sqrt() * eps_hat
             goal = target(x_lo, t_lo, cond)
-        return F.mse_loss(head(x_hi, t_hi, cond), goal)
+        return F.mse_loss(model(x_hi, t_hi, cond), goal)
 
     # ---- optimisation
-    writer = SummaryWriter(str(run_dir / "tb"))
-    batches = sample_batches(windows, cfg.batch_size, batch_gen)
-    bar = tqdm(total=cfg.iterations, initial=step, desc=f"distill ({cfg.variant})", unit="it")
+    if ranks.world > 1:  # each rank its own noise and timesteps (weights stay identical)
+        torch.manual_seed(cfg.seed * 1000 + 100 * ranks.rank + step)
+    writer = SummaryWriter(str(run_dir / "tb")) if ranks.main else None
+    batches = sample_batches(windows, cfg.batch_size, batch_gen, part=(ranks.rank, ranks.world))
+    bar = tqdm(total=cfg.iterations, initial=step, desc=f"distill ({cfg.variant})", unit="it", disable=not ranks.main)
     tick = time.perf_counter()
     while step < cfg.iterations and (cfg.minutes is None or train_seconds < cfg.minutes * 60):
         batch = next(batches)
@@ -193,20 +202,25 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         target_ema.step(head.parameters())
         step += 1
         bar.update(1)
-        if step % 50 == 0:
+        if step % 50 == 0 and ranks.main:
             bar.set_postfix(loss=f"{loss.item():.5f}")
             writer.add_scalar("distill/loss", loss.item(), step)
         now = time.perf_counter()
         train_seconds += now - tick
         tick = now
-        last = step >= cfg.iterations or (cfg.minutes is not None and train_seconds >= cfg.minutes * 60)
+        last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(train_seconds >= cfg.minutes * 60, ranks))
         if step % cfg.checkpoint_every == 0 or last:
             save("last")
             tick = time.perf_counter()
     bar.close()
+    in_sync = replicas_identical(head, ranks)
+    del model  # DDP's reducer must go before its process group, or its destructor can wait forever
+    finish(ranks)
+    result = {"step": step, "train_seconds": round(train_seconds, 1), "variant": cfg.variant, "ranks": ranks.world,
+              "samples_per_second": round(step * cfg.batch_size / max(train_seconds, 1e-9), 1), "replicas_identical": in_sync}
+    if not ranks.main:
+        return {**result, "main": False}
     writer.close()
-
-    result = {"step": step, "train_seconds": round(train_seconds, 1), "variant": cfg.variant}
     if cfg.eval_episodes:
         teacher.consistency = head.eval()
         teacher.set_sampler("consistency", 1)
@@ -215,7 +229,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         result["consistency_1"] = report.summary
         print(report.table(f"consistency head, 1 step, on {env_cfg.task}"))
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+    return {**result, "main": True}
 
 
 def main(cfg: DictConfig) -> dict:
@@ -224,6 +238,10 @@ def main(cfg: DictConfig) -> dict:
     config = DistillConfig(**OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(config, run_dir)
+    if not result.pop("main"):
+        return result
+    if result["ranks"] > 1:
+        print(f"{result['ranks']} ranks (DDP); replicas identical at the end: {result['replicas_identical']}")
     print(f"distilled {result['step']} iterations in {result['train_seconds']:.0f}s; "
           f"checkpoint (teacher + head): {run_dir / 'checkpoints' / 'last.pt'}")
     return result

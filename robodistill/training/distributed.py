@@ -21,7 +21,7 @@ import torch.distributed as dist
 from robodistill.errors import UserError
 from robodistill.training.runs import pick_device
 
-LAUNCHABLE = ("train-teacher",)  # commands whose training loop is data-parallel
+LAUNCHABLE = ("train-teacher", "distill", "rpd")  # commands whose training loop is data-parallel
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,29 @@ def any_rank(flag: bool, ranks: Ranks) -> bool:
     t = torch.tensor([float(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def average_gradients(module: torch.nn.Module, ranks: Ranks, *scalars: float) -> list[float]:
+    """Replace every gradient of `module` by its mean over the ranks, in place, and return the
+    ranks' mean of `scalars`: all in one all-reduce (for loops that step their own optimizer)."""
+    if ranks.world == 1:
+        return list(scalars)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads] + [torch.tensor(scalars, dtype=grads[0].dtype, device=grads[0].device)])
+    dist.all_reduce(flat)
+    flat /= ranks.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[offset:].tolist()
+
+
+def broadcast_module(module: torch.nn.Module, ranks: Ranks) -> None:
+    """Every rank takes rank 0's parameters and buffers (after rank-specific initialisation)."""
+    if ranks.world > 1:
+        for t in module.state_dict().values():
+            dist.broadcast(t, 0)
 
 
 def replicas_identical(module: torch.nn.Module, ranks: Ranks) -> bool:

@@ -18,6 +18,11 @@ stored observations (with the observation history a diffusion teacher takes, reb
 buffer's episode starts), not per minibatch per epoch as in the authors' code: the same numbers,
 several times cheaper. Truncated episodes bootstrap from the value of their last observation (SB3's
 time-limit handling, ManiSkill's finite-horizon GAE); envs reset independently (partial resets).
+
+`launcher=torchrun nproc=N`: N ranks, each with its own `env.num_envs` envs (seed + 1000 * rank),
+rollouts of `n_steps` per env and minibatches of `batch_size`; every minibatch's gradients (and its KL, for the early stop) are averaged over
+the ranks in one all-reduce, so the replicas stay identical. Env-step counts (`total_steps`,
+`eval_every`, history) are global, all ranks together; rank 0 evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
+from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, finish, replicas_identical, setup
 from robodistill.training.runs import find_resume
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
@@ -61,7 +67,7 @@ class RPDConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     teacher: str = "none"  # a diffusion checkpoint, a bundle dir, ws://host:port (a served policy), or none: plain PPO
     api_key: str | None = None  # for a ws:// teacher; default: the ROBODISTILL_API_KEY env var
-    total_steps: int = 200_000  # env steps, all envs together
+    total_steps: int = 200_000  # env steps, all envs (and all ranks) together
     seed: int = 0
     # RPD
     distill: str = "mse"  # mse | l1 | bc (-log pi(a_T|s))
@@ -89,7 +95,7 @@ class RPDConfig:
     checkpoint_every: int = 10_000  # env steps between atomic checkpoints/last.zip
     resume: bool = False  # continue the newest run with this name from checkpoints/last.zip
     resume_from: str | None = None  # or from this run directory / zip
-    threads: int = 1
+    threads: int = 1  # CPU threads, all ranks together (at least one each)
     device: str = "cpu"  # the student's torch device; a small MLP updates faster on the CPU, cuda pays off with many GPU envs
     progress: bool = True
     name: str = "rpd"
@@ -157,8 +163,9 @@ class RPD(PPO):
     """SB3 PPO + lambda * distill(student mean, teacher action); see the module doc."""
 
     def __init__(self, *args, teacher: Teacher | None = None, distill: str = "mse", distill_coef: float = 1.0,
-                 schedule: str = "constant", anneal_steps: int | None = None, teacher_batch: int = 4096, **kwargs):
-        self.teacher = teacher
+                 schedule: str = "constant", anneal_steps: int | None = None, teacher_batch: int = 4096,
+                 ranks: Ranks = Ranks(), **kwargs):
+        self.teacher, self.ranks = teacher, ranks
         self.distill, self.distill_coef, self.schedule = distill, distill_coef, schedule
         self.anneal_steps, self.teacher_batch = anneal_steps, teacher_batch
         self._tail: tuple[dict, np.ndarray] | None = None
@@ -167,7 +174,12 @@ class RPD(PPO):
         super().__init__(*args, rollout_buffer_class=TeacherDictRolloutBuffer if dict_obs else TeacherRolloutBuffer, **kwargs)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "teacher", "_tail"]
+        return [*super()._excluded_save_params(), "teacher", "_tail", "ranks"]
+
+    @property
+    def global_steps(self) -> int:
+        """Env steps of all ranks together (SB3's `num_timesteps` counts this process's)."""
+        return self.num_timesteps * self.ranks.world
 
     def coef(self) -> float:
         """lambda at the current env step."""
@@ -175,10 +187,10 @@ class RPD(PPO):
             return 0.0
         if self.schedule == "constant":
             return self.distill_coef
-        horizon = self.anneal_steps or self._total_timesteps
-        if self.num_timesteps >= horizon:
+        horizon = self.anneal_steps or self._total_timesteps * self.ranks.world
+        if self.global_steps >= horizon:
             return 0.0
-        return self.distill_coef * (0.5 * math.cos(math.pi * self.num_timesteps / horizon) + 0.5)
+        return self.distill_coef * (0.5 * math.cos(math.pi * self.global_steps / horizon) + 0.5)
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps) -> bool:
         ok = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
@@ -241,6 +253,9 @@ class RPD(PPO):
                 with torch.no_grad():
                     log_ratio = log_prob - data.old_log_prob
                     approx_kl = torch.mean(torch.exp(log_ratio) - 1 - log_ratio).item()
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                approx_kl, = average_gradients(self.policy, self.ranks, approx_kl)  # all ranks decide the early stop alike
                 logs["pg"].append(pg_loss.item())
                 logs["value"].append(value_loss.item())
                 logs["entropy"].append(entropy_loss.item())
@@ -249,8 +264,6 @@ class RPD(PPO):
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
                     continue_training = False
                     break
-                self.policy.optimizer.zero_grad()
-                loss.backward()
                 nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
             self._n_updates += 1
@@ -307,7 +320,7 @@ class RunCallback(BaseCallback):
         self.start_steps = 0
 
     def _on_training_start(self) -> None:
-        n = self.model.num_timesteps
+        n = self.model.global_steps
         self.start_steps = n
         self.next_eval = (n // self.cfg.eval_every + 1) * self.cfg.eval_every if self.cfg.eval_every else math.inf
         self.next_ckpt = (n // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
@@ -321,9 +334,9 @@ class RunCallback(BaseCallback):
         self.eval_seconds += time.perf_counter() - start
         s = report.summary
         train_seconds = time.perf_counter() - self.start - self.eval_seconds
-        row = {"step": self.model.num_timesteps, "success_once": s["success_once"]["rate"], "ci95": s["success_once"]["ci95"],
+        row = {"step": self.model.global_steps, "success_once": s["success_once"]["rate"], "ci95": s["success_once"]["ci95"],
                "success_at_end": s["success_at_end"]["rate"], "return": s["mean_return"], "episodes": s["episodes"],
-               "train_steps_per_second": (self.model.num_timesteps - self.start_steps) / max(train_seconds, 1e-9)}
+               "train_steps_per_second": (self.model.global_steps - self.start_steps) / max(train_seconds, 1e-9)}
         self.history.append(row)
         (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=2))
         self.logger.record("eval/success_once", row["success_once"])
@@ -333,7 +346,7 @@ class RunCallback(BaseCallback):
         return row
 
     def _on_step(self) -> bool:
-        n = self.model.num_timesteps
+        n = self.model.global_steps
         self.bar.update(n - self.bar.n)
         if n >= self.next_eval:
             self.next_eval += self.cfg.eval_every
@@ -362,7 +375,9 @@ def check(cfg: RPDConfig) -> None:
 
 def train(cfg: RPDConfig, run_dir: Path) -> dict:
     check(cfg)
-    torch.set_num_threads(cfg.threads)
+    ranks, device = setup(cfg.device)
+    torch.set_num_threads(max(1, cfg.threads // ranks.world))
+    seed = cfg.seed + 1000 * ranks.rank  # each rank its own envs and exploration; rank 0's weights for all
     run_dir.mkdir(parents=True, exist_ok=True)
     dense = (cfg.env.reward_mode or "normalized_dense") != "sparse"
     gamma = cfg.gamma if cfg.gamma is not None else (0.8 if dense else 0.99)
@@ -372,15 +387,17 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         teacher = load_teacher(cfg.teacher, eval_env, cfg.api_key)
         vec = SB3View(env)
         rpd = {"teacher": teacher, "distill": cfg.distill, "distill_coef": cfg.distill_coef, "schedule": cfg.schedule,
-               "anneal_steps": cfg.anneal_steps}
+               "anneal_steps": cfg.anneal_steps, "ranks": ranks}
         resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
         history: list[dict] = []
         if resume_path is not None:
-            model = RPD.load(resume_path, env=vec, device=cfg.device, **rpd)
+            model = RPD.load(resume_path, env=vec, device=device, **rpd)
+            model.num_timesteps = model.num_timesteps * getattr(model, "robodistill_ranks", 1) // ranks.world
             old = resume_path.parent.parent / "history.json"
             history = json.loads(old.read_text()) if old.is_file() else []
-            model.set_random_seed(cfg.seed + model.num_timesteps)
-            print(f"resumed from {resume_path} at step {model.num_timesteps}")
+            model.set_random_seed(seed + model.num_timesteps)
+            if ranks.main:
+                print(f"resumed from {resume_path} at step {model.global_steps}")
         else:
             rgb = cfg.env.obs_mode == "rgb"
             model = RPD("MultiInputPolicy" if rgb else "MlpPolicy", vec, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
@@ -388,20 +405,26 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
                         ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl,
                         policy_kwargs={"net_arch": {"pi": list(cfg.hidden), "vf": list(cfg.hidden)}, "activation_fn": nn.Tanh,
                                        "log_std_init": cfg.log_std_init, "features_extractor_class": StateAndImage if rgb else NormalizedState},
-                        tensorboard_log=str(run_dir / "tb"), seed=cfg.seed, device=cfg.device, **rpd)
-            fit_normalizer(model, vec, cfg.obs_norm_steps, cfg.seed)
-        model.robodistill_env = asdict(cfg.env)  # saved in the zip: what export and eval need to know
-        callback = RunCallback(cfg, run_dir, eval_env, history)
-        model.learn(max(0, cfg.total_steps - model.num_timesteps), callback=callback, reset_num_timesteps=False,
-                    tb_log_name="rpd")
-        if cfg.eval_every == 0 or history[-1]["step"] != model.num_timesteps:
-            callback.evaluate()
-        save_atomic(model, run_dir / "checkpoints" / "last.zip")
-        save_atomic(model, run_dir / "student.zip")
+                        tensorboard_log=str(run_dir / "tb") if ranks.main else None, seed=seed, device=device, **rpd)
+            fit_normalizer(model, vec, cfg.obs_norm_steps, seed)
+            broadcast_module(model.policy, ranks)
+        # Saved in the zip: what export and eval need to know, and how many ranks counted its steps.
+        model.robodistill_env, model.robodistill_ranks = asdict(cfg.env), ranks.world
+        callback = RunCallback(cfg, run_dir, eval_env, history) if ranks.main else None
+        model.learn(math.ceil(max(0, cfg.total_steps - model.global_steps) / ranks.world), callback=callback,
+                    reset_num_timesteps=False, tb_log_name="rpd")
+        if ranks.main:
+            if cfg.eval_every == 0 or history[-1]["step"] != model.global_steps:
+                callback.evaluate()
+            save_atomic(model, run_dir / "checkpoints" / "last.zip")
+            save_atomic(model, run_dir / "student.zip")
+        in_sync = replicas_identical(model.policy, ranks)
     finally:
         env.close()
         eval_env.close()
-    return {"history": history, "student": str(run_dir / "student.zip")}
+    finish(ranks)
+    return {"history": history, "student": str(run_dir / "student.zip"), "ranks": ranks.world,
+            "replicas_identical": in_sync, "main": ranks.main}
 
 
 def main(cfg: DictConfig) -> dict:
@@ -412,6 +435,10 @@ def main(cfg: DictConfig) -> dict:
     config = RPDConfig(**container)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(config, run_dir)
+    if not result["main"]:
+        return result
+    if result["ranks"] > 1:
+        print(f"{result['ranks']} ranks (DDP); replicas identical at the end: {result['replicas_identical']}")
     last = result["history"][-1]
     lo, hi = last["ci95"]
     print(f"{config.env.task}: {last['step']} env steps, success_once {last['success_once']:.0%} [{lo:.0%}, {hi:.0%}] "
