@@ -214,7 +214,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
             tick = time.perf_counter()
     bar.close()
     in_sync = replicas_identical(head, ranks)
-    del model  # DDP's reducer must go before its process group, or its destructor can wait forever
+    model = None  # DDP's reducer must go before its process group, or its destructor can wait forever
     finish(ranks)
     result = {"step": step, "train_seconds": round(train_seconds, 1), "variant": cfg.variant, "ranks": ranks.world,
               "samples_per_second": round(step * cfg.batch_size / max(train_seconds, 1e-9), 1), "replicas_identical": in_sync}
