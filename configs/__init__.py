@@ -11,6 +11,7 @@ SCHEMAS = {
     "train-teacher": ("robodistill.training.teacher", "TrainTeacherConfig"),
     "agv-train": ("robodistill.training.ppo_rnd", "AGVTrainConfig"),
     "distill": ("robodistill.training.distill", "DistillConfig"),
+    "train-vla": ("robodistill.training.vla", "TrainVLAConfig"),
     "bench-latency": ("robodistill.inference.latency", "BenchLatencyConfig"),
     "export": ("robodistill.deploy.export", "ExportConfig"),
     "serve": ("robodistill.deploy.server", "ServeConfig"),

@@ -4,5 +4,6 @@ from robodistill.policies import agv  # noqa: F401  (registers the agv_ppo check
 from robodistill.policies.base import LOADERS, Policy, load_policy, register_loader
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy  # registers its loader
 from robodistill.policies.random import RandomPolicy
+from robodistill.policies.vla import policy as _vla  # noqa: F401  (registers the vla checkpoint loader)
 
 __all__ = ["LOADERS", "DiffusionConfig", "DiffusionPolicy", "Policy", "RandomPolicy", "load_policy", "register_loader"]

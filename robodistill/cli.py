@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("robodistill.evaluation", "roll out a policy; success rates with 95% Wilson intervals, eval.json, videos"),
     "demos": ("robodistill.demos", "motion-planning demonstrations in ManiSkill's trajectory format, converted to any obs/control mode"),
     "train-teacher": ("robodistill.training.teacher", "train the Diffusion Policy teacher on demonstrations (EMA, periodic eval, checkpoints, resume)"),
+    "train-vla": ("robodistill.training.vla", "train the small multi-task VLA (sentence-encoded instructions, RGB, action chunks) on demos of several tasks"),
     "distill": ("robodistill.training.distill", "distill a teacher checkpoint into a one-step consistency head (variant=regression|consistency)"),
     "bench-latency": ("robodistill.inference.latency", "per sampler: denoiser calls, latency p50/p99 at batch 1, success with intervals, a PNG"),
     "rpd": ("robodistill.training.rpd", "RPD: a PPO student (SB3) pulled toward a teacher's actions (teacher=<ckpt|bundle|ws://...|none>)"),

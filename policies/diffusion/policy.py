@@ -54,10 +54,7 @@ class DiffusionPolicy(nn.Module):
         })
         self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32).clone())
         self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32).clone())
-        if rgb_channels:
-            self.encoder: nn.Module = RgbEncoder(rgb_channels, state_dim, cfg.obs_horizon, cfg.rgb_features, cfg.crop)
-        else:
-            self.encoder = StateEncoder(state_dim, cfg.obs_horizon)
+        self.encoder = self.build_encoder(cfg, state_dim, rgb_channels)
         if cfg.denoiser == "unet":
             self.denoiser: nn.Module = ConditionalUnet1D(action_dim, self.encoder.out_dim, tuple(cfg.unet_dims), cfg.kernel_size)
         else:
@@ -66,6 +63,12 @@ class DiffusionPolicy(nn.Module):
         self.sampler: Sampler = make_sampler(cfg.sampler, cfg.sampler_steps, self.noise_scheduler)
         self.generator: torch.Generator | None = None
         self.consistency: ConsistencyHead | None = None  # attached by `robodistill distill`
+
+    def build_encoder(self, cfg: DiffusionConfig, state_dim: int, rgb_channels: int | None) -> nn.Module:
+        """Observation histories -> the conditioning vector (its size: `out_dim`)."""
+        if rgb_channels:
+            return RgbEncoder(rgb_channels, state_dim, cfg.obs_horizon, cfg.rgb_features, cfg.crop)
+        return StateEncoder(state_dim, cfg.obs_horizon)
 
     @property
     def act_horizon(self) -> int:

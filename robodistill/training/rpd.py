@@ -371,6 +371,8 @@ def check(cfg: RPDConfig) -> None:
         raise UserError("total_steps and n_steps must be >= 1 and batch_size >= 2")
     if cfg.checkpoint_every < 1:
         raise UserError(f"checkpoint_every={cfg.checkpoint_every} must be >= 1")
+    if cfg.env.obs_mode == "rgb" and cfg.env.image_size < 36:
+        raise UserError(f"env.image_size={cfg.env.image_size} is too small for the student's NatureCNN: use 36 or more (64 is typical)")
 
 
 def train(cfg: RPDConfig, run_dir: Path) -> dict:

@@ -1,0 +1,1 @@
+"""The small vision-language-action model: instruction + camera + proprioception -> action chunk."""
