@@ -10,6 +10,11 @@ Gaussian draws, supplied by the caller so that a seeded generator makes every ca
 (an RL student's mean action takes none: `metadata["noise"]` is null). Its output `actions` is
 (B, chunk_length, A) in env units.
 
+A VLA bundle also takes `instruction` (the sentence embedding of the task instruction) and says so
+in `metadata["prompt"]`: callers may send `prompt` (text, as openpi clients do) instead, or nothing
+for the exported task's default; the embeddings of the training phrasings are in the metadata, and
+other text goes through the same frozen sentence encoder the VLA was trained with.
+
 `metadata.json` records the sha256 of every file in the bundle and a checksum of its own content;
 `Bundle.load` refuses a bundle whose files do not match. `BundlePolicy` makes a bundle a `Policy`, so
 `robodistill eval policy=<bundle dir>` evaluates exactly what the server serves.
@@ -100,6 +105,8 @@ class Bundle:
         self.path, self.metadata = path, metadata
         self.observation: dict = metadata["observation"]
         self.noise_shape: tuple[int, ...] | None = tuple(metadata["noise"]["shape"]) if metadata["noise"] else None
+        self.prompt: dict | None = metadata.get("prompt")  # a VLA bundle: {"default": text, "known": {text: embedding}}
+        self._text = None
         graph = metadata["graph"]
         file = path / graph["file"]
         if graph["format"] == "onnx":
@@ -138,6 +145,35 @@ class Bundle:
                 raise BundleError(f"bundle '{path}': {name} does not match the sha256 in {METADATA} (tampered or corrupted); re-export it")
         return cls(path, metadata, threads)
 
+    def instruct(self, obs: dict, batched: bool) -> dict:
+        """A VLA bundle's observation with `prompt` (text; default: the exported task's) turned into
+        its `instruction` embedding; other bundles' observations unchanged."""
+        if self.prompt is None or not isinstance(obs, dict):
+            return obs  # check_observation says what is wrong with a non-dict
+        obs = dict(obs)
+        prompt = obs.pop("prompt", None)
+        if "instruction" in obs:
+            return obs
+        prompt = self.prompt["default"] if prompt is None else prompt
+        if isinstance(prompt, bytes):
+            prompt = prompt.decode()
+        if not isinstance(prompt, str):
+            raise ObservationError(f"observation['prompt'] must be text (the instruction), got {type(prompt).__name__}")
+        known = self.prompt["known"]
+        if prompt in known:
+            vector = np.asarray(known[prompt], np.float32)
+        else:
+            if self._text is None:
+                from robodistill.policies.vla.text import TextEncoder
+
+                self._text = TextEncoder()
+            vector = self._text([prompt])[0].numpy()
+        if batched:
+            batch = next(iter(obs.values())).shape[0] if obs else 1
+            vector = np.repeat(vector[None], batch, axis=0)
+        obs["instruction"] = vector
+        return obs
+
     @property
     def chunk_length(self) -> int:
         return int(self.metadata["action"]["chunk_length"])
@@ -165,7 +201,8 @@ class BundlePolicy:
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], streams: torch.Tensor | None = None) -> torch.Tensor:
-        arrays = check_observation({k: v.cpu().numpy() for k, v in obs.items()}, self.bundle.observation, batched=True)
+        arrays = {k: v.cpu().numpy() for k, v in obs.items()}
+        arrays = check_observation(self.bundle.instruct(arrays, batched=True), self.bundle.observation, batched=True)
         batch = next(iter(arrays.values())).shape[0]
         device = next(iter(obs.values())).device
         return torch.from_numpy(self.bundle.infer(arrays, self.bundle.noise(batch, self.rng))).to(device)

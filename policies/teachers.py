@@ -8,8 +8,9 @@ observations and never executed, so it only has to be right, not fast per call. 
   else its own; a bundle directory): the first action of the chunk it predicts at the newest
   observation;
 - a policy served over openpi's websocket protocol (`ws://host:port`: `robodistill serve`, or a VLA
-  served by openpi), one request per observation through `openpi_client.WebsocketClientPolicy`;
-- the small VLA (later).
+  served by openpi), one request per observation through `openpi_client.WebsocketClientPolicy`,
+  with the task's instruction as `prompt` in the observation dict, as openpi clients send it;
+- the small VLA (a `train-vla` checkpoint, told the env task's instruction).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class RemoteTeacher:
     """A policy behind openpi's websocket protocol. Its metadata must say `policy.obs_horizon`
     (robodistill bundles do); a server without it (e.g. openpi's) gets single frames."""
 
-    def __init__(self, url: str, api_key: str | None = None):
+    def __init__(self, url: str, api_key: str | None = None, prompt: str | None = None):
         self.client = connect(url, api_key)
+        self.prompt = prompt
         meta = self.client.get_server_metadata() or {}
         self.obs_horizon = int(meta.get("policy", {}).get("obs_horizon", 1))
         self.single_frame = "policy" not in meta
@@ -59,6 +61,8 @@ class RemoteTeacher:
         out = []
         for i in range(batch):
             row = {k: (v[i, -1] if self.single_frame else v[i]) for k, v in arrays.items()}
+            if self.prompt is not None:
+                row["prompt"] = self.prompt
             out.append(np.asarray(self.client.infer(row)["actions"], np.float32)[0])
         return torch.from_numpy(np.stack(out)).to(next(iter(obs.values())).device)
 
@@ -68,7 +72,9 @@ def load_teacher(spec: str, env, api_key: str | None = None) -> Teacher | None:
     if spec in ("", "none", None):
         return None
     if spec.startswith(("ws://", "wss://")):
-        return RemoteTeacher(spec, api_key)
+        from robodistill.policies.vla.instructions import INSTRUCTIONS
+
+        return RemoteTeacher(spec, api_key, INSTRUCTIONS.get(env.cfg.task, [None])[0])
     policy = load_policy(spec, env)
     if getattr(policy, "consistency", None) is not None:
         policy.set_sampler("consistency", 1)  # the cheapest way to ask a diffusion teacher

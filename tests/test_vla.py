@@ -1,15 +1,24 @@
 """The small VLA: a real frozen sentence encoder, multi-task training from the CLI, evaluation per
-task, and use as an RPD teacher."""
+task, use as an RPD teacher in process and served over the openpi protocol with a text prompt."""
 
 import json
 
+import numpy as np
+import pytest
 import torch
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
+from robodistill.deploy.export import ExportConfig, export
+from robodistill.deploy.server import PolicyServer
 from robodistill.envs import EnvConfig, make_env
 from robodistill.policies import load_policy
+from robodistill.policies.bundle import Bundle
 from robodistill.policies.teachers import load_teacher
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.text import TextEncoder
+from tests.conftest import run_cli
+
+PICK = EnvConfig(task="PickCube-v1", obs_mode="rgb", control_mode="pd_ee_delta_pos", image_size=48)
 
 
 def test_sentence_encoder_is_the_real_pretrained_one():
@@ -23,49 +32,79 @@ def test_sentence_encoder_is_the_real_pretrained_one():
     assert torch.equal(text(["stand the peg upright"])[0], c)  # cached: the same vector again
 
 
-def test_train_vla_on_two_tasks_evaluates_each_resumes_and_teaches(cli, tmp_path, pickcube_rgb_demos):
-    # PickCube demos from the shared fixture (48px, pd_ee_delta_pos); PushCube's are made by the command.
-    datasets = tmp_path / "datasets"
-    (datasets / "PickCube-v1").mkdir(parents=True)
+@pytest.fixture(scope="module")
+def vla_run(tmp_path_factory, pickcube_rgb_demos):
+    """`robodistill train-vla` on two tasks: PickCube demos from the shared fixture (48px,
+    pd_ee_delta_pos), PushCube's made by the command itself."""
+    root = tmp_path_factory.mktemp("vla")
+    (root / "datasets" / "PickCube-v1").mkdir(parents=True)
     for suffix in (".h5", ".json"):
         src = pickcube_rgb_demos["path"].replace(".h5", suffix)
-        (datasets / "PickCube-v1" / f"mp_n2_seed0.rgb.pd_ee_delta_pos{suffix}").symlink_to(src)
-    common = ["tasks=[PushCube-v1,PickCube-v1]", "demos=2", f"datasets={datasets}", "workers=1", "image_size=48",
+        (root / "datasets" / "PickCube-v1" / f"mp_n2_seed0.rgb.pd_ee_delta_pos{suffix}").symlink_to(src)
+    common = ["tasks=[PushCube-v1,PickCube-v1]", "demos=2", f"datasets={root / 'datasets'}", "workers=1", "image_size=48",
               "control_mode=pd_ee_delta_pos", "max_episode_steps=20", "batch_size=8", "policy.mlp_hidden=[64,64]",
-              "eval_episodes=1", "checkpoint_every=10", f"hydra.run.dir={tmp_path / 'run'}"]
-    r = cli("train-vla", "iterations=10", "eval_every=10", *common)
+              "policy.pred_horizon=8", "policy.act_horizon=4", "checkpoint_every=10"]
+    r = run_cli("train-vla", "iterations=10", "eval_every=10", "eval_episodes=1", *common, f"hydra.run.dir={root / 'run'}", cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (datasets / "PushCube-v1" / "mp_n2_seed0.rgb.pd_ee_delta_pos.h5").is_file()
-    assert "| PushCube-v1 |" in r.stdout and "| PickCube-v1 |" in r.stdout
-    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return {"root": root, "common": common, "stdout": r.stdout, "ckpt": root / "run" / "checkpoints" / "last.pt"}
+
+
+def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli):
+    root = vla_run["root"]
+    assert (root / "datasets" / "PushCube-v1" / "mp_n2_seed0.rgb.pd_ee_delta_pos.h5").is_file()
+    assert "| PushCube-v1 |" in vla_run["stdout"] and "| PickCube-v1 |" in vla_run["stdout"]
+    (row,) = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert set(row["tasks"]) == {"PushCube-v1", "PickCube-v1"} and 0 <= row["mean_success_once"] <= 1
 
-    again = cli("train-vla", "iterations=12", "eval_every=0", "eval_episodes=0", *common[:-2],
-                f"resume_from={tmp_path / 'run'}", "checkpoint_every=10", f"hydra.run.dir={tmp_path / 'run2'}")
+    again = cli("train-vla", "iterations=12", "eval_every=0", "eval_episodes=0", *vla_run["common"],
+                f"resume_from={root / 'run'}", f"hydra.run.dir={root / 'run2'}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at iteration 10" in again.stdout and "trained 12 iterations" in again.stdout
 
-    ckpt = str(tmp_path / "run" / "checkpoints" / "last.pt")
-    env_cfg = EnvConfig(task="PushCube-v1", obs_mode="rgb", control_mode="pd_ee_delta_pos", image_size=48)
-    with make_env(env_cfg) as env:
+    bad = cli("eval", f"policy={vla_run['ckpt']}", "env=PullCube-v1", "env.obs_mode=rgb", "env.control_mode=pd_ee_delta_pos", "env.image_size=48")
+    assert bad.returncode == 2 and "trained on PushCube-v1, PickCube-v1, not PullCube-v1" in bad.stderr
+    unknown = cli("train-vla", "tasks=[OpenCabinetDrawer-v1]")
+    assert unknown.returncode == 2 and "no instructions for OpenCabinetDrawer-v1" in unknown.stderr
+
+
+def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, tmp_path):
+    ckpt = str(vla_run["ckpt"])
+    with make_env(PICK) as env:
         obs = env.reset(seed=0)
         history = {k: torch.stack([v, v], dim=1) for k, v in obs.items()}
         vla = load_policy(ckpt, env)
-        assert vla.prompt == phrasings("PushCube-v1")[0]  # the env's task, told by the loader
+        assert vla.prompt == phrasings("PickCube-v1")[0]  # the env's task, told by the loader
 
         def act(**extra):
             vla.generator = torch.Generator().manual_seed(0)
             return vla.predict_chunk({**history, **extra})
 
         # The instruction steers the action: the same observation and noise, another task's words.
-        assert not torch.allclose(act(), act(prompt=phrasings("PickCube-v1")[0]))
+        assert torch.equal(act(), act(prompt=phrasings("PickCube-v1")[0]))
+        assert not torch.allclose(act(), act(prompt=phrasings("PushCube-v1")[0]))
         # An instruction it never saw goes through the sentence encoder rather than failing.
-        assert act(prompt="nudge the little box toward the mark").shape == act().shape
-        # As RPD takes it: a teacher of one action per observation history.
-        teacher = load_teacher(ckpt, env)
-        assert teacher.act(history).shape == (1, env.single_action_space.shape[0])
+        assert act(prompt="lift the little box up to the mark").shape == act().shape
+        # As RPD takes it: one action per observation history.
+        assert load_teacher(ckpt, env).act(history).shape == (1, 4)
 
-    bad = cli("eval", f"policy={ckpt}", "env=PullCube-v1", "env.obs_mode=rgb", "env.control_mode=pd_ee_delta_pos", "env.image_size=48")
-    assert bad.returncode == 2 and "trained on PushCube-v1, PickCube-v1, not PullCube-v1" in bad.stderr
-    unknown = cli("train-vla", "tasks=[OpenCabinetDrawer-v1]", f"datasets={datasets}")
-    assert unknown.returncode == 2 and "no instructions for OpenCabinetDrawer-v1" in unknown.stderr
+        # Exported for PickCube: the graph also takes the instruction; the server takes `prompt` text.
+        out, meta = export(ExportConfig(ckpt=ckpt, task="PickCube-v1", sampler="ddim", steps=2), tmp_path / "bundle")
+        assert meta["env"]["task"] == "PickCube-v1" and meta["observation"]["instruction"]["shape"] == [384]
+        assert meta["prompt"]["default"] == phrasings("PickCube-v1")[0]
+        server = PolicyServer(Bundle.load(out), port=0).start()
+        try:
+            row = {k: v[0].numpy() for k, v in history.items()}
+
+            def served(**extra):  # a fresh connection: the server's noise sequence starts again
+                return WebsocketClientPolicy("127.0.0.1", server.port).infer({**row, **extra})["actions"]
+
+            default = served()
+            assert default.shape == (4, 4)
+            np.testing.assert_allclose(served(prompt=phrasings("PickCube-v1")[0]), default, atol=1e-6)
+            assert not np.allclose(served(prompt=phrasings("PushCube-v1")[0]), default, atol=1e-4)
+            assert served(prompt="lift the little box up to the mark").shape == (4, 4)
+            remote = load_teacher(f"ws://127.0.0.1:{server.port}", env)
+            assert remote.prompt == phrasings("PickCube-v1")[0]  # sent with every observation, as openpi clients do
+            assert remote.act(history).shape == (1, 4)
+        finally:
+            server.stop()

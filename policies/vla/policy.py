@@ -99,14 +99,20 @@ class VLAPolicy(DiffusionPolicy):
                    dims.get("gripper_dims"), spec["tasks"], spec["prompts"])
 
 
-@register_loader(KIND)
-def load_vla(payload: dict, env) -> VLAPolicy:
-    """The EMA VLA of a `train-vla` checkpoint, told the env task's first instruction."""
+def from_checkpoint(payload: dict) -> VLAPolicy:
+    """The EMA VLA of a `train-vla` checkpoint."""
     policy = VLAPolicy.from_spec(payload["policy"])
     try:
         policy.load_state_dict(payload["ema"])
     except RuntimeError as err:
         raise UserError(f"checkpoint weights do not fit the model config saved with them: {str(err)[:500]}") from err
+    return policy.eval()
+
+
+@register_loader(KIND)
+def load_vla(payload: dict, env) -> VLAPolicy:
+    """The EMA VLA of a `train-vla` checkpoint, told the env task's first instruction."""
+    policy = from_checkpoint(payload)
     trained = payload["env"]
     here = {k: getattr(env.cfg, k) for k in ("obs_mode", "control_mode", "image_size")}
     theirs = {k: trained.get(k) for k in here}
@@ -115,4 +121,4 @@ def load_vla(payload: dict, env) -> VLAPolicy:
     if env.cfg.task not in policy.tasks:
         raise UserError(f"the VLA was trained on {', '.join(policy.tasks)}, not {env.cfg.task}")
     policy.prompt = policy.prompts[env.cfg.task][0]
-    return policy.eval().to(env.device)
+    return policy.to(env.device)

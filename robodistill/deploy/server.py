@@ -11,6 +11,9 @@ The protocol, as openpi's `WebsocketPolicyServer` and `openpi_client.WebsocketCl
   - a frame over `max_message_mb` closes that connection with code 1009 (the websocket rule), the
     limit in its reason; other clients are not affected.
 
+A VLA bundle takes the instruction as openpi clients send it: `prompt` (text) in the observation
+dict (default: the exported task's instruction).
+
 Observations are one env's history without a batch dim (`metadata["observation"]`: key -> shape,
 dtype). Requests from all clients go to a batcher that stacks whatever is waiting into one graph
 call (the graph's batch dim is free), so concurrent clients share inference instead of queueing
@@ -141,7 +144,7 @@ class PolicyServer:
             obs = msgpack_numpy.unpackb(message)
         except Exception as err:
             raise RequestError(f"malformed frame, not msgpack-numpy ({type(err).__name__}{': ' + str(err) if str(err) else ''})") from err
-        arrays = check_observation(obs, self.bundle.observation, batched=False)
+        arrays = check_observation(self.bundle.instruct(obs, batched=False), self.bundle.observation, batched=False)
         return {k: np.array(v) for k, v in arrays.items()}  # writable copies (the wire buffers are read-only)
 
     # ---- inference: stack whatever is waiting into one graph call
