@@ -42,8 +42,9 @@ def register_loader(kind: str):
 
 
 def load_policy(spec: str, env, seed: int = 0) -> Policy:
-    """`random`, `scripted` (PushCube-v1 only), a bundle directory (`robodistill export`), an RL
-    student's SB3 zip (`robodistill rpd`), or the path of a checkpoint of a registered policy kind."""
+    """`random`, `scripted` (PushCube-v1 only), a bundle directory (`robodistill export`), a VLA in
+    Hugging Face format (a directory with config.json), an RL student's SB3 zip (`robodistill rpd`),
+    or the path of a checkpoint of a registered policy kind."""
     if spec == "random":
         from robodistill.policies.random import RandomPolicy
 
@@ -60,6 +61,10 @@ def load_policy(spec: str, env, seed: int = 0) -> Policy:
 
     if is_bundle(spec):
         return load_bundle_policy(spec, env, seed=seed)
+    from robodistill.policies.vla.hf import is_hf_model, load_hf_vla
+
+    if is_hf_model(spec):
+        return load_hf_vla(spec, env)
     if spec.endswith(".zip") and Path(spec).is_file():
         from robodistill.policies.student import load_student
 

@@ -10,7 +10,8 @@ observations and never executed, so it only has to be right, not fast per call. 
 - a policy served over openpi's websocket protocol (`ws://host:port`: `robodistill serve`, or a VLA
   served by openpi), one request per observation through `openpi_client.WebsocketClientPolicy`,
   with the task's instruction as `prompt` in the observation dict, as openpi clients send it;
-- the small VLA (a `train-vla` checkpoint, told the env task's instruction).
+- the small VLA (a `train-vla` checkpoint, told the env task's instruction), or a VLA kept on local
+  disk in Hugging Face format (an OpenVLA-style directory: `robodistill.policies.vla.hf`).
 """
 
 from __future__ import annotations

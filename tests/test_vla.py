@@ -108,3 +108,52 @@ def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, 
             assert remote.act(history).shape == (1, 4)
         finally:
             server.stop()
+
+
+def tiny_llava(path, action_dim: int) -> None:
+    """An OpenVLA-style model in Hugging Face format, randomly initialised here (nothing downloaded):
+    a Llava (CLIP vision tower + Llama) with its own word-level tokenizer and image processor, and
+    OpenVLA's action statistics in config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor, PreTrainedTokenizerFast)
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "in:", "what", "action", "should", "the", "robot", "take", "to", "out:"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<image>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, max_position_embeddings=256),
+        image_token_index=4, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config.norm_stats = {"maniskill": {"action": {"q01": [-0.5] * action_dim, "q99": [0.5] * action_dim,
+                                                  "mask": [True] * (action_dim - 1) + [False]}}}
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+
+
+def test_hugging_face_vla_from_local_disk_acts_as_openvla_does(tmp_path, cli):
+    model_dir = tmp_path / "tiny-openvla"
+    tiny_llava(model_dir, action_dim=4)
+    with make_env(PICK) as env:
+        history = {k: v[:, None] for k, v in env.reset(seed=0).items()}
+        vla = load_policy(str(model_dir), env)
+        assert vla.instruction == phrasings("PickCube-v1")[0]
+        actions = vla.predict_chunk(history)
+        assert actions.shape == (1, 1, 4) and torch.equal(actions, vla.predict_chunk(history))  # greedy decoding
+        assert actions[..., :3].abs().max() <= 0.5  # unnormalised into [q01, q99]
+        # OpenVLA's bins: the top ids of the vocabulary, the highest id the lowest bin; masked dims stay normalised.
+        top = vla.vocab_size - 1
+        low, high = vla.decode(torch.tensor([[top] * 4])), vla.decode(torch.tensor([[top - 254] * 4]))
+        torch.testing.assert_close(low[0, :3], torch.full((3,), -0.5 + 0.5 / 255), atol=1e-4, rtol=0)
+        torch.testing.assert_close(high[0, :3], torch.full((3,), 0.5 - 0.5 / 255), atol=1e-4, rtol=0)
+        assert abs(low[0, 3] + 1 - 1 / 255) < 1e-4  # the gripper: the bin centre itself
+        assert load_teacher(str(model_dir), env).act(history).shape == (1, 4)
+    state_only = cli("eval", f"policy={model_dir}", "env=PickCube-v1", "episodes=1")
+    assert state_only.returncode == 2 and "needs camera images (env.obs_mode=rgb)" in state_only.stderr
