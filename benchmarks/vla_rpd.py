@@ -1,0 +1,140 @@
+"""The small VLA per task, and RPD students distilled from it: success with intervals, side by side.
+
+1. `robodistill train-vla` on `--tasks` (demos made where missing, `--demos` per task) for
+   `--vla-minutes` of training; 2. the VLA evaluated on every task (`--eval-episodes`, fixed seeds);
+3. per task and seed, `robodistill rpd teacher=<the VLA>` with an RGB student (the teacher needs the
+   camera; the student sees the same image and proprioception) for `--rpd-steps` env steps, one run
+   at a time on each of `--cores`; its final evaluation uses the same episodes.
+
+Prints a markdown table (VLA vs student per task, whether the student beats the VLA) and writes
+vla_rpd.json and vla_rpd.png (success per task, intervals as error bars) under `--out`.
+
+    taskset -c 0,1 .venv/bin/python benchmarks/vla_rpd.py [--tasks PushCube-v1 PickCube-v1 PullCube-v1 LiftPegUpright-v1]
+        [--demos 20] [--vla-minutes 30] [--rpd-steps 100000] [--seeds 0] [--cores 0 1] [--out runs/bench-vla-rpd]
+
+Sizing on 2 CPU cores: RGB simulation runs at ~16 env steps/s per core at 128px (faster at 64px),
+so the full default grid takes many hours here: shrink it (`--demos`, `--vla-minutes`, `--rpd-steps`,
+`--eval-episodes`) or run it on a bigger machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rpd import RD, run, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env_args(task: str, a: argparse.Namespace) -> list[str]:
+    return [f"env={task}", "env.obs_mode=rgb", f"env.control_mode={a.control_mode}", f"env.image_size={a.image_size}",
+            f"env.max_episode_steps={a.max_episode_steps}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=["PushCube-v1", "PickCube-v1", "PullCube-v1", "LiftPegUpright-v1"])
+    ap.add_argument("--demos", type=int, default=20, help="motion-planning demos per task")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--control-mode", default="pd_ee_delta_pose")
+    ap.add_argument("--max-episode-steps", type=int, default=200)
+    ap.add_argument("--vla-minutes", type=float, default=30.0)
+    ap.add_argument("--vla-iterations", type=int, default=100_000, help="an upper bound; --vla-minutes usually stops it first")
+    ap.add_argument("--eval-episodes", type=int, default=50)
+    ap.add_argument("--rpd-steps", type=int, default=100_000)
+    ap.add_argument("--rpd-eval-every", type=int, default=20_000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--cores", type=int, nargs="+", default=[0, 1], help="one RPD run at a time on each")
+    ap.add_argument("--rpd", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every RPD run, e.g. distill_coef=1.0")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-vla-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    vla_dir = a.out / "vla"
+    ckpt = vla_dir / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        log = a.out / "vla.log"
+        wait(run([*RD, "train-vla", f"tasks=[{','.join(a.tasks)}]", f"demos={a.demos}", f"datasets={a.out / 'datasets'}",
+                  f"image_size={a.image_size}", f"control_mode={a.control_mode}", f"max_episode_steps={a.max_episode_steps}",
+                  f"minutes={a.vla_minutes}", f"iterations={a.vla_iterations}", "eval_every=0", "eval_episodes=0",
+                  f"workers={len(a.cores)}", f"hydra.run.dir={vla_dir}"], log, a.cores[0]), log)
+    print(f"[{time.strftime('%H:%M:%S')}] VLA: {ckpt}", flush=True)
+
+    vla: dict[str, dict] = {}
+    for task in a.tasks:
+        eval_dir = a.out / "eval" / task
+        if not (eval_dir / "eval.json").is_file():
+            log = eval_dir / "eval.log"
+            wait(run([*RD, "eval", f"policy={ckpt}", *env_args(task, a), f"episodes={a.eval_episodes}", "seed=10000",
+                      f"hydra.run.dir={eval_dir}"], log, a.cores[0]), log)
+        vla[task] = json.loads((eval_dir / "eval.json").read_text())["summary"]["success_once"]
+        print(f"[{time.strftime('%H:%M:%S')}] VLA on {task}: {vla[task]['rate']:.0%}", flush=True)
+
+    pending = [(task, seed) for task in a.tasks for seed in a.seeds]
+    running: dict[int, tuple] = {}
+    students: dict[str, list[dict]] = {task: [] for task in a.tasks}
+    while pending or running:
+        for core in a.cores:
+            if core not in running and pending:
+                task, seed = pending.pop(0)
+                run_dir = a.out / "rpd" / task / f"seed{seed}"
+                if (run_dir / "student.zip").is_file():
+                    students[task].append(json.loads((run_dir / "history.json").read_text())[-1])
+                    continue
+                cmd = [*RD, "rpd", *env_args(task, a), f"teacher={ckpt}", f"total_steps={a.rpd_steps}", f"seed={seed}",
+                       f"eval_every={a.rpd_eval_every}", f"eval_episodes={a.eval_episodes}", "progress=false",
+                       f"hydra.run.dir={run_dir}", *a.rpd]
+                running[core] = (task, run_dir, run(cmd, run_dir / "run.log", core))
+                print(f"[{time.strftime('%H:%M:%S')}] start RPD {task} seed {seed} on core {core}", flush=True)
+        for core, (task, run_dir, proc) in list(running.items()):
+            if proc.poll() is not None:
+                wait(proc, run_dir / "run.log")
+                del running[core]
+                students[task].append(json.loads((run_dir / "history.json").read_text())[-1])
+                print(f"[{time.strftime('%H:%M:%S')}] done RPD {task}: {students[task][-1]['success_once']:.0%}", flush=True)
+        time.sleep(2)
+
+    rows = ["| task | VLA success_once [95% CI] | RPD student(s) final success_once [95% CI] | student beats VLA |", "|---|---|---|---|"]
+    for task in a.tasks:
+        v = vla[task]
+        s = students[task]
+        mean = np.mean([x["success_once"] for x in s])
+        per_seed = "; ".join(f"{x['success_once']:.0%} [{x['ci95'][0]:.0%}, {x['ci95'][1]:.0%}]" for x in s)
+        rows.append(f"| {task} | {v['rate']:.0%} [{v['ci95'][0]:.0%}, {v['ci95'][1]:.0%}] | {per_seed} | "
+                    f"{'yes' if mean > v['rate'] else 'no'} |")
+    table = "\n".join(rows)
+    print(table)
+    (a.out / "vla_rpd.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "vla": vla,
+                                                    "students": students, "table": table}, indent=2))
+    plot(a.tasks, vla, students, a.out / "vla_rpd.png")
+    print(f"\nraw numbers: {a.out / 'vla_rpd.json'}; plot: {a.out / 'vla_rpd.png'}")
+
+
+def plot(tasks: list[str], vla: dict, students: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(tasks))
+    fig, ax = plt.subplots(figsize=(1.8 * len(tasks) + 2, 3.6))
+    for offset, name, values in ((-0.2, "VLA", [vla[t] for t in tasks]),
+                                 (0.2, "RPD student", [students[t][0] for t in tasks])):
+        rate = np.array([v.get("rate", v.get("success_once")) for v in values])
+        ci = np.array([v["ci95"] for v in values])
+        ax.bar(x + offset, rate, 0.4, label=name, yerr=[rate - ci[:, 0], ci[:, 1] - rate], capsize=3)
+    ax.set(xticks=x, xticklabels=tasks, ylabel="success_once", ylim=(0, 1.05), title="VLA vs RPD students (95% intervals)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
