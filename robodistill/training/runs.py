@@ -1,4 +1,5 @@
-"""What every training command shares about its run: the device, and the checkpoint to resume."""
+"""What every training command shares about its run: the device, the checkpoint to resume, and
+(for the imitation trainers) what a checkpoint holds to continue exactly where it stopped."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from robodistill import checkpoints
 from robodistill.errors import UserError
 
 
@@ -29,3 +31,29 @@ def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path,
     if not runs:
         raise UserError(f"resume=true: no earlier run named '{name}' with checkpoints/{filename} under {run_dir.parent}")
     return runs[-1] / "checkpoints" / filename
+
+
+def ema_weights(ema, policy: torch.nn.Module) -> dict:
+    """The policy's state dict with the EMA's parameters in place of the trained ones."""
+    ema.store(policy.parameters())
+    ema.copy_to(policy.parameters())
+    weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    ema.restore(policy.parameters())
+    return weights
+
+
+def training_state(policy: torch.nn.Module, optimizer, lr_schedule, ema, batch_gen: torch.Generator) -> dict:
+    """The checkpoint fields an imitation run resumes from (besides its counters and config)."""
+    return {"model": policy.state_dict(), "ema": ema_weights(ema, policy), "ema_state": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(), "rng": checkpoints.rng_state(),
+            "batch_rng": batch_gen.get_state()}
+
+
+def restore_training(state: dict, policy: torch.nn.Module, optimizer, lr_schedule, ema, batch_gen: torch.Generator) -> None:
+    """Load what `training_state` saved: the next batches and random draws are the ones the killed run would have made."""
+    policy.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    ema.load_state_dict(state["ema_state"])
+    checkpoints.set_rng_state(state["rng"])
+    batch_gen.set_state(state["batch_rng"])

@@ -28,7 +28,7 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import any_rank, finish, replicas_identical, setup
-from robodistill.training.runs import find_resume
+from robodistill.training.runs import ema_weights, find_resume, restore_training, training_state
 
 
 @dataclass
@@ -109,35 +109,21 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         state = checkpoints.load(resume_path, map_location=device)
         if state.get("kind") != KIND or state["policy"] != policy.spec():
             raise UserError(f"{resume_path} was written for another model config: {state.get('policy')} vs {policy.spec()}")
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        ema.load_state_dict(state["ema_state"])
+        restore_training(state, policy, optimizer, lr_schedule, ema, batch_gen)
         step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
-        checkpoints.set_rng_state(state["rng"])
-        batch_gen.set_state(state["batch_rng"])
         print(f"resumed from {resume_path} at iteration {step}")
-
-    def ema_weights() -> dict:
-        ema.store(policy.parameters())
-        ema.copy_to(policy.parameters())
-        weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        ema.restore(policy.parameters())
-        return weights
 
     def save(name: str) -> None:
         if not ranks.main:
             return
         checkpoints.save(run_dir / "checkpoints" / f"{name}.pt", {
             "kind": KIND, "policy": policy.spec(), "env": asdict(env_cfg), "train": asdict(cfg),
-            "model": policy.state_dict(), "ema": ema_weights(), "ema_state": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-            "step": step, "best": best, "train_seconds": train_seconds, "rng": checkpoints.rng_state(),
-            "batch_rng": batch_gen.get_state(),
+            "step": step, "best": best, "train_seconds": train_seconds,
+            **training_state(policy, optimizer, lr_schedule, ema, batch_gen),
         })
 
     def run_eval() -> dict:
-        ema_policy.load_state_dict(ema_weights())
+        ema_policy.load_state_dict(ema_weights(ema, policy))
         ema_policy.eval()
         report = evaluate(ema_policy, eval_env, cfg.eval_episodes, seed=10_000 + cfg.seed, progress=False)
         return report.summary
