@@ -48,6 +48,30 @@ def wait(proc: subprocess.Popen, log: Path) -> None:
         raise RuntimeError(f"failed: {' '.join(map(str, proc.args))}\n{log.read_text()[-3000:]}")
 
 
+def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
+    """`robodistill rpd` jobs (key, run dir, command), one at a time on each core, pinned; a job whose
+    run dir already holds student.zip is reused, not rerun. `on_done(key, run_dir)` after each."""
+    pending = list(jobs)
+    running: dict[int, tuple] = {}
+    while pending or running:
+        for core in cores:
+            if core not in running and pending:
+                key, run_dir, cmd = pending.pop(0)
+                if (run_dir / "student.zip").is_file():  # finished earlier: reuse
+                    on_done(key, run_dir)
+                    continue
+                running[core] = (key, run_dir, run(cmd, run_dir / "run.log", core))
+                print(f"[{time.strftime('%H:%M:%S')}] start {key} on core {core}", flush=True)
+        for core, (key, run_dir, proc) in list(running.items()):
+            if proc.poll() is not None:
+                wait(proc, run_dir / "run.log")
+                del running[core]
+                on_done(key, run_dir)
+                print(f"[{time.strftime('%H:%M:%S')}] done {key}: final success_once "
+                      f"{json.loads((run_dir / 'history.json').read_text())[-1]['success_once']:.0%}", flush=True)
+        time.sleep(2)
+
+
 def make_teacher(task: str, a: argparse.Namespace, out: Path) -> tuple[Path, dict]:
     """Few demos, a short training: a teacher that is useful but far from perfect (on the last core)."""
     core = a.parallel - 1
@@ -153,28 +177,14 @@ def main() -> None:
                *(a.rpd if method == "RPD" else [])]
         jobs.append(((task, reward, seed, method), run_dir, cmd))
     rows: list[dict] = []
-    pending = [j for j in jobs]
-    running: dict[int, tuple] = {}
-    while pending or running:
-        for core in range(a.parallel):
-            if core not in running and pending:
-                key, run_dir, cmd = pending.pop(0)
-                if (run_dir / "student.zip").is_file():  # finished earlier: reuse
-                    rows.append({**dict(zip(("task", "reward", "seed", "method"), key)),
-                                 "history": json.loads((run_dir / "history.json").read_text())})
-                    continue
-                running[core] = (key, run_dir, run(cmd, run_dir / "run.log", core))
-                print(f"[{time.strftime('%H:%M:%S')}] start {key} on core {core}", flush=True)
-        for core, (key, run_dir, proc) in list(running.items()):
-            if proc.poll() is not None:
-                wait(proc, run_dir / "run.log")
-                del running[core]
-                rows.append({**dict(zip(("task", "reward", "seed", "method"), key)),
-                             "history": json.loads((run_dir / "history.json").read_text())})
-                print(f"[{time.strftime('%H:%M:%S')}] done {key}: final success_once {rows[-1]['history'][-1]['success_once']:.0%}", flush=True)
-                a.out.mkdir(parents=True, exist_ok=True)
-                (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rpd": a.rpd, "rows": rows}, indent=2))
-        time.sleep(2)
+
+    def done(key: tuple, run_dir: Path) -> None:
+        rows.append({**dict(zip(("task", "reward", "seed", "method"), key)),
+                     "history": json.loads((run_dir / "history.json").read_text())})
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rpd": a.rpd, "rows": rows}, indent=2))
+
+    run_on_cores(jobs, list(range(a.parallel)), done)
     text = summarize(rows, teachers)
     print(text)
     (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rpd": a.rpd, "rows": rows, "table": text}, indent=2))

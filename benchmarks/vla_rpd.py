@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rpd import RD, run, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
+from rpd import RD, run, run_on_cores, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,29 +77,12 @@ def main() -> None:
         vla[task] = json.loads((eval_dir / "eval.json").read_text())["summary"]["success_once"]
         print(f"[{time.strftime('%H:%M:%S')}] VLA on {task}: {vla[task]['rate']:.0%}", flush=True)
 
-    pending = [(task, seed) for task in a.tasks for seed in a.seeds]
-    running: dict[int, tuple] = {}
     students: dict[str, list[dict]] = {task: [] for task in a.tasks}
-    while pending or running:
-        for core in a.cores:
-            if core not in running and pending:
-                task, seed = pending.pop(0)
-                run_dir = a.out / "rpd" / task / f"seed{seed}"
-                if (run_dir / "student.zip").is_file():
-                    students[task].append(json.loads((run_dir / "history.json").read_text())[-1])
-                    continue
-                cmd = [*RD, "rpd", *env_args(task, a), f"teacher={ckpt}", f"total_steps={a.rpd_steps}", f"seed={seed}",
-                       f"eval_every={a.rpd_eval_every}", f"eval_episodes={a.eval_episodes}", "progress=false",
-                       f"hydra.run.dir={run_dir}", *a.rpd]
-                running[core] = (task, run_dir, run(cmd, run_dir / "run.log", core))
-                print(f"[{time.strftime('%H:%M:%S')}] start RPD {task} seed {seed} on core {core}", flush=True)
-        for core, (task, run_dir, proc) in list(running.items()):
-            if proc.poll() is not None:
-                wait(proc, run_dir / "run.log")
-                del running[core]
-                students[task].append(json.loads((run_dir / "history.json").read_text())[-1])
-                print(f"[{time.strftime('%H:%M:%S')}] done RPD {task}: {students[task][-1]['success_once']:.0%}", flush=True)
-        time.sleep(2)
+    jobs = [((task, seed), run_dir, [*RD, "rpd", *env_args(task, a), f"teacher={ckpt}", f"total_steps={a.rpd_steps}", f"seed={seed}",
+                                     f"eval_every={a.rpd_eval_every}", f"eval_episodes={a.eval_episodes}", "progress=false",
+                                     f"hydra.run.dir={run_dir}", *a.rpd])
+            for task in a.tasks for seed in a.seeds for run_dir in [a.out / "rpd" / task / f"seed{seed}"]]
+    run_on_cores(jobs, a.cores, lambda key, run_dir: students[key[0]].append(json.loads((run_dir / "history.json").read_text())[-1]))
 
     rows = ["| task | VLA success_once [95% CI] | RPD student(s) final success_once [95% CI] | student beats VLA |", "|---|---|---|---|"]
     for task in a.tasks:
