@@ -4,7 +4,7 @@ Per task: `--teacher-demos` motion-planning demos (10 by default: few on purpose
 Policy teacher trained on them for `--teacher-minutes`, its success over 100 episodes (the line to
 beat). Then, for every reward mode and seed, `robodistill rpd` twice with identical settings and
 the same env-step budget: teacher=none (PPO) and teacher=<the teacher> (RPD). Runs go
-`--parallel` at a time, each pinned to its own core with one thread. Every `--eval-every` env steps
+one at a time on each of `--cores`, pinned, with one thread. Every `--eval-every` env steps
 a run evaluates its student on `--eval-episodes` episodes (the shared evaluation, fixed seeds).
 
 Prints one markdown table per task and reward: env steps to reach 80% success_once (the first
@@ -13,7 +13,7 @@ over seeds, and each seed), training env steps/s (evaluation excluded); and writ
 rpd.png (success vs env steps, one panel per task and reward, the teacher as a dashed line).
 
     taskset -c 0,1 .venv/bin/python benchmarks/rpd.py [--tasks PushCube-v1] [--rewards dense sparse]
-        [--seeds 0 1 2] [--steps 150000] [--parallel 2] [--out runs/bench-rpd]
+        [--seeds 0 1 2] [--steps 150000] [--cores 0 1] [--out runs/bench-rpd]
 
 Sizing on 2 CPU cores: a PushCube run trains at ~90 env steps/s, so 150k steps is ~30 min per run
 and the default grid (1 task x 2 rewards x 3 seeds x 2 methods = 12 runs, 2 at a time) ~3 h.
@@ -74,7 +74,7 @@ def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
 
 def make_teacher(task: str, a: argparse.Namespace, out: Path) -> tuple[Path, dict]:
     """Few demos, a short training: a teacher that is useful but far from perfect (on the last core)."""
-    core = a.parallel - 1
+    core = a.cores[-1]
     ds_dir = out / "teachers" / task / "demos"
     dataset = ds_dir / f"mp_n{a.teacher_demos}_seed0.state.pd_ee_delta_pos.h5"
     if not dataset.is_file():
@@ -154,7 +154,7 @@ def main() -> None:
                     help="for students and teacher alike; motion-planning demos (and so the teacher) take longer than PushCube's default 50")
     ap.add_argument("--teacher-demos", type=int, default=10)
     ap.add_argument("--teacher-minutes", type=float, default=2.0)
-    ap.add_argument("--parallel", type=int, default=2, help="runs at a time, each pinned to its own core")
+    ap.add_argument("--cores", type=int, nargs="+", default=[0, 1], help="one run at a time on each")
     ap.add_argument("--rpd", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for the RPD runs only, e.g. distill_coef=0.1 schedule=cosine (PPO runs keep teacher=none)")
     ap.add_argument("--teachers-only", action="store_true", help="make and evaluate the teachers, then stop")
@@ -184,7 +184,7 @@ def main() -> None:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rpd": a.rpd, "rows": rows}, indent=2))
 
-    run_on_cores(jobs, list(range(a.parallel)), done)
+    run_on_cores(jobs, a.cores, done)
     text = summarize(rows, teachers)
     print(text)
     (a.out / "rpd.json").write_text(json.dumps({"teachers": teachers, "steps": a.steps, "rpd": a.rpd, "rows": rows, "table": text}, indent=2))

@@ -1,15 +1,16 @@
 """Teachers: what RPD (and later RL-100) asks for an action, whatever the teacher is.
 
-A teacher maps a batch of observation histories to one action each: `act(obs) -> (B, A)` in env
-units, where `obs[key]` is (B, obs_horizon, ...) as in the Policy contract. It is queried on stored
-observations and never executed, so it only has to be right, not fast per call. Three kinds:
+A teacher maps a batch of observation histories to the actions it would execute from there before
+asking again: `act(obs) -> (B, act_horizon, A)` in env units, where `obs[key]` is
+(B, obs_horizon, ...) as in the Policy contract. It is queried on stored observations and never
+executed, so it only has to be right, not fast per call. Three kinds:
 
 - any `Policy` (a diffusion checkpoint with its fastest sampler: the consistency head if it has one,
-  else its own; a bundle directory): the first action of the chunk it predicts at the newest
-  observation;
+  else its own; a bundle directory): the first `act_horizon` actions of the chunk it predicts;
 - a policy served over openpi's websocket protocol (`ws://host:port`: `robodistill serve`, or a VLA
   served by openpi), one request per observation through `openpi_client.WebsocketClientPolicy`,
-  with the task's instruction as `prompt` in the observation dict, as openpi clients send it;
+  with the task's instruction as `prompt` in the observation dict, as openpi clients send it; its
+  chunk is as long as the server's metadata says (`action.chunk_length`), else one action;
 - the small VLA (a `train-vla` checkpoint, told the env task's instruction), or a VLA kept on local
   disk in Hugging Face format (an OpenVLA-style directory: `robodistill.policies.vla.hf`).
 """
@@ -29,20 +30,25 @@ from robodistill.wire import connect
 @runtime_checkable
 class Teacher(Protocol):
     obs_horizon: int
+    act_horizon: int
 
     def act(self, obs: Obs) -> torch.Tensor: ...
 
 
 class PolicyTeacher:
-    """A `Policy` as a teacher: the first action of each predicted chunk."""
+    """A `Policy` as a teacher: the executed part of each predicted chunk."""
 
     def __init__(self, policy: Policy):
         self.policy = policy
         self.obs_horizon = policy.obs_horizon
 
+    @property
+    def act_horizon(self) -> int:
+        return self.policy.act_horizon
+
     @torch.no_grad()
     def act(self, obs: Obs) -> torch.Tensor:
-        return self.policy.predict_chunk(obs)[:, 0]
+        return self.policy.predict_chunk(obs)[:, : self.act_horizon]
 
 
 class RemoteTeacher:
@@ -54,6 +60,7 @@ class RemoteTeacher:
         self.prompt = prompt
         meta = self.client.get_server_metadata() or {}
         self.obs_horizon = int(meta.get("policy", {}).get("obs_horizon", 1))
+        self.act_horizon = int(meta.get("action", {}).get("chunk_length", 1))
         self.single_frame = "policy" not in meta
 
     def act(self, obs: Obs) -> torch.Tensor:
@@ -64,7 +71,8 @@ class RemoteTeacher:
             row = {k: (v[i, -1] if self.single_frame else v[i]) for k, v in arrays.items()}
             if self.prompt is not None:
                 row["prompt"] = self.prompt
-            out.append(np.asarray(self.client.infer(row)["actions"], np.float32)[0])
+            actions = np.asarray(self.client.infer(row)["actions"], np.float32)
+            out.append(actions.reshape(-1, actions.shape[-1])[: self.act_horizon])
         return torch.from_numpy(np.stack(out)).to(next(iter(obs.values())).device)
 
 

@@ -247,7 +247,9 @@ def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):
         assert load_teacher("none", env) is None
         history = {"state": env.reset(seed=0)["state"][:, None].repeat(3, 2, 1)}  # (3, 2, D): 3 rows, obs_horizon 2
         local = load_teacher(str(checkpoint), env)
-        assert local.policy.sampler.name == "consistency" and local.act(history).shape == (3, 4)
+        # What each teacher would execute before asking again: its chunk's first act_horizon actions.
+        assert local.policy.sampler.name == "consistency" and local.act(history).shape == (3, local.act_horizon, 4)
         remote = load_teacher(f"ws://127.0.0.1:{server}", env, api_key="sesame")
         actions = remote.act(history)
-        assert remote.obs_horizon == 2 and actions.shape == (3, 4) and actions.abs().max() <= 1
+        assert remote.obs_horizon == 2 and remote.act_horizon > 1  # from the bundle's metadata
+        assert actions.shape == (3, remote.act_horizon, 4) and actions.abs().max() <= 1

@@ -68,7 +68,7 @@ def rl100_run(pushcube_demos, tmp_path_factory):
     from tests.conftest import run_cli
 
     root = tmp_path_factory.mktemp("rl100")
-    r = run_cli("rl100", "env=PushCube-v1", f"dataset={pushcube_demos}", *SMALL, f"hydra.run.dir={root / 'run'}", cwd=root)
+    r = run_cli("rl100", "env=PushCube-v1", f"dataset={pushcube_demos}", *SMALL, "offline.gate=both", f"hydra.run.dir={root / 'run'}", cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "run", r.stdout
 
@@ -84,7 +84,7 @@ def test_rl100_runs_every_stage_and_reports_gates(rl100_run):
     assert [d["update"] for d in decisions] == [2, 4]
     for d in decisions:  # both estimators and the true success, for every candidate
         assert {"amq", "amq_reference", "fqe", "fqe_reference", "true", "true_reference", "accepted"} <= set(d)
-        assert d["accepted"] == (d["amq"] >= d["amq_reference"])
+        assert d["accepted"] == (d["amq"] >= d["amq_reference"] and d["fqe"] >= d["fqe_reference"])  # gate=both
     assert (run / "ope.png").stat().st_size > 1000 and "Gate decisions" in (run / "report.md").read_text()
     assert "one-step head" in stdout
     # Every stage's policy is an ordinary diffusion checkpoint; the head's has a consistency head.
@@ -122,6 +122,7 @@ def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
         ("stages=[warmup]",): "stages=['warmup']",
         ("env.obs_mode=rgb", "dataset=x.h5"): "env.obs_mode=state",
         ("init=nope.pt", "stages=[online]"): "init=nope.pt: no such checkpoint file",
+        ("offline.gate=median", "dataset=x.h5"): "offline.gate='median' is not one of amq, fqe, both",
     }.items():
         r = cli("rl100", *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])

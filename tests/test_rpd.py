@@ -28,6 +28,36 @@ def test_history_repeats_the_first_observation_of_each_episode():
     assert nxt.tolist() == [[4, 5, 6]]
 
 
+class ChunkTeacher:
+    """Answers every query with a 3-action chunk [asked-at state value, index in chunk, 0, 0]."""
+
+    obs_horizon, act_horizon = 1, 3
+
+    def act(self, obs):
+        asked = obs["state"][:, -1, 0]
+        return torch.stack([torch.stack([asked, torch.full_like(asked, k), 0 * asked, 0 * asked], -1) for k in range(3)], 1)
+
+
+def test_chunk_labels_follow_the_teacher_s_own_chunks_across_rollouts():
+    with make_env(ENV) as env:
+        vec = SB3View(env)
+        labelled = {}
+        for labels in ("chunk", "step"):
+            model = RPD("MlpPolicy", vec, teacher=ChunkTeacher(), labels=labels, seed=0, **{**SMALL, "n_steps": 7})
+            buf, rows = model.rollout_buffer, []
+            # Two rollouts of one env: episodes start at steps 0 and 5, the second one runs on into rollout 2.
+            for first, starts in ((100, [1, 0, 0, 0, 0, 1, 0]), (200, [0] * 7)):
+                buf.observations[:, 0, 0] = np.arange(first, first + 7)
+                buf.episode_starts[:, 0] = starts
+                model._label(buf)
+                rows += buf.teacher_actions[:, 0, :2].tolist()
+            labelled[labels] = rows
+    # Asked where the teacher asks itself (every 3 steps of an episode); a chunk open at a rollout's end carries on.
+    assert labelled["chunk"] == [[100, 0], [100, 1], [100, 2], [103, 0], [103, 1], [105, 0], [105, 1],
+                                 [105, 2], [201, 0], [201, 1], [201, 2], [204, 0], [204, 1], [204, 2]]
+    assert labelled["step"] == [[v, 0] for v in [*range(100, 107), *range(200, 207)]]
+
+
 class CountingTeacher(PolicyTeacher):
     def __init__(self, policy):
         super().__init__(policy)
@@ -42,7 +72,7 @@ def _gap(model, states: torch.Tensor, teacher: PolicyTeacher) -> float:
     """Mean squared distance between the student's mean action and the teacher's on fixed states."""
     with torch.no_grad():
         mean = model.policy.get_distribution(states).distribution.mean
-        return float(((mean - PolicyTeacher.act(teacher, {"state": states[:, None]})) ** 2).mean())
+        return float(((mean - PolicyTeacher.act(teacher, {"state": states[:, None]})[:, 0]) ** 2).mean())
 
 
 def _trained(cls, **kwargs):
@@ -121,7 +151,8 @@ def test_rgb_student_cnn_is_pulled_toward_a_teacher_that_sees_images(pickcube_rg
     with make_env(env_cfg) as env:
         teacher = RecordingTeacher(load_policy(str(tmp_path / "teacher" / "checkpoints" / "last.pt"), env))
         vec = SB3View(env)
-        model = RPD("MultiInputPolicy", vec, teacher=teacher, distill_coef=10.0, **kwargs)
+        # labels=step: one label per observation, which a memoryless student can fit (chunk labels are checked above).
+        model = RPD("MultiInputPolicy", vec, teacher=teacher, distill_coef=10.0, labels="step", **kwargs)
         fit_normalizer(model, vec, 20, seed=0)
         untrained = RPD("MultiInputPolicy", vec, teacher=teacher, **kwargs)
         untrained.policy.load_state_dict(model.policy.state_dict())

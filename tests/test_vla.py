@@ -84,8 +84,9 @@ def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, 
         assert not torch.allclose(act(), act(prompt=phrasings("PushCube-v1")[0]))
         # An instruction it never saw goes through the sentence encoder rather than failing.
         assert act(prompt="lift the little box up to the mark").shape == act().shape
-        # As RPD takes it: one action per observation history.
-        assert load_teacher(ckpt, env).act(history).shape == (1, 4)
+        # As RPD takes it: the actions it would execute from an observation history.
+        teacher = load_teacher(ckpt, env)
+        assert teacher.act(history).shape == (1, teacher.act_horizon, 4)
 
         # Exported for PickCube: the graph also takes the instruction; the server takes `prompt` text.
         out, meta = export(ExportConfig(ckpt=ckpt, task="PickCube-v1", sampler="ddim", steps=2), tmp_path / "bundle")
@@ -105,7 +106,7 @@ def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, 
             assert served(prompt="lift the little box up to the mark").shape == (4, 4)
             remote = load_teacher(f"ws://127.0.0.1:{server.port}", env)
             assert remote.prompt == phrasings("PickCube-v1")[0]  # sent with every observation, as openpi clients do
-            assert remote.act(history).shape == (1, 4)
+            assert remote.act(history).shape == (1, 4, 4)  # the bundle's chunk_length
         finally:
             server.stop()
 
@@ -154,6 +155,6 @@ def test_hugging_face_vla_from_local_disk_acts_as_openvla_does(tmp_path, cli):
         torch.testing.assert_close(low[0, :3], torch.full((3,), -0.5 + 0.5 / 255), atol=1e-4, rtol=0)
         torch.testing.assert_close(high[0, :3], torch.full((3,), 0.5 - 0.5 / 255), atol=1e-4, rtol=0)
         assert abs(low[0, 3] + 1 - 1 / 255) < 1e-4  # the gripper: the bin centre itself
-        assert load_teacher(str(model_dir), env).act(history).shape == (1, 4)
+        assert load_teacher(str(model_dir), env).act(history).shape == (1, 1, 4)  # one action per observation
     state_only = cli("eval", f"policy={model_dir}", "env=PickCube-v1", "episodes=1")
     assert state_only.returncode == 2 and "needs camera images (env.obs_mode=rgb)" in state_only.stderr

@@ -50,6 +50,7 @@ from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_ch
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
 
 STAGES = ("imitation", "offline", "online", "distill")
+GATES = {"amq": ("amq",), "fqe": ("fqe",), "both": ("amq", "fqe")}  # the estimators whose verdicts must all be "no worse"
 
 
 @dataclass
@@ -82,7 +83,7 @@ class OfflineConfig:
     ensemble: int = 5
     amq_horizon: int = 5  # decisions rolled out in the learned model (x act_horizon env steps)
     fqe_steps: int = 2000
-    gate: str = "amq"  # the estimator that decides: amq (RL-100) or fqe
+    gate: str = "amq"  # the estimator that decides: amq (RL-100), fqe, or both (each must say no worse)
     gate_margin: float = 0.0  # accept if estimate(candidate) >= estimate(reference) - margin
     gate_eval_episodes: int = 20  # true success of each candidate in simulation (logged, never used to decide)
 
@@ -139,8 +140,8 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"init={cfg.init}: no such checkpoint file")
     if not cfg.dataset and ({"imitation", "offline"} & set(cfg.stages)):
         raise UserError("dataset= is required for the imitation and offline stages: the .h5 written by `robodistill demos`")
-    if cfg.offline.gate not in ("amq", "fqe"):
-        raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of amq, fqe")
+    if cfg.offline.gate not in GATES:
+        raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of {', '.join(GATES)}")
     if cfg.offline.gate_every < 1 or cfg.online.decisions < 1 or cfg.online.envs < 1:
         raise UserError("offline.gate_every, online.decisions and online.envs must be >= 1")
 
@@ -316,7 +317,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                 optimizer.step()
                 if update % o.gate_every == 0 or update == o.updates:
                     cand = score(actor_chain, cfg.seed)
-                    accepted = cand[o.gate] >= ref_score[o.gate] - o.gate_margin
+                    accepted = all(cand[k] >= ref_score[k] - o.gate_margin for k in GATES[o.gate])
                     cand_true = success(actor, eval_env, o.gate_eval_episodes, 20_000 + cfg.seed)
                     row = {"iteration": iteration, "update": update, "accepted": bool(accepted),
                            "amq": cand["amq"], "amq_reference": ref_score["amq"], "fqe": cand["fqe"], "fqe_reference": ref_score["fqe"],

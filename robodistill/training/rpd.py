@@ -5,7 +5,9 @@ RPD (Jülg, Burgard, Walter 2025; design/algorithms.md section 1) is PPO with on
     L = L_clip + vf_coef L_V - ent_coef H + lambda_t * distill(mu_theta(s), a_T(s))
 
 where mu_theta(s) is the student's mean action and a_T(s) the teacher's action on the *stored*
-rollout observation s. The teacher is queried, never executed: exploration is the student's own.
+rollout observation s (for a teacher that executes action chunks: the action its chunk, asked where
+it would ask itself, assigns to s; `labels`). The teacher is queried, never executed: exploration
+is the student's own.
 distill is `mse` (the paper's default), `l1`, or `bc` = -log pi_theta(a_T | s). lambda_t is constant
 (`distill_coef`, the paper's 1.0) or cosine-annealed to 0 over `anneal_steps` env steps, then off.
 teacher=none (or distill_coef=0) is exactly the PPO baseline with identical settings.
@@ -43,6 +45,7 @@ from stable_baselines3 import PPO
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 from torch.nn import functional as F
@@ -58,6 +61,7 @@ from robodistill.training.runs import find_resume
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
 SCHEDULES = ("constant", "cosine")
+LABELS = ("chunk", "step")
 
 
 @dataclass
@@ -74,6 +78,9 @@ class RPDConfig:
     distill_coef: float = 1.0  # lambda; 0: plain PPO
     schedule: str = "constant"  # constant | cosine (lambda * (0.5 cos(pi t / anneal_steps) + 0.5), then 0)
     anneal_steps: int | None = None  # default: total_steps
+    # chunk: the teacher is asked every act_horizon steps of an episode and the steps between get the rest of
+    # its chunk, as it acts itself; step: asked at every observation, its first action (re-plans every step).
+    labels: str = "chunk"
     # PPO (RPD's defaults, sized for a few CPU envs)
     n_steps: int = 200  # rollout length per env
     batch_size: int = 100  # minibatch size
@@ -163,18 +170,19 @@ class RPD(PPO):
     """SB3 PPO + lambda * distill(student mean, teacher action); see the module doc."""
 
     def __init__(self, *args, teacher: Teacher | None = None, distill: str = "mse", distill_coef: float = 1.0,
-                 schedule: str = "constant", anneal_steps: int | None = None, teacher_batch: int = 4096,
-                 ranks: Ranks = Ranks(), **kwargs):
+                 schedule: str = "constant", anneal_steps: int | None = None, labels: str = "chunk",
+                 teacher_batch: int = 4096, ranks: Ranks = Ranks(), **kwargs):
         self.teacher, self.ranks = teacher, ranks
         self.distill, self.distill_coef, self.schedule = distill, distill_coef, schedule
-        self.anneal_steps, self.teacher_batch = anneal_steps, teacher_batch
+        self.anneal_steps, self.labels, self.teacher_batch = anneal_steps, labels, teacher_batch
         self._tail: tuple[dict, np.ndarray] | None = None
+        self._open: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # per env: episode step, steps into chunk, chunk
         env = kwargs.get("env", args[1] if len(args) > 1 else None)
         dict_obs = env is not None and isinstance(env.observation_space, spaces.Dict)
         super().__init__(*args, rollout_buffer_class=TeacherDictRolloutBuffer if dict_obs else TeacherRolloutBuffer, **kwargs)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "teacher", "_tail", "ranks"]
+        return [*super()._excluded_save_params(), "teacher", "_tail", "_open", "ranks"]
 
     @property
     def global_steps(self) -> int:
@@ -200,22 +208,48 @@ class RPD(PPO):
 
     @torch.no_grad()
     def _label(self, buffer: TeacherActions) -> None:
-        """The teacher's action on every stored observation, in batches, once per rollout."""
+        """The teacher's action for every stored observation, in batches, once per rollout.
+
+        A chunking teacher re-planning at every step is not the teacher that was measured (PushCube,
+        10-demo Diffusion Policy: 54% with its 8-action chunks, 20% asked every step), so by default
+        (labels=chunk) it is asked only where it would ask itself, every act_horizon steps from each
+        episode's start, and the steps in between are labelled with the rest of that chunk. A chunk
+        still open at the end of a rollout labels the start of the next one."""
         h = self.teacher.obs_horizon
+        every = self.teacher.act_horizon if self.labels == "chunk" else 1
         obs = buffer.observations if isinstance(buffer.observations, dict) else {"state": buffer.observations}
-        starts = buffer.episode_starts
+        starts = buffer.episode_starts.astype(bool)
+        n, envs = starts.shape
+        step, into, carried = self._open or (np.zeros(envs, np.int64), np.zeros(envs, np.int64), None)
+        ask, offset = np.zeros((n, envs), bool), np.zeros((n, envs), np.int64)
+        for t in range(n):
+            step = np.where(starts[t], 0, step)
+            ask[t] = step % every == 0
+            if t == 0 and carried is None:
+                ask[0] = True
+            into = np.where(ask[t], 0, into + 1)
+            offset[t] = into
+            step = step + 1
+
         prev_obs, prev_starts = self._tail if self._tail is not None else ({}, None)
-        flat = {}
+        asked = {}
         for key, value in obs.items():
-            hist = stack_history(value, starts, h, prev_obs.get(key), prev_starts)
-            hist = hist.reshape(-1, *hist.shape[2:])
+            hist = stack_history(value, starts, h, prev_obs.get(key), prev_starts)[ask]
             if key == "rgb":  # the buffer holds SB3's channel-first copy; policies take (H, W, C) uint8
                 hist = np.moveaxis(hist, -3, -1).astype(np.uint8)
-            flat[key] = torch.from_numpy(hist) if key == "rgb" else torch.from_numpy(hist).float()
-        n = len(flat["state"])
-        actions = [self.teacher.act({k: v[i : i + self.teacher_batch] for k, v in flat.items()}).cpu().numpy()
-                   for i in range(0, n, self.teacher_batch)]
-        buffer.teacher_actions[:] = np.concatenate(actions).reshape(buffer.teacher_actions.shape)
+            asked[key] = torch.from_numpy(hist) if key == "rgb" else torch.from_numpy(hist).float()
+        q = len(asked["state"])
+        chunks = np.concatenate([self.teacher.act({k: v[i : i + self.teacher_batch] for k, v in asked.items()})[:, :every].cpu().numpy()
+                                 for i in range(0, q, self.teacher_batch)])
+        # Chunk ids: the carried chunks are 0..envs-1, this rollout's queries follow in row-major order.
+        chunks = np.concatenate([carried if carried is not None else np.zeros((envs, *chunks.shape[1:]), np.float32), chunks])
+        ids = np.full((n, envs), -1, np.int64)
+        ids[ask] = envs + np.arange(q)
+        current = np.arange(envs)
+        for t in range(n):
+            current = np.where(ask[t], ids[t], current)
+            buffer.teacher_actions[t] = chunks[current, offset[t]]
+        self._open = (step, into, chunks[current])
         if h > 1:
             self._tail = ({k: v[-(h - 1):].copy() for k, v in obs.items()}, starts[-(h - 1):].copy())
 
@@ -365,6 +399,8 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"distill='{cfg.distill}' is not one of {', '.join(DISTILL_LOSSES)}")
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"schedule='{cfg.schedule}' is not one of {', '.join(SCHEDULES)}")
+    if cfg.labels not in LABELS:
+        raise UserError(f"labels='{cfg.labels}' is not one of {', '.join(LABELS)}")
     if cfg.distill_coef < 0:
         raise UserError(f"distill_coef={cfg.distill_coef} must be >= 0")
     if cfg.total_steps < 1 or cfg.n_steps < 1 or cfg.batch_size < 2:
@@ -389,7 +425,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         teacher = load_teacher(cfg.teacher, eval_env, cfg.api_key)
         vec = SB3View(env)
         rpd = {"teacher": teacher, "distill": cfg.distill, "distill_coef": cfg.distill_coef, "schedule": cfg.schedule,
-               "anneal_steps": cfg.anneal_steps, "ranks": ranks}
+               "anneal_steps": cfg.anneal_steps, "labels": cfg.labels, "ranks": ranks}
         resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
         history: list[dict] = []
         if resume_path is not None:
@@ -410,6 +446,8 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
                         tensorboard_log=str(run_dir / "tb") if ranks.main else None, seed=seed, device=device, **rpd)
             fit_normalizer(model, vec, cfg.obs_norm_steps, seed)
             broadcast_module(model.policy, ranks)
+        if not ranks.main:  # only rank 0 logs; SB3's default logger would leave an empty /tmp/SB3-<date> folder per rank
+            model.set_logger(Logger(folder=None, output_formats=[]))
         # Saved in the zip: what export and eval need to know, and how many ranks counted its steps.
         model.robodistill_env, model.robodistill_ranks = asdict(cfg.env), ranks.world
         callback = RunCallback(cfg, run_dir, eval_env, history) if ranks.main else None
