@@ -43,7 +43,7 @@ def test_chunk_labels_follow_the_teacher_s_own_chunks_across_rollouts():
         vec = SB3View(env)
         labelled = {}
         for labels in ("chunk", "step"):
-            model = RPD("MlpPolicy", vec, teacher=ChunkTeacher(), labels=labels, seed=0, **{**SMALL, "n_steps": 7})
+            model = RPD("MlpPolicy", vec, teacher=ChunkTeacher(), labels=labels, seed=0, **{**SMALL, "n_steps": 7, "batch_size": 7})
             buf, rows = model.rollout_buffer, []
             # Two rollouts of one env: episodes start at steps 0 and 5, the second one runs on into rollout 2.
             for first, starts in ((100, [1, 0, 0, 0, 0, 1, 0]), (200, [0] * 7)):
