@@ -243,13 +243,12 @@ class RPD(PPO):
                                  for i in range(0, q, self.teacher_batch)])
         # Chunk ids: the carried chunks are 0..envs-1, this rollout's queries follow in row-major order.
         chunks = np.concatenate([carried if carried is not None else np.zeros((envs, *chunks.shape[1:]), np.float32), chunks])
-        ids = np.full((n, envs), -1, np.int64)
+        ids = np.zeros((n, envs), np.int64)
         ids[ask] = envs + np.arange(q)
-        current = np.arange(envs)
-        for t in range(n):
-            current = np.where(ask[t], ids[t], current)
-            buffer.teacher_actions[t] = chunks[current, offset[t]]
-        self._open = (step, into, chunks[current])
+        asked_at = np.arange(n)[:, None] - offset  # < 0: the chunk carried in from the previous rollout
+        chunk_of = np.where(asked_at >= 0, ids[asked_at.clip(0), np.arange(envs)], np.arange(envs))
+        buffer.teacher_actions[:] = chunks[chunk_of, offset]
+        self._open = (step, into, chunks[chunk_of[-1]])
         if h > 1:
             self._tail = ({k: v[-(h - 1):].copy() for k, v in obs.items()}, starts[-(h - 1):].copy())
 
