@@ -84,7 +84,10 @@ def load_teacher(spec: str, env, api_key: str | None = None) -> Teacher | None:
         from robodistill.policies.vla.instructions import INSTRUCTIONS
 
         return RemoteTeacher(spec, api_key, INSTRUCTIONS.get(env.cfg.task, [None])[0])
-    policy = load_policy(spec, env)
+    try:
+        policy = load_policy(spec, env)
+    except UserError as err:
+        raise UserError(f"teacher={spec}: {err}") from err
     if getattr(policy, "consistency", None) is not None:
         policy.set_sampler("consistency", 1)  # the cheapest way to ask a diffusion teacher
     if not isinstance(policy, Policy):

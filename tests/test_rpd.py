@@ -127,7 +127,8 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
                for n in ("zip", "bundle")]
     np.testing.assert_allclose(returns[0], returns[1], atol=1e-3)
     for bad, message in {"distill=kl": "distill='kl' is not one of mse, l1, bc",
-                         "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9"}.items():
+                         "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9",
+                         "teacher=missing.pt": "teacher=missing.pt: policy 'missing.pt' is neither"}.items():
         r = cli("rpd", bad, "total_steps=10")
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
