@@ -10,7 +10,7 @@ from robodistill.data import load_episodes
 from robodistill.policies.diffusion.chain import DenoisingChain
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import DiffusionPolicy
-from robodistill.training.critics import IQL, Transitions
+from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions
 
 
 def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
@@ -56,6 +56,14 @@ def test_transitions_reward_first_success_and_iql_values_near_the_goal_higher(pu
         near, start = iql.value(data.state[data.done.bool()]).mean(), iql.value(data.state[data.first]).mean()
     assert near > start + 0.1  # a state one chunk from success is worth more than the start
 
+    # The model ensemble disagrees more on actions the data never took: what the gate's AM-Q pays for.
+    dynamics = DynamicsEnsemble(data.state.shape[1], data.action.shape[1], members=3)
+    dynamics.fit(data, steps=300, batch_size=128, gen=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    seen = dynamics.step(data.state, data.action, gen)[2].mean()
+    unseen = dynamics.step(data.state, data.action + 3.0, gen)[2].mean()
+    assert unseen > 2 * seen
+
 
 SMALL = ["env.max_episode_steps=40", "imitation.iterations=40", "imitation.batch_size=32", "offline.iterations=1",
          "offline.collect_episodes=2", "offline.critic_steps=40", "offline.dynamics_steps=40", "offline.updates=4",
@@ -85,6 +93,8 @@ def test_rl100_runs_every_stage_and_reports_gates(rl100_run):
     for d in decisions:  # both estimators and the true success, for every candidate
         assert {"amq", "amq_reference", "fqe", "fqe_reference", "true", "true_reference", "accepted"} <= set(d)
         assert d["accepted"] == (d["amq"] >= d["amq_reference"] and d["fqe"] >= d["fqe_reference"])  # gate=both
+        assert 0 <= d["true_discounted"] <= d["true"] and 0 <= d["true_discounted_reference"] <= d["true_reference"]
+        assert d["amq_disagreement"] > 0 and d["amq"] == pytest.approx(d["amq_q"] - 2.0 * d["amq_disagreement"])
     assert (run / "ope.png").stat().st_size > 1000 and "Gate decisions" in (run / "report.md").read_text()
     assert "one-step head" in stdout
     # Every stage's policy is an ordinary diffusion checkpoint; the head's has a consistency head.

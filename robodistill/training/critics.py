@@ -152,11 +152,13 @@ class DynamicsEnsemble(nn.Module):
         return {"dynamics_loss": loss.item() / len(self.members)}
 
     @torch.no_grad()
-    def step(self, s: torch.Tensor, a: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, s: torch.Tensor, a: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next state and done from a random member, and the members' disagreement on the state
+        change (norm of their std): large where (s, a) is far from the data the members saw."""
         outs = torch.stack([m(torch.cat([s, a], -1)) for m in self.members])  # (M, B, S + 2)
         pick = torch.randint(len(self.members), (s.shape[0],), generator=gen)
         out = outs[pick, torch.arange(s.shape[0])]
-        return s + out[:, :-2], torch.sigmoid(out[:, -1]) > 0.5
+        return s + out[:, :-2], torch.sigmoid(out[:, -1]) > 0.5, outs[:, :, :-2].std(0).norm(dim=-1)
 
 
 @torch.no_grad()
@@ -173,20 +175,25 @@ def greedy_actions(chain: DenoisingChain, states: torch.Tensor, seed: int, batch
 
 
 @torch.no_grad()
-def am_q(chain: DenoisingChain, iql: IQL, dynamics: DynamicsEnsemble, starts: torch.Tensor, horizon: int, seed: int) -> float:
+def am_q(chain: DenoisingChain, iql: IQL, dynamics: DynamicsEnsemble, starts: torch.Tensor, horizon: int, seed: int
+         ) -> tuple[float, float]:
     """AM-Q (RL-100): roll the policy's mean path out for `horizon` decisions in the learned model
-    from dataset states and average Q(s_t, pi(s_t)) over the steps the model has not ended."""
+    from dataset states; returns the mean of Q(s_t, pi(s_t)) and of the model's disagreement
+    there, over the steps the model has not ended. The offline actor climbs this same Q, so Q
+    alone rises as the policy leaves the data; the disagreement is what measures that (the gate
+    subtracts it, MOPO-style)."""
     gen = torch.Generator().manual_seed(seed)
-    s, alive, total, count = starts, torch.ones(len(starts)), 0.0, 0.0
+    s, alive, q_sum, u_sum, count = starts, torch.ones(len(starts)), 0.0, 0.0, 0.0
     for t in range(horizon):
         a = greedy_actions(chain, s, seed + t)
-        total += (iql.q(s, a) * alive).sum().item()
+        q_sum += (iql.q(s, a) * alive).sum().item()
         count += alive.sum().item()
-        s, done = dynamics.step(s, a, gen)
+        s, done, disagreement = dynamics.step(s, a, gen)
+        u_sum += (disagreement * alive).sum().item()
         alive = alive * (~done).float()
         if count and not alive.any():
             break
-    return total / max(count, 1.0)
+    return q_sum / max(count, 1.0), u_sum / max(count, 1.0)
 
 
 def fqe(chain: DenoisingChain, data: Transitions, starts: torch.Tensor, gamma: float, steps: int, batch_size: int,

@@ -6,11 +6,13 @@ Stages, in order (`stages=`), each resumable and runnable alone from a checkpoin
 1. imitation: `train-teacher` on the demos (a Diffusion Policy, K-step DDIM).
 2. offline, `offline.iterations` times: roll the reference policy out (its stochastic chain) and add
    the episodes to a buffer that starts with the demos; fit IQL critics Q, V and a dynamics
-   ensemble on the buffer; then PPO over the denoising chain: chains drawn from the reference
+   ensemble on the buffer; then PPO over the denoising chain, the actor restarting from the
+   reference: chains drawn from the reference
    policy on buffer states, advantage A = Q(s, a_0) - V(s) (normalised) shared by every
    fine-tuned denoising step, per-step clipped ratios. Every `gate_every` updates the candidate
-   is scored by AM-Q (mean-path rollouts in the learned model, RL-100's gate) and FQE; it becomes
-   the reference only if the gate's estimate is no worse than the reference's (`gate_margin`).
+   is scored by AM-Q (mean-path rollouts in the learned model, RL-100's gate, less a MOPO-style
+   penalty for the model ensemble's disagreement along them) and FQE; it becomes the reference
+   only if the gate's estimate is no worse than the reference's (`gate_margin`).
    Both estimates and the candidate's true success in simulation are logged for every decision.
 3. online: PPO on the same per-step objective with env-level GAE in the simulator (sparse reward,
    gamma per env step, so gamma ** act_horizon per chunk; truncation bootstraps from V).
@@ -18,7 +20,8 @@ Stages, in order (`stages=`), each resumable and runnable alone from a checkpoin
    final policy.
 
 Every stage ends with its policy evaluated on `eval_episodes` fixed-seed episodes; report.json,
-report.md and ope.png (estimate vs true success per candidate) are rewritten after each stage.
+report.md and ope.png (estimate vs the true discounted success it estimates, per candidate) are
+rewritten after each stage.
 Policies are written as ordinary diffusion checkpoints (the chain's mean path is the `ddim`
 sampler), so `robodistill eval/export/distill` take them unchanged. State observations only.
 """
@@ -43,7 +46,7 @@ from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
-from robodistill.evaluation import evaluate
+from robodistill.evaluation import evaluate, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
@@ -82,10 +85,11 @@ class OfflineConfig:
     expectile: float = 0.7
     ensemble: int = 5
     amq_horizon: int = 5  # decisions rolled out in the learned model (x act_horizon env steps)
+    amq_penalty: float = 2.0  # AM-Q = mean Q - amq_penalty x model disagreement (0: RL-100's plain AM-Q; at 0 a 96% -> 80% PushCube candidate scored higher)
     fqe_steps: int = 2000
     gate: str = "amq"  # the estimator that decides: amq (RL-100), fqe, or both (each must say no worse)
     gate_margin: float = 0.0  # accept if estimate(candidate) >= estimate(reference) - margin
-    gate_eval_episodes: int = 20  # true success of each candidate in simulation (logged, never used to decide)
+    gate_eval_episodes: int = 20  # true (discounted) success of each candidate in simulation (logged, never used to decide)
 
 
 @dataclass
@@ -196,6 +200,18 @@ def success(policy: DiffusionPolicy, env, episodes: int, seed: int) -> dict:
             "success_at_end": s["success_at_end"]["rate"], "episodes": episodes}
 
 
+def gate_truth(policy: DiffusionPolicy, env, episodes: int, seed: int, gamma: float) -> dict:
+    """What the OPE estimators estimate, measured in simulation for the gate's log: success and the
+    discounted success (reward 1 at the first success, gamma per env step) over `episodes` rollouts
+    of the training env. The same seeds and sampling noise for every policy (common random numbers),
+    so two candidates differ by their policies, not their draws."""
+    torch.manual_seed(seed)
+    steps = np.array([np.argmax(e.step_success) + 1 if e.success else np.inf for e in collect(policy, env, episodes, seed)])
+    wins = int(np.isfinite(steps).sum())
+    return {"success_once": wins / episodes, "ci95": wilson_interval(wins, episodes), "discounted": float(np.mean(gamma**steps)),
+            "episodes": episodes}
+
+
 @torch.no_grad()
 def collect(policy: DiffusionPolicy, env, episodes: int, seed: int) -> list[Episode]:
     """Episodes of `policy` (its current sampler) in a training env (ends at success), with the
@@ -276,9 +292,9 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
         checkpoints.set_rng_state(state["rng"])
         print(f"offline: resumed after iteration {iteration}")
     total_updates = o.iterations * o.updates
-    with make_env(replace(env_cfg, reward_mode="sparse")) as train_env, make_env(env_cfg, ignore_terminations=True) as eval_env:
+    with make_env(replace(env_cfg, reward_mode="sparse")) as train_env:
         if ref_true is None:
-            ref_true = success(reference, eval_env, o.gate_eval_episodes, 20_000 + cfg.seed)
+            ref_true = gate_truth(reference, train_env, o.gate_eval_episodes, 20_000 + cfg.seed, cfg.gamma)
         bar = tqdm(total=o.iterations, initial=iteration, desc="offline", unit="iter")
         while iteration < o.iterations:
             iteration += 1
@@ -291,11 +307,19 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
             # 2. critics and the model
             losses = {**iql.fit(buffer, o.critic_steps, o.batch_size, gen), **dynamics.fit(buffer, o.dynamics_steps, o.batch_size, gen)}
             starts = buffer.state[buffer.first]
-            score = lambda chain, policy_seed: {  # noqa: E731
-                "amq": am_q(chain, iql, dynamics, starts, o.amq_horizon, policy_seed),
-                "fqe": fqe(chain, buffer, starts, gamma_chunk, o.fqe_steps, o.batch_size, policy_seed)}
+
+            def score(chain: DenoisingChain, policy_seed: int) -> dict:
+                q, disagreement = am_q(chain, iql, dynamics, starts, o.amq_horizon, policy_seed)
+                return {"amq": q - o.amq_penalty * disagreement, "amq_q": q, "amq_disagreement": disagreement,
+                        "fqe": fqe(chain, buffer, starts, gamma_chunk, o.fqe_steps, o.batch_size, policy_seed)}
+
             ref_score = score(ref_chain, cfg.seed)  # the critics changed: rescore the reference
-            # 3. PPO over the chain, gated
+            # 3. PPO over the chain from the reference, gated. A candidate the gate rejected is not
+            # trained on: its drift was what a later, refitted critic let through (PushCube: 250
+            # updates past the reference, accepted at 80% vs 94%). RL-100 restarts each outer loop
+            # from a policy re-fitted to the data, not from a rejected one, for the same reason.
+            actor.load_state_dict(reference.state_dict())
+            optimizer.state.clear()
             for update in range(1, o.updates + 1):
                 done_frac = ((iteration - 1) * o.updates + update - 1) / total_updates
                 for g in optimizer.param_groups:
@@ -318,10 +342,11 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                 if update % o.gate_every == 0 or update == o.updates:
                     cand = score(actor_chain, cfg.seed)
                     accepted = all(cand[k] >= ref_score[k] - o.gate_margin for k in GATES[o.gate])
-                    cand_true = success(actor, eval_env, o.gate_eval_episodes, 20_000 + cfg.seed)
+                    cand_true = gate_truth(actor, train_env, o.gate_eval_episodes, 20_000 + cfg.seed, cfg.gamma)
                     row = {"iteration": iteration, "update": update, "accepted": bool(accepted),
-                           "amq": cand["amq"], "amq_reference": ref_score["amq"], "fqe": cand["fqe"], "fqe_reference": ref_score["fqe"],
+                           **cand, **{f"{k}_reference": v for k, v in ref_score.items()},
                            "true": cand_true["success_once"], "true_ci95": cand_true["ci95"], "true_reference": ref_true["success_once"],
+                           "true_discounted": cand_true["discounted"], "true_discounted_reference": ref_true["discounted"],
                            "ratio_clipped": float(((ratio - 1).abs() > clip).float().mean()), "loss": loss.item(), **losses}
                     run.report["decisions"].append(row)
                     tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
@@ -471,18 +496,21 @@ def report_markdown(report: dict) -> str:
         if name == "offline_iterations":
             for it in r:
                 lines.append(f"| offline iteration {it['iteration']} (reference; collect success {it['collect_success']:.0%}, "
-                             f"buffer {it['buffer']}) | {it['success_once']:.1%} [{it['ci95'][0]:.1%}, {it['ci95'][1]:.1%}] | "
-                             f"{it['success_at_end']:.1%} | {it['episodes']} |")
+                             f"buffer {it['buffer']}, discounted success {it['discounted']:.3f}) | {it['success_once']:.1%} "
+                             f"[{it['ci95'][0]:.1%}, {it['ci95'][1]:.1%}] | | {it['episodes']} |")
             continue
         label = {"distill": "one-step head (consistency, 1 call)", "init": "init (DDIM)"}.get(name, f"{name} (DDIM)")
         lines.append(f"| {label} | {r['success_once']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | {r['success_at_end']:.1%} | {r['episodes']} |")
     dec = report["decisions"]
     if dec:
-        lines += ["", "Gate decisions (estimates of candidate / reference; true success in simulation):", "",
-                  "| iteration | update | AM-Q | FQE | accepted | true candidate | true reference |", "|---:|---:|---|---|---|---:|---:|"]
+        lines += ["", "Gate decisions (candidate / reference: the estimates, and in simulation the discounted success they "
+                  "estimate and the success rate):", "",
+                  "| iteration | update | AM-Q (penalised) | FQE | accepted | true discounted | true success |",
+                  "|---:|---:|---|---|---|---|---|"]
         for d in dec:
             lines.append(f"| {d['iteration']} | {d['update']} | {d['amq']:.4f} / {d['amq_reference']:.4f} | {d['fqe']:.4f} / "
-                         f"{d['fqe_reference']:.4f} | {'yes' if d['accepted'] else 'no'} | {d['true']:.0%} | {d['true_reference']:.0%} |")
+                         f"{d['fqe_reference']:.4f} | {'yes' if d['accepted'] else 'no'} | {d['true_discounted']:.3f} / "
+                         f"{d['true_discounted_reference']:.3f} | {d['true']:.0%} / {d['true_reference']:.0%} |")
         drops = [d["true_reference"] - d["true"] for d in dec if d["accepted"]]
         lines += ["", f"Accepted {len(drops)} of {len(dec)} candidates; worst true drop of an accepted candidate vs the "
                   f"reference it replaced: {max(drops) * 100 if drops else 0:.0f} points (target: <= 3)."]
@@ -496,12 +524,12 @@ def plot_ope(decisions: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, title in ((axes[0], "amq", "AM-Q"), (axes[1], "fqe", "FQE")):
+    for ax, key, title in ((axes[0], "amq_q", "AM-Q (unpenalised)"), (axes[1], "fqe", "FQE")):
         for accepted, color, label in ((True, "tab:green", "accepted"), (False, "tab:red", "rejected")):
-            pts = [(d[key], d["true"]) for d in decisions if d["accepted"] == accepted]
+            pts = [(d[key], d["true_discounted"]) for d in decisions if d["accepted"] == accepted]
             if pts:
                 ax.scatter(*zip(*pts), color=color, label=label, s=20)
-        ax.set(xlabel=f"{title} estimate of the candidate", ylabel="true success_once (simulation)", title=title)
+        ax.set(xlabel=f"{title} estimate of the candidate", ylabel="true discounted success (simulation)", title=title)
         ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
