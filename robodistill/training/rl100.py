@@ -7,8 +7,7 @@ Stages, in order (`stages=`), each resumable and runnable alone from a checkpoin
 2. offline, `offline.iterations` times: roll the reference policy out (its stochastic chain) and add
    the episodes to a buffer that starts with the demos; fit IQL critics Q, V and a dynamics
    ensemble on the buffer; then PPO over the denoising chain, the actor restarting from the
-   reference: chains drawn from the reference
-   policy on buffer states, advantage A = Q(s, a_0) - V(s) (normalised) shared by every
+   reference: chains drawn from the reference policy on buffer states, advantage A = Q(s, a_0) - V(s) (normalised) shared by every
    fine-tuned denoising step, per-step clipped ratios. Every `gate_every` updates the candidate
    is scored by AM-Q (mean-path rollouts in the learned model, RL-100's gate, less a MOPO-style
    penalty for the model ensemble's disagreement along them) and FQE; it becomes the reference
