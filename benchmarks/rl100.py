@@ -125,6 +125,9 @@ def main() -> None:
         if any("=" not in kv for kv in pairs):
             ap.error(f"--{flag} takes TASK=PATH pairs, e.g. --{flag} PickCube-v1=runs/x/{'demos.h5' if flag == 'dataset' else 'last.pt'}")
         setattr(a, flag, dict(kv.split("=", 1) for kv in pairs))
+        missing = [f"{task}={path}" for task, path in getattr(a, flag).items() if not Path(path).is_file()]
+        if missing:
+            ap.error(f"--{flag} {' '.join(missing)}: no such file")
     free = queue.Queue()
     for core in a.cores:
         free.put(core)

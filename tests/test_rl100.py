@@ -133,6 +133,7 @@ def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
         ("env.obs_mode=rgb", "dataset=x.h5"): "env.obs_mode=state",
         ("init=nope.pt", "stages=[online]"): "init=nope.pt: no such checkpoint file",
         ("offline.gate=median", "dataset=x.h5"): "offline.gate='median' is not one of amq, fqe, both",
+        ("offline.amq_penalty=-1", "dataset=x.h5"): "offline.amq_penalty=-1.0: must be >= 0",
     }.items():
         r = cli("rl100", *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])

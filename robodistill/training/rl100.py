@@ -7,8 +7,9 @@ Stages, in order (`stages=`), each resumable and runnable alone from a checkpoin
 2. offline, `offline.iterations` times: roll the reference policy out (its stochastic chain) and add
    the episodes to a buffer that starts with the demos; fit IQL critics Q, V and a dynamics
    ensemble on the buffer; then PPO over the denoising chain, the actor restarting from the
-   reference: chains drawn from the reference policy on buffer states, advantage A = Q(s, a_0) - V(s) (normalised) shared by every
-   fine-tuned denoising step, per-step clipped ratios. Every `gate_every` updates the candidate
+   reference: chains drawn from the reference policy on buffer states, advantage
+   A = Q(s, a_0) - V(s) (normalised) shared by every fine-tuned denoising step, per-step clipped
+   ratios. Every `gate_every` updates the candidate
    is scored by AM-Q (mean-path rollouts in the learned model, RL-100's gate, less a MOPO-style
    penalty for the model ensemble's disagreement along them) and FQE; it becomes the reference
    only if the gate's estimate is no worse than the reference's (`gate_margin`).
@@ -147,6 +148,8 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of {', '.join(GATES)}")
     if cfg.offline.gate_every < 1 or cfg.online.decisions < 1 or cfg.online.envs < 1:
         raise UserError("offline.gate_every, online.decisions and online.envs must be >= 1")
+    if cfg.offline.amq_penalty < 0:
+        raise UserError(f"offline.amq_penalty={cfg.offline.amq_penalty}: must be >= 0 (a negative one rewards leaving the data; 0 is RL-100's plain AM-Q)")
 
 
 class Run:
