@@ -39,6 +39,20 @@ def test_chain_mean_path_is_the_ddim_sampler_and_scores_its_own_draws(prediction
     assert (chain.log_prob(cond, moved)[:, -1] < logp[:, -1]).all()
 
 
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_chain_scores_its_own_draws_unclamped_at_any_exploration_std(std):
+    """The chain's draws lie within noise_clip stds of their means, so no clamp may touch their
+    likelihood, whatever the std: a fixed ceiling (DPPO's 2 nats) would flatten every draw near
+    the mean at a small std, and with it PPO's gradient."""
+    policy = _policy()
+    chain = DenoisingChain(policy, steps=4, std=std)
+    cond = policy.condition({"state": torch.randn(8, 2, 9)})
+    drawn, logp = chain.sample(cond, torch.Generator().manual_seed(0))
+    exact = torch.stack([torch.distributions.Normal(chain.mean(drawn[:, k], k, cond), std).log_prob(drawn[:, k + 1]).flatten(1).mean(1)
+                         for k in range(4)], 1)
+    assert torch.allclose(logp, exact, atol=1e-5) and torch.allclose(chain.log_prob(cond, drawn), exact, atol=1e-5)
+
+
 def test_transitions_reward_first_success_and_iql_values_near_the_goal_higher(pushcube_demos):
     episodes = load_episodes([pushcube_demos])
     policy = _policy(state_dim=episodes[0].obs["state"].shape[1])

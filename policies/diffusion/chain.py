@@ -16,13 +16,19 @@ copy for them; one network keeps the checkpoint a standard one).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import DDIMScheduler
 
 from robodistill.errors import UserError
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 
-LOGPROB_RANGE = (-5.0, 2.0)  # per-dimension log-likelihood clamp (DPPO): bounds the ratio of rare draws
+# DPPO clamps each dimension's log-likelihood to [-5, 2] at its std of 0.1: at most ~6.4 nats below the density's
+# peak, which bounds the ratio of rare draws; the upper end never binds there. Held relative to the peak the bound
+# means the same at any std: a fixed upper clamp of 2 flattens every draw near the mean once std < 0.08, and with it
+# the gradient (PickCube at std 0.03).
+LOGPROB_FLOOR = 6.38
 
 
 class DenoisingChain:
@@ -37,6 +43,7 @@ class DenoisingChain:
         if std <= 0:
             raise UserError(f"chain_std={std} must be > 0: it is the exploration noise of every denoising step")
         self.policy, self.steps, self.finetune_steps, self.std, self.noise_clip = policy, steps, finetune_steps, std, noise_clip
+        self.peak_log_prob = -math.log(std * math.sqrt(2 * math.pi))
         ddim = DDIMScheduler.from_config(policy.noise_scheduler.config)
         ddim.set_timesteps(steps)
         self.timesteps = ddim.timesteps.tolist()
@@ -63,7 +70,7 @@ class DenoisingChain:
 
     def _step_log_prob(self, mean: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
         """Mean over the chunk's dimensions of the clamped per-dimension log-likelihood, (B,)."""
-        logp = torch.distributions.Normal(mean, self.std).log_prob(x_next).clamp(*LOGPROB_RANGE)
+        logp = torch.distributions.Normal(mean, self.std).log_prob(x_next).clamp(min=self.peak_log_prob - LOGPROB_FLOOR)
         return logp.flatten(1).mean(1)
 
     @torch.no_grad()

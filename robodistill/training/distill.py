@@ -109,8 +109,8 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     head = ConsistencyHead.from_denoiser(teacher.denoiser).to(device).requires_grad_(True).train()
     model = DDP(head) if ranks.world > 1 else head  # all-reduces gradients in backward
     target = copy.deepcopy(head).requires_grad_(False)
-    target_ema = EMAModel(head.parameters(), decay=cfg.target_decay)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-6)
+    target_ema = EMAModel(head.parameters(), decay=cfg.target_decay, foreach=True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-6, fused=True)
     lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
     ddim = DDIMScheduler.from_config(teacher.noise_scheduler.config)
     ddim.set_timesteps(cfg.teacher_steps, device=device)

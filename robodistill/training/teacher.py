@@ -93,11 +93,11 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     policy.load_normalizers(fit_normalizers(train_eps, p.normalizer))
     policy.to(device)
     model = DDP(policy) if ranks.world > 1 else policy  # all-reduces gradients in backward
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
     # Warm-up (decay grows as 1 - (1 + step)^-power up to 0.9999), as diffusion_policy does: a fixed
     # 0.9999 from step 0 would leave the EMA mostly at the random initial weights for 10k steps.
-    ema = EMAModel(policy.parameters(), decay=0.9999, use_ema_warmup=True, power=cfg.ema_power)
+    ema = EMAModel(policy.parameters(), decay=0.9999, use_ema_warmup=True, power=cfg.ema_power, foreach=True)
     step, best, train_seconds = 0, -1.0, 0.0
     batch_gen = torch.Generator().manual_seed(cfg.seed)
 

@@ -131,9 +131,9 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
         rows[task] = torch.arange(offset, offset + len(prompts[task]))
         offset += len(prompts[task])
     policy.to(device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
-    ema = EMAModel(policy.parameters(), decay=0.9999, use_ema_warmup=True, power=cfg.ema_power)
+    ema = EMAModel(policy.parameters(), decay=0.9999, use_ema_warmup=True, power=cfg.ema_power, foreach=True)
     ema_policy = VLAPolicy.from_spec(policy.spec()).to(device)
     step, best, train_seconds = 0, -1.0, 0.0
     batch_gen = torch.Generator().manual_seed(cfg.seed)
