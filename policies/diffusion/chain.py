@@ -24,11 +24,11 @@ from diffusers import DDIMScheduler
 from robodistill.errors import UserError
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 
-# DPPO clamps each dimension's log-likelihood to [-5, 2] at its std of 0.1: at most ~6.4 nats below the density's
-# peak, which bounds the ratio of rare draws; the upper end never binds there. Held relative to the peak the bound
-# means the same at any std: a fixed upper clamp of 2 flattens every draw near the mean once std < 0.08, and with it
-# the gradient (PickCube at std 0.03).
-LOGPROB_FLOOR = 6.38
+# DPPO clamps each dimension's log-likelihood to [-5, 2] at its std of 0.1, which bounds the ratio of rare draws;
+# the upper end never binds there. Held as a distance below the density's peak, the floor means the same at any std:
+# a fixed upper clamp of 2 flattens every draw near the mean once std < 0.08, and with it the gradient (PickCube at
+# std 0.03).
+LOGPROB_FLOOR = -math.log(0.1 * math.sqrt(2 * math.pi)) + 5.0  # nats below the peak: DPPO's -5 at std 0.1
 
 
 class DenoisingChain:
@@ -37,11 +37,11 @@ class DenoisingChain:
         n = policy.cfg.num_train_timesteps
         finetune_steps = steps if finetune_steps is None else finetune_steps
         if not 1 <= steps <= n:
-            raise UserError(f"denoising_steps={steps} must be between 1 and the policy's {n} training timesteps")
+            raise UserError(f"chain.steps={steps} must be between 1 and the policy's {n} training timesteps")
         if not 1 <= finetune_steps <= steps:
-            raise UserError(f"finetune_steps={finetune_steps} must be between 1 and denoising_steps={steps}")
+            raise UserError(f"chain.finetune_steps={finetune_steps} must be between 1 and chain.steps={steps}")
         if std <= 0:
-            raise UserError(f"chain_std={std} must be > 0: it is the exploration noise of every denoising step")
+            raise UserError(f"chain.std={std} must be > 0: it is the exploration noise of every denoising step")
         self.policy, self.steps, self.finetune_steps, self.std, self.noise_clip = policy, steps, finetune_steps, std, noise_clip
         self.peak_log_prob = -math.log(std * math.sqrt(2 * math.pi))
         ddim = DDIMScheduler.from_config(policy.noise_scheduler.config)
