@@ -92,7 +92,9 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     policy = DiffusionPolicy(p, state_dim, actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None, gripper_dims)
     policy.load_normalizers(fit_normalizers(train_eps, p.normalizer))
     policy.to(device)
-    model = DDP(policy) if ranks.world > 1 else policy  # all-reduces gradients in backward
+    # All-reduces gradients in backward. Buffers (normalizer statistics, action bounds) are fixed and equal on every
+    # rank, so DDP's default broadcast of them before each forward is a wasted collective (~7% of an MLP step on CPU).
+    model = DDP(policy, broadcast_buffers=False) if ranks.world > 1 else policy
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
     # Warm-up (decay grows as 1 - (1 + step)^-power up to 0.9999), as diffusion_policy does: a fixed
