@@ -76,12 +76,14 @@ def _gap(model, states: torch.Tensor, teacher: PolicyTeacher) -> float:
 
 
 def _trained(cls, **kwargs):
-    """A fresh env and a model of `cls` after 400 env steps from seed 0."""
+    """A fresh env and a model of `cls` after 1200 env steps from seed 0. (At 400 steps the pull on the held-out
+    reset states was 0.35-0.68 of PPO's gap over seeds 0-2, too close to the bar to tell from platform noise; at 1200
+    it is 0.05-0.20.)"""
     with make_env(ENV) as env:
         vec = SB3View(env)
         model = cls("MlpPolicy", vec, seed=0, **SMALL, **kwargs)
         fit_normalizer(model, vec, 300, seed=0)
-        model.learn(400)
+        model.learn(1200)
     return model
 
 
@@ -90,10 +92,10 @@ def test_rpd_pulls_the_student_to_the_teacher_and_off_is_plain_ppo():
         teacher = CountingTeacher(load_policy("scripted", env))
         states = torch.stack([env.reset(seed=s)["state"][0] for s in range(32)])
     rpd = _trained(RPD, teacher=teacher, distill_coef=10.0)
-    assert teacher.calls == 4  # once per rollout (100 steps, one batch), not per minibatch or epoch
+    assert teacher.calls == 12  # once per rollout (100 steps, one batch), not per minibatch or epoch
     ppo = _trained(PPO)
     off = _trained(RPD, teacher=teacher, distill_coef=0.0)
-    assert teacher.calls == 4  # lambda = 0: the teacher is never asked
+    assert teacher.calls == 12  # lambda = 0: the teacher is never asked
     for a, b in zip(ppo.policy.parameters(), off.policy.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the identical PPO baseline
     untrained = RPD("MlpPolicy", SB3View(make_env(ENV)), seed=0, **SMALL)
