@@ -31,17 +31,24 @@ from robodistill.policies.diffusion.policy import DiffusionPolicy
 LOGPROB_FLOOR = -math.log(0.1 * math.sqrt(2 * math.pi)) + 5.0  # nats below the peak: DPPO's -5 at std 0.1
 
 
+def check_chain(steps: int, finetune_steps: int, std: float) -> None:
+    """The chain settings that need no policy: checked before any work (the policy bounds `steps` from above)."""
+    if steps < 1:
+        raise UserError(f"chain.steps={steps} must be >= 1")
+    if not 1 <= finetune_steps <= steps:
+        raise UserError(f"chain.finetune_steps={finetune_steps} must be between 1 and chain.steps={steps}")
+    if std <= 0:
+        raise UserError(f"chain.std={std} must be > 0: it is the exploration noise of every denoising step")
+
+
 class DenoisingChain:
     def __init__(self, policy: DiffusionPolicy, steps: int = 10, finetune_steps: int | None = None, std: float = 0.1,
                  noise_clip: float = 3.0):
         n = policy.cfg.num_train_timesteps
         finetune_steps = steps if finetune_steps is None else finetune_steps
-        if not 1 <= steps <= n:
+        check_chain(steps, finetune_steps, std)
+        if steps > n:
             raise UserError(f"chain.steps={steps} must be between 1 and the policy's {n} training timesteps")
-        if not 1 <= finetune_steps <= steps:
-            raise UserError(f"chain.finetune_steps={finetune_steps} must be between 1 and chain.steps={steps}")
-        if std <= 0:
-            raise UserError(f"chain.std={std} must be > 0: it is the exploration noise of every denoising step")
         self.policy, self.steps, self.finetune_steps, self.std, self.noise_clip = policy, steps, finetune_steps, std, noise_clip
         self.peak_log_prob = -math.log(std * math.sqrt(2 * math.pi))
         ddim = DDIMScheduler.from_config(policy.noise_scheduler.config)

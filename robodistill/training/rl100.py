@@ -48,7 +48,7 @@ from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
-from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain
+from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
 
@@ -144,6 +144,7 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"init={cfg.init}: no such checkpoint file")
     if not cfg.dataset and ({"imitation", "offline"} & set(cfg.stages)):
         raise UserError("dataset= is required for the imitation and offline stages: the .h5 written by `robodistill demos`")
+    check_chain(cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std)
     if cfg.offline.gate not in GATES:
         raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of {', '.join(GATES)}")
     if cfg.offline.gate_every < 1 or cfg.online.decisions < 1 or cfg.online.envs < 1:
