@@ -32,6 +32,9 @@ def test_chain_mean_path_is_the_ddim_sampler_and_scores_its_own_draws(prediction
     drawn, logp = chain.sample(cond, torch.Generator().manual_seed(4))
     assert drawn.shape == (5, 11, 16, 4) and logp.shape == (5, 4)  # only the last K' steps carry a likelihood
     assert not torch.equal(drawn[:, -1], mean_path[:, -1])
+    # Steps without a likelihood are not noised: from the same x_K a draw follows the mean path up to the K' steps.
+    same_start, _ = chain.sample(cond, torch.Generator().manual_seed(3))
+    assert torch.equal(same_start[:, :7], mean_path[:, :7]) and not torch.equal(same_start[:, 7], mean_path[:, 7])
     assert torch.allclose(chain.log_prob(cond, drawn), logp, atol=1e-6)
     # Moving a step's output away from its mean lowers its likelihood.
     moved = drawn.clone()
@@ -48,7 +51,8 @@ def test_chain_scores_its_own_draws_unclamped_at_any_exploration_std(std):
     chain = DenoisingChain(policy, steps=4, std=std)
     cond = policy.condition({"state": torch.randn(8, 2, 9)})
     drawn, logp = chain.sample(cond, torch.Generator().manual_seed(0))
-    exact = torch.stack([torch.distributions.Normal(chain.mean(drawn[:, k], k, cond), std).log_prob(drawn[:, k + 1]).flatten(1).mean(1)
+    executed = slice(policy.obs_horizon - 1, policy.obs_horizon - 1 + policy.cfg.act_horizon)  # DPPO: executed actions only
+    exact = torch.stack([torch.distributions.Normal(chain.mean(drawn[:, k], k, cond), std).log_prob(drawn[:, k + 1])[:, executed].flatten(1).mean(1)
                          for k in range(4)], 1)
     assert torch.allclose(logp, exact, atol=1e-5) and torch.allclose(chain.log_prob(cond, drawn), exact, atol=1e-5)
 
@@ -140,6 +144,20 @@ def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl1
     assert [it["iteration"] for it in report["stages"]["offline_iterations"]] == [1, 2]
 
 
+def test_rl100_online_critic_warmup_holds_the_actor_until_it_ends(rl100_run, cli, tmp_path):
+    run, _ = rl100_run
+    init = run / "imitation" / "checkpoints" / "last.pt"
+    start = checkpoints.load(init)["ema"]
+    for warmup, moved in ((5, False), (4, True)):  # SMALL's online stage makes 5 updates
+        out = tmp_path / f"warmup{warmup}"
+        r = cli("rl100", "env=PushCube-v1", *SMALL, "stages=[online]", f"init={init}", f"online.critic_warmup={warmup}",
+                f"hydra.run.dir={out}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(checkpoints.load(out / "online" / "state.pt")["history"]) == 5
+        after = checkpoints.load(out / "online" / "policy.pt")["ema"]
+        assert any(not torch.equal(start[k], after[k]) for k in start) == moved
+
+
 def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
     for args, message in {
         ("stages=[offline]",): "give init=",
@@ -148,6 +166,7 @@ def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
         ("init=nope.pt", "stages=[online]"): "init=nope.pt: no such checkpoint file",
         ("offline.gate=median", "dataset=x.h5"): "offline.gate='median' is not one of amq, fqe, both",
         ("offline.amq_penalty=-1", "dataset=x.h5"): "offline.amq_penalty=-1.0: must be >= 0",
+        ("online.critic_warmup=-1", "dataset=x.h5"): "online.critic_warmup=-1 must be >= 0",
     }.items():
         r = cli("rl100", *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])

@@ -9,9 +9,12 @@ and `export` take as they are.
 
 `sample` draws a chain and returns it with the per-step log-likelihoods; `log_prob` scores a stored
 chain under the current weights. Both serve the offline and the online stage. Only the last
-`finetune_steps` steps carry a likelihood (and so a PPO ratio); the earlier steps run without
-gradient. The denoiser is one network, so earlier steps see the update too (DPPO keeps a frozen
-copy for them; one network keeps the checkpoint a standard one).
+`finetune_steps` steps carry a likelihood (and so a PPO ratio) and only they are noised: the earlier
+steps run the mean path, so with `finetune_steps=1` a draw is the deployed action plus Gaussian noise
+and PPO improves the policy `eval` runs (noise on steps PPO cannot credit would only blur the
+executed action). The denoiser is one network, so earlier
+steps see the update too (DPPO keeps a frozen copy for them; one network keeps the checkpoint a
+standard one).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def check_chain(steps: int, finetune_steps: int, std: float) -> None:
     if not 1 <= finetune_steps <= steps:
         raise UserError(f"chain.finetune_steps={finetune_steps} must be between 1 and chain.steps={steps}")
     if std <= 0:
-        raise UserError(f"chain.std={std} must be > 0: it is the exploration noise of every denoising step")
+        raise UserError(f"chain.std={std} must be > 0: it is the exploration noise of every fine-tuned denoising step")
 
 
 class DenoisingChain:
@@ -76,9 +79,11 @@ class DenoisingChain:
         return a_prev.sqrt() * x0.clamp(-1, 1) + (1 - a_prev).sqrt() * eps
 
     def _step_log_prob(self, mean: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
-        """Mean over the chunk's dimensions of the clamped per-dimension log-likelihood, (B,)."""
-        logp = torch.distributions.Normal(mean, self.std).log_prob(x_next).clamp(min=self.peak_log_prob - LOGPROB_FLOOR)
-        return logp.flatten(1).mean(1)
+        """Mean over the executed actions' dimensions of the clamped per-dimension log-likelihood, (B,).
+        As DPPO: the chunk's other actions never reach the env, so their noise only added variance to
+        the ratio."""
+        logp = torch.distributions.Normal(self.executed(mean), self.std).log_prob(self.executed(x_next))
+        return logp.clamp(min=self.peak_log_prob - LOGPROB_FLOOR).mean(1)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None, deterministic: bool = False):
@@ -88,15 +93,16 @@ class DenoisingChain:
         b = cond.shape[0]
         x = torch.randn((b, *self.shape), generator=generator, device=cond.device)
         chain, logps = [x], []
+        first = self.steps - self.finetune_steps
         for k in range(self.steps):
             mu = self.mean(x, k, cond)
-            if deterministic:
+            if deterministic or k < first:
                 x = mu
             else:
                 z = torch.randn(mu.shape, generator=generator, device=mu.device).clamp(-self.noise_clip, self.noise_clip)
                 x = mu + self.std * z
             chain.append(x)
-            if k >= self.steps - self.finetune_steps:
+            if k >= first:
                 logps.append(self._step_log_prob(mu, x))
         return torch.stack(chain, 1), torch.stack(logps, 1)
 

@@ -66,8 +66,8 @@ class ImitationConfig:
 @dataclass
 class ChainConfig:
     steps: int = 10  # K: DDIM denoising steps (RL-100: 10 of 100 training timesteps)
-    finetune_steps: int = 10  # K': the last steps that get a likelihood and a PPO ratio
-    std: float = 0.1  # exploration noise of every denoising step (DPPO's minimum std), normalised units
+    finetune_steps: int = 10  # K': the last steps that get a likelihood, a PPO ratio and exploration noise
+    std: float = 0.1  # exploration noise of each fine-tuned denoising step (DPPO's minimum std), normalised units
     noise_clip: float = 3.0  # draws clipped to +-noise_clip std (DPPO)
 
 
@@ -103,6 +103,7 @@ class OnlineConfig:
     critic_lr: float = 1e-3
     clip: float = 0.2
     gae_lambda: float = 0.95
+    critic_warmup: int = 0  # first updates that train only the critic (DPPO's n_critic_warmup_itr): no actor step on a fresh V's advantages
 
 
 @dataclass
@@ -149,6 +150,8 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of {', '.join(GATES)}")
     if cfg.offline.gate_every < 1 or cfg.online.decisions < 1 or cfg.online.envs < 1:
         raise UserError("offline.gate_every, online.decisions and online.envs must be >= 1")
+    if cfg.online.critic_warmup < 0:
+        raise UserError(f"online.critic_warmup={cfg.online.critic_warmup} must be >= 0 (updates that train only the critic)")
     if cfg.offline.amq_penalty < 0:
         raise UserError(f"offline.amq_penalty={cfg.offline.amq_penalty}: must be >= 0 (a negative one rewards leaving the data; 0 is RL-100's plain AM-Q)")
 
@@ -462,7 +465,8 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                     critic_opt.zero_grad(set_to_none=True)
                     (pi_loss + 0.5 * v_loss).backward()
                     nn.utils.clip_grad_norm_(actor.denoiser.parameters(), 1.0)
-                    actor_opt.step()
+                    if len(history) >= o.critic_warmup:
+                        actor_opt.step()
                     critic_opt.step()
             row = {"env_steps": env_steps, "episodes": len(finished),
                    "train_success": float(np.mean(finished)) if finished else None, "pi_loss": pi_loss.item(), "v_loss": v_loss.item()}
