@@ -12,9 +12,8 @@ chain under the current weights. Both serve the offline and the online stage. On
 `finetune_steps` steps carry a likelihood (and so a PPO ratio) and only they are noised: the earlier
 steps run the mean path, so with `finetune_steps=1` a draw is the deployed action plus Gaussian noise
 and PPO improves the policy `eval` runs (noise on steps PPO cannot credit would only blur the
-executed action). The denoiser is one network, so earlier
-steps see the update too (DPPO keeps a frozen copy for them; one network keeps the checkpoint a
-standard one).
+executed action). The denoiser is one network, so earlier steps see the update too (DPPO keeps a
+frozen copy for them; one network keeps the checkpoint a standard one).
 """
 
 from __future__ import annotations

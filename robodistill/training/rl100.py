@@ -458,14 +458,17 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                     s = flat["state"][idx]
                     a = flat["adv"][idx]
                     a = ((a - a.mean()) / (a.std() + 1e-8))[:, None] if len(idx) > 1 else a[:, None]
-                    ratio = (chain.log_prob(actor.encoder({"state": s.view(len(idx), oh, -1)}), flat["chain"][idx]) - flat["logp"][idx]).exp()
-                    pi_loss = -torch.min(ratio * a, ratio.clamp(1 - o.clip, 1 + o.clip) * a).mean()
+                    train_actor = len(history) >= o.critic_warmup
+                    pi_loss = torch.zeros(())
+                    if train_actor:  # the chain's likelihoods are most of an update's cost: none while V warms up
+                        ratio = (chain.log_prob(actor.encoder({"state": s.view(len(idx), oh, -1)}), flat["chain"][idx]) - flat["logp"][idx]).exp()
+                        pi_loss = -torch.min(ratio * a, ratio.clamp(1 - o.clip, 1 + o.clip) * a).mean()
                     v_loss = F.mse_loss(value(s).squeeze(-1), flat["returns"][idx])
                     actor_opt.zero_grad(set_to_none=True)
                     critic_opt.zero_grad(set_to_none=True)
                     (pi_loss + 0.5 * v_loss).backward()
-                    nn.utils.clip_grad_norm_(actor.denoiser.parameters(), 1.0)
-                    if len(history) >= o.critic_warmup:
+                    if train_actor:
+                        nn.utils.clip_grad_norm_(actor.denoiser.parameters(), 1.0)
                         actor_opt.step()
                     critic_opt.step()
             row = {"env_steps": env_steps, "episodes": len(finished),
