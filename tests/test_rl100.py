@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from robodistill.policies.diffusion.chain import DenoisingChain
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions
+from robodistill.training.rl100 import clip_schedule
 
 
 def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
@@ -155,9 +157,40 @@ def test_rl100_online_critic_warmup_holds_the_actor_until_it_ends(rl100_run, cli
         r = cli("rl100", "env=PushCube-v1", *SMALL, "stages=[online]", f"init={init}", f"online.critic_warmup={warmup}",
                 f"hydra.run.dir={out}")
         assert r.returncode == 0, r.stderr[-3000:]
-        assert len(checkpoints.load(out / "online" / "state.pt")["history"]) == 5
+        history = checkpoints.load(out / "online" / "state.pt")["history"]
+        assert len(history) == 5
         after = checkpoints.load(out / "online" / "policy.pt")["ema"]
         assert any(not torch.equal(start[k], after[k]) for k in start) == moved
+        # Every update logs how well V explains the returns; only actor updates log how far the chain moved.
+        assert all(np.isfinite(row["explained_variance"]) and row["explained_variance"] <= 1 for row in history)
+        assert all(row["approx_kl"] is None and row["clip_frac"] is None for row in history[:warmup])
+        assert all(row["approx_kl"] >= 0 and 0 <= row["clip_frac"] <= 1 for row in history[warmup:])
+
+
+def test_rl100_online_keeps_its_best_evaluated_policy(rl100_run, cli, tmp_path):
+    run, _ = rl100_run
+    init = run / "imitation" / "checkpoints" / "last.pt"
+    out = tmp_path / "keep"
+    r = cli("rl100", "env=PushCube-v1", *SMALL, "stages=[online]", f"init={init}", "online.eval_every=2", "online.eval_episodes=2",
+            f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    evals = report["online_evals"]
+    assert [e["updates"] for e in evals] == [0, 2, 4, 5]  # the start, every 2 updates, and the last
+    first_best = max(range(len(evals)), key=lambda i: (evals[i]["success_once"], -i))  # ties keep the earlier policy
+    assert report["online_kept"] == {k: evals[first_best][k] for k in ("env_steps", "success_once")}
+    start, kept = checkpoints.load(init)["ema"], checkpoints.load(out / "online" / "policy.pt")["ema"]
+    assert all(torch.equal(start[k], kept[k]) for k in start) == (first_best == 0)
+    assert "kept the policy at" in (out / "report.md").read_text()
+
+
+def test_online_clip_schedule_tightens_toward_the_noisiest_step():
+    dppo = clip_schedule(0.01, 0.001, 10)  # DPPO's robomimic setting
+    assert dppo[0].item() == pytest.approx(0.001) and dppo[-1].item() == pytest.approx(0.01)
+    assert (dppo.diff() > 0).all()
+    assert dppo[4] < 0.0055  # exponential: most of the steps stay near the noisiest step's clip
+    assert torch.equal(clip_schedule(0.2, None, 3), torch.full((3,), 0.2))
+    assert clip_schedule(0.01, 0.001, 1).tolist() == pytest.approx([0.01])  # one fine-tuned step: the last step's clip
 
 
 def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
@@ -169,6 +202,8 @@ def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
         ("offline.gate=median", "dataset=x.h5"): "offline.gate='median' is not one of amq, fqe, both",
         ("offline.amq_penalty=-1", "dataset=x.h5"): "offline.amq_penalty=-1.0: must be >= 0",
         ("online.critic_warmup=-1", "dataset=x.h5"): "online.critic_warmup=-1 must be >= 0",
+        ("online.clip_noisiest=0", "dataset=x.h5"): "online.clip_noisiest=0.0 must be > 0",
+        ("online.eval_every=-1", "dataset=x.h5"): "online.eval_every=-1 must be >= 0",
     }.items():
         r = cli("rl100", *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])

@@ -15,7 +15,8 @@ Stages, in order (`stages=`), each resumable and runnable alone from a checkpoin
    only if the gate's estimate is no worse than the reference's (`gate_margin`).
    Both estimates and the candidate's true success in simulation are logged for every decision.
 3. online: PPO on the same per-step objective with env-level GAE in the simulator (sparse reward,
-   gamma per env step, so gamma ** act_horizon per chunk; truncation bootstraps from V).
+   gamma per env step, so gamma ** act_horizon per chunk; truncation bootstraps from V). With
+   `online.eval_every`, the mean path is evaluated from the start on and the best one is the stage's policy.
 4. distill: RL-100's same-noise one-step head (`robodistill distill variant=regression`) of the
    final policy.
 
@@ -101,9 +102,12 @@ class OnlineConfig:
     minibatch: int = 64
     lr: float = 3e-5  # actor (PushCube, 30k steps from a 53% teacher: 66% at 3e-5 with 128-decision batches; RL-100 uses 3e-6..1e-5 on far larger batches)
     critic_lr: float = 1e-3
-    clip: float = 0.2
+    clip: float = 0.2  # PPO ratio clip at the last denoising step
+    clip_noisiest: float | None = None  # clip at the noisiest fine-tuned step, rising exponentially to `clip` (DPPO: 0.001 -> 0.01); None: `clip` at every step
     gae_lambda: float = 0.95
     critic_warmup: int = 0  # first updates that train only the critic (DPPO's n_critic_warmup_itr): no actor step on a fresh V's advantages
+    eval_every: int = 0  # updates between evaluations of the mean path; > 0 keeps the best evaluated policy (the start included) as the stage's policy
+    eval_episodes: int = 50  # per evaluation, fixed seeds apart from the stage's final evaluation
 
 
 @dataclass
@@ -150,6 +154,11 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of {', '.join(GATES)}")
     if cfg.offline.gate_every < 1 or cfg.online.decisions < 1 or cfg.online.envs < 1:
         raise UserError("offline.gate_every, online.decisions and online.envs must be >= 1")
+    if cfg.online.clip <= 0 or (cfg.online.clip_noisiest is not None and cfg.online.clip_noisiest <= 0):
+        raise UserError(f"online.clip={cfg.online.clip} and online.clip_noisiest={cfg.online.clip_noisiest} must be > 0 (PPO ratio clips)")
+    if cfg.online.eval_every < 0 or cfg.online.eval_episodes < 1:
+        raise UserError(f"online.eval_every={cfg.online.eval_every} must be >= 0 (0: keep the last policy) and "
+                        f"online.eval_episodes={cfg.online.eval_episodes} >= 1")
     if cfg.online.critic_warmup < 0:
         raise UserError(f"online.critic_warmup={cfg.online.critic_warmup} must be >= 0 (updates that train only the critic)")
     if cfg.offline.amq_penalty < 0:
@@ -375,12 +384,22 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
     return path
 
 
+def clip_schedule(last: float, noisiest: float | None, steps: int) -> torch.Tensor:
+    """PPO ratio clip per fine-tuned denoising step, noisiest first (DPPO, rate 3): the early steps
+    shape the chunk least directly and get the tightest trust region."""
+    if noisiest is None or steps == 1:
+        return torch.full((steps,), last)
+    t = torch.linspace(0, 1, steps)
+    return noisiest + (last - noisiest) * (torch.exp(3 * t) - 1) / (np.exp(3) - 1)
+
+
 def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
     o, out = cfg.online, run.dir / "online"
     base, actor = load(start, cfg.chain.steps)
     chain = DenoisingChain(actor, cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std, cfg.chain.noise_clip)
     h, oh = actor.cfg.act_horizon, actor.obs_horizon
     gamma_chunk = cfg.gamma ** h
+    clip = clip_schedule(o.clip, o.clip_noisiest, cfg.chain.finetune_steps)
     norm = actor.normalizers["state"]
     state_of = lambda hist: norm(hist).flatten(1)  # noqa: E731
     s_dim = oh * actor.dims["state_dim"]
@@ -390,7 +409,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
     actor_opt = torch.optim.Adam(actor.denoiser.parameters(), lr=o.lr)
     critic_opt = torch.optim.Adam(value.parameters(), lr=o.critic_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    env_steps, history = 0, []
+    env_steps, history, evals, best = 0, [], [], None
     state_path = out / "state.pt"
     if state_path.is_file():
         state = checkpoints.load(state_path)
@@ -398,9 +417,23 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         value.load_state_dict(state["value"])
         actor_opt.load_state_dict(state["actor_opt"])
         critic_opt.load_state_dict(state["critic_opt"])
-        env_steps, history = state["env_steps"], state["history"]
+        env_steps, history, evals, best = state["env_steps"], state["history"], state.get("evals", []), state.get("best")
         gen.set_state(state["gen"])
         print(f"online: resumed at {env_steps} env steps")
+
+    def evaluate_and_keep() -> None:
+        """As diffusion_policy's top-k checkpoints and SB3's EvalCallback: the stage returns the best
+        evaluated policy, so a drifting run cannot end below its start. Its own seeds keep the stage's
+        final evaluation an unbiased measure of the kept policy."""
+        nonlocal best
+        with make_env(env_cfg, ignore_terminations=True) as eval_env:
+            result = success(actor, eval_env, o.eval_episodes, 50_000 + cfg.seed * 1000)
+        evals.append({"env_steps": env_steps, "updates": len(history), **result})
+        if best is None or result["success_once"] > best["success_once"]:  # strictly better, as RL-100's gate
+            best = {"env_steps": env_steps, "success_once": result["success_once"], "weights": copy.deepcopy(actor.state_dict())}
+
+    if o.eval_every and not evals:
+        evaluate_and_keep()
     hold = torch.zeros(actor.dims["action_dim"])
     if actor.dims["gripper_dims"]:
         hold[actor.dims["gripper_dims"]] = 1.0
@@ -453,16 +486,21 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                 returns = adv + batch["value"]
             flat = {k: v.flatten(0, 1) for k, v in {**batch, "adv": adv, "returns": returns}.items()}
             total = len(flat["adv"])
+            train_actor = len(history) >= o.critic_warmup
+            stats = {"approx_kl": [], "clip_frac": []}
             for _ in range(o.epochs):
                 for idx in torch.randperm(total, generator=gen).split(o.minibatch):
                     s = flat["state"][idx]
                     a = flat["adv"][idx]
                     a = ((a - a.mean()) / (a.std() + 1e-8))[:, None] if len(idx) > 1 else a[:, None]
-                    train_actor = len(history) >= o.critic_warmup
                     pi_loss = torch.zeros(())
                     if train_actor:  # the chain's likelihoods are most of an update's cost: none while V warms up
-                        ratio = (chain.log_prob(actor.encoder({"state": s.view(len(idx), oh, -1)}), flat["chain"][idx]) - flat["logp"][idx]).exp()
-                        pi_loss = -torch.min(ratio * a, ratio.clamp(1 - o.clip, 1 + o.clip) * a).mean()
+                        log_ratio = chain.log_prob(actor.encoder({"state": s.view(len(idx), oh, -1)}), flat["chain"][idx]) - flat["logp"][idx]
+                        ratio = log_ratio.exp()
+                        pi_loss = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a).mean()
+                        with torch.no_grad():  # as SB3's PPO logs them: how far each update moved the chain
+                            stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
+                            stats["clip_frac"].append(((ratio - 1).abs() > clip).float().mean().item())
                     v_loss = F.mse_loss(value(s).squeeze(-1), flat["returns"][idx])
                     actor_opt.zero_grad(set_to_none=True)
                     critic_opt.zero_grad(set_to_none=True)
@@ -471,16 +509,26 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                         nn.utils.clip_grad_norm_(actor.denoiser.parameters(), 1.0)
                         actor_opt.step()
                     critic_opt.step()
+            # explained variance of the rollout's values (SB3): near 0 or below, V cannot tell good states from bad and the advantages are noise
+            explained = 1 - (flat["returns"] - flat["value"]).var().item() / max(flat["returns"].var().item(), 1e-8)
             row = {"env_steps": env_steps, "episodes": len(finished),
-                   "train_success": float(np.mean(finished)) if finished else None, "pi_loss": pi_loss.item(), "v_loss": v_loss.item()}
+                   "train_success": float(np.mean(finished)) if finished else None, "pi_loss": pi_loss.item(), "v_loss": v_loss.item(),
+                   "explained_variance": explained, **{k: float(np.mean(v)) if v else None for k, v in stats.items()}}
             history.append(row)
+            if o.eval_every and (len(history) % o.eval_every == 0 or env_steps >= o.env_steps):
+                evaluate_and_keep()
             bar.update(env_steps - bar.n)
-            bar.set_postfix(success=row["train_success"])
+            bar.set_postfix(success=row["train_success"], **({"eval": evals[-1]["success_once"]} if evals else {}))
             checkpoints.save(state_path, {"actor": actor.state_dict(), "value": value.state_dict(), "actor_opt": actor_opt.state_dict(),
                                           "critic_opt": critic_opt.state_dict(), "env_steps": env_steps, "history": history,
-                                          "gen": gen.get_state()})
+                                          "evals": evals, "best": best, "gen": gen.get_state()})
         bar.close()
     run.report["online_history"] = history
+    if best is not None:
+        actor.load_state_dict(best["weights"])
+        run.report["online_evals"] = evals
+        run.report["online_kept"] = {k: best[k] for k in ("env_steps", "success_once")}
+        print(f"online: kept the policy at {best['env_steps']} env steps ({best['success_once']:.1%} over {o.eval_episodes} episodes)")
     path = out / "policy.pt"
     save_policy(path, base, actor, rl100={"stage": "online", "value": value.state_dict()})
     return path
@@ -511,6 +559,10 @@ def report_markdown(report: dict) -> str:
             continue
         label = {"distill": "one-step head (consistency, 1 call)", "init": "init (DDIM)"}.get(name, f"{name} (DDIM)")
         lines.append(f"| {label} | {r['success_once']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | {r['success_at_end']:.1%} | {r['episodes']} |")
+    if "online_kept" in report:
+        evals = ", ".join(f"{e['success_once']:.0%}" for e in report["online_evals"])
+        lines += ["", f"Online evaluations of the mean path ({report['online_evals'][0]['episodes']} episodes each, every "
+                  f"`online.eval_every` updates from the start): {evals}; kept the policy at {report['online_kept']['env_steps']} env steps."]
     dec = report["decisions"]
     if dec:
         lines += ["", "Gate decisions (candidate / reference: the estimates, and in simulation the discounted success they "
