@@ -181,7 +181,15 @@ def test_rl100_online_keeps_its_best_evaluated_policy(rl100_run, cli, tmp_path):
     assert report["online_kept"] == {k: evals[first_best][k] for k in ("env_steps", "success_once")}
     start, kept = checkpoints.load(init)["ema"], checkpoints.load(out / "online" / "policy.pt")["ema"]
     assert all(torch.equal(start[k], kept[k]) for k in start) == (first_best == 0)
-    assert "kept the policy at" in (out / "report.md").read_text()
+    assert "kept the policy at" in (out / "report.md").read_text() and (out / "online.png").stat().st_size > 1000
+
+    # Evaluating does not change what is trained: the same updates as a run that never evaluates (the
+    # simulator's auto-resets draw from torch's global RNG, which the evaluations' sampling also uses).
+    plain = tmp_path / "plain"
+    r = cli("rl100", "env=PushCube-v1", *SMALL, "stages=[online]", f"init={init}", f"hydra.run.dir={plain}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = lambda d: [{k: row[k] for k in ("train_success", "pi_loss", "v_loss")} for row in json.loads((d / "report.json").read_text())["online_history"]]  # noqa: E731
+    assert trained(out) == trained(plain)
 
 
 def test_online_clip_schedule_tightens_toward_the_noisiest_step():

@@ -190,6 +190,8 @@ class Run:
         (self.dir / "report.md").write_text(report_markdown(self.report))
         if self.report["decisions"]:
             plot_ope(self.report["decisions"], self.dir / "ope.png")
+        if self.report.get("online_history"):
+            plot_online(self.report["online_history"], self.report.get("online_evals", []), self.dir / "online.png")
 
 
 def load(path: Path, steps: int) -> tuple[dict, DiffusionPolicy]:
@@ -426,7 +428,8 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         evaluated policy, so a drifting run cannot end below its start. Its own seeds keep the stage's
         final evaluation an unbiased measure of the kept policy."""
         nonlocal best
-        with make_env(env_cfg, ignore_terminations=True) as eval_env:
+        # The training env's auto-resets draw from torch's global RNG: evaluations must not move it.
+        with torch.random.fork_rng(), make_env(env_cfg, ignore_terminations=True) as eval_env:
             result = success(actor, eval_env, o.eval_episodes, 50_000 + cfg.seed * 1000)
         evals.append({"env_steps": env_steps, "updates": len(history), **result})
         if best is None or result["success_once"] > best["success_once"]:  # strictly better, as RL-100's gate
@@ -598,6 +601,40 @@ def plot_ope(decisions: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_online(history: list[dict], evals: list[dict], path: Path) -> None:
+    """The online stage per update: success of the exploring rollouts and of the evaluated mean path,
+    how well V explains the returns, and how far each update moved the chain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["env_steps"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    rollouts = [(r["env_steps"], r["train_success"]) for r in history if r["train_success"] is not None]
+    if rollouts:
+        axes[0].plot(*zip(*rollouts), ".", color="tab:gray", alpha=0.5, label="exploring rollouts (per update)")
+    if evals:
+        x = [e["env_steps"] for e in evals]
+        y = [e["success_once"] for e in evals]
+        err = [[v - e["ci95"][0] for v, e in zip(y, evals)], [e["ci95"][1] - v for v, e in zip(y, evals)]]
+        axes[0].errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=3, label="mean path (95% CI)")
+    axes[0].set(xlabel="env steps", ylabel="success", ylim=(-0.02, 1.02), title="success")
+    axes[0].legend(loc="lower left", fontsize=8)
+    axes[1].plot(steps, [r.get("explained_variance") for r in history], color="tab:green")
+    axes[1].axhline(0, color="k", lw=0.5)
+    axes[1].set(xlabel="env steps", title="V's explained variance")
+    for key, color in (("approx_kl", "tab:red"), ("clip_frac", "tab:orange")):
+        pts = [(r["env_steps"], r[key]) for r in history if r.get(key) is not None]
+        if pts:
+            axes[2].plot(*zip(*pts), color=color, label=key.replace("_", " "))
+    axes[2].set(xlabel="env steps", title="chain movement per update")
+    axes[2].legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -658,5 +695,5 @@ def main(cfg: DictConfig) -> dict:
         raise UserError(f"resume_from={config.resume_from}: not an rl100 run directory (no report.json)")
     report = run_stages(config, run_dir)
     print((run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else "")
-    print(f"report: {run_dir / 'report.md'} (json: report.json, OPE scatter: ope.png)")
+    print(f"report: {run_dir / 'report.md'} (json: report.json, OPE scatter: ope.png, online curves: online.png)")
     return report
