@@ -131,30 +131,33 @@ def evaluate(
     steps = 0
     start = time.perf_counter()
     bar = tqdm(total=episodes, desc="eval", unit="ep", disable=not progress)
-    for wave_start in range(0, episodes, n_envs):
-        seeds = [seed + wave_start + i for i in range(n_envs)]
-        obs = env.reset(seed=seeds)
-        executor = ChunkExecutor(policy, n_envs)
-        executor.observe(obs)
-        finished: dict[int, dict] = {}
-        frames: list[np.ndarray] = []
-        film = min(n_envs, video_episodes - wave_start, episodes - wave_start) if record else 0
-        while len(finished) < n_envs:
+    # Periodic evaluations must not change what is trained: the simulator's auto-resets and the policies'
+    # sampling draw from torch's global RNG, so it is left as it was found.
+    with torch.random.fork_rng():
+        for wave_start in range(0, episodes, n_envs):
+            seeds = [seed + wave_start + i for i in range(n_envs)]
+            obs = env.reset(seed=seeds)
+            executor = ChunkExecutor(policy, n_envs)
+            executor.observe(obs)
+            finished: dict[int, dict] = {}
+            frames: list[np.ndarray] = []
+            film = min(n_envs, video_episodes - wave_start, episodes - wave_start) if record else 0
+            while len(finished) < n_envs:
+                if film > 0:
+                    frames.append(env.render()[:film])
+                obs, _, terminated, truncated, info = env.step(executor.act())
+                steps += n_envs
+                done = (terminated | truncated).cpu()
+                for i in done.nonzero().flatten().tolist():
+                    if i not in finished:
+                        finished[i] = episode_metrics(info, i)
+                executor.observe(obs, done)
+            for i in range(min(n_envs, episodes - wave_start)):
+                rows.append({"episode": wave_start + i, "seed": seeds[i], **finished[i]})
+            bar.update(min(n_envs, episodes - wave_start))
             if film > 0:
-                frames.append(env.render()[:film])
-            obs, _, terminated, truncated, info = env.step(executor.act())
-            steps += n_envs
-            done = (terminated | truncated).cpu()
-            for i in done.nonzero().flatten().tolist():
-                if i not in finished:
-                    finished[i] = episode_metrics(info, i)
-            executor.observe(obs, done)
-        for i in range(min(n_envs, episodes - wave_start)):
-            rows.append({"episode": wave_start + i, "seed": seeds[i], **finished[i]})
-        bar.update(min(n_envs, episodes - wave_start))
-        if film > 0:
-            for i, clip in enumerate(np.stack(frames, axis=1)):  # (film, T, H, W, 3)
-                _write_video(list(clip), Path(video_dir) / f"episode_{wave_start + i:03d}.mp4", env.control_freq)
+                for i, clip in enumerate(np.stack(frames, axis=1)):  # (film, T, H, W, 3)
+                    _write_video(list(clip), Path(video_dir) / f"episode_{wave_start + i:03d}.mp4", env.control_freq)
     bar.close()
     return EvalReport(rows, time.perf_counter() - start, steps)
 

@@ -56,8 +56,11 @@ def test_chunk_executor_receding_horizon_history_and_restart():
 
 def test_scripted_expert_succeeds_and_random_fails_on_pushcube():
     with make_env(EnvConfig(task="PushCube-v1"), ignore_terminations=True) as env:
+        rng = torch.get_rng_state()
         expert = evaluate(PushCubeScripted(), env, episodes=3, seed=0, progress=False)
         random = evaluate(RandomPolicy(env.action_low, env.action_high, seed=0), env, episodes=3, seed=0, progress=False)
+        # The auto-resets draw from torch's global RNG; an evaluation inside training must leave it as it was.
+        assert torch.equal(torch.get_rng_state(), rng)
     assert expert.summary["success_once"]["count"] == 3
     assert random.summary["success_once"]["count"] == 0
     assert expert.summary["mean_return"] > random.summary["mean_return"]

@@ -428,8 +428,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         evaluated policy, so a drifting run cannot end below its start. Its own seeds keep the stage's
         final evaluation an unbiased measure of the kept policy."""
         nonlocal best
-        # The training env's auto-resets draw from torch's global RNG: evaluations must not move it.
-        with torch.random.fork_rng(), make_env(env_cfg, ignore_terminations=True) as eval_env:
+        with make_env(env_cfg, ignore_terminations=True) as eval_env:
             result = success(actor, eval_env, o.eval_episodes, 50_000 + cfg.seed * 1000)
         evals.append({"env_steps": env_steps, "updates": len(history), **result})
         if best is None or result["success_once"] > best["success_once"]:  # strictly better, as RL-100's gate
