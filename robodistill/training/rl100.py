@@ -608,7 +608,6 @@ def plot_online(history: list[dict], evals: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["env_steps"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     rollouts = [(r["env_steps"], r["train_success"]) for r in history if r["train_success"] is not None]
     if rollouts:
@@ -620,15 +619,17 @@ def plot_online(history: list[dict], evals: list[dict], path: Path) -> None:
         axes[0].errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=3, label="mean path (95% CI)")
     axes[0].set(xlabel="env steps", ylabel="success", ylim=(-0.02, 1.02), title="success")
     axes[0].legend(loc="lower left", fontsize=8)
-    axes[1].plot(steps, [r.get("explained_variance") for r in history], color="tab:green")
+    explained = [(r["env_steps"], r["explained_variance"]) for r in history if "explained_variance" in r]  # absent in runs resumed from older versions
+    if explained:
+        axes[1].plot(*zip(*explained), color="tab:green")
     axes[1].axhline(0, color="k", lw=0.5)
     axes[1].set(xlabel="env steps", title="V's explained variance")
     for key, color in (("approx_kl", "tab:red"), ("clip_frac", "tab:orange")):
         pts = [(r["env_steps"], r[key]) for r in history if r.get(key) is not None]
         if pts:
             axes[2].plot(*zip(*pts), color=color, label=key.replace("_", " "))
+            axes[2].legend(loc="upper right", fontsize=8)
     axes[2].set(xlabel="env steps", title="chain movement per update")
-    axes[2].legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
