@@ -154,11 +154,13 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of {', '.join(GATES)}")
     if cfg.offline.gate_every < 1 or cfg.online.decisions < 1 or cfg.online.envs < 1:
         raise UserError("offline.gate_every, online.decisions and online.envs must be >= 1")
-    if cfg.online.clip <= 0 or (cfg.online.clip_noisiest is not None and cfg.online.clip_noisiest <= 0):
-        raise UserError(f"online.clip={cfg.online.clip} and online.clip_noisiest={cfg.online.clip_noisiest} must be > 0 (PPO ratio clips)")
-    if cfg.online.eval_every < 0 or cfg.online.eval_episodes < 1:
-        raise UserError(f"online.eval_every={cfg.online.eval_every} must be >= 0 (0: keep the last policy) and "
-                        f"online.eval_episodes={cfg.online.eval_episodes} >= 1")
+    for flag, clip in (("clip", cfg.online.clip), ("clip_noisiest", cfg.online.clip_noisiest)):
+        if clip is not None and clip <= 0:
+            raise UserError(f"online.{flag}={clip} must be > 0 (a PPO ratio clip)")
+    if cfg.online.eval_every < 0:
+        raise UserError(f"online.eval_every={cfg.online.eval_every} must be >= 0 (0: no evaluations, the last policy is kept)")
+    if cfg.online.eval_episodes < 1:
+        raise UserError(f"online.eval_episodes={cfg.online.eval_episodes} must be >= 1")
     if cfg.online.critic_warmup < 0:
         raise UserError(f"online.critic_warmup={cfg.online.critic_warmup} must be >= 0 (updates that train only the critic)")
     if cfg.offline.amq_penalty < 0:
@@ -425,8 +427,8 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
 
     def evaluate_and_keep() -> None:
         """As diffusion_policy's top-k checkpoints and SB3's EvalCallback: the stage returns the best
-        evaluated policy, so a drifting run cannot end below its start. Its own seeds keep the stage's
-        final evaluation an unbiased measure of the kept policy."""
+        evaluated policy (the start included). Its own seeds keep the stage's final evaluation an
+        unbiased measure of the kept policy, which selection on a few episodes flatters."""
         nonlocal best
         with make_env(env_cfg, ignore_terminations=True) as eval_env:
             result = success(actor, eval_env, o.eval_episodes, 50_000 + cfg.seed * 1000)
