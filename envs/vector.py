@@ -138,7 +138,8 @@ class SB3View(SB3VecEnv):
         self._seed: int | None = None
         self._actions: np.ndarray | None = None
 
-    def _np(self, obs: Obs):
+    def to_numpy(self, obs: Obs):
+        """A VecEnv observation as this view gives it to SB3."""
         if self._flat:
             return obs["state"].cpu().numpy()
         return {k: v.cpu().numpy() for k, v in obs.items()}
@@ -146,7 +147,7 @@ class SB3View(SB3VecEnv):
     def reset(self):
         obs = self.env.reset(seed=self._seed)
         self._seed = None
-        return self._np(obs)
+        return self.to_numpy(obs)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -156,7 +157,7 @@ class SB3View(SB3VecEnv):
         done = (terminated | truncated).cpu().numpy()
         infos: list[dict] = [{} for _ in range(self.num_envs)]
         if done.any():
-            final_obs = self._np(info["final_observation"])
+            final_obs = self.to_numpy(info["final_observation"])
             episode = {k: v.cpu().numpy() for k, v in info["final_info"].get("episode", {}).items()}
             for i in np.flatnonzero(done):
                 infos[i]["terminal_observation"] = final_obs[i] if self._flat else {k: v[i] for k, v in final_obs.items()}
@@ -165,7 +166,7 @@ class SB3View(SB3VecEnv):
                     infos[i]["episode"] = {"r": float(episode["return"][i]), "l": int(episode["episode_len"][i])}
                     if "success_once" in episode:
                         infos[i]["is_success"] = bool(episode["success_once"][i])
-        return self._np(obs), reward.cpu().numpy(), done, infos
+        return self.to_numpy(obs), reward.cpu().numpy(), done, infos
 
     def seed(self, seed: int | None = None):
         self._seed = seed

@@ -5,13 +5,15 @@ import json
 import numpy as np
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.utils import explained_variance
 
 from robodistill.envs import EnvConfig, SB3View, make_env
 from robodistill.policies import load_policy
 from robodistill.policies.teachers import PolicyTeacher
 from robodistill.evaluation import evaluate
 from robodistill.policies.student import NormalizedState, StateAndImage
-from robodistill.training.rpd import RPD, fit_normalizer, stack_history
+from robodistill.training.distributed import Ranks
+from robodistill.training.rpd import RPD, RPDConfig, fit_normalizer, stack_history, teacher_rollout, warm_start
 
 ENV = EnvConfig(task="PushCube-v1")
 SMALL = {"n_steps": 100, "batch_size": 25, "n_epochs": 10, "learning_rate": 1e-3, "device": "cpu",
@@ -104,16 +106,38 @@ def test_rpd_pulls_the_student_to_the_teacher_and_off_is_plain_ppo():
     assert pulled < 0.3 * before and pulled < 0.3 * ppo_gap, (before, pulled, ppo_gap)
 
 
+def test_warm_start_fits_the_student_to_the_acting_teacher_and_v_to_its_returns():
+    with make_env(ENV) as env:
+        teacher = PolicyTeacher(load_policy("scripted", env))
+        vec = SB3View(env)
+        model = RPD("MlpPolicy", vec, teacher=teacher, seed=0, **SMALL)
+        fit_normalizer(model, vec, 300, seed=0)
+        held_out = teacher_rollout(env, vec, teacher, 300, gamma=0.8, seed=100)
+        states = torch.as_tensor(held_out.observations)
+        before = _gap(model, states, teacher)
+        cfg = RPDConfig(warm_start_steps=600, warm_start_epochs=30, batch_size=25, lr=1e-3, progress=False)
+        report = warm_start(model, env, vec, teacher, cfg, gamma=0.8, seed=0, ranks=Ranks())
+        after = _gap(model, states, teacher)
+    # The scripted expert ends episodes by solving them; the steps are counted as training steps.
+    assert report["env_steps"] == 600 and model.num_timesteps == 600 and report["teacher_successes"] >= 3, report
+    assert after < 0.2 * before, (before, after)
+    with torch.no_grad():
+        values = model.policy.predict_values(states).flatten()
+    complete = held_out.complete
+    ev = explained_variance(values[complete].numpy(), held_out.returns[complete].numpy())
+    assert ev > 0.5, ev  # V predicts the discounted returns of episodes it did not see
+
+
 def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     args = ["teacher=scripted", "n_steps=100", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "eval_every=200",
-            "eval_episodes=2", "checkpoint_every=200", "env.max_episode_steps=25", "name=r"]
+            "eval_episodes=2", "checkpoint_every=200", "env.max_episode_steps=25", "name=r", "warm_start_steps=100"]
     first = cli("rpd", *args, "total_steps=200")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0 and "warm start: the teacher ran 100 env steps" in first.stdout, first.stderr[-3000:]
     more = cli("rpd", *args, "total_steps=400", "resume=true")
     assert more.returncode == 0 and "at step 200" in more.stdout, more.stderr[-3000:]
     run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))[-1]
     history = json.loads((run / "history.json").read_text())
-    assert [h["step"] for h in history] == [0, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
+    assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
     student = PPO.load(run / "student.zip", device="cpu")
     action, _ = student.predict(np.zeros(student.observation_space.shape, np.float32), deterministic=True)
     assert action.shape == (4,) and student.num_timesteps == 400
@@ -130,7 +154,8 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     np.testing.assert_allclose(returns[0], returns[1], atol=1e-3)
     for bad, message in {"distill=kl": "distill='kl' is not one of mse, l1, bc",
                          "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9",
-                         "teacher=missing.pt": "teacher=missing.pt: policy 'missing.pt' is neither"}.items():
+                         "teacher=missing.pt": "teacher=missing.pt: policy 'missing.pt' is neither",
+                         "warm_start_steps=5": "warm_start_steps=5 needs a teacher"}.items():
         r = cli("rpd", bad, "total_steps=10")
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
