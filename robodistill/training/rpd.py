@@ -380,8 +380,8 @@ def warm_start(model: PPO, env, vec: SB3View, teacher: Teacher, cfg: RPDConfig, 
     at the teacher, PPO has successes to refine from."""
     per_rank = math.ceil(cfg.warm_start_steps / ranks.world / env.num_envs) * env.num_envs
     data = teacher_rollout(env, vec, teacher, per_rank, gamma, seed)
-    # The normaliser is fitted on the teacher's states, not random actions': fitted on 1000 random-action steps the
-    # same BC student succeeded 6% of 50 episodes against 52% (PushCube, sparse, teacher 54%).
+    # The normaliser is fitted on the states the warm-started student is meant to act on, the teacher's, rather than
+    # on random actions' (measured: no consistent difference, see rpd_sparse_diagnostics.md; no extra env steps).
     model.policy.features_extractor.fit(data.observations["state"] if isinstance(data.observations, dict) else data.observations)
     broadcast_module(model.policy, ranks)
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=cfg.lr)
