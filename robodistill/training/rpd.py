@@ -374,10 +374,10 @@ def teacher_rollout(env, vec: SB3View, teacher: Teacher, steps: int, gamma: floa
 def warm_start(model: PPO, env, vec: SB3View, teacher: Teacher, cfg: RPDConfig, gamma: float, seed: int, ranks: Ranks) -> dict:
     """The teacher acts for `warm_start_steps` env steps (split over the ranks); the state normaliser
     is fitted on its states, the student's mean regressed on its actions and V on the episodes'
-    discounted returns (steps of episodes cut off by the rollout's end leave V alone). A PPO student
-    started from scratch beside a teacher spends its first rollouts far from anything the teacher
-    would do, and with a sparse reward it rarely succeeds there (rpd_sparse_diagnostics.md); started
-    at the teacher, PPO has successes to refine from."""
+    discounted returns (steps of episodes cut off by the rollout's end leave V alone). A student from
+    random init spends its first rollouts far from anything the teacher would do, and with a sparse
+    reward rarely succeeds there; this one starts where the teacher is (on sparse PushCube, PPO's
+    next updates still lost its successes: rpd_sparse_diagnostics.md)."""
     per_rank = math.ceil(cfg.warm_start_steps / ranks.world / env.num_envs) * env.num_envs
     data = teacher_rollout(env, vec, teacher, per_rank, gamma, seed)
     # The normaliser is fitted on the states the warm-started student is meant to act on, the teacher's, rather than
