@@ -386,16 +386,15 @@ def warm_start(model: PPO, env, vec: SB3View, teacher: Teacher, cfg: RPDConfig, 
     broadcast_module(model.policy, ranks)
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(seed)
-    take = lambda idx: ({k: v[idx] for k, v in data.observations.items()} if isinstance(data.observations, dict)  # noqa: E731
-                        else data.observations[idx])
+    observations = model.policy.obs_to_tensor(data.observations)[0]  # once, not per minibatch (images: transposed)
+    actions, returns, complete = (t.to(model.device) for t in (data.actions, data.returns, data.complete))
     model.policy.set_training_mode(True)
     for _ in tqdm(range(cfg.warm_start_epochs), desc="warm start", unit="epoch", disable=not (cfg.progress and ranks.main)):
-        for idx in torch.randperm(len(data.actions), generator=generator).split(cfg.batch_size):
-            obs = model.policy.obs_to_tensor(take(idx.numpy()))[0]
-            action_loss = F.mse_loss(model.policy.get_distribution(obs).distribution.mean, data.actions[idx].to(model.device))
-            complete = data.complete[idx].to(model.device)
-            value_error = (model.policy.predict_values(obs).flatten() - data.returns[idx].to(model.device)) ** 2
-            value_loss = (value_error * complete).sum() / complete.sum().clamp_min(1)
+        for idx in torch.randperm(len(actions), generator=generator).split(cfg.batch_size):
+            obs = {k: v[idx] for k, v in observations.items()} if isinstance(observations, dict) else observations[idx]
+            action_loss = F.mse_loss(model.policy.get_distribution(obs).distribution.mean, actions[idx])
+            value_error = (model.policy.predict_values(obs).flatten() - returns[idx]) ** 2
+            value_loss = (value_error * complete[idx]).sum() / complete[idx].sum().clamp_min(1)
             optimizer.zero_grad()
             (action_loss + cfg.vf_coef * value_loss).backward()
             average_gradients(model.policy, ranks)
@@ -500,8 +499,10 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"distill_coef={cfg.distill_coef} must be >= 0")
     if cfg.total_steps < 1 or cfg.n_steps < 1 or cfg.batch_size < 2:
         raise UserError("total_steps and n_steps must be >= 1 and batch_size >= 2")
-    if cfg.warm_start_steps < 0 or cfg.warm_start_epochs < 1:
-        raise UserError(f"warm_start_steps={cfg.warm_start_steps} must be >= 0 and warm_start_epochs={cfg.warm_start_epochs} >= 1")
+    if cfg.warm_start_steps < 0:
+        raise UserError(f"warm_start_steps={cfg.warm_start_steps} must be >= 0 (0: no warm start)")
+    if cfg.warm_start_epochs < 1:
+        raise UserError(f"warm_start_epochs={cfg.warm_start_epochs} must be >= 1")
     if cfg.warm_start_steps > 0 and cfg.teacher == "none":
         raise UserError(f"warm_start_steps={cfg.warm_start_steps} needs a teacher: set teacher=... or warm_start_steps=0")
     if cfg.warm_start_steps >= cfg.total_steps:
