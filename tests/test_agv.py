@@ -178,3 +178,67 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     summary = json.loads((run / "eval.json").read_text())["summary"]
     assert {"success_once", "collision", "mean_path_length", "mean_time_to_goal"} <= set(summary)
     assert (run / "videos" / "episode_000.mp4").is_file()
+
+
+def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, tmp_path):
+    from robodistill.deploy.controller import ChunkAgent, ControllerConfig
+    from robodistill.deploy.export import ExportConfig, export
+    from robodistill.envs.agv.batch import STOP_ACTION
+    from robodistill.evaluation import evaluate
+    from robodistill.policies import load_policy
+    from robodistill.policies.bundle import Bundle, load_bundle_policy
+
+    trained = train(tiny(tmp_path / "run", scene="simple_static", total_steps=512), tmp_path / "run")
+    bundle, meta = export(ExportConfig(ckpt=str(trained["policy"]), format="onnx"), tmp_path / "bundle")
+    assert meta["env"]["scene"] == "simple_static" and meta["policy"]["kind"] == "agv_ppo"
+    assert meta["observation"] == {"state": {"shape": [1, 21], "dtype": "float32"}} and meta["noise"] is None
+
+    with agv("simple_static", 2, max_episode_steps=40) as env:
+        obs = env.reset(seed=[3, 4])
+        for _ in range(5):
+            obs = env.step(random_actions(1, 2)[0])[0]
+        native, exported = load_policy(str(trained["policy"]), env), load_bundle_policy(str(bundle), env)
+        x = {"state": obs["state"][:, None]}
+        torch.testing.assert_close(exported.predict_chunk(x), native.predict_chunk(x), atol=1e-5, rtol=0)
+        here = evaluate(exported, env, 2, seed=0, progress=False).episodes
+
+    # The same bundle behind the openpi-protocol server, driven by the controller: the same episodes.
+    loop = cli("control", f"bundle={bundle}", "episodes=2", "seed=0", "hz=0", "max_episode_steps=40", "name=agv")
+    assert loop.returncode == 0, loop.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "control").iterdir()
+    through = json.loads((run / "control.json").read_text())["episodes"]
+    assert [e["seed"] for e in through] == [e["seed"] for e in here] == [0, 1]
+    for a, b in zip(through, here):
+        assert (a["success_once"], a["collision"], a["episode_len"]) == (b["success_once"], b["collision"], b["episode_len"])
+        assert a["return"] == pytest.approx(b["return"], abs=1e-6) and a["path_length"] == pytest.approx(b["path_length"], abs=1e-4)
+
+    # No action in time: the controller sends the bundle's standstill command, which holds the robot where it is.
+    loaded = Bundle.load(bundle)
+    silent = _Silent()
+    agent = ChunkAgent(silent, loaded.metadata, ControllerConfig(hz=20, deadline_ms=1, on_late="stop"))
+    agent.reset()
+    action = agent.get_action({"state": np.zeros(21, np.float32)})["actions"]
+    silent.answer.set()
+    np.testing.assert_allclose(action, STOP_ACTION)
+    with agv("simple_static", 1) as env:
+        env.reset(seed=[0])
+        start = env.batch.pos.copy()
+        for _ in range(20):
+            env.step(torch.as_tensor(action)[None])
+        assert np.abs(env.batch.pos - start).max() < 1e-6  # metres: float32 rounding of the command
+
+
+class _Silent:
+    """A policy server that does not answer until `answer` is set."""
+
+    def __init__(self):
+        import threading
+
+        self.answer = threading.Event()
+
+    def infer(self, obs):
+        self.answer.wait(5)
+        return {"actions": np.zeros((1, 2), np.float32)}
+
+    def reset(self):
+        pass

@@ -17,6 +17,8 @@ DT = 0.1  # s; 10 Hz control
 # and only back off slowly, which also means an untrained policy wanders instead of dithering in place.
 V_MAX, V_REVERSE, W_MAX = 1.0, -0.3, 2.0  # m/s, m/s, rad/s
 A_MAX, ALPHA_MAX = 2.0, 6.0  # m/s^2, rad/s^2: commands are reached no faster than this
+# The action that commands standstill (v = 0, w = 0): what a controller sends when no fresh action arrives.
+STOP_ACTION = (2 * (0.0 - V_REVERSE) / (V_MAX - V_REVERSE) - 1, 0.0)
 RAYS = 16
 RAY_RANGE = 4.0  # m
 GOAL_RADIUS = 0.5  # m

@@ -15,7 +15,8 @@ never blocks on the network for longer than its deadline.
   4. with no action left, waits for the request in flight until `deadline_ms` after the step began;
      past the deadline it is late: `on_late=hold` repeats the last action, `on_late=stop` sends the
      stop action (zero arm motion under delta/velocity control, the last target under position
-     control; the gripper keeps its last command);
+     control; the gripper keeps its last command; a bundle's own `action.stop`, such as an AGV's
+     standstill command, where it has one);
   5. clamps the action to the bounds in the bundle's metadata.
 With `replan_below=0` and no late steps, the loop executes exactly what `robodistill eval` does.
 
@@ -95,6 +96,9 @@ class ChunkAgent(openpi_agent.Agent):
         control = metadata["env"]["control_mode"] or ""
         self.stop_zeroes = np.ones_like(self.low, dtype=bool) if ("delta" in control or "vel" in control) else np.zeros_like(self.low, dtype=bool)
         self.stop_zeroes[metadata["action"].get("gripper_dims", [])] = False
+        # A bundle may name its standstill command (an AGV's: zero velocity is not the zero action).
+        stop = metadata["action"].get("stop")
+        self.stop_action = None if stop is None else np.asarray(stop, np.float32)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._pending: tuple[Future, int] | None = None  # the request in flight and its observation's step
         self.records: list[dict] = []  # one per step: episode, step, sent (when the action left), wait_ms, late
@@ -158,6 +162,8 @@ class ChunkAgent(openpi_agent.Agent):
         late = self._left() == 0
         if not late:
             action = self.chunk[self.step - self.chunk_step]
+        elif self.stop_action is not None and (self.last is None or self.cfg.on_late == "stop"):
+            action = self.stop_action
         elif self.last is None or self.cfg.on_late == "stop":
             base = self.last if self.last is not None else np.zeros_like(self.low)
             action = np.where(self.stop_zeroes, 0.0, base).astype(np.float32)
@@ -188,8 +194,9 @@ class EpisodeProgress(openpi_subscriber.Subscriber):
 
 
 class ManiSkillRobot(openpi_environment.Environment):
-    """The simulator as the robot: one ManiSkill env, episode k reset with seed `seed + k` (as
-    `robodistill eval` does), every episode run to its time limit."""
+    """The simulator as the robot: one env of the `VecEnv` convention (a ManiSkill task, run to its time
+    limit, or the AGV warehouse, whose episodes end at the goal or a collision), episode k reset with seed
+    `seed + k` (as `robodistill eval` does)."""
 
     def __init__(self, env: VecEnv, seed: int = 0):
         self.env, self.seed = env, seed
@@ -312,7 +319,8 @@ def main(cfg: DictConfig) -> EvalReport:
     if cfg.env and cfg.env != e["task"]:
         raise UserError(f"env={cfg.env}, but the policy drives {e['task']}: drop env= or serve a bundle for {cfg.env}")
     env_cfg = EnvConfig(task=e["task"], obs_mode=e["obs_mode"], control_mode=e["control_mode"], num_envs=1,
-                        max_episode_steps=cfg.max_episode_steps or e["max_episode_steps"], image_size=e.get("image_size", 128))
+                        max_episode_steps=cfg.max_episode_steps or e["max_episode_steps"], image_size=e.get("image_size", 128),
+                        scene=e.get("scene"))
     agent = ChunkAgent(policy, meta, controller)
     start = time.perf_counter()
     with make_env(env_cfg, ignore_terminations=True) as env:

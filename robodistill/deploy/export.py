@@ -8,8 +8,10 @@ Gaussian draws are a graph input, so a caller with a seeded generator gets repro
 RTI keeps a chunk per stream between calls, which a stateless graph cannot; DDPM draws fresh noise
 inside every step. A VLA checkpoint (`robodistill train-vla`) exports for one of its tasks (`task=`):
 its graph also takes the instruction embedding, and the metadata carries the task's phrasings'
-embeddings and default (`metadata["prompt"]`), so the server can take text. An RL student (`robodistill rpd`'s SB3 zip) exports the same way: its state
-normaliser, actor and mean action, one action per observation, no noise input.
+embeddings and default (`metadata["prompt"]`), so the server can take text. An RL student (`robodistill rpd`'s SB3 zip)
+and an AGV policy (`robodistill agv-train`'s policy.pt) export the same way: their state normaliser, actor and mean
+action, one action per observation, no noise input. An AGV bundle also records its scene and the action that commands
+standstill (`metadata["action"]["stop"]`), which the controller sends when no action arrives in time.
 
 At export time the graph is run by the bundle's own runtime (onnxruntime or TorchScript) and by
 PyTorch on the same observations and noise; a max abs difference above `tolerance` fails the export.
@@ -38,6 +40,7 @@ from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.inference.samplers import consistency_timesteps
 from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
+from robodistill.policies import agv
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.policies.student import NormalizedState
 from robodistill.policies.vla import policy as vla
@@ -49,7 +52,8 @@ EXPORT_SAMPLERS = ("consistency", "ddim")
 class ExportConfig:
     """`robodistill export` (configs/export.yaml)."""
 
-    ckpt: str = ""  # a diffusion checkpoint (for sampler=consistency: one made by `robodistill distill`), a VLA checkpoint, or an RPD student .zip
+    ckpt: str = ""  # a diffusion checkpoint (for sampler=consistency: one made by `robodistill distill`), a VLA checkpoint,
+    # an RPD student .zip or an AGV policy.pt
     task: str | None = None  # a VLA checkpoint: the task the bundle drives (default: its first)
     sampler: str = "consistency"  # consistency | ddim (diffusion checkpoints; a student exports its mean action)
     steps: int | None = None  # consistency: 1 (default), 2 or 3 head calls; ddim: the checkpoint's sampler_steps
@@ -112,37 +116,69 @@ class ChunkGraph(nn.Module):
         return self.policy.to_actions(x)
 
 
-class StudentGraph(nn.Module):
-    """An RL student (SB3 zip from `robodistill rpd`): its state normaliser, actor MLP and mean action,
-    clamped to the action bounds; deterministic, one action per observation, no noise input."""
+class MeanActionGraph(nn.Module):
+    """A deterministic RL policy: (B, 1, D) states -> its mean action clamped to the action bounds, (B, 1, A);
+    one action per observation, no noise input. `mean_action` holds the state normaliser and the actor."""
 
     keys = ["state"]
     noise_shape = None
     obs_horizon = act_horizon = 1
     gripper_dims: list[int] = []
 
-    def __init__(self, model):
+    def __init__(self, mean_action: nn.Module, low, high, center: np.ndarray, half: np.ndarray, kind: str, stop=None):
         super().__init__()
-        p = model.policy
-        self.features, self.actor, self.action_net = p.features_extractor, p.mlp_extractor.policy_net, p.action_net
-        self.register_buffer("low", torch.as_tensor(model.action_space.low, dtype=torch.float32))
-        self.register_buffer("high", torch.as_tensor(model.action_space.high, dtype=torch.float32))
-        self.info = {"kind": "sb3_ppo", "sampler": "mean", "steps": 1, "obs_horizon": 1}
+        self.mean_action = mean_action
+        self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32))
+        self.center, self.half, self.stop = center, half, stop
+        self.info = {"kind": kind, "sampler": "mean", "steps": 1, "obs_horizon": 1}
 
     def state_range(self) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(self.features, NormalizedState):
-            return self.features.mean.numpy(), self.features.std.numpy()
-        dim = self.features.features_dim
-        return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+        return self.center, self.half
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # varargs, as ChunkGraph: one export call for both
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # varargs, as ChunkGraph: one export call for all
         (state,) = inputs
-        mean = self.action_net(self.actor(self.features(state[:, -1])))
-        return torch.clamp(mean, self.low, self.high)[:, None]
+        return torch.clamp(self.mean_action(state[:, -1]), self.low, self.high)[:, None]
+
+
+def student_graph(model) -> MeanActionGraph:
+    """`robodistill rpd`'s SB3 zip: its NormalizedState features, policy MLP and action net."""
+    p = model.policy
+    features = p.features_extractor
+    center, half = features.mean.numpy(), features.std.numpy()
+    net = nn.Sequential(features, p.mlp_extractor.policy_net, p.action_net)
+    return MeanActionGraph(net, model.action_space.low, model.action_space.high, center, half, "sb3_ppo")
+
+
+class _Normalize(nn.Module):
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("var", var.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return agv.normalize(x, self.mean, self.var)
+
+
+def agv_graph(payload: dict) -> tuple[MeanActionGraph, EnvConfig]:
+    """`robodistill agv-train`'s policy.pt, for the scene it was trained on (any scene takes the same observations)."""
+    from robodistill.envs.agv import TASK
+    from robodistill.envs.agv.batch import STOP_ACTION
+    from robodistill.envs.agv.env import ACTION_SPACE
+
+    actor = agv.GaussianActor(payload["obs_dim"], payload["act_dim"], payload["hidden"])
+    actor.load_state_dict(payload["actor"])
+    mean, var = payload["obs_mean"], payload["obs_var"]
+    net = nn.Sequential(_Normalize(mean, var), actor.mean)
+    graph = MeanActionGraph(net, ACTION_SPACE.low, ACTION_SPACE.high, mean.numpy(), torch.sqrt(var).numpy(), agv.KIND,
+                            stop=list(STOP_ACTION))
+    trained = payload["config"]
+    env = EnvConfig(task=TASK, scene=trained["scene"], reward_mode=trained["reward_mode"], control_mode=None)
+    return graph, env
 
 
 def load_source(path: str, sampler: str, steps: int | None, task: str | None = None) -> tuple[nn.Module, EnvConfig]:
-    """The graph to export and the env it drives, from a diffusion checkpoint or a student zip."""
+    """The graph to export and the env it drives, from a diffusion, VLA or AGV checkpoint or a student zip."""
     if path.endswith(".zip"):
         from stable_baselines3 import PPO
 
@@ -153,8 +189,11 @@ def load_source(path: str, sampler: str, steps: int | None, task: str | None = N
         env = getattr(model, "robodistill_env", None)
         if env is None:
             raise UserError(f"{path} does not record the env it was trained on (students of `robodistill rpd` do)")
-        return StudentGraph(model).eval().requires_grad_(False), EnvConfig.from_mapping(env)
+        return student_graph(model).eval().requires_grad_(False), EnvConfig.from_mapping(env)
     payload = checkpoints.load(path)
+    if payload.get("kind") == agv.KIND:
+        graph, env_cfg = agv_graph(payload)
+        return graph.eval().requires_grad_(False), env_cfg
     env = dict(payload["env"])
     if payload.get("kind") == vla.KIND:
         tasks = env.pop("tasks")
@@ -167,7 +206,8 @@ def load_source(path: str, sampler: str, steps: int | None, task: str | None = N
 
 def build_graph(payload: dict, sampler: str, steps: int | None, task: str | None = None) -> ChunkGraph:
     if payload.get("kind") not in (KIND, vla.KIND):
-        raise UserError(f"ckpt holds a '{payload.get('kind')}'; export takes Diffusion Policy and VLA checkpoints and RPD students (.zip)")
+        raise UserError(f"ckpt holds a '{payload.get('kind')}'; export takes Diffusion Policy, VLA and AGV checkpoints "
+                        "and RPD students (.zip)")
     if sampler not in EXPORT_SAMPLERS:
         why = {"rti": "it keeps a chunk per stream between calls", "ddpm": "it draws fresh noise inside every step"}
         reason = f" ({why[sampler]})" if sampler in why else ""
@@ -263,9 +303,11 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
             "noise": None if graph.noise_shape is None else
                      {"shape": list(graph.noise_shape), "dtype": "float32", "distribution": "standard normal"},
             "action": {"dim": len(graph.low), "chunk_length": graph.act_horizon, "low": graph.low.tolist(),
-                       "high": graph.high.tolist(), "gripper_dims": list(graph.gripper_dims)},
+                       "high": graph.high.tolist(), "gripper_dims": list(graph.gripper_dims),
+                       **({"stop": graph.stop} if getattr(graph, "stop", None) is not None else {})},
             "env": {"task": env_cfg.task, "obs_mode": env_cfg.obs_mode, "control_mode": env_cfg.control_mode,
                     "control_freq": control_freq, "max_episode_steps": max_steps,
+                    **({"scene": env_cfg.scene} if env_cfg.scene else {}),
                     **({"image_size": env_cfg.image_size} if env_cfg.obs_mode == "rgb" else {})},
             "policy": graph.info,
             "source": {"checkpoint": str(Path(cfg.ckpt).resolve()), "sha256": sha256(Path(cfg.ckpt))},
@@ -308,7 +350,8 @@ def main(cfg: DictConfig) -> Path:
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     p, e = meta["policy"], meta["env"]
     print(f"bundle: {path}  ({meta['graph']['format']}, {size:.1f} MB)")
-    print(f"  {e['task']} {e['obs_mode']}/{e['control_mode']} at {e['control_freq']} Hz; {p['sampler']} {p['steps']} step(s); "
+    drives = f"scene {e['scene']}" if "scene" in e else f"{e['obs_mode']}/{e['control_mode']}"
+    print(f"  {e['task']} {drives} at {e['control_freq']} Hz; {p['sampler']} {p['steps']} step(s); "
           f"{meta['action']['chunk_length']} actions per inference")
     print(f"  parity vs PyTorch: max abs diff {meta['parity']['max_abs_diff']:.2e} (tolerance {meta['parity']['tolerance']:.0e}, "
           f"{meta['parity']['batch']} observations)")
