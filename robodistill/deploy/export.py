@@ -39,8 +39,8 @@ from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.inference.samplers import consistency_timesteps
-from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
 from robodistill.policies import agv
+from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.policies.student import NormalizedState
 from robodistill.policies.vla import policy as vla
@@ -68,6 +68,8 @@ class ExportConfig:
 
 class ChunkGraph(nn.Module):
     """(observation histories..., noise) -> (B, act_horizon, A) env actions, for one fixed sampler."""
+
+    stop = None  # standstill is the zero motion of delta control: the controller knows it from the control mode
 
     def __init__(self, policy: DiffusionPolicy, sampler: str, steps: int, task: str | None = None):
         super().__init__()
@@ -304,7 +306,7 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
                      {"shape": list(graph.noise_shape), "dtype": "float32", "distribution": "standard normal"},
             "action": {"dim": len(graph.low), "chunk_length": graph.act_horizon, "low": graph.low.tolist(),
                        "high": graph.high.tolist(), "gripper_dims": list(graph.gripper_dims),
-                       **({"stop": graph.stop} if getattr(graph, "stop", None) is not None else {})},
+                       **({"stop": graph.stop} if graph.stop is not None else {})},
             "env": {"task": env_cfg.task, "obs_mode": env_cfg.obs_mode, "control_mode": env_cfg.control_mode,
                     "control_freq": control_freq, "max_episode_steps": max_steps,
                     **({"scene": env_cfg.scene} if env_cfg.scene else {}),
