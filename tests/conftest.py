@@ -1,10 +1,15 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from openpi_client.base_policy import BasePolicy
+
+from robodistill.policies.bundle import Bundle
 
 # One thread per process, as in real runs: torch's default makes ManiSkill stepping erratic on 2 cores.
 torch.set_num_threads(1)
@@ -44,3 +49,15 @@ def pickcube_rgb_demos(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("pickcube_rgb")
     return generate(DemosConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out)))
+
+
+class SlowPolicy(BasePolicy):
+    """A bundle behind a slow link: every answer takes `delay` seconds."""
+
+    def __init__(self, bundle: Bundle, delay: float):
+        self.bundle, self.delay, self.rng = bundle, delay, np.random.default_rng(0)
+
+    def infer(self, obs: dict) -> dict:
+        time.sleep(self.delay)
+        arrays = {k: v[None] for k, v in obs.items()}
+        return {"actions": self.bundle.infer(arrays, self.bundle.noise(1, self.rng))[0]}

@@ -15,6 +15,7 @@ from robodistill.envs.agv.batch import GOAL_RADIUS, RAY_RANGE, RAYS, ray_box_dis
 from robodistill.envs.agv.scenes import FAR, walls
 from robodistill.errors import UserError
 from robodistill.training.ppo_rnd import Agent, AGVTrainConfig, check, train
+from tests.conftest import SlowPolicy
 
 
 def agv(scene="complex_dynamic", num_envs=4, **kw):
@@ -214,11 +215,9 @@ def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, 
 
     # No action in time: the controller sends the bundle's standstill command, which holds the robot where it is.
     loaded = Bundle.load(bundle)
-    silent = _Silent()
-    agent = ChunkAgent(silent, loaded.metadata, ControllerConfig(hz=20, deadline_ms=1, on_late="stop"))
+    agent = ChunkAgent(SlowPolicy(loaded, delay=0.2), loaded.metadata, ControllerConfig(hz=20, deadline_ms=1, on_late="stop"))
     agent.reset()
     action = agent.get_action({"state": np.zeros(21, np.float32)})["actions"]
-    silent.answer.set()
     np.testing.assert_allclose(action, STOP_ACTION)
     with agv("simple_static", 1) as env:
         env.reset(seed=[0])
@@ -226,19 +225,3 @@ def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, 
         for _ in range(20):
             env.step(torch.as_tensor(action)[None])
         assert np.abs(env.batch.pos - start).max() < 1e-6  # metres: float32 rounding of the command
-
-
-class _Silent:
-    """A policy server that does not answer until `answer` is set."""
-
-    def __init__(self):
-        import threading
-
-        self.answer = threading.Event()
-
-    def infer(self, obs):
-        self.answer.wait(5)
-        return {"actions": np.zeros((1, 2), np.float32)}
-
-    def reset(self):
-        pass

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from openpi_client.base_policy import BasePolicy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
@@ -24,7 +23,7 @@ from robodistill.errors import UserError
 from robodistill.policies.bundle import Bundle, BundleError
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
-from tests.conftest import ROBODISTILL
+from tests.conftest import ROBODISTILL, SlowPolicy
 
 ENV = EnvConfig(task="PushCube-v1", max_episode_steps=30)
 
@@ -204,18 +203,6 @@ def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bun
     assert wrong.returncode == 2 and "refused the connection (HTTP 401)" in wrong.stderr
     nobody = cli("control", "server=ws://127.0.0.1:9", "episodes=1")
     assert nobody.returncode == 2 and "no policy server at ws://127.0.0.1:9" in nobody.stderr
-
-
-class SlowPolicy(BasePolicy):
-    """A bundle behind a slow link: every answer takes `delay` seconds."""
-
-    def __init__(self, bundle: Bundle, delay: float):
-        self.bundle, self.delay, self.rng = bundle, delay, np.random.default_rng(0)
-
-    def infer(self, obs: dict) -> dict:
-        time.sleep(self.delay)
-        arrays = {k: v[None] for k, v in obs.items()}
-        return {"actions": self.bundle.infer(arrays, self.bundle.noise(1, self.rng))[0]}
 
 
 @pytest.mark.parametrize("on_late", ["hold", "stop"])
