@@ -201,6 +201,8 @@ def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bun
 
     wrong = cli("control", f"server=ws://127.0.0.1:{server}", "episodes=1", env={"ROBODISTILL_API_KEY": "nope"})
     assert wrong.returncode == 2 and "refused the connection (HTTP 401)" in wrong.stderr
+    other = cli("control", f"server=ws://127.0.0.1:{server}", "task=PickCube-v1", "episodes=1", env=env)
+    assert other.returncode == 2 and "task=PickCube-v1, but the policy drives PushCube-v1" in other.stderr
     nobody = cli("control", "server=ws://127.0.0.1:9", "episodes=1")
     assert nobody.returncode == 2 and "no policy server at ws://127.0.0.1:9" in nobody.stderr
 

@@ -235,7 +235,7 @@ class ControlConfig:
     server: str | None = None  # or a running server, ws://host:port (robodistill serve, or openpi's)
     api_key: str | None = None  # for server=; default: the ROBODISTILL_API_KEY env var
     robot: str = "maniskill"  # the simulator as the robot (the only adapter shipped; see ManiSkillRobot)
-    env: str | None = None  # task id; default: the bundle's (obs and control mode always come from it)
+    task: str | None = None  # the task the policy must drive (a check); default: the bundle's
     max_episode_steps: int | None = None  # default: the bundle's
     episodes: int = 10
     seed: int = 0  # episode k is reset with seed + k; a bundle= server draws its noise from this seed
@@ -316,8 +316,8 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"the server at {url} sent no robodistill bundle metadata (env, observation, action, policy)")
     controller.check(int(meta["action"]["chunk_length"]))
     e = meta["env"]
-    if cfg.env and cfg.env != e["task"]:
-        raise UserError(f"env={cfg.env}, but the policy drives {e['task']}: drop env= or serve a bundle for {cfg.env}")
+    if cfg.task and cfg.task != e["task"]:
+        raise UserError(f"task={cfg.task}, but the policy drives {e['task']}: drop task= or serve a bundle for {cfg.task}")
     env_cfg = EnvConfig(task=e["task"], obs_mode=e["obs_mode"], control_mode=e["control_mode"], num_envs=1,
                         max_episode_steps=cfg.max_episode_steps or e["max_episode_steps"], image_size=e.get("image_size", 128),
                         scene=e.get("scene"))
