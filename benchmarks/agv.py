@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--curve-episodes", type=int, default=16, help="episodes per periodic evaluation during training")
     parser.add_argument("--curve-points", type=int, default=32, help="periodic evaluations per training run")
     parser.add_argument("--throughput-steps", type=int, default=16_000)
+    parser.add_argument("--collision-penalty", type=float, default=None, help="env.collision_penalty for training (default: 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-agv"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -123,7 +124,8 @@ def main() -> None:
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 cfg = AGVTrainConfig(scene=scene, algo=algo, seed=seed, total_steps=args.budget, progress=False,
-                                     eval_episodes=args.curve_episodes, name=f"{algo}-{scene}-{seed}")
+                                     eval_episodes=args.curve_episodes, name=f"{algo}-{scene}-{seed}",
+                                     collision_penalty=args.collision_penalty)
                 cfg.eval_every = max(1, args.budget // (cfg.num_envs * cfg.num_steps * args.curve_points))
                 run_dir = args.out / scene / algo / f"seed{seed}"
                 if (run_dir / "policy.pt").is_file() and (run_dir / "history.json").is_file():  # finished earlier
@@ -140,7 +142,8 @@ def main() -> None:
             results.setdefault(scene, {})[algo] = {**summarize(episodes), "per_seed": per_seed}
             curves.setdefault(scene, {})[algo] = runs
 
-    print(f"\nPPO vs PPO+RND, {args.budget} env steps per run, seeds {args.seeds}, {args.eval_episodes} eval episodes per seed")
+    penalty = "" if args.collision_penalty is None else f", collision penalty {args.collision_penalty:g}"
+    print(f"\nPPO vs PPO+RND, {args.budget} env steps per run{penalty}, seeds {args.seeds}, {args.eval_episodes} eval episodes per seed")
     print(f"{'scene':<16} {'algo':<8} {'success':>8}  {'95% interval':<15} {'per seed':<18} {'collision':>9} {'path m':>7} {'goal s':>7}")
     for scene, by_algo in results.items():
         for algo, r in by_algo.items():

@@ -51,6 +51,7 @@ class EnvConfig:
     image_size: int = 128  # camera width/height for obs_mode=rgb
     render_size: int = 256  # video frame width/height
     scene: str | None = None  # robodistill/AGVWarehouse-v0 only: simple|complex _ static|dynamic (envs/agv)
+    collision_penalty: float | None = None  # robodistill/AGVWarehouse-v0 only: a collision's reward is -this (None: 1)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "EnvConfig":
@@ -180,6 +181,9 @@ def make_env(
         from robodistill.envs.agv import AGVVecEnv
 
         return AGVVecEnv(cfg, render=render)
+    for key in ("scene", "collision_penalty"):
+        if getattr(cfg, key) is not None:
+            raise UserError(f"env.{key} applies to {AGV_TASK} only, not to {cfg.task}: drop env.{key}")
     _check(cfg)
     if cfg.sim_backend == "physx_cuda" or cfg.num_envs == 1:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv

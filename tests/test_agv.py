@@ -98,13 +98,15 @@ def drive_forward(env, steps=30):
     raise AssertionError("the episode did not end")
 
 
-def test_collision_ends_episode_with_penalty():
-    env = agv("simple_static", 1)
+@pytest.mark.parametrize("penalty, reward_mode, expected", [(None, "sparse", -1.0), (0.1, "sparse", -0.1), (0.0, "dense", None)])
+def test_collision_ends_episode_with_penalty(penalty, reward_mode, expected):
+    env = agv("simple_static", 1, collision_penalty=penalty, reward_mode=reward_mode)
     env.reset(seed=0)
     place(env, (1.0, 4.0), math.pi, goal=(6.0, 4.0))  # 0.75 m of free floor ahead, then the wall
     reward, terminated, info = drive_forward(env)
     ep = info["final_info"]["episode"]
-    assert terminated and reward == -1.0
+    # dense: the last step's shaping only (driving away from the goal, a 0.1 m step at most), no penalty
+    assert terminated and (reward == pytest.approx(expected) if expected is not None else -0.011 < reward < 0)
     assert ep["collision"][0] and not ep["success_once"][0]
     assert 0.7 < ep["path_length"][0] < 1.0 and info["final_observation"]["state"][0, RAYS // 2] * RAY_RANGE < 0.3
 
@@ -153,7 +155,8 @@ def test_resume_continues_at_the_same_step(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [("scene", "warehouse", "unknown scene"), ("algo", "sac", "unknown algo"),
-                                                   ("combine", "max", "unknown combine"), ("total_steps", 10, "less than one update")])
+                                                   ("combine", "max", "unknown combine"), ("total_steps", 10, "less than one update"),
+                                                   ("collision_penalty", -1.0, "collision_penalty must be >= 0")])
 def test_bad_training_input_is_a_user_error(field, value, message):
     with pytest.raises(UserError, match=message):
         check(AGVTrainConfig(**{field: value}))
@@ -164,6 +167,10 @@ def test_bad_env_input_is_a_user_error():
         agv("nope")
     with pytest.raises(UserError, match="reward_mode 'shaped'"):
         agv("simple_static", reward_mode="shaped")
+    with pytest.raises(UserError, match="env.collision_penalty must be >= 0"):
+        agv("simple_static", collision_penalty=-1.0)
+    with pytest.raises(UserError, match="env.collision_penalty applies to robodistill/AGVWarehouse-v0 only, not to PushCube-v1"):
+        make_env(EnvConfig(task="PushCube-v1", collision_penalty=0.5))
 
 
 def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):

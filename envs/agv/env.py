@@ -26,16 +26,22 @@ OBSERVATION_SPACE = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
 ACTION_SPACE = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
 
-def make_batch(scene: str, num: int, reward_mode: str | None = None, max_episode_steps: int | None = None) -> AGVBatch:
+def make_batch(scene: str, num: int, reward_mode: str | None = None, max_episode_steps: int | None = None,
+               collision_penalty: float | None = None) -> AGVBatch:
     mode = reward_mode or "sparse"
     if mode not in REWARD_MODES:
         raise UserError(f"unknown reward_mode '{mode}' for {TASK} (env.reward_mode). Valid: {', '.join(REWARD_MODES)}")
+    rewards = REWARD_MODES[mode]
+    if collision_penalty is not None:
+        if not collision_penalty >= 0:
+            raise UserError(f"env.collision_penalty must be >= 0 (a collision's reward is minus it), got {collision_penalty}")
+        rewards = replace(rewards, collision=-float(collision_penalty))
     if num < 1:
         raise UserError(f"env.num_envs must be >= 1, got {num}")
     spec = get_scene(scene)
     if max_episode_steps is not None:
         spec = replace(spec, max_steps=int(max_episode_steps))
-    return AGVBatch(spec, num, REWARD_MODES[mode])
+    return AGVBatch(spec, num, rewards)
 
 
 class AGVWarehouseEnv(gym.Env):
@@ -44,8 +50,8 @@ class AGVWarehouseEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1 / DT))}
 
     def __init__(self, scene: str = DEFAULT_SCENE, reward_mode: str | None = None, max_episode_steps: int | None = None,
-                 render_mode: str | None = None, render_size: int = 256):
-        self.batch = make_batch(scene, 1, reward_mode, max_episode_steps)
+                 render_mode: str | None = None, render_size: int = 256, collision_penalty: float | None = None):
+        self.batch = make_batch(scene, 1, reward_mode, max_episode_steps, collision_penalty)
         self.observation_space, self.action_space = OBSERVATION_SPACE, ACTION_SPACE
         self.render_mode, self.render_size = render_mode, render_size
 
@@ -69,7 +75,7 @@ class AGVVecEnv:
 
     def __init__(self, cfg, render: bool = False):
         self.cfg = cfg
-        self.batch = make_batch(cfg.scene or DEFAULT_SCENE, cfg.num_envs, cfg.reward_mode, cfg.max_episode_steps)
+        self.batch = make_batch(cfg.scene or DEFAULT_SCENE, cfg.num_envs, cfg.reward_mode, cfg.max_episode_steps, cfg.collision_penalty)
         self.num_envs = cfg.num_envs
         self.device = torch.device("cpu")
         self.single_observation_space = gym.spaces.Dict({"state": OBSERVATION_SPACE})

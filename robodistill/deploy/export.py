@@ -175,7 +175,8 @@ def agv_graph(payload: dict) -> tuple[MeanActionGraph, EnvConfig]:
     graph = MeanActionGraph(net, ACTION_SPACE.low, ACTION_SPACE.high, mean.numpy(), torch.sqrt(var).numpy(), agv.KIND,
                             stop=list(STOP_ACTION))
     trained = payload["config"]
-    env = EnvConfig(task=TASK, scene=trained["scene"], reward_mode=trained["reward_mode"], control_mode=None)
+    env = EnvConfig(task=TASK, scene=trained["scene"], reward_mode=trained["reward_mode"], control_mode=None,
+                    collision_penalty=trained.get("collision_penalty"))
     return graph, env
 
 

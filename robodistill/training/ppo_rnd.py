@@ -46,6 +46,7 @@ class AGVTrainConfig:
     algo: str = "ppo_rnd"  # ppo_rnd, or ppo (the baseline: no RND)
     combine: str = "advantages"  # advantages: 2 A_ext + 1 A_int, two value heads; sum: the paper's r_e + r_i, one critic
     reward_mode: str = "sparse"  # sparse, or dense (adds distance shaping)
+    collision_penalty: float | None = None  # a collision's reward is -this; None: 1 (see README, AGV)
     total_steps: int = 1_048_576  # env steps (all robots together): 512 updates, ~4 min on one core
     seed: int = 0
     num_envs: int = 16
@@ -132,6 +133,8 @@ def check(cfg: AGVTrainConfig) -> None:
         raise UserError(f"unknown algo '{cfg.algo}'. Valid: {', '.join(ALGOS)}")
     if cfg.combine not in COMBINES:
         raise UserError(f"unknown combine '{cfg.combine}'. Valid: {', '.join(COMBINES)}")
+    if cfg.collision_penalty is not None and not cfg.collision_penalty >= 0:
+        raise UserError(f"collision_penalty must be >= 0 (a collision's reward is minus it), got {cfg.collision_penalty}")
     batch = cfg.num_envs * cfg.num_steps
     if cfg.total_steps < batch:
         raise UserError(f"total_steps={cfg.total_steps} is less than one update (num_envs * num_steps = {batch})")
@@ -162,7 +165,8 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         raise UserError(f"resume=true but there is no {ckpt_path}; set run_dir to the run to continue")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    env_cfg = EnvConfig(task=TASK, scene=cfg.scene, num_envs=cfg.num_envs, reward_mode=cfg.reward_mode, control_mode=None)
+    env_cfg = EnvConfig(task=TASK, scene=cfg.scene, num_envs=cfg.num_envs, reward_mode=cfg.reward_mode, control_mode=None,
+                        collision_penalty=cfg.collision_penalty)
     env = make_env(env_cfg)
     eval_env = make_env(EnvConfig(**{**asdict(env_cfg), "num_envs": min(16, cfg.eval_episodes)}))
     obs_dim, act_dim = env.single_observation_space["state"].shape[0], env.single_action_space.shape[0]
