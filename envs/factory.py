@@ -78,6 +78,9 @@ def _missing_assets(task: str) -> list[str]:
 
 def _check(cfg: EnvConfig) -> None:
     """Fail early, before SAPIEN starts, with an error that names the field and the choices."""
+    for key in ("scene", "collision_penalty"):
+        if getattr(cfg, key) is not None:
+            raise UserError(f"env.{key} applies to {AGV_TASK} only, not to {cfg.task}: drop env.{key}")
     tasks = _registered_tasks()
     if cfg.task not in tasks:
         raise UserError(f"unknown task '{cfg.task}' (env.task). Supported tasks: {', '.join(SUPPORTED_TASKS)}")
@@ -181,9 +184,6 @@ def make_env(
         from robodistill.envs.agv import AGVVecEnv
 
         return AGVVecEnv(cfg, render=render)
-    for key in ("scene", "collision_penalty"):
-        if getattr(cfg, key) is not None:
-            raise UserError(f"env.{key} applies to {AGV_TASK} only, not to {cfg.task}: drop env.{key}")
     _check(cfg)
     if cfg.sim_backend == "physx_cuda" or cfg.num_envs == 1:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
