@@ -26,6 +26,12 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
     )
 
 
+@pytest.fixture(autouse=True)
+def sb3_logs_in_tmp(tmp_path, monkeypatch):
+    """SB3 models learning without a log folder create an empty /tmp/SB3-<date> each: keep them in the test's."""
+    monkeypatch.setenv("SB3_LOGDIR", str(tmp_path / "sb3"))
+
+
 @pytest.fixture
 def cli(tmp_path):
     return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)

@@ -130,7 +130,8 @@ def test_warm_start_fits_the_student_to_the_acting_teacher_and_v_to_its_returns(
 
 def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     args = ["teacher=scripted", "n_steps=100", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "eval_every=200",
-            "eval_episodes=2", "checkpoint_every=200", "env.max_episode_steps=25", "name=r", "warm_start_steps=100"]
+            "eval_episodes=2", "checkpoint_every=200", "env.max_episode_steps=25", "name=r", "warm_start_steps=100",
+            "normalize_advantage=false"]
     first = cli("rpd", *args, "total_steps=200")
     assert first.returncode == 0 and "warm start: the teacher ran 100 env steps" in first.stdout, first.stderr[-3000:]
     more = cli("rpd", *args, "total_steps=400", "resume=true")
@@ -140,7 +141,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
     student = PPO.load(run / "student.zip", device="cpu")
     action, _ = student.predict(np.zeros(student.observation_space.shape, np.float32), deterministic=True)
-    assert action.shape == (4,) and student.num_timesteps == 400
+    assert action.shape == (4,) and student.num_timesteps == 400 and student.normalize_advantage is False
     ev = cli("eval", f"policy={run / 'student.zip'}", "episodes=2", "env.max_episode_steps=10", "name=zip")
     assert ev.returncode == 0 and "success_once" in ev.stdout, ev.stderr[-2000:]
     # The student exports like a teacher: the bundle's actions are the zip's mean actions.

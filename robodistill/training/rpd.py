@@ -98,6 +98,7 @@ class RPDConfig:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     target_kl: float | None = 0.2
+    normalize_advantage: bool = True  # per minibatch, as SB3
     hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
     log_std_init: float = -0.5
     obs_norm_steps: int = 1000  # random-action env steps (not counted in total_steps) that fit the state normaliser (without a warm start)
@@ -543,6 +544,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
             model = RPD("MultiInputPolicy" if rgb else "MlpPolicy", vec, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
                         learning_rate=cfg.lr, gamma=gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
                         ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, target_kl=cfg.target_kl,
+                        normalize_advantage=cfg.normalize_advantage,
                         policy_kwargs={"net_arch": {"pi": list(cfg.hidden), "vf": list(cfg.hidden)}, "activation_fn": nn.Tanh,
                                        "log_std_init": cfg.log_std_init, "features_extractor_class": StateAndImage if rgb else NormalizedState},
                         tensorboard_log=str(run_dir / "tb") if ranks.main else None, seed=seed, device=device, **rpd)
