@@ -13,10 +13,11 @@ over seeds, and each seed), training env steps/s (evaluation excluded); and writ
 rpd.png (success vs env steps, one panel per task and reward, the teacher as a dashed line).
 
     taskset -c 0,1 .venv/bin/python benchmarks/rpd.py [--tasks PushCube-v1] [--rewards dense sparse]
-        [--seeds 0 1 2] [--steps 150000] [--cores 0 1] [--out runs/bench-rpd]
+        [--seeds 0 1 2] [--steps 200000] [--cores 0 1] [--out runs/bench-rpd]
 
-Sizing on 2 CPU cores: a PushCube run trains at ~90 env steps/s, so 150k steps is ~30 min per run
-and the default grid (1 task x 2 rewards x 3 seeds x 2 methods = 12 runs, 2 at a time) ~3 h.
+Sizing on 2 CPU cores: a PushCube run trains at ~120 env steps/s (dense; two runs at a time), so 200k
+steps with 30-episode evaluations every 10k (`--eval-episodes 30`, as in results/rpd.md) is ~35 min
+per run and the default grid (1 task x 2 rewards x 3 seeds x 2 methods = 12 runs, 2 at a time) ~3.5 h.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["PushCube-v1"])
     ap.add_argument("--rewards", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=150_000, help="env steps per run (the same for PPO and RPD)")
+    ap.add_argument("--steps", type=int, default=200_000, help="env steps per run (the same for PPO and RPD)")
     ap.add_argument("--eval-every", type=int, default=10_000)
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--max-episode-steps", type=int, default=100,
