@@ -27,7 +27,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -38,7 +37,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
-from robodistill.training.distributed import any_rank, finish, replicas_identical, setup
+from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
 from robodistill.training.runs import find_resume
 
 
@@ -107,7 +106,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
 
     # ---- the head, warm-started from the teacher's denoiser; its target copy for `consistency`
     head = ConsistencyHead.from_denoiser(teacher.denoiser).to(device).requires_grad_(True).train()
-    model = DDP(head) if ranks.world > 1 else head  # all-reduces gradients in backward
+    model = data_parallel(head, ranks)  # averages gradients in backward
     target = copy.deepcopy(head).requires_grad_(False)
     target_ema = EMAModel(head.parameters(), decay=cfg.target_decay, foreach=True)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-6, fused=True)
@@ -217,7 +216,8 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     model = None  # DDP's reducer must go before its process group, or its destructor can wait forever
     finish(ranks)
     result = {"step": step, "train_seconds": round(train_seconds, 1), "variant": cfg.variant, "ranks": ranks.world,
-              "samples_per_second": round(step * cfg.batch_size / max(train_seconds, 1e-9), 1), "replicas_identical": in_sync}
+              "gradient_exchange": ranks.exchange, "replicas_identical": in_sync,
+              "samples_per_second": round(step * cfg.batch_size / max(train_seconds, 1e-9), 1)}
     if not ranks.main:
         return {**result, "main": False}
     writer.close()
@@ -241,7 +241,7 @@ def main(cfg: DictConfig) -> dict:
     if not result.pop("main"):
         return result
     if result["ranks"] > 1:
-        print(f"{result['ranks']} ranks (DDP); replicas identical at the end: {result['replicas_identical']}")
+        print(describe(result))
     print(f"distilled {result['step']} iterations in {result['train_seconds']:.0f}s; "
           f"checkpoint (teacher + head): {run_dir / 'checkpoints' / 'last.pt'}")
     return result

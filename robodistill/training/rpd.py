@@ -61,7 +61,7 @@ from robodistill.evaluation import evaluate
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
-from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, finish, replicas_identical, setup
+from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
 from robodistill.training.runs import find_resume
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
@@ -575,7 +575,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         eval_env.close()
     finish(ranks)
     return {"history": history, "student": str(run_dir / "student.zip"), "ranks": ranks.world,
-            "replicas_identical": in_sync, "main": ranks.main}
+            "gradient_exchange": ranks.exchange, "replicas_identical": in_sync, "main": ranks.main}
 
 
 def main(cfg: DictConfig) -> dict:
@@ -589,7 +589,7 @@ def main(cfg: DictConfig) -> dict:
     if not result["main"]:
         return result
     if result["ranks"] > 1:
-        print(f"{result['ranks']} ranks (DDP); replicas identical at the end: {result['replicas_identical']}")
+        print(describe(result))
     last = result["history"][-1]
     lo, hi = last["ci95"]
     print(f"{config.env.task}: {last['step']} env steps, success_once {last['success_once']:.0%} [{lo:.0%}, {hi:.0%}] "
