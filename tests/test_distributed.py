@@ -67,21 +67,28 @@ def test_launcher_bad_input_is_one_clear_line(cli, pushcube_demos):
 
 
 def test_shared_memory_mean_matches_gloo_on_three_ranks(tmp_path):
-    """The shared-memory average (growing its buffer, then reusing it) against gloo's all-reduce of
-    the same tensors, on 3 ranks: equal up to rounding, bit-identical on every rank, no files left."""
+    """The shared-memory average (growing its buffer, then reusing it; gloo where /dev/shm is full)
+    against gloo's all-reduce of the same tensors, on 3 ranks: equal up to rounding, bit-identical on
+    every rank, no files left."""
     script = tmp_path / "mean.py"
     script.write_text(textwrap.dedent(f"""
-        import torch, torch.distributed as dist
+        import os, torch, torch.distributed as dist
         from robodistill.training.distributed import finish, mean_, setup
         ranks, _ = setup("cpu")
         gen = torch.Generator().manual_seed(ranks.rank)
         out = []
-        for n in (7, 1000, 300_000, 5, 300_000):
+        def check(n):
             t = torch.randn(n, generator=gen)
             ref = t.clone()
             dist.all_reduce(ref)
             out.append((mean_(t, ranks).clone(), ref / ranks.world))
-        torch.save({{"exchange": ranks.exchange, "out": out}}, "{tmp_path}/rank%d.pt" % ranks.rank)
+        for n in (7, 1000, 300_000, 5, 300_000):
+            check(n)
+        slot_bytes = ranks.shared.slot_bytes
+        os.statvfs = lambda path: os.statvfs_result((4096,) + (0,) * 9)  # /dev/shm full: no room for more
+        check(600_000)  # so gloo averages it
+        torch.save({{"exchange": ranks.exchange, "out": out, "grown": ranks.shared.slot_bytes != slot_bytes}},
+                   "{tmp_path}/rank%d.pt" % ranks.rank)
         finish(ranks)
     """))
     before = set(os.listdir("/dev/shm"))
@@ -90,7 +97,7 @@ def test_shared_memory_mean_matches_gloo_on_three_ranks(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     results = [torch.load(tmp_path / f"rank{k}.pt") for k in range(3)]
-    assert {res["exchange"] for res in results} == {"shared memory"}
+    assert {res["exchange"] for res in results} == {"shared memory"} and not any(res["grown"] for res in results)
     for k, (mean, ref) in enumerate(results[0]["out"]):
         assert torch.allclose(mean, ref, atol=1e-6), k
         assert all(torch.equal(mean, res["out"][k][0]) for res in results[1:]), k

@@ -52,13 +52,23 @@ class SharedSlots:
         return (not cuda and int(os.environ.get("LOCAL_WORLD_SIZE", 0)) == world
                 and platform.machine() in ("x86_64", "AMD64") and os.access("/dev/shm", os.W_OK))
 
-    def _grow(self, nbytes: int) -> None:
+    def _grow(self, nbytes: int) -> bool:
         """A larger buffer, made by rank 0 and mapped by all (every rank asks at the same call, as a
-        collective); the file is unlinked once mapped, so nothing is left behind in /dev/shm."""
+        collective); the file is unlinked once mapped, so nothing is left behind in /dev/shm. False on
+        every rank where /dev/shm has no room for it (a container's default is 64 MB): writing past a
+        full tmpfs would kill the process, so such tensors go through gloo."""
         self.files += 1
-        self.slot_bytes = -(-nbytes // 64) * 64
-        size = self.world * (self.HEADER + 2 * self.slot_bytes)
+        slot_bytes = -(-nbytes // 64) * 64
+        size = self.world * (self.HEADER + 2 * slot_bytes)
         path = f"/dev/shm/robodistill-{self.run}-{self.files}"
+        room = torch.tensor([0.0])
+        if self.rank == 0:
+            free = os.statvfs("/dev/shm")
+            room[0] = float(free.f_bavail * free.f_frsize > 2 * size)
+        dist.broadcast(room, 0)
+        if not room.item():
+            return False
+        self.slot_bytes = slot_bytes
         if self.rank == 0:
             with open(path, "wb") as f:
                 f.truncate(size)
@@ -70,6 +80,7 @@ class SharedSlots:
         self.counters = raw[: self.world * self.HEADER].view(torch.int64).view(self.world, -1)[:, 0]
         self.slots = raw[self.world * self.HEADER :].view(2, self.world, self.slot_bytes)
         self.generation = 0
+        return True
 
     def _wait(self) -> None:
         self.generation += 1
@@ -84,18 +95,19 @@ class SharedSlots:
                     raise RuntimeError(f"rank {self.rank}: the other ranks did not reach this gradient average "
                                        f"within {dist.default_pg_timeout}")
 
-    def mean_(self, t: torch.Tensor) -> torch.Tensor:
+    def mean_(self, t: torch.Tensor) -> bool:
+        """Average contiguous `t` in place; False (`t` untouched, on every rank) where there is no room."""
         flat = t.view(-1)
         nbytes = flat.numel() * flat.element_size()
-        if nbytes > self.slot_bytes:
-            self._grow(nbytes)
+        if nbytes > self.slot_bytes and not self._grow(nbytes):
+            return False
         slots = self.slots[self.generation % 2, :, :nbytes].view(flat.dtype)
         torch.mul(flat, 1 / self.world, out=slots[self.rank])
         self._wait()
         torch.add(slots[0], slots[1], out=flat)
         for other in range(2, self.world):
             flat.add_(slots[other])
-        return t
+        return True
 
 
 @dataclass(frozen=True)
@@ -130,8 +142,8 @@ def mean_(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """Replace `t` by its mean over the ranks, in place (a collective: every rank, the same size)."""
     if ranks.world == 1:
         return t
-    if ranks.shared is not None and t.is_contiguous():
-        return ranks.shared.mean_(t)
+    if ranks.shared is not None and t.is_contiguous() and ranks.shared.mean_(t):
+        return t
     dist.all_reduce(t)
     return t.div_(ranks.world)
 
