@@ -46,6 +46,7 @@ class SharedSlots:
         self.rank, self.world = rank, world
         self.run = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("MASTER_PORT", "0"))
         self.files, self.slot_bytes, self.generation = 0, 0, 0
+        self.refused = None  # the smallest size /dev/shm had no room for: larger ones are not asked again
 
     @staticmethod
     def available(world: int, cuda: bool) -> bool:
@@ -56,19 +57,23 @@ class SharedSlots:
         """A larger buffer, made by rank 0 and mapped by all (every rank asks at the same call, as a
         collective); the file is unlinked once mapped, so nothing is left behind in /dev/shm. False on
         every rank where /dev/shm has no room for it (a container's default is 64 MB): writing past a
-        full tmpfs would kill the process, so such tensors go through gloo."""
-        self.files += 1
+        full tmpfs would kill the process, so such tensors go through gloo (a DDP bucket comes back every
+        step: once refused, its size is not asked again)."""
+        if self.refused is not None and nbytes >= self.refused:
+            return False
         slot_bytes = -(-nbytes // 64) * 64
         size = self.world * (self.HEADER + 2 * slot_bytes)
-        path = f"/dev/shm/robodistill-{self.run}-{self.files}"
         room = torch.tensor([0.0])
         if self.rank == 0:
             free = os.statvfs("/dev/shm")
             room[0] = float(free.f_bavail * free.f_frsize > 2 * size)
         dist.broadcast(room, 0)
         if not room.item():
+            self.refused = nbytes
             return False
+        self.files += 1
         self.slot_bytes = slot_bytes
+        path = f"/dev/shm/robodistill-{self.run}-{self.files}"
         if self.rank == 0:
             with open(path, "wb") as f:
                 f.truncate(size)
