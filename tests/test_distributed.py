@@ -85,10 +85,14 @@ def test_shared_memory_mean_matches_gloo_on_three_ranks(tmp_path):
         for n in (7, 1000, 300_000, 5, 300_000):
             check(n)
         slot_bytes = ranks.shared.slot_bytes
-        os.statvfs = lambda path: os.statvfs_result((4096,) + (0,) * 9)  # /dev/shm full: no room for more
+        asked = []
+        def full(path):  # /dev/shm full: no room for more
+            asked.append(path)
+            return os.statvfs_result((4096,) + (0,) * 9)
+        os.statvfs = full
         check(600_000)  # so gloo averages it
         check(600_000)  # and the refused size is not asked again
-        torch.save({{"exchange": ranks.exchange, "out": out, "grown": ranks.shared.slot_bytes != slot_bytes}},
+        torch.save({{"exchange": ranks.exchange, "out": out, "grown": ranks.shared.slot_bytes != slot_bytes, "asked": len(asked)}},
                    "{tmp_path}/rank%d.pt" % ranks.rank)
         finish(ranks)
     """))
@@ -99,6 +103,7 @@ def test_shared_memory_mean_matches_gloo_on_three_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     results = [torch.load(tmp_path / f"rank{k}.pt") for k in range(3)]
     assert {res["exchange"] for res in results} == {"shared memory"} and not any(res["grown"] for res in results)
+    assert results[0]["asked"] == 1  # rank 0 checks the room; a size once refused is not checked again
     for k, (mean, ref) in enumerate(results[0]["out"]):
         assert torch.allclose(mean, ref, atol=1e-6), k
         assert all(torch.equal(mean, res["out"][k][0]) for res in results[1:]), k
