@@ -2,9 +2,11 @@
 
 1. `robodistill train-vla` on `--tasks` (demos made where missing, `--demos` per task) for
    `--vla-minutes` of training; 2. the VLA evaluated on every task (`--eval-episodes`, fixed seeds);
-3. per task and seed, `robodistill rpd teacher=<the VLA>` with an RGB student (the teacher needs the
-   camera; the student sees the same image and proprioception) for `--rpd-steps` env steps, one run
-   at a time on each of `--cores`; its final evaluation uses the same episodes.
+3. per task and seed, `robodistill rpd teacher=<the VLA>` for `--rpd-steps` env steps, one run at a
+   time on each of `--cores`; its final evaluation uses the same episodes. `--student state` (the
+   default): an MLP on the simulator's state, the VLA shown camera images rendered from the student's
+   states only where it is asked (`teacher_obs_mode=rgb`); `--student rgb`: a CNN on the VLA's own
+   camera and proprioception, rendered every step.
 
 Prints a markdown table (VLA vs student per task, whether the student beats the VLA) and writes
 vla_rpd.json and vla_rpd.png (success per task, intervals as error bars) under `--out`.
@@ -12,9 +14,11 @@ vla_rpd.json and vla_rpd.png (success per task, intervals as error bars) under `
     taskset -c 0,1 .venv/bin/python benchmarks/vla_rpd.py [--tasks PushCube-v1 PickCube-v1 PullCube-v1 LiftPegUpright-v1]
         [--demos 20] [--vla-minutes 30] [--rpd-steps 100000] [--seeds 0] [--cores 0 1] [--out runs/bench-vla-rpd]
 
-Sizing on 2 CPU cores: RGB simulation runs at ~16 env steps/s per core at 128px (faster at 64px),
-so the full default grid takes many hours here: shrink it (`--demos`, `--vla-minutes`, `--rpd-steps`,
-`--eval-episodes`) or run it on a bigger machine.
+Sizing on 2 CPU cores: a camera frame costs ~25 ms here whatever its size (lavapipe), so RGB
+simulation runs at ~30 env steps/s and an RGB student trains at 16-25; a state student, whose teacher
+is rendered two frames per eight steps, trains several times faster. The full default grid still
+takes hours here: shrink it (`--demos`, `--vla-minutes`, `--rpd-steps`, `--eval-episodes`) or run it
+on a bigger machine.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from rpd import RD, run, run_on_cores, wait  # noqa: E402  (the same way of runn
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def env_args(task: str, a: argparse.Namespace) -> list[str]:
-    return [f"env={task}", "env.obs_mode=rgb", f"env.control_mode={a.control_mode}", f"env.image_size={a.image_size}",
+def env_args(task: str, a: argparse.Namespace, obs_mode: str = "rgb") -> list[str]:
+    return [f"env={task}", f"env.obs_mode={obs_mode}", f"env.control_mode={a.control_mode}", f"env.image_size={a.image_size}",
             f"env.max_episode_steps={a.max_episode_steps}"]
 
 
@@ -48,6 +52,7 @@ def main() -> None:
     ap.add_argument("--vla-minutes", type=float, default=30.0)
     ap.add_argument("--vla-iterations", type=int, default=100_000, help="an upper bound; --vla-minutes usually stops it first")
     ap.add_argument("--eval-episodes", type=int, default=50)
+    ap.add_argument("--student", choices=("state", "rgb"), default="state", help="what the RPD student sees")
     ap.add_argument("--rpd-steps", type=int, default=100_000)
     ap.add_argument("--rpd-eval-every", type=int, default=20_000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -63,7 +68,7 @@ def main() -> None:
         log = a.out / "vla.log"
         wait(run([*RD, "train-vla", f"tasks=[{','.join(a.tasks)}]", f"demos={a.demos}", f"datasets={a.out / 'datasets'}",
                   f"image_size={a.image_size}", f"control_mode={a.control_mode}", f"max_episode_steps={a.max_episode_steps}",
-                  f"minutes={a.vla_minutes}", f"iterations={a.vla_iterations}", "eval_every=0", "eval_episodes=0",
+                  f"minutes={a.vla_minutes}", f"iterations={a.vla_iterations}", "eval_every=0", "eval_episodes=0", "threads=1",
                   f"workers={len(a.cores)}", f"hydra.run.dir={vla_dir}"], log, a.cores[0]), log)
     print(f"[{time.strftime('%H:%M:%S')}] VLA: {ckpt}", flush=True)
 
@@ -78,13 +83,14 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] VLA on {task}: {vla[task]['rate']:.0%}", flush=True)
 
     students: dict[str, list[dict]] = {task: [] for task in a.tasks}
-    jobs = [((task, seed), run_dir, [*RD, "rpd", *env_args(task, a), f"teacher={ckpt}", f"total_steps={a.rpd_steps}", f"seed={seed}",
-                                     f"eval_every={a.rpd_eval_every}", f"eval_episodes={a.eval_episodes}", "progress=false",
+    sees = ["teacher_obs_mode=rgb"] if a.student == "state" else []
+    jobs = [((task, seed), run_dir, [*RD, "rpd", *env_args(task, a, a.student), *sees, f"teacher={ckpt}", f"total_steps={a.rpd_steps}",
+                                     f"seed={seed}", f"eval_every={a.rpd_eval_every}", f"eval_episodes={a.eval_episodes}", "progress=false",
                                      f"hydra.run.dir={run_dir}", *a.rpd])
-            for task in a.tasks for seed in a.seeds for run_dir in [a.out / "rpd" / task / f"seed{seed}"]]
+            for task in a.tasks for seed in a.seeds for run_dir in [a.out / f"rpd-{a.student}" / task / f"seed{seed}"]]
     run_on_cores(jobs, a.cores, lambda key, run_dir: students[key[0]].append(json.loads((run_dir / "history.json").read_text())[-1]))
 
-    rows = ["| task | VLA success_once [95% CI] | RPD student(s) final success_once [95% CI] | student beats VLA |", "|---|---|---|---|"]
+    rows = [f"| task | VLA success_once [95% CI] | RPD {a.student} student(s) final success_once [95% CI] | student beats VLA |", "|---|---|---|---|"]
     for task in a.tasks:
         v = vla[task]
         s = students[task]

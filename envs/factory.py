@@ -190,7 +190,7 @@ def make_env(
 
         env = single_env(_gym_make(cfg, cfg.num_envs, render), rgb=cfg.obs_mode == "rgb")
         vec = ManiSkillVectorEnv(env, auto_reset=True, ignore_terminations=ignore_terminations, record_metrics=True)
-        return VecEnv(vec, cfg)
+        return VecEnv(vec, cfg, observation=env.observation)
     # AsyncVectorEnv builds one env in this process for the spaces, so config errors surface here.
     make_one = functools.partial(_worker_env, cfg, render, ignore_terminations)
     vec = gym.vector.AsyncVectorEnv(

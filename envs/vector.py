@@ -11,6 +11,7 @@ Convention (ManiSkill's own `ManiSkillVectorEnv` conventions, whatever the backe
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import gymnasium as gym
@@ -76,9 +77,10 @@ class VecEnv:
     `CPUGymWrapper` workers (several CPU envs); `make_env` picks.
     """
 
-    def __init__(self, vec: gym.vector.VectorEnv, cfg):
+    def __init__(self, vec: gym.vector.VectorEnv, cfg, observation=None):
         self._vec = vec
         self.cfg = cfg
+        self._observation = observation  # batched: the convention's wrapper, raw ManiSkill observation -> ours
         self.num_envs: int = vec.num_envs
         self.batched = not isinstance(vec, gym.vector.AsyncVectorEnv)
         self.device = vec.device if self.batched else torch.device("cpu")
@@ -104,6 +106,30 @@ class VecEnv:
             info["final_observation"] = _stack_final_obs(info.pop("final_obs"), obs)
         info = _to_torch(info, self.device)
         return obs, _to_torch(reward, self.device).float(), _to_torch(terminated, self.device), _to_torch(truncated, self.device), info
+
+    def sim_states(self) -> np.ndarray:
+        """(B, S) float32: each env's full simulator state (ManiSkill's `get_state`: poses, velocities,
+        controller targets), from which `observe_states` of another env of the same task rebuilds
+        exactly what that env would observe here."""
+        if self.batched:
+            return self._vec.base_env.get_state().cpu().numpy().astype(np.float32)
+        return np.concatenate([np.asarray(s) for s in self._vec.call("get_state")]).astype(np.float32)
+
+    def observe_states(self, states: np.ndarray) -> Obs:
+        """This env's observations (its obs_mode, camera) of the simulator states `states` (N, S), taken
+        from `sim_states` of an env of the same task. Cameras render only here, so an env of the
+        student's obs_mode can leave images to this one. Between setting the state and observing it,
+        one physics step (undone) gives contacts to read: a grasp judged from them switches a frame early."""
+        if not (self.batched and self.num_envs == 1):
+            raise ValueError("observe_states needs an env with num_envs=1 (it sets one state at a time)")
+        base = self._vec.base_env
+        out = []
+        for state in torch.as_tensor(states, device=self.device):
+            base.set_state(state[None])
+            base.scene.px.step()  # contacts to read (a grasp is judged from them), then back to the state itself
+            base.set_state(state[None])
+            out.append(self._observation(base.get_obs()))
+        return {k: torch.cat([o[k] for o in out]) for k in out[0]}
 
     def render(self) -> np.ndarray:
         """RGB frames of every env, (B, H, W, 3) uint8 (needs `make_env(..., render=True)`)."""
@@ -137,6 +163,17 @@ class SB3View(SB3VecEnv):
         super().__init__(env.num_envs, space, env.single_action_space)
         self._seed: int | None = None
         self._actions: np.ndarray | None = None
+        self.sim_log: deque[np.ndarray] | None = None
+
+    def log_sim_states(self, keep: int) -> None:
+        """From now on keep the simulator states (`VecEnv.sim_states`) of the last `keep` observations
+        returned, oldest first, in `sim_log`: a teacher that sees another observation mode can be
+        shown them later (RPD's `teacher_obs_mode`)."""
+        self.sim_log = deque(maxlen=keep)
+
+    def _log(self) -> None:
+        if self.sim_log is not None:
+            self.sim_log.append(self.env.sim_states())
 
     def to_numpy(self, obs: Obs):
         """A VecEnv observation as this view gives it to SB3."""
@@ -147,6 +184,7 @@ class SB3View(SB3VecEnv):
     def reset(self):
         obs = self.env.reset(seed=self._seed)
         self._seed = None
+        self._log()
         return self.to_numpy(obs)
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -154,6 +192,7 @@ class SB3View(SB3VecEnv):
 
     def step_wait(self):
         obs, reward, terminated, truncated, info = self.env.step(self._actions)
+        self._log()
         done = (terminated | truncated).cpu().numpy()
         infos: list[dict] = [{} for _ in range(self.num_envs)]
         if done.any():

@@ -1,8 +1,10 @@
 """RPD: the teacher-guided PPO student (robodistill rpd) and the teacher interface."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import explained_variance
@@ -198,3 +200,76 @@ def test_rgb_student_cnn_is_pulled_toward_a_teacher_that_sees_images(pickcube_rg
     with make_env(env_cfg, ignore_terminations=True) as env:
         student = load_policy(str(tmp_path / "student.zip"), env)
         assert evaluate(student, env, 1, progress=False).summary["episodes"] == 1
+
+
+def test_a_camera_teacher_sees_exactly_what_a_live_camera_env_sees_of_the_same_states():
+    rng = np.random.default_rng(0)
+    cfg = EnvConfig(task="PushCube-v1", obs_mode="rgb", image_size=48)
+    with make_env(cfg) as live, make_env(cfg) as view:
+        seen, states = [live.reset(seed=3)], [live.sim_states()]
+        for _ in range(20):
+            seen.append(live.step(torch.as_tensor(rng.uniform(-1, 1, (1, 4)), dtype=torch.float32))[0])
+            states.append(live.sim_states())
+        rendered = view.observe_states(np.concatenate(states))
+    for key in ("state", "rgb"):
+        torch.testing.assert_close(rendered[key], torch.cat([s[key] for s in seen]), rtol=0, atol=1e-5)
+
+
+class QposTeacher:
+    """Sees the camera and proprioception; its chunk repeats [qpos_0, qpos_1 of the newest frame, of the frame
+    before, the image's mean brightness], so a label says which states the teacher was shown."""
+
+    obs_horizon, act_horizon = 2, 4
+
+    def act(self, obs):
+        assert obs["rgb"].dtype == torch.uint8 and obs["rgb"].shape[1:] == (2, 48, 48, 3), obs["rgb"].shape
+        state = obs["state"]
+        row = torch.stack([state[:, -1, 0], state[:, -1, 1], state[:, -2, 0], obs["rgb"][:, -1].float().mean((1, 2, 3)) / 255], -1)
+        return row[:, None].repeat(1, self.act_horizon, 1)
+
+
+def test_a_state_student_s_camera_teacher_is_shown_its_stored_states_rendered_only_where_it_asks():
+    with make_env(EnvConfig(task="PickCube-v1", max_episode_steps=50)) as env, \
+            make_env(EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48)) as view:
+        rendered = []
+        observe = view.observe_states
+        view.observe_states = lambda states: rendered.append(len(states)) or observe(states)
+        vec = SB3View(env)
+        vec.log_sim_states(13)
+        model = RPD("MlpPolicy", vec, teacher=QposTeacher(), teacher_view=view, seed=0, **{**SMALL, "n_steps": 12, "batch_size": 12})
+        fit_normalizer(model, vec, 10, seed=0)
+        labels, observations = [], []
+        for _ in range(2):  # two rollouts of one episode: the second one's history starts in the first
+            model.learn(12, reset_num_timesteps=False)
+            buf = model.rollout_buffer  # flattened by the update: one env, so in time order
+            labels.append(buf.teacher_actions.reshape(12, -1).copy())
+            observations.append(buf.observations.reshape(12, -1).copy())
+    labels, qpos = np.concatenate(labels), np.concatenate(observations)[:, :2]
+    asked = np.arange(24) // 4 * 4  # every act_horizon steps from the episode's start, the chunk's actions between
+    np.testing.assert_allclose(labels[:, :2], qpos[asked], atol=1e-5)  # the states behind the stored observations
+    np.testing.assert_allclose(labels[:, 2], qpos[np.maximum(asked - 1, 0), 0], atol=1e-5)  # and the frame before
+    assert (labels[:, 3] > 0.1).all()  # a real image
+    assert sum(rendered) == 6 * 2 - 1, rendered  # 6 questions x 2 frames, the episode's first state once
+
+
+def test_rpd_trains_a_state_student_of_an_rgb_teacher_it_shows_rendered_states(pickcube_rgb_demos, tmp_path):
+    from robodistill.errors import UserError
+    from robodistill.training.rpd import check, train
+    from robodistill.training.teacher import TrainTeacherConfig, train as train_teacher
+
+    env_cfg = EnvConfig(task="PickCube-v1", image_size=48, max_episode_steps=20)
+    train_teacher(TrainTeacherConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), dataset=str(pickcube_rgb_demos["path"]),
+                                     iterations=4, batch_size=8, eval_every=0, eval_episodes=0, val_fraction=0, threads=1), tmp_path / "teacher")
+    teacher = str(tmp_path / "teacher" / "checkpoints" / "last.pt")
+    cfg = RPDConfig(env=env_cfg, teacher=teacher, teacher_obs_mode="rgb", total_steps=60, n_steps=20, batch_size=20, n_epochs=1,
+                    warm_start_steps=20, hidden=[16], eval_every=0, eval_episodes=1, progress=False)
+    result = train(cfg, tmp_path / "student")
+    student = PPO.load(result["student"], device="cpu")
+    with make_env(env_cfg) as env:
+        assert student.observation_space.shape == env.single_observation_space["state"].shape  # the full state, no image
+    assert result["history"][-1]["step"] == 60
+    for bad, message in (({"teacher_obs_mode": "depth"}, "teacher_obs_mode='depth' is not one of state, rgb"),
+                         ({"teacher": "none", "warm_start_steps": 0}, "teacher=none is not one"),
+                         ({"teacher": "ws://127.0.0.1:9"}, "a served teacher is sent the student's observations")):
+        with pytest.raises(UserError, match=message):
+            check(replace(cfg, **bad))

@@ -21,6 +21,11 @@ buffer's episode starts), not per minibatch per epoch as in the authors' code: t
 several times cheaper. Truncated episodes bootstrap from the value of their last observation (SB3's
 time-limit handling, ManiSkill's finite-horizon GAE); envs reset independently (partial resets).
 
+`teacher_obs_mode=rgb` with a state student: the training envs log the simulator state behind every
+observation they return (`SB3View.log_sim_states`), and the teacher is shown camera observations of
+those states, rendered by a second env (`VecEnv.observe_states`) only for the frames it is asked with,
+so an RGB teacher (the VLA) costs two rendered frames per chunk instead of one per env step.
+
 `warm_start_steps=N` (not in the paper; off by default): before PPO the teacher acts in the training
 envs for N env steps (counted in total_steps), the state normaliser is fitted on its states, the
 student's mean on its actions (MSE) and V on its episodes' discounted returns; then RPD as above.
@@ -38,7 +43,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -55,7 +60,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from robodistill.envs import EnvConfig, SB3View, make_env
+from robodistill.envs import EnvConfig, SB3View, VecEnv, make_env
+from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.inference.chunks import ChunkExecutor
@@ -86,6 +92,10 @@ class RPDConfig:
     # chunk: the teacher is asked every act_horizon steps of an episode and the steps between get the rest of
     # its chunk, as it acts itself; step: asked at every observation, its first action (re-plans every step).
     labels: str = "chunk"
+    # What the teacher sees. None: the student's observations. rgb: camera observations (env.image_size) of the
+    # student's simulator states, rendered only where the teacher is asked: a state student of an RGB teacher (the
+    # VLA) renders two frames per teacher chunk instead of one per env step.
+    teacher_obs_mode: str | None = None
     # PPO (RPD's defaults, sized for a few CPU envs)
     n_steps: int = 200  # rollout length per env
     batch_size: int = 100  # minibatch size
@@ -182,8 +192,8 @@ class RPD(PPO):
 
     def __init__(self, *args, teacher: Teacher | None = None, distill: str = "mse", distill_coef: float = 1.0,
                  schedule: str = "constant", anneal_steps: int | None = None, labels: str = "chunk",
-                 teacher_batch: int = 4096, ranks: Ranks = Ranks(), **kwargs):
-        self.teacher, self.ranks = teacher, ranks
+                 teacher_view: VecEnv | None = None, teacher_batch: int = 4096, ranks: Ranks = Ranks(), **kwargs):
+        self.teacher, self.teacher_view, self.ranks = teacher, teacher_view, ranks
         self.distill, self.distill_coef, self.schedule = distill, distill_coef, schedule
         self.anneal_steps, self.labels, self.teacher_batch = anneal_steps, labels, teacher_batch
         self._tail: tuple[dict, np.ndarray] | None = None
@@ -193,7 +203,7 @@ class RPD(PPO):
         super().__init__(*args, rollout_buffer_class=TeacherDictRolloutBuffer if dict_obs else TeacherRolloutBuffer, **kwargs)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "teacher", "_tail", "_open", "ranks"]
+        return [*super()._excluded_save_params(), "teacher", "teacher_view", "_tail", "_open", "ranks"]
 
     @property
     def global_steps(self) -> int:
@@ -228,9 +238,14 @@ class RPD(PPO):
         still open at the end of a rollout labels the start of the next one."""
         h = self.teacher.obs_horizon
         every = self.teacher.act_horizon if self.labels == "chunk" else 1
-        obs = buffer.observations if isinstance(buffer.observations, dict) else {"state": buffer.observations}
         starts = buffer.episode_starts.astype(bool)
         n, envs = starts.shape
+        if self.teacher_view is None:
+            obs = buffer.observations if isinstance(buffer.observations, dict) else {"state": buffer.observations}
+        else:  # the simulator states behind the stored observations (the newest logged one is the next rollout's first)
+            log = self.env.unwrapped.sim_log
+            assert log is not None and len(log) == n + 1, "SB3View.log_sim_states(n_steps + 1) must be on before learn()"
+            obs = {"sim": np.stack(list(log)[:-1])}
         step, into, carried = self._open or (np.zeros(envs, np.int64), np.zeros(envs, np.int64), None)
         ask, offset = np.zeros((n, envs), bool), np.zeros((n, envs), np.int64)
         for t in range(n):
@@ -249,6 +264,8 @@ class RPD(PPO):
             if key == "rgb":  # the buffer holds SB3's channel-first copy; policies take (H, W, C) uint8
                 hist = np.moveaxis(hist, -3, -1).astype(np.uint8)
             asked[key] = torch.from_numpy(hist) if key == "rgb" else torch.from_numpy(hist).float()
+        if self.teacher_view is not None:
+            asked = self._render(asked.pop("sim").numpy())
         q = len(asked["state"])
         chunks = np.concatenate([self.teacher.act({k: v[i : i + self.teacher_batch] for k, v in asked.items()})[:, :every].cpu().numpy()
                                  for i in range(0, q, self.teacher_batch)])
@@ -262,6 +279,14 @@ class RPD(PPO):
         self._open = (step, into, chunks[chunk_of[-1]])
         if h > 1:
             self._tail = ({k: v[-(h - 1):].copy() for k, v in obs.items()}, starts[-(h - 1):].copy())
+
+    def _render(self, states: np.ndarray) -> dict[str, torch.Tensor]:
+        """(q, h, S) simulator states -> the teacher's (q, h, ...) observations of them, each distinct
+        state rendered once (an episode's first state repeats in its padded histories)."""
+        q, h, size = states.shape
+        unique, inverse = np.unique(states.reshape(-1, size), axis=0, return_inverse=True)
+        seen = self.teacher_view.observe_states(unique)
+        return {k: v.cpu()[torch.from_numpy(inverse.reshape(-1))].reshape(q, h, *v.shape[1:]) for k, v in seen.items()}
 
     def _distill_loss(self, dist, teacher_actions: torch.Tensor) -> torch.Tensor:
         if self.distill == "bc":
@@ -342,12 +367,15 @@ class TeacherSteps(NamedTuple):
 
 
 @torch.no_grad()
-def teacher_rollout(env, vec: SB3View, teacher: Teacher, steps: int, gamma: float, seed: int) -> TeacherSteps:
-    """`steps` env steps (rounded up to whole rounds of the envs) of the teacher acting in the training envs."""
+def teacher_rollout(env, vec: SB3View, teacher: Teacher, steps: int, gamma: float, seed: int,
+                    view: VecEnv | None = None) -> TeacherSteps:
+    """`steps` env steps (rounded up to whole rounds of the envs) of the teacher acting in the training envs,
+    seeing them through `view` (`VecEnv.observe_states`) where it has one."""
     n = env.num_envs
+    sees = (lambda obs: view.observe_states(env.sim_states())) if view is not None else (lambda obs: obs)  # noqa: E731
     obs = env.reset(seed=[seed + i for i in range(n)])
     executor = ChunkExecutor(ActingTeacher(teacher), n)
-    executor.observe(obs)
+    executor.observe(sees(obs))
     observations, actions, rewards, dones, successes = [], [], [], [], 0
     for _ in range(math.ceil(steps / n)):
         observations.append(vec.to_numpy(obs))
@@ -359,7 +387,7 @@ def teacher_rollout(env, vec: SB3View, teacher: Teacher, steps: int, gamma: floa
         actions.append(action.float().cpu())
         rewards.append(reward.float().cpu())
         dones.append(done)
-        executor.observe(obs, done)
+        executor.observe(sees(obs), done)
     returns = torch.zeros(len(rewards), n)
     complete = torch.zeros(len(rewards), n, dtype=torch.bool)
     ret, ended = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
@@ -380,7 +408,7 @@ def warm_start(model: PPO, env, vec: SB3View, teacher: Teacher, cfg: RPDConfig, 
     reward rarely succeeds there; this one starts where the teacher is (on sparse PushCube, PPO's
     next updates still lost its successes: rpd_sparse_diagnostics.md)."""
     per_rank = math.ceil(cfg.warm_start_steps / ranks.world / env.num_envs) * env.num_envs
-    data = teacher_rollout(env, vec, teacher, per_rank, gamma, seed)
+    data = teacher_rollout(env, vec, teacher, per_rank, gamma, seed, model.teacher_view)
     # The normaliser is fitted on the states the warm-started student is meant to act on, the teacher's, rather than
     # on random actions' (measured: no consistent difference, see rpd_sparse_diagnostics.md; no extra env steps).
     model.policy.features_extractor.fit(data.observations["state"] if isinstance(data.observations, dict) else data.observations)
@@ -510,6 +538,14 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"warm_start_steps={cfg.warm_start_steps} is counted in total_steps={cfg.total_steps}: make it smaller")
     if cfg.checkpoint_every < 1:
         raise UserError(f"checkpoint_every={cfg.checkpoint_every} must be >= 1")
+    if cfg.teacher_obs_mode is not None:
+        if cfg.teacher_obs_mode not in OBS_MODES:
+            raise UserError(f"teacher_obs_mode='{cfg.teacher_obs_mode}' is not one of {', '.join(OBS_MODES)} (or null: the student's)")
+        if cfg.env.task == AGV_TASK:
+            raise UserError(f"teacher_obs_mode renders ManiSkill simulator states; {AGV_TASK} has no camera: drop teacher_obs_mode")
+        if cfg.teacher in ("none", "") or cfg.teacher.startswith(("ws://", "wss://")):
+            raise UserError(f"teacher_obs_mode={cfg.teacher_obs_mode} renders observations for a local teacher checkpoint; "
+                            f"teacher={cfg.teacher} is not one (a served teacher is sent the student's observations)")
     if cfg.env.obs_mode == "rgb" and cfg.env.image_size < 36:
         raise UserError(f"env.image_size={cfg.env.image_size} is too small for the student's NatureCNN: use 36 or more (64 is typical)")
 
@@ -524,11 +560,16 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
     gamma = cfg.gamma if cfg.gamma is not None else (0.8 if dense else 0.99)
     env = make_env(cfg.env)
     eval_env = make_env(cfg.env, ignore_terminations=True)
+    view = None
     try:
-        teacher = load_teacher(cfg.teacher, eval_env, cfg.api_key)
+        if cfg.teacher_obs_mode not in (None, cfg.env.obs_mode):
+            view = make_env(replace(cfg.env, obs_mode=cfg.teacher_obs_mode, num_envs=1))
+        teacher = load_teacher(cfg.teacher, view or eval_env, cfg.api_key)
         vec = SB3View(env)
+        if view is not None:
+            vec.log_sim_states(cfg.n_steps + 1)
         rpd = {"teacher": teacher, "distill": cfg.distill, "distill_coef": cfg.distill_coef, "schedule": cfg.schedule,
-               "anneal_steps": cfg.anneal_steps, "labels": cfg.labels, "ranks": ranks}
+               "anneal_steps": cfg.anneal_steps, "labels": cfg.labels, "teacher_view": view, "ranks": ranks}
         resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
         history: list[dict] = []
         if resume_path is not None:
@@ -571,8 +612,9 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
             save_atomic(model, run_dir / "student.zip")
         in_sync = replicas_identical(model.policy, ranks)
     finally:
-        env.close()
-        eval_env.close()
+        for e in (env, eval_env, view):
+            if e is not None:
+                e.close()
     finish(ranks)
     return {"history": history, "student": str(run_dir / "student.zip"), "ranks": ranks.world,
             "gradient_exchange": ranks.exchange, "replicas_identical": in_sync, "main": ranks.main}
