@@ -12,7 +12,8 @@ Prints a markdown table (VLA vs student per task, whether the student beats the 
 vla_rpd.json and vla_rpd.png (success per task, intervals as error bars) under `--out`.
 
     taskset -c 0,1 .venv/bin/python benchmarks/vla_rpd.py [--tasks PushCube-v1 PickCube-v1 PullCube-v1 LiftPegUpright-v1]
-        [--demos 20] [--vla-minutes 30] [--rpd-steps 100000] [--seeds 0] [--cores 0 1] [--out runs/bench-vla-rpd]
+        [--demos 40] [--vla-iterations 25000] [--student state] [--rpd-steps 200000] [--seeds 0] [--cores 0 1]
+        [--out runs/bench-vla-rpd] [--rpd warm_start_steps=10000 distill_coef=0.1 schedule=cosine]
 
 Sizing on 2 CPU cores: a camera frame costs ~25 ms here whatever its size (lavapipe), so RGB
 simulation runs at ~30 env steps/s and an RGB student trains at 16-25; a state student, whose teacher
@@ -45,15 +46,16 @@ def env_args(task: str, a: argparse.Namespace, obs_mode: str = "rgb") -> list[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="+", default=["PushCube-v1", "PickCube-v1", "PullCube-v1", "LiftPegUpright-v1"])
-    ap.add_argument("--demos", type=int, default=20, help="motion-planning demos per task")
+    ap.add_argument("--demos", type=int, default=40, help="motion-planning demos per task")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--control-mode", default="pd_ee_delta_pose")
     ap.add_argument("--max-episode-steps", type=int, default=200)
-    ap.add_argument("--vla-minutes", type=float, default=30.0)
-    ap.add_argument("--vla-iterations", type=int, default=100_000, help="an upper bound; --vla-minutes usually stops it first")
+    ap.add_argument("--vla-iterations", type=int, default=25_000,
+                    help="the learning-rate schedule's length: a run stopped by --vla-minutes first never decays it (77 min on one core here)")
+    ap.add_argument("--vla-minutes", type=float, default=120.0, help="a bound on the VLA's training time")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--student", choices=("state", "rgb"), default="state", help="what the RPD student sees")
-    ap.add_argument("--rpd-steps", type=int, default=100_000)
+    ap.add_argument("--rpd-steps", type=int, default=200_000, help="the RPD benchmark's budget")
     ap.add_argument("--rpd-eval-every", type=int, default=20_000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--cores", type=int, nargs="+", default=[0, 1], help="one RPD run at a time on each")

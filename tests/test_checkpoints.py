@@ -57,3 +57,11 @@ def test_load_policy_refuses_non_policy_checkpoint_and_wrong_task(tmp_path):
             load_policy("scripted", env)
         with pytest.raises(UserError, match="neither 'random', 'scripted', a bundle directory nor an existing checkpoint"):
             load_policy(str(tmp_path / "nope.pt"), env)
+
+
+def test_a_run_stopped_by_minutes_says_its_learning_rate_schedule_did_not_end():
+    from robodistill.training.runs import schedule_note
+
+    assert schedule_note(12, 12) == ""
+    note = schedule_note(3, 12)
+    assert "25% of iterations=12" in note and "iterations=3 ends the schedule" in note

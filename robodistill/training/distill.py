@@ -38,7 +38,7 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
-from robodistill.training.runs import find_resume
+from robodistill.training.runs import find_resume, schedule_note
 
 
 @dataclass
@@ -243,5 +243,5 @@ def main(cfg: DictConfig) -> dict:
     if result["ranks"] > 1:
         print(describe(result))
     print(f"distilled {result['step']} iterations in {result['train_seconds']:.0f}s; "
-          f"checkpoint (teacher + head): {run_dir / 'checkpoints' / 'last.pt'}")
+          f"checkpoint (teacher + head): {run_dir / 'checkpoints' / 'last.pt'}" + schedule_note(result["step"], config.iterations))
     return result

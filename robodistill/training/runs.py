@@ -33,6 +33,15 @@ def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path,
     return runs[-1] / "checkpoints" / filename
 
 
+def schedule_note(step: int, iterations: int) -> str:
+    """What a user should know when `minutes` stopped a run before `iterations`: its cosine learning-rate
+    schedule (set over `iterations`) never decayed. Empty when the schedule ran to its end."""
+    if step >= iterations:
+        return ""
+    return (f"\nminutes= stopped the run at {step / iterations:.0%} of iterations={iterations}, before its cosine learning rate "
+            f"decayed; iterations={step} ends the schedule in this time")
+
+
 def ema_weights(ema, policy: torch.nn.Module) -> dict:
     """The policy's state dict with the EMA's parameters in place of the trained ones."""
     ema.store(policy.parameters())

@@ -27,7 +27,7 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
-from robodistill.training.runs import ema_weights, find_resume, restore_training, training_state
+from robodistill.training.runs import ema_weights, find_resume, restore_training, schedule_note, training_state
 
 
 @dataclass
@@ -216,6 +216,6 @@ def main(cfg: DictConfig) -> dict:
         print(describe(result))
     best = result["best_success_once"]
     print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s ({result['samples_per_second']:.0f} samples/s)"
-          + (f"; best success_once {best:.1%}" if best >= 0 else "; not evaluated (eval_episodes=0)"))
+          + (f"; best success_once {best:.1%}" if best >= 0 else "; not evaluated (eval_episodes=0)") + schedule_note(result["step"], config.iterations))
     print(f"checkpoints: {run_dir / 'checkpoints'}")
     return result

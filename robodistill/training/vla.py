@@ -31,7 +31,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import ema_weights, find_resume, pick_device, restore_training, training_state
+from robodistill.training.runs import ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
 
 
 @dataclass
@@ -231,7 +231,7 @@ def main(cfg: DictConfig) -> dict:
     config = TrainVLAConfig(**{**raw, "policy": DiffusionConfig(**raw["policy"])})
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(config, run_dir)
-    print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s")
+    print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s" + schedule_note(result["step"], config.iterations))
     final = result["history"][-1] if result["history"] else {}
     if "tasks" in final:
         print("| task | success_once [95% CI] |\n|---|---|")
