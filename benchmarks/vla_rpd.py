@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--control-mode", default="pd_ee_delta_pose")
     ap.add_argument("--max-episode-steps", type=int, default=200)
     ap.add_argument("--vla-iterations", type=int, default=25_000,
-                    help="the learning-rate schedule's length: a run stopped by --vla-minutes first never decays it (77 min on one core here)")
+                    help="the learning-rate schedule's length: a run stopped by --vla-minutes first does not finish decaying it (77-93 min on one core here)")
     ap.add_argument("--vla-minutes", type=float, default=120.0, help="a bound on the VLA's training time")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--student", choices=("state", "rgb"), default="state", help="what the RPD student sees")

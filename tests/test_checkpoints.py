@@ -59,9 +59,19 @@ def test_load_policy_refuses_non_policy_checkpoint_and_wrong_task(tmp_path):
             load_policy(str(tmp_path / "nope.pt"), env)
 
 
-def test_a_run_stopped_by_minutes_says_its_learning_rate_schedule_did_not_end():
+def test_a_run_stopped_by_minutes_says_how_far_its_learning_rate_schedule_decayed():
+    from diffusers.optimization import get_scheduler
+
     from robodistill.training.runs import schedule_note
 
-    assert schedule_note(12, 12) == ""
-    note = schedule_note(3, 12)
+    assert schedule_note(12, 12, warmup=2) == ""
+    note = schedule_note(3, 12, warmup=2)
     assert "25% of iterations=12" in note and "iterations=3 ends the schedule" in note
+    # the rate the run stopped at, as diffusers' schedule set it
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=12)
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+    assert f"learning rate still at {schedule.get_last_lr()[0]:.0%} of its peak" in note
+    assert "still at 50% of its peak" in schedule_note(1, 12, warmup=2)

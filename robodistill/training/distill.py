@@ -243,5 +243,5 @@ def main(cfg: DictConfig) -> dict:
     if result["ranks"] > 1:
         print(describe(result))
     print(f"distilled {result['step']} iterations in {result['train_seconds']:.0f}s; "
-          f"checkpoint (teacher + head): {run_dir / 'checkpoints' / 'last.pt'}" + schedule_note(result["step"], config.iterations))
+          f"checkpoint (teacher + head): {run_dir / 'checkpoints' / 'last.pt'}" + schedule_note(result["step"], config.iterations, config.warmup))
     return result

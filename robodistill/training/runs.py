@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -33,13 +34,15 @@ def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path,
     return runs[-1] / "checkpoints" / filename
 
 
-def schedule_note(step: int, iterations: int) -> str:
-    """What a user should know when `minutes` stopped a run before `iterations`: its cosine learning-rate
-    schedule (set over `iterations`) never decayed. Empty when the schedule ran to its end."""
+def schedule_note(step: int, iterations: int, warmup: int) -> str:
+    """What a user should know when `minutes` stopped a run before `iterations`: how far its cosine
+    learning-rate schedule (set over `iterations`, after `warmup`) had decayed. Empty when it ran to its end."""
     if step >= iterations:
         return ""
-    return (f"\nminutes= stopped the run at {step / iterations:.0%} of iterations={iterations}, before its cosine learning rate "
-            f"decayed; iterations={step} ends the schedule in this time")
+    # diffusers' "cosine" schedule: linear warm-up, then half a cosine period down to 0 at `iterations`
+    factor = step / warmup if step < warmup else 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (iterations - warmup)))
+    return (f"\nminutes= stopped the run at {step / iterations:.0%} of iterations={iterations}, its cosine learning rate still at "
+            f"{factor:.0%} of its peak; iterations={step} ends the schedule in this time")
 
 
 def ema_weights(ema, policy: torch.nn.Module) -> dict:

@@ -216,6 +216,6 @@ def main(cfg: DictConfig) -> dict:
         print(describe(result))
     best = result["best_success_once"]
     print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s ({result['samples_per_second']:.0f} samples/s)"
-          + (f"; best success_once {best:.1%}" if best >= 0 else "; not evaluated (eval_episodes=0)") + schedule_note(result["step"], config.iterations))
+          + (f"; best success_once {best:.1%}" if best >= 0 else "; not evaluated (eval_episodes=0)") + schedule_note(result["step"], config.iterations, config.warmup))
     print(f"checkpoints: {run_dir / 'checkpoints'}")
     return result

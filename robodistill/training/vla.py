@@ -231,7 +231,7 @@ def main(cfg: DictConfig) -> dict:
     config = TrainVLAConfig(**{**raw, "policy": DiffusionConfig(**raw["policy"])})
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(config, run_dir)
-    print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s" + schedule_note(result["step"], config.iterations))
+    print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s" + schedule_note(result["step"], config.iterations, config.warmup))
     final = result["history"][-1] if result["history"] else {}
     if "tasks" in final:
         print("| task | success_once [95% CI] |\n|---|---|")
