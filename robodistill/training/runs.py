@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
+from diffusers.optimization import get_scheduler
 
 from robodistill import checkpoints
 from robodistill.errors import UserError
@@ -39,8 +39,9 @@ def schedule_note(step: int, iterations: int, warmup: int) -> str:
     learning-rate schedule (set over `iterations`, after `warmup`) had decayed. Empty when it ran to its end."""
     if step >= iterations:
         return ""
-    # diffusers' "cosine" schedule: linear warm-up, then half a cosine period down to 0 at `iterations`
-    factor = step / warmup if step < warmup else 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (iterations - warmup)))
+    # the trainers' own schedule (diffusers' "cosine"), read at `step` rather than written out again
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = get_scheduler("cosine", probe, num_warmup_steps=warmup, num_training_steps=iterations).lr_lambdas[0](step)
     return (f"\nminutes= stopped the run at {step / iterations:.0%} of iterations={iterations}, its cosine learning rate still at "
             f"{factor:.0%} of its peak; iterations={step} ends the schedule in this time")
 
