@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    rows = ["| job | one process, {c} threads | DDP {n} ranks x 1 thread | DDP / one |".format(c=os.cpu_count(), n=a.nproc),
+    rows = ["| job | one process, {c} threads | {n} ranks x 1 thread | ranks / one |".format(c=os.cpu_count(), n=a.nproc),
             "|---|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         teacher = Path(tmp) / "teacher-mlp-one-0" / "checkpoints" / "last.pt"
@@ -86,7 +86,7 @@ def main() -> None:
             for i in range(a.repeats):
                 one.append(run(job, a, None, Path(tmp) / f"{job}-one-{i}", teacher))
                 ddp.append(run(job, a, a.nproc, Path(tmp) / f"{job}-ddp-{i}", teacher))
-                print(f"{job} repeat {i}: one {one[-1]:.0f}, ddp {ddp[-1]:.0f} {UNIT.get(job, 'samples/s')}", flush=True)
+                print(f"{job} repeat {i}: one {one[-1]:.0f}, {a.nproc} ranks {ddp[-1]:.0f} {UNIT.get(job, 'samples/s')}", flush=True)
             unit = UNIT.get(job, "samples/s")
             rows.append(f"| {job} ({unit}) | {np.mean(one):.0f} ({', '.join(f'{x:.0f}' for x in one)}) | "
                         f"{np.mean(ddp):.0f} ({', '.join(f'{x:.0f}' for x in ddp)}) | {np.mean(ddp) / np.mean(one):.2f} |")

@@ -21,13 +21,27 @@ def test_two_ranks_stay_identical_and_learn_like_one_process(cli, tmp_path, push
               "eval_episodes=0", "val_fraction=0.34", "policy.mlp_hidden=[64,64]", "checkpoint_every=15"]
     ddp = cli("train-teacher", "launcher=torchrun", "nproc=2", *common, f"hydra.run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "2 ranks (DDP, gradients averaged over shared memory); replicas identical at the end: True" in ddp.stdout
+    assert ("2 ranks (each updating its shard of the parameters, gradients and parameters exchanged over shared memory); "
+            "replicas identical at the end: True") in ddp.stdout
     assert ddp.stdout.count("trained 30 iterations") == 1  # rank 0 alone reports, logs and saves
     one = cli("train-teacher", *common, f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     # The same global batches (each rank its half), so the validation loss follows the same curve.
     for a, b in zip(_rows(tmp_path / "ddp"), _rows(tmp_path / "one"), strict=True):
         assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 0.1 * b["val_loss"], (a, b)
+
+    # Each rank stepped the optimizer and EMA for its shard only; the checkpoint holds them whole, as one process
+    # writes them, so a run continues on any number of ranks.
+    shards, whole = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=False) for run in ("ddp", "one"))
+    layout = lambda state: ({i: {k: v.shape for k, v in s.items()} for i, s in state["optimizer"]["state"].items()},  # noqa: E731
+                            [t.shape for t in state["ema_state"]["shadow_params"]], state["ema_state"]["optimization_step"])
+    assert layout(shards) == layout(whole) and len(whole["optimizer"]["state"]) == len(whole["ema_state"]["shadow_params"])
+    later = cli("train-teacher", "launcher=torchrun", "nproc=2", *common[:2], "iterations=45", *common[3:],
+                f"resume_from={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'later'}")
+    assert later.returncode == 0 and "resumed from" in later.stdout and "at iteration 30" in later.stdout, later.stderr[-3000:]
+    continued = torch.load(tmp_path / "later" / "checkpoints" / "last.pt", weights_only=False)
+    assert {int(s["step"]) for s in continued["optimizer"]["state"].values()} == {45}  # Adam's moments carried on from 30
+    assert continued["ema_state"]["optimization_step"] == 45
 
     # The consistency head of that teacher, on the same two ranks.
     head = cli("distill", "launcher=torchrun", "nproc=2", f"teacher={tmp_path / 'ddp' / 'checkpoints' / 'last.pt'}",

@@ -9,7 +9,8 @@ Gloo has no shared-memory transport for CPU tensors: between ranks of one host i
 goes over loopback TCP, ~4-5 ms for the 2.5 MB gradient of the MLP teacher on a 2-core machine,
 half of its training step. Where all ranks share an x86 host, gradients are averaged through a
 buffer in /dev/shm instead (`SharedSlots`, ~1 ms for the same gradient), as a DDP communication
-hook for DDP's loops and in `average_gradients` for the loops that step their own optimizer.
+hook for DDP's loops and in `average_gradients` for the loops that step their own optimizer. The
+teacher's loop goes further there (`Replicas`): each rank updates only its shard of the parameters.
 """
 
 from __future__ import annotations
@@ -100,19 +101,46 @@ class SharedSlots:
                     raise RuntimeError(f"rank {self.rank}: the other ranks did not reach this gradient average "
                                        f"within {dist.default_pg_timeout}")
 
+    def reserve(self, nbytes: int) -> bool:
+        """Room for tensors of `nbytes` (a collective where the buffer must grow); False where /dev/shm has none."""
+        return nbytes <= self.slot_bytes or self._grow(nbytes)
+
+    def _slots(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.slots[self.generation % 2, :, : flat.numel() * flat.element_size()].view(flat.dtype)
+
     def mean_(self, t: torch.Tensor) -> bool:
         """Average contiguous `t` in place; False (`t` untouched, on every rank) where there is no room."""
         flat = t.view(-1)
-        nbytes = flat.numel() * flat.element_size()
-        if nbytes > self.slot_bytes and not self._grow(nbytes):
+        if not self.reserve(flat.numel() * flat.element_size()):
             return False
-        slots = self.slots[self.generation % 2, :, :nbytes].view(flat.dtype)
+        slots = self._slots(flat)
         torch.mul(flat, 1 / self.world, out=slots[self.rank])
         self._wait()
         torch.add(slots[0], slots[1], out=flat)
         for other in range(2, self.world):
             flat.add_(slots[other])
         return True
+
+    def reduce_scatter_(self, flat: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+        """Average 1-d `flat` over the ranks in place, only within this rank's span (`spans[rank]` =
+        (start, end)); the same bits as `mean_` there. Room must have been `reserve`d."""
+        slots = self._slots(flat)
+        torch.mul(flat, 1 / self.world, out=slots[self.rank])
+        self._wait()
+        a, b = spans[self.rank]
+        torch.add(slots[0, a:b], slots[1, a:b], out=flat[a:b])
+        for other in range(2, self.world):
+            flat[a:b].add_(slots[other, a:b])
+
+    def all_gather_(self, flat: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+        """Every rank's span of 1-d `flat` copied into the other ranks' `flat`. Room must have been `reserve`d."""
+        slots = self._slots(flat)
+        a, b = spans[self.rank]
+        slots[self.rank, a:b].copy_(flat[a:b])
+        self._wait()
+        for other, (a, b) in enumerate(spans):
+            if other != self.rank:
+                flat[a:b].copy_(slots[other, a:b])
 
 
 @dataclass(frozen=True)
@@ -169,10 +197,103 @@ def _mean_hook(ranks, bucket):  # unannotated: DDP checks annotations as objects
     return done
 
 
+class Replicas:
+    """One module trained on every rank, its replicas kept identical, for a loop that steps its own
+    optimizer and EMA:
+
+        loss = replicas.model(batch); replicas.zero_grad(); loss.backward(); replicas.reduce_gradients()
+        optimizer.step(); ema.step(replicas.owned); replicas.gather_parameters()
+
+    Where all ranks share a CPU host's memory (`Ranks.shared`), each rank owns a contiguous 1/N of the
+    parameters (whole tensors): it averages the gradients of only those (a reduce-scatter through shared
+    memory), steps the optimizer and EMA for only those, and then takes the others' updated parameters
+    (an all-gather). DDP would run the optimizer and EMA over every parameter on every rank's one thread,
+    work one process splits over its threads (the MLP teacher at batch 256 on 2 cores: 1.04x one process
+    with shards, 0.85x with DDP; benchmarks/results/ddp.md). The parameters and gradients are views into two flat buffers, so a
+    shard is a slice of each. Elsewhere (one rank; gloo or nccl between hosts or GPUs) the module runs
+    under DDP, which averages the gradients in backward, and every rank owns every parameter.
+
+    Checkpoints hold the whole optimizer and EMA state, as one process writes them (`full`, `local`),
+    so a run resumes on any number of ranks."""
+
+    def __init__(self, module: torch.nn.Module, ranks: Ranks, **ddp):
+        self.module, self.ranks = module, ranks
+        self.params = list(module.parameters())
+        offsets = [0] + torch.tensor([p.numel() for p in self.params]).cumsum(0).tolist()  # each tensor's start in the flat buffers
+        total = offsets[-1]
+        # rank r owns params[bounds[r]:bounds[r + 1]]: the tensor boundary nearest to r / N of all elements
+        self.bounds = [min(range(len(offsets)), key=lambda i: abs(offsets[i] - total * r / ranks.world)) for r in range(ranks.world)]
+        self.bounds.append(len(self.params))
+        self.sharded = (ranks.world > 1 and ranks.shared is not None and all(a < b for a, b in zip(self.bounds, self.bounds[1:]))
+                        and ranks.shared.reserve(total * self.params[0].element_size()))
+        if not self.sharded:
+            self.model, self.owned = data_parallel(module, ranks, **ddp), self.params
+            return
+        self.model = module
+        first = self.params[0]
+        self.flat = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.grads = torch.zeros_like(self.flat)
+        for p, a, b in zip(self.params, offsets, offsets[1:]):
+            self.flat[a:b].copy_(p.detach().flatten())
+            p.data = self.flat[a:b].view_as(p)
+            p.grad = self.grads[a:b].view_as(p)  # backward accumulates into it in place
+        self.spans = [(offsets[a], offsets[b]) for a, b in zip(self.bounds, self.bounds[1:])]
+        self.owned = self.params[self.bounds[ranks.rank] : self.bounds[ranks.rank + 1]]
+
+    def zero_grad(self) -> None:
+        if self.sharded:
+            self.grads.zero_()  # every gradient: the other ranks' shards are averaged from it too
+        else:
+            for p in self.params:
+                p.grad = None
+
+    def reduce_gradients(self) -> None:
+        """After backward: this rank's shard of the gradients averaged over the ranks (DDP did it in backward)."""
+        if self.sharded:
+            self.ranks.shared.reduce_scatter_(self.grads, self.spans)
+
+    def gather_parameters(self) -> None:
+        """After the optimizer step: the other ranks' updated shards."""
+        if self.sharded:
+            self.ranks.shared.all_gather_(self.flat, self.spans)
+
+    def local(self, state: dict) -> dict:
+        """A checkpoint (`runs.training_state`, written by one process or by `full`'s rank 0) with its
+        optimizer and EMA state cut to this rank's shard."""
+        if not self.sharded:
+            return state
+        a, b = self.bounds[self.ranks.rank], self.bounds[self.ranks.rank + 1]
+        optimizer, ema = state["optimizer"], state["ema_state"]
+        return {**state, "optimizer": {"state": {i - a: s for i, s in optimizer["state"].items() if a <= i < b},
+                                       "param_groups": [{**g, "params": list(range(b - a))} for g in optimizer["param_groups"]]},
+                "ema_state": {**ema, "shadow_params": ema["shadow_params"][a:b]}}
+
+    def full(self, optimizer: torch.optim.Optimizer, ema):
+        """The optimizer and EMA over every parameter, as one process holds them, on rank 0 (None, None
+        on the others): what checkpoints and evaluation take. A collective: every rank calls it."""
+        if not self.sharded:
+            return optimizer, ema
+        shards: list | None = [None] * self.ranks.world if self.ranks.main else None
+        dist.gather_object((optimizer.state_dict(), ema.state_dict()), shards, dst=0)
+        if not self.ranks.main:
+            return None, None
+        whole = {"state": {}, "param_groups": [{**shards[0][0]["param_groups"][0], "params": list(range(len(self.params)))}]}
+        shadows = []
+        for start, (opt_state, ema_state) in zip(self.bounds, shards):
+            whole["state"].update({start + i: s for i, s in opt_state["state"].items()})
+            shadows += ema_state["shadow_params"]
+        full_optimizer, full_ema = type(optimizer)(self.params), type(ema)(self.params)
+        full_optimizer.load_state_dict(whole)
+        full_ema.load_state_dict({**shards[0][1], "shadow_params": shadows})
+        return full_optimizer, full_ema
+
+
 def describe(result: dict) -> str:
-    """The line a multi-rank run prints at the end (from its result's `ranks`, `gradient_exchange`, `replicas_identical`)."""
-    return (f"{result['ranks']} ranks (DDP, gradients averaged over {result['gradient_exchange']}); "
-            f"replicas identical at the end: {result['replicas_identical']}")
+    """The line a multi-rank run prints at the end (from its result's `ranks`, `gradient_exchange`,
+    `replicas_identical` and, from a `Replicas` loop, `sharded`)."""
+    how = ("each updating its shard of the parameters, gradients and parameters exchanged over shared memory"
+           if result.get("sharded") else f"DDP, gradients averaged over {result['gradient_exchange']}")
+    return f"{result['ranks']} ranks ({how}); replicas identical at the end: {result['replicas_identical']}"
 
 
 def any_rank(flag: bool, ranks: Ranks) -> bool:

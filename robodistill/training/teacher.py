@@ -26,7 +26,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
-from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
+from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
 from robodistill.training.runs import ema_weights, find_resume, restore_training, schedule_note, training_state
 
 
@@ -91,14 +91,15 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     policy = DiffusionPolicy(p, state_dim, actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None, gripper_dims)
     policy.load_normalizers(fit_normalizers(train_eps, p.normalizer))
     policy.to(device)
-    # Averages gradients in backward. Buffers (normalizer statistics, action bounds) are fixed and equal on every
-    # rank, so DDP's default broadcast of them before each forward is a wasted collective (~7% of an MLP step on CPU).
-    model = data_parallel(policy, ranks, broadcast_buffers=False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # Under DDP: buffers (normalizer statistics, action bounds) are fixed and equal on every rank, so DDP's default
+    # broadcast of them before each forward is a wasted collective (~7% of an MLP step on CPU).
+    replicas = Replicas(policy, ranks, broadcast_buffers=False)
+    model = replicas.model
+    optimizer = torch.optim.AdamW(replicas.owned, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     lr_schedule = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup, num_training_steps=cfg.iterations)
     # Warm-up (decay grows as 1 - (1 + step)^-power up to 0.9999), as diffusion_policy does: a fixed
     # 0.9999 from step 0 would leave the EMA mostly at the random initial weights for 10k steps.
-    ema = EMAModel(policy.parameters(), decay=0.9999, use_ema_warmup=True, power=cfg.ema_power, foreach=True)
+    ema = EMAModel(replicas.owned, decay=0.9999, use_ema_warmup=True, power=cfg.ema_power, foreach=True)
     step, best, train_seconds = 0, -1.0, 0.0
     batch_gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -110,11 +111,12 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         state = checkpoints.load(resume_path, map_location=device)
         if state.get("kind") != KIND or state["policy"] != policy.spec():
             raise UserError(f"{resume_path} was written for another model config: {state.get('policy')} vs {policy.spec()}")
-        restore_training(state, policy, optimizer, lr_schedule, ema, batch_gen)
+        restore_training(replicas.local(state), policy, optimizer, lr_schedule, ema, batch_gen)
         step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
         print(f"resumed from {resume_path} at iteration {step}")
 
-    def save(name: str) -> None:
+    def save(name: str, optimizer, ema) -> None:
+        """`optimizer` and `ema`: `replicas.full`'s, over every parameter."""
         if not ranks.main:
             return
         checkpoints.save(run_dir / "checkpoints" / f"{name}.pt", {
@@ -123,7 +125,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
             **training_state(policy, optimizer, lr_schedule, ema, batch_gen),
         })
 
-    def run_eval() -> dict:
+    def run_eval(ema) -> dict:
         ema_policy.load_state_dict(ema_weights(ema, policy))
         ema_policy.eval()
         report = evaluate(ema_policy, eval_env, cfg.eval_episodes, seed=10_000 + cfg.seed, progress=False)
@@ -152,11 +154,13 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     tick = time.perf_counter()
     while step < cfg.iterations and (cfg.minutes is None or train_seconds < cfg.minutes * 60):
         loss = model(_to(next(batches), device))
-        optimizer.zero_grad(set_to_none=True)
+        replicas.zero_grad()
         loss.backward()
+        replicas.reduce_gradients()
         optimizer.step()
         lr_schedule.step()
-        ema.step(policy.parameters())
+        ema.step(replicas.owned)
+        replicas.gather_parameters()
         step += 1
         bar.update(1)
         if step % 50 == 0 and ranks.main:
@@ -167,9 +171,12 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         train_seconds += now - tick
         tick = now
         last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(train_seconds >= cfg.minutes * 60, ranks))
-        if ranks.main and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+        evaluating, saving = (cfg.eval_every and step % cfg.eval_every == 0) or last, step % cfg.checkpoint_every == 0 or last
+        # the optimizer and EMA over every parameter (on rank 0); a collective: every rank asks
+        whole = replicas.full(optimizer, ema) if evaluating or saving else (None, None)
+        if ranks.main and evaluating:
             row = {"step": step, "train_seconds": round(train_seconds, 1), "loss": loss.item(), "val_loss": val_loss()}
-            summary = run_eval() if cfg.eval_episodes else {}
+            summary = run_eval(whole[1]) if cfg.eval_episodes else {}
             if summary:
                 row.update(success_once=summary["success_once"]["rate"], success_at_end=summary["success_at_end"]["rate"],
                            ci95=summary["success_once"]["ci95"], eval_seconds=round(summary["seconds"], 1))
@@ -177,14 +184,14 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
                     writer.add_scalar(f"eval/{key}", row[key], step)
                 if row["success_once"] > best:
                     best = row["success_once"]
-                    save("best")
+                    save("best", *whole)
             history.append(row)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             tqdm.write(json.dumps(row))
             tick = time.perf_counter()  # evaluation time is not training time
-        if step % cfg.checkpoint_every == 0 or last:
-            save("last")
+        if saving:
+            save("last", *whole)
             tick = time.perf_counter()
     bar.close()
     if ranks.main:
@@ -192,11 +199,12 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         metrics.close()
     eval_env.close()
     in_sync = replicas_identical(policy, ranks)
-    del model  # DDP's reducer must go before its process group, or its destructor can wait forever
+    sharded = replicas.sharded
+    del model, replicas  # DDP's reducer must go before its process group, or its destructor can wait forever
     finish(ranks)
     return {"step": step, "train_seconds": train_seconds, "best_success_once": best, "history": history,
             "samples_per_second": step * cfg.batch_size / max(train_seconds, 1e-9), "ranks": ranks.world,
-            "gradient_exchange": ranks.exchange, "replicas_identical": in_sync, "main": ranks.main}
+            "gradient_exchange": ranks.exchange, "sharded": sharded, "replicas_identical": in_sync, "main": ranks.main}
 
 
 def _to(batch: dict, device: torch.device) -> dict:
