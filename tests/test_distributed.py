@@ -122,3 +122,62 @@ def test_shared_memory_mean_matches_gloo_on_three_ranks(tmp_path):
         assert torch.allclose(mean, ref, atol=1e-6), k
         assert all(torch.equal(mean, res["out"][k][0]) for res in results[1:]), k
     assert set(os.listdir("/dev/shm")) <= before
+
+
+def test_replicas_shards_train_like_ddp_and_save_whole_state(tmp_path):
+    """`Replicas` on 2 ranks: its shards (shared memory) and DDP (gloo: the path for ranks on other hosts) bring a
+    module to the same parameters; `full` gives rank 0 the optimizer and EMA state one process would hold, and
+    `local` cuts that back to exactly each rank's own."""
+    script = tmp_path / "replicas.py"
+    script.write_text(textwrap.dedent(f"""
+        import dataclasses, torch, torch.distributed as dist
+        from diffusers.training_utils import EMAModel
+        from robodistill.training.distributed import Replicas, finish, setup
+        ranks, _ = setup("cpu")
+        out = {{}}
+        for mode in ("shards", "ddp"):
+            torch.manual_seed(0)
+            net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+            replicas = Replicas(net, ranks if mode == "shards" else dataclasses.replace(ranks, shared=None))
+            optimizer, ema = torch.optim.AdamW(replicas.owned, lr=1e-2), EMAModel(replicas.owned, foreach=True)
+            gen = torch.Generator().manual_seed(ranks.rank)
+            for _ in range(5):
+                loss = replicas.model(torch.randn(8, 5, generator=gen)).pow(2).mean()
+                replicas.zero_grad()
+                loss.backward()
+                replicas.reduce_gradients()
+                optimizer.step()
+                ema.step(replicas.owned)
+                replicas.gather_parameters()
+            whole_optimizer, whole_ema = replicas.full(optimizer, ema)
+            if ranks.main:
+                torch.save({{"optimizer": whole_optimizer.state_dict(), "ema_state": whole_ema.state_dict()}}, "{tmp_path}/whole.pt")
+            dist.barrier()
+            cut = replicas.local(torch.load("{tmp_path}/whole.pt", weights_only=False))
+            out[mode] = {{"sharded": replicas.sharded, "owned": len(replicas.owned), "params": [p.detach().clone() for p in net.parameters()],
+                         "whole": torch.load("{tmp_path}/whole.pt", weights_only=False), "cut": cut,
+                         "own": {{"optimizer": optimizer.state_dict(), "ema_state": ema.state_dict()}}}}
+            del replicas
+        torch.save(out, "{tmp_path}/rank%d.pt" % ranks.rank)
+        finish(ranks)
+    """))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=False) for k in range(2))
+    shards, ddp = rank0["shards"], rank0["ddp"]
+    assert shards["sharded"] and not ddp["sharded"] and shards["owned"] + rank1["shards"]["owned"] == ddp["owned"] == 6
+    for a, b, c in zip(shards["params"], rank1["shards"]["params"], ddp["params"], strict=True):
+        assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
+
+    def flat(state):  # every tensor of an optimizer + EMA state, in parameter order
+        opt = state["optimizer"]["state"]
+        return [t for i in sorted(opt) for t in opt[i].values()] + list(state["ema_state"]["shadow_params"])
+
+    for a, b in zip(flat(shards["whole"]), flat(ddp["whole"]), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    for rank in (rank0, rank1):
+        assert all(torch.equal(a, b) for a, b in zip(flat(rank["shards"]["cut"]), flat(rank["shards"]["own"]), strict=True))
+        cut, own = rank["shards"]["cut"]["optimizer"], rank["shards"]["own"]["optimizer"]
+        assert cut["param_groups"] == own["param_groups"] and sorted(cut["state"]) == sorted(own["state"])
