@@ -10,7 +10,8 @@ a run evaluates its student on `--eval-episodes` episodes (the shared evaluation
 Prints one markdown table per task and reward: env steps to reach 80% success_once (the first
 evaluation at or above it; "never" within the budget), final success with its 95% interval (mean
 over seeds, and each seed), training env steps/s (evaluation excluded); and writes rpd.json and
-rpd.png (success vs env steps, one panel per task and reward, the teacher as a dashed line).
+rpd.png (success vs env steps, one panel per task and reward, the teacher as a dashed line; the
+evaluation return below each).
 
     taskset -c 0,1 .venv/bin/python benchmarks/rpd.py [--tasks PushCube-v1] [--rewards dense sparse]
         [--seeds 0 1 2] [--steps 200000] [--cores 0 1] [--out runs/bench-rpd]
@@ -127,18 +128,23 @@ def plot(rows: list[dict], teachers: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["task"], r["reward"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (task, reward) in zip(axes[0], panels):
+    # Below each success panel the evaluation return: where every run stays at 0% success it still shows
+    # which one is getting closer.
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 6.4), squeeze=False, sharex="col")
+    for (ax, ax_return), (task, reward) in zip(axes.T, panels):
         for method, color in (("PPO", "tab:blue"), ("RPD", "tab:orange")):
             runs = [r for r in rows if (r["task"], r["reward"], r["method"]) == (task, reward, method)]
             for i, r in enumerate(runs):
                 steps = [h["step"] for h in r["history"]]
                 ax.plot(steps, [h["success_once"] for h in r["history"]], color=color, alpha=0.8,
                         label=method if i == 0 else None)
+                ax_return.plot(steps, [h["return"] for h in r["history"]], color=color, alpha=0.8)
         ax.axhline(teachers[task]["rate"], color="gray", ls="--", label="teacher")
         ax.axhline(0.8, color="gray", ls=":", lw=0.8)
-        ax.set(title=f"{task}, {reward}", xlabel="env steps", ylabel="success_once", ylim=(-0.02, 1.02))
+        ax.set(title=f"{task}, {reward}", ylabel="success_once", ylim=(-0.02, 1.02))
         ax.legend(loc="lower right")
+        ax_return.set(xlabel="env steps", ylabel="evaluation return (mean)")
+        ax_return.ticklabel_format(axis="x", style="sci", scilimits=(3, 3))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
