@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -22,21 +21,27 @@ from robodistill.errors import UserError
 FORMAT = "robodistill-checkpoint-v1"
 
 
-def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write `payload` atomically: a crash mid-write leaves the previous file intact."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file through `write(f)` under a temp name beside it, then rename it into place: a crash
+    mid-write leaves the previous file intact (checkpoints, and the files a resumed run reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(), not mkstemp: the umask's mode, not 0600
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write `payload` atomically (see `write_atomic`)."""
+    return write_atomic(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -24,6 +25,9 @@ def test_roundtrip_keeps_tensors_config_and_rng(tmp_path):
     again = (random.random(), np.random.rand(), torch.rand(2))
     assert draws[0] == again[0] and draws[1] == again[1] and torch.equal(draws[2], again[2])
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes, not 0600
 
 
 def test_failed_save_keeps_previous_file_and_leaves_no_temp(tmp_path):

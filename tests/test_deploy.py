@@ -225,6 +225,13 @@ def test_late_inference_holds_or_stops_and_stale_actions_are_skipped(bundle, on_
         np.testing.assert_array_equal(actions[0], np.zeros(4))
     low, high = np.asarray(loaded.metadata["action"]["low"]), np.asarray(loaded.metadata["action"]["high"])
     assert all(((a >= low) & (a <= high)).all() for a in actions)
+    # Under position control a zero action is a pose far away, not a stop: an episode's first step waits for its chunk.
+    position = {**loaded.metadata, "env": {**loaded.metadata["env"], "control_mode": "pd_joint_pos"}}
+    agent = ChunkAgent(SlowPolicy(loaded, delay=0.12), position, ControllerConfig(hz=20, deadline_ms=20, on_late=on_late))
+    agent.reset()
+    first = agent.get_action(frame)["actions"]
+    assert not agent.records[0]["late"] and agent.records[0]["wait_ms"] >= 100
+    np.testing.assert_array_equal(first, agent.chunk[0])
     with pytest.raises(UserError, match="replan_below=4"):
         ControllerConfig(replan_below=4).check(4)
 

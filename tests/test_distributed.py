@@ -52,6 +52,18 @@ def test_two_ranks_stay_identical_and_learn_like_one_process(cli, tmp_path, push
     assert json.loads((tmp_path / "head" / "result.json").read_text())["ranks"] == 2
 
 
+def test_ranks_stop_together_when_the_time_budget_runs_out(cli, tmp_path, pushcube_demos):
+    # Rank 0's clock skips its evaluations, rank 1's counts the wait for them: a rank that left the loop on its
+    # own clock left rank 0 waiting for its gradients until gloo's 30-minute timeout.
+    r = cli("train-teacher", "launcher=torchrun", "nproc=2", "env=PushCube-v1", f"dataset={pushcube_demos}",
+            "minutes=0.1", "iterations=1000000", "batch_size=32", "eval_every=60", "eval_episodes=1",
+            "checkpoint_every=1000000", "policy.mlp_hidden=[64,64]", f"hydra.run.dir={tmp_path}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(tmp_path)
+    assert len(rows) >= 3 and 6 <= rows[-1]["train_seconds"] < 7, rows  # evaluated on the way, stopped by the budget
+    assert "replicas identical at the end: True" in r.stdout
+
+
 def test_ppo_student_on_two_ranks_counts_global_steps_and_resumes_on_one(cli, tmp_path):
     common = ["env.num_envs=4", "n_steps=50", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "obs_norm_steps=100",
               "eval_episodes=2", "eval_every=800", "checkpoint_every=800", "progress=false", f"hydra.run.dir={tmp_path}"]

@@ -137,7 +137,10 @@ def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl1
     start, kept = checkpoints.load(init)["ema"], checkpoints.load(out / "offline" / "policy.pt")["ema"]
     assert all(torch.equal(start[k], kept[k]) for k in start)  # rejected candidates never replace the reference
 
-    # A run killed after iteration 1 continues from offline/state.pt: only iteration 2 runs.
+    # A run killed after iteration 1 continues from offline/state.pt: only iteration 2 runs, its critics' and
+    # dynamics' Adam moments carried on (they are refitted from where they were each iteration).
+    state = checkpoints.load(out / "offline" / "state.pt")
+    assert all(opt["state"] for opt in (state["iql_optimizer"], state["dynamics_optimizer"]))
     (out / "offline" / "policy.pt").unlink()
     del report["stages"]["offline"]
     (out / "report.json").write_text(json.dumps(report))
@@ -212,6 +215,7 @@ def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
         ("online.critic_warmup=-1", "dataset=x.h5"): "online.critic_warmup=-1 must be >= 0",
         ("online.clip_noisiest=0", "dataset=x.h5"): "online.clip_noisiest=0.0 must be > 0",
         ("online.eval_every=-1", "dataset=x.h5"): "online.eval_every=-1 must be >= 0",
+        ("env.control_mode=pd_ee_pose", "dataset=x.h5"): "env.control_mode=pd_ee_pose: the online stage holds",
     }.items():
         r = cli("rl100", *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])

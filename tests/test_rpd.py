@@ -60,6 +60,16 @@ def test_chunk_labels_follow_the_teacher_s_own_chunks_across_rollouts():
     assert labelled["chunk"] == [[100, 0], [100, 1], [100, 2], [103, 0], [103, 1], [105, 0], [105, 1],
                                  [105, 2], [201, 0], [201, 1], [201, 2], [204, 0], [204, 1], [204, 2]]
     assert labelled["step"] == [[v, 0] for v in [*range(100, 107), *range(200, 207)]]
+    # Rollouts shorter than a chunk: the third falls wholly inside the chunk asked for in the second.
+    with make_env(ENV) as env:
+        model = RPD("MlpPolicy", SB3View(env), teacher=ChunkTeacher(), seed=0, **{**SMALL, "n_steps": 2, "batch_size": 2})
+        buf, rows = model.rollout_buffer, []
+        for first, starts in ((100, [1, 0]), (200, [0, 0]), (300, [0, 0])):
+            buf.observations[:, 0, 0] = np.arange(first, first + 2)
+            buf.episode_starts[:, 0] = starts
+            model._label(buf)
+            rows += buf.teacher_actions[:, 0, :2].tolist()
+    assert rows == [[100, 0], [100, 1], [100, 2], [201, 0], [201, 1], [201, 2]]
 
 
 class CountingTeacher(PolicyTeacher):
@@ -136,9 +146,13 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
             "normalize_advantage=false"]
     first = cli("rpd", *args, "total_steps=200")
     assert first.returncode == 0 and "warm start: the teacher ran 100 env steps" in first.stdout, first.stderr[-3000:]
+    # Killed after an evaluation at 300 and before the checkpoint there: the resumed run drops that row and goes on.
+    run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))[-1]
+    history = json.loads((run / "history.json").read_text())
+    (run / "history.json").write_text(json.dumps([*history, {**history[-1], "step": 300}]))
     more = cli("rpd", *args, "total_steps=400", "resume=true")
     assert more.returncode == 0 and "at step 200" in more.stdout, more.stderr[-3000:]
-    run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))[-1]
+    run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))[-1]  # the resumed run, in a directory of its own
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
     student = PPO.load(run / "student.zip", device="cpu")

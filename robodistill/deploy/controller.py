@@ -16,7 +16,8 @@ never blocks on the network for longer than its deadline.
      past the deadline it is late: `on_late=hold` repeats the last action, `on_late=stop` sends the
      stop action (zero arm motion under delta/velocity control, the last target under position
      control; the gripper keeps its last command; a bundle's own `action.stop`, such as an AGV's
-     standstill command, where it has one);
+     standstill command, where it has one). Under position control without `action.stop` the
+     first step of an episode has no target to hold yet, so it waits for the first chunk however long;
   5. clamps the action to the bounds in the bundle's metadata.
 With `replan_below=0` and no late steps, the loop executes exactly what `robodistill eval` does.
 
@@ -154,8 +155,9 @@ class ChunkAgent(openpi_agent.Agent):
             obs = {k: np.stack([f[k] for f in self.history]) for k in self.keys}
             self._pending = (self._pool.submit(self._infer, obs), self.step)
         if self._left() == 0 and self._pending is not None:
+            guess = self.last is None and self.stop_action is None and not self.stop_zeroes.any()  # see the module doc
             try:
-                self._pending[0].result(timeout=max(0.0, self.cfg.deadline_s() - (time.perf_counter() - start)))
+                self._pending[0].result(timeout=None if guess else max(0.0, self.cfg.deadline_s() - (time.perf_counter() - start)))
                 self._adopt()
             except FutureTimeout:
                 pass

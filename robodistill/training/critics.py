@@ -202,7 +202,9 @@ def fqe(chain: DenoisingChain, data: Transitions, starts: torch.Tensor, gamma: f
     then averaged over episode start states."""
     gen = torch.Generator().manual_seed(seed)
     next_actions = greedy_actions(chain, data.next_state, seed)
-    q = mlp(data.state.shape[1] + data.action.shape[1], 1)
+    with torch.random.fork_rng():  # the same initial Q for every policy scored: the gate compares policies, not inits
+        torch.manual_seed(seed)
+        q = mlp(data.state.shape[1] + data.action.shape[1], 1)
     target = copy.deepcopy(q).requires_grad_(False)
     opt = torch.optim.Adam(q.parameters(), lr=3e-4)
     sync = max(1, steps // 20)  # hard target updates: the backup must reach ~horizon decisions deep

@@ -184,7 +184,10 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     batches = sample_batches(windows, cfg.batch_size, batch_gen, part=(ranks.rank, ranks.world))
     bar = tqdm(total=cfg.iterations, initial=step, desc=f"distill ({cfg.variant})", unit="it", disable=not ranks.main)
     tick = time.perf_counter()
-    while step < cfg.iterations and (cfg.minutes is None or train_seconds < cfg.minutes * 60):
+    # Every rank leaves the loop on one shared decision, taken on rank 0's clock: it skips the time rank 0
+    # spends evaluating and saving, which the other ranks' clocks count as waiting.
+    last = step >= cfg.iterations or (cfg.minutes is not None and train_seconds >= cfg.minutes * 60)
+    while not last:
         batch = next(batches)
         obs = {k: v.to(device) for k, v in batch["obs"].items()}
         with torch.no_grad():
@@ -207,7 +210,8 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         now = time.perf_counter()
         train_seconds += now - tick
         tick = now
-        last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(train_seconds >= cfg.minutes * 60, ranks))
+        out_of_time = ranks.main and cfg.minutes is not None and train_seconds >= cfg.minutes * 60
+        last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(out_of_time, ranks))
         if step % cfg.checkpoint_every == 0 or last:
             save("last")
             tick = time.perf_counter()

@@ -297,7 +297,7 @@ def describe(result: dict) -> str:
 
 
 def any_rank(flag: bool, ranks: Ranks) -> bool:
-    """True on every rank if it is true on one (e.g. a time budget that one rank has used up)."""
+    """True on every rank if it is true on one (e.g. rank 0 has used up the time budget)."""
     if ranks.world == 1:
         return flag
     t = torch.tensor([float(flag)])

@@ -149,6 +149,10 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"init={cfg.init}: no such checkpoint file")
     if not cfg.dataset and ({"imitation", "offline"} & set(cfg.stages)):
         raise UserError("dataset= is required for the imitation and offline stages: the .h5 written by `robodistill demos`")
+    mode = cfg.env.control_mode
+    if "online" in cfg.stages and mode is not None and "delta" not in mode:
+        raise UserError(f"env.control_mode={mode}: the online stage holds an env whose episode ends mid-chunk still with "
+                        "a zero action, which means 'stay' only under a delta control mode (e.g. pd_ee_delta_pos)")
     check_chain(cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std)
     if cfg.offline.gate not in GATES:
         raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of {', '.join(GATES)}")
@@ -186,9 +190,7 @@ class Run:
         return self.dir / stage / "policy.pt"
 
     def save_report(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.report, indent=2))
-        tmp.replace(self.path)
+        checkpoints.write_atomic(self.path, lambda f: f.write(json.dumps(self.report, indent=2).encode()))
         (self.dir / "report.md").write_text(report_markdown(self.report))
         if self.report["decisions"]:
             plot_ope(self.report["decisions"], self.dir / "ope.png")
@@ -304,6 +306,8 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
         reference.load_state_dict(state["reference"])
         iql.load_state_dict(state["iql"])
         dynamics.load_state_dict(state["dynamics"])
+        iql.opt.load_state_dict(state["iql_optimizer"])  # the critics are refitted each iteration from where they were
+        dynamics.opt.load_state_dict(state["dynamics_optimizer"])
         optimizer.load_state_dict(state["optimizer"])
         buffer = Transitions(**state["buffer"])
         iteration, ref_true = state["iteration"], state["ref_true"]
@@ -379,6 +383,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
             checkpoints.save(state_path, {
                 "actor": actor.state_dict(), "reference": reference.state_dict(), "iql": iql.state_dict(),
                 "dynamics": dynamics.state_dict(), "optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
+                "iql_optimizer": iql.opt.state_dict(), "dynamics_optimizer": dynamics.opt.state_dict(),
                 "iteration": iteration, "ref_true": ref_true, "gen": gen.get_state(), "rng": checkpoints.rng_state()})
             run.save_report()
             bar.update(1)

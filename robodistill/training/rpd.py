@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,6 +58,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from robodistill import checkpoints
 from robodistill.envs import EnvConfig, SB3View, VecEnv, make_env
 from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
@@ -258,17 +257,19 @@ class RPD(PPO):
             step = step + 1
 
         prev_obs, prev_starts = self._tail if self._tail is not None else ({}, None)
-        asked = {}
-        for key, value in obs.items():
-            hist = stack_history(value, starts, h, prev_obs.get(key), prev_starts)[ask]
-            if key == "rgb":  # the buffer holds SB3's channel-first copy; policies take (H, W, C) uint8
-                hist = np.moveaxis(hist, -3, -1).astype(np.uint8)
-            asked[key] = torch.from_numpy(hist) if key == "rgb" else torch.from_numpy(hist).float()
-        if self.teacher_view is not None:
-            asked = self._render(asked.pop("sim").numpy())
-        q = len(asked["state"])
-        chunks = np.concatenate([self.teacher.act({k: v[i : i + self.teacher_batch] for k, v in asked.items()})[:, :every].cpu().numpy()
-                                 for i in range(0, q, self.teacher_batch)])
+        q = int(ask.sum())
+        chunks = np.zeros((0, every, buffer.teacher_actions.shape[-1]), np.float32)
+        if q:  # a rollout shorter than a chunk can lie wholly inside chunks asked for before it
+            asked = {}
+            for key, value in obs.items():
+                hist = stack_history(value, starts, h, prev_obs.get(key), prev_starts)[ask]
+                if key == "rgb":  # the buffer holds SB3's channel-first copy; policies take (H, W, C) uint8
+                    hist = np.moveaxis(hist, -3, -1).astype(np.uint8)
+                asked[key] = torch.from_numpy(hist) if key == "rgb" else torch.from_numpy(hist).float()
+            if self.teacher_view is not None:
+                asked = self._render(asked.pop("sim").numpy())
+            chunks = np.concatenate([self.teacher.act({k: v[i : i + self.teacher_batch] for k, v in asked.items()})[:, :every].cpu().numpy()
+                                     for i in range(0, q, self.teacher_batch)])
         # Chunk ids: the carried chunks are 0..envs-1, this rollout's queries follow in row-major order.
         chunks = np.concatenate([carried if carried is not None else np.zeros((envs, *chunks.shape[1:]), np.float32), chunks])
         ids = np.zeros((n, envs), np.int64)
@@ -451,18 +452,6 @@ def fit_normalizer(model: PPO, vec: SB3View, steps: int, seed: int) -> None:
     vec.seed(seed)  # learn() starts from the same reset as it would have without this
 
 
-def save_atomic(model: PPO, path: Path) -> None:
-    """SB3's zip, written to a temp name and renamed: a kill mid-save keeps the previous one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".zip", dir=path.parent)
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 class RunCallback(BaseCallback):
     """Periodic shared evaluation (success with intervals -> history.json, TensorBoard), atomic
     checkpoints, a progress bar, and training throughput with evaluation time left out."""
@@ -495,7 +484,7 @@ class RunCallback(BaseCallback):
                "success_at_end": s["success_at_end"]["rate"], "return": s["mean_return"], "episodes": s["episodes"],
                "train_steps_per_second": (self.model.global_steps - self.start_steps) / max(train_seconds, 1e-9)}
         self.history.append(row)
-        (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+        checkpoints.write_atomic(self.run_dir / "history.json", lambda f: f.write(json.dumps(self.history, indent=2).encode()))
         self.logger.record("eval/success_once", row["success_once"])
         self.logger.record("eval/return", row["return"])
         if self.bar is not None:
@@ -510,7 +499,7 @@ class RunCallback(BaseCallback):
             self.evaluate()
         if n >= self.next_ckpt:
             self.next_ckpt += self.cfg.checkpoint_every
-            save_atomic(self.model, self.run_dir / "checkpoints" / "last.zip")
+            checkpoints.write_atomic(self.run_dir / "checkpoints" / "last.zip", self.model.save)
         return True
 
     def _on_training_end(self) -> None:
@@ -576,7 +565,8 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
             model = RPD.load(resume_path, env=vec, device=device, **rpd)
             model.num_timesteps = model.num_timesteps * getattr(model, "robodistill_ranks", 1) // ranks.world
             old = resume_path.parent.parent / "history.json"
-            history = json.loads(old.read_text()) if old.is_file() else []
+            # evaluations after the checkpoint were lost with the kill: the resumed run makes them again
+            history = [row for row in json.loads(old.read_text()) if row["step"] <= model.global_steps] if old.is_file() else []
             model.set_random_seed(seed + model.num_timesteps)
             if ranks.main:
                 print(f"resumed from {resume_path} at step {model.global_steps}")
@@ -608,8 +598,8 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         if ranks.main:
             if cfg.eval_every == 0 or history[-1]["step"] != model.global_steps:
                 callback.evaluate()
-            save_atomic(model, run_dir / "checkpoints" / "last.zip")
-            save_atomic(model, run_dir / "student.zip")
+            checkpoints.write_atomic(run_dir / "checkpoints" / "last.zip", model.save)
+            checkpoints.write_atomic(run_dir / "student.zip", model.save)
         in_sync = replicas_identical(model.policy, ranks)
     finally:
         for e in (env, eval_env, view):

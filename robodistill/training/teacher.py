@@ -84,6 +84,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     low, high = eval_env.action_low.cpu(), eval_env.action_high.cpu()
     state_dim = eval_env.single_observation_space["state"].shape[0]
     if train_eps[0].obs["state"].shape[1] != state_dim:
+        eval_env.close()  # rl100's imitation stage calls train() in its process: leave it no env behind
         raise UserError(f"dataset states have {train_eps[0].obs['state'].shape[1]} dims, the env {env_cfg.task} ({env_cfg.obs_mode}) gives {state_dim}: was it recorded for another task or obs_mode?")
     rgb = train_eps[0].obs.get("rgb")
     actions = np.concatenate([e.actions for e in train_eps])
@@ -138,7 +139,11 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         gen = torch.Generator().manual_seed(0)
         batch = next(sample_batches(val_ds, min(len(val_ds), 256), gen))
         policy.eval()
-        loss = policy.loss(_to(batch, device)).item()
+        # The same diffusion noise and timesteps at every evaluation (comparable losses), drawn aside from the
+        # global RNG so that evaluating does not change what training draws next.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            loss = policy.loss(_to(batch, device)).item()
         policy.train()
         return loss
 
@@ -152,7 +157,10 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     bar = tqdm(total=cfg.iterations, initial=step, desc="train-teacher", unit="it", disable=not ranks.main)
     history: list[dict] = []
     tick = time.perf_counter()
-    while step < cfg.iterations and (cfg.minutes is None or train_seconds < cfg.minutes * 60):
+    # Every rank leaves the loop on one shared decision, taken on rank 0's clock: it skips the time rank 0
+    # spends evaluating and saving, which the other ranks' clocks count as waiting.
+    last = step >= cfg.iterations or (cfg.minutes is not None and train_seconds >= cfg.minutes * 60)
+    while not last:
         loss = model(_to(next(batches), device))
         replicas.zero_grad()
         loss.backward()
@@ -170,7 +178,8 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         now = time.perf_counter()
         train_seconds += now - tick
         tick = now
-        last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(train_seconds >= cfg.minutes * 60, ranks))
+        out_of_time = ranks.main and cfg.minutes is not None and train_seconds >= cfg.minutes * 60
+        last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(out_of_time, ranks))
         evaluating, saving = (cfg.eval_every and step % cfg.eval_every == 0) or last, step % cfg.checkpoint_every == 0 or last
         # the optimizer and EMA over every parameter (on rank 0); a collective: every rank asks
         whole = replicas.full(optimizer, ema) if evaluating or saving else (None, None)
