@@ -24,8 +24,12 @@ SCHEMAS = {
 def register_schemas(command: str) -> None:
     """The typed schemas `command`'s yaml builds on (its own and env's), so a misspelled or mistyped
     field is an error. Only these are imported: every other command's module stays unloaded."""
+    from omegaconf import OmegaConf
+
     from robodistill.envs.factory import EnvConfig
 
+    if not OmegaConf.has_resolver("slug"):  # a run's name may be a task id such as robodistill/AGVWarehouse-v0
+        OmegaConf.register_new_resolver("slug", lambda text: str(text).replace("/", "-"))
     module, name = SCHEMAS[command]
     store = ConfigStore.instance()
     store.store(group="schema", name="env", node=EnvConfig)

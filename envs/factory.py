@@ -99,6 +99,8 @@ def _check(cfg: EnvConfig) -> None:
         raise UserError(f"unknown sim_backend '{cfg.sim_backend}' (env.sim_backend). Valid: {', '.join(SIM_BACKENDS)}")
     if cfg.num_envs < 1:
         raise UserError(f"env.num_envs must be >= 1, got {cfg.num_envs}")
+    if cfg.max_episode_steps is not None and cfg.max_episode_steps < 1:
+        raise UserError(f"env.max_episode_steps must be >= 1 (or null: the task's own limit), got {cfg.max_episode_steps}")
     if cfg.sim_backend == "physx_cuda" and not _cuda():
         raise UserError("env.sim_backend=physx_cuda needs a CUDA GPU and a CUDA build of torch; use physx_cpu here")
 

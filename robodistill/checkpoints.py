@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -52,6 +53,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
+        if zipfile.is_zipfile(path) and "policy.pth" in zipfile.ZipFile(path).namelist():
+            raise UserError(f"'{path}' is a stable-baselines3 zip (an rpd student), not a robodistill checkpoint: "
+                            "it goes to eval policy=, export ckpt= or rpd resume_from=") from err
         raise UserError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err}); is it truncated or not a torch file?") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a robodistill checkpoint (expected format {FORMAT})")

@@ -8,7 +8,9 @@ there (`.hydra/config.yaml`). Every hydra flag works (`--cfg job`, `-m` sweeps, 
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -51,16 +53,34 @@ def _usage() -> str:
 
 
 def _guarded(task_fn):
-    """Bad input ends in one clear line, not a traceback through hydra."""
+    """Bad input ends in one clear line, not a traceback through hydra; so does Ctrl-C."""
 
     def run(cfg: DictConfig):
         try:
             return task_fn(cfg)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            _drop_empty_run_dir()
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted: a training run keeps its last checkpoint; the same command with resume=true continues "
+                  "it (rl100: resume_from=<run dir>; agv-train: run_dir=<run dir> resume=true)", file=sys.stderr)
+            _drop_empty_run_dir()
+            sys.exit(130)
 
     return run
+
+
+def _drop_empty_run_dir() -> None:
+    """A run stopped before it wrote anything holds only hydra's own files: remove it, so that `summary`
+    and `resume=true` never take it for a run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "cli.log"}:
+        shutil.rmtree(run_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

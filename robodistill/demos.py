@@ -20,13 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from robodistill.envs import EnvConfig
+from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 
 
@@ -141,6 +141,10 @@ def generate(cfg: DemosConfig) -> dict:
     if cfg.env.control_mode is None:
         raise UserError("env.control_mode must be set for demos (e.g. pd_ee_delta_pos)")
     out_dir = Path(cfg.out or Path("datasets") / cfg.env.task)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"out={out_dir} is a file: give the folder the demonstrations go to")
+    with make_env(replace(cfg.env, num_envs=1)):  # every env field checked now, not after minutes of planning
+        pass
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"mp_n{cfg.n}_seed{cfg.seed}.{cfg.env.obs_mode}.{cfg.env.control_mode}"
     start = time.perf_counter()

@@ -177,6 +177,8 @@ def main(cfg: DictConfig) -> EvalReport:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.episodes < 1:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
+    if cfg.seed < 0:
+        raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {cfg.seed}")
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
     with make_env(env_cfg, render=bool(cfg.video), ignore_terminations=True) as env:

@@ -156,7 +156,8 @@ def test_resume_continues_at_the_same_step(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [("scene", "warehouse", "unknown scene"), ("algo", "sac", "unknown algo"),
                                                    ("combine", "max", "unknown combine"), ("total_steps", 10, "less than one update"),
-                                                   ("collision_penalty", -1.0, "collision_penalty must be >= 0")])
+                                                   ("collision_penalty", -1.0, "collision_penalty must be >= 0"),
+                                                   ("num_envs", 0, "num_envs=0 must be >= 1")])
 def test_bad_training_input_is_a_user_error(field, value, message):
     with pytest.raises(UserError, match=message):
         check(AGVTrainConfig(**{field: value}))
@@ -179,13 +180,24 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     out = cli("agv-train", "scene=simple_static", "num_envs=4", "num_steps=32", "total_steps=128", "eval_episodes=2",
               "obs_norm_init_steps=2", "progress=false", f"run_dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr
+    # Resumed as the README says: the run's own scene and settings carry on; only total_steps is given.
+    more = cli("agv-train", f"run_dir={tmp_path / 'run'}", "resume=true", "total_steps=256", "progress=false")
+    assert more.returncode == 0 and "ppo_rnd on simple_static: 256 env steps" in more.stdout, more.stderr[-2000:]
+    assert checkpoints.load(tmp_path / "run" / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
+    other = cli("agv-train", f"run_dir={tmp_path / 'run'}", "resume=true", "total_steps=384", "scene=complex_static")
+    assert other.returncode == 2 and "is a run of algo=ppo_rnd scene=simple_static" in other.stderr, other.stderr[-2000:]
     ev = cli("eval", f"policy={tmp_path / 'run' / 'policy.pt'}", "env=agv", "env.scene=simple_static", "env.num_envs=2",
-             "episodes=2", "video=true", "video_episodes=1", "name=agv")
+             "episodes=2", "video=true", "video_episodes=1")
     assert ev.returncode == 0, ev.stderr
     (run,) = (tmp_path / "runs" / "eval").iterdir()
+    assert run.name.endswith("-robodistill-AGVWarehouse-v0")  # the task id's "/" does not nest the run directory
     summary = json.loads((run / "eval.json").read_text())["summary"]
     assert {"success_once", "collision", "mean_path_length", "mean_time_to_goal"} <= set(summary)
     assert (run / "videos" / "episode_000.mp4").is_file()
+    # The warehouse also trains SB3 students (rpd, here without a teacher: plain PPO), rated by the same evaluation.
+    student = cli("rpd", "env=agv", "env.scene=simple_static", "total_steps=256", "n_steps=64", "batch_size=64",
+                  "obs_norm_steps=64", "eval_episodes=1", "progress=false", f"hydra.run.dir={tmp_path / 'rpd'}")
+    assert student.returncode == 0 and (tmp_path / "rpd" / "student.zip").is_file(), student.stderr[-2000:]
 
 
 def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, tmp_path):

@@ -50,6 +50,11 @@ def test_truncated_and_foreign_files_are_named_in_the_error(tmp_path):
         checkpoints.load(foreign)
     with pytest.raises(UserError, match="missing.pt' does not exist"):
         checkpoints.load(tmp_path / "missing.pt")
+    from stable_baselines3 import PPO
+
+    PPO("MlpPolicy", "Pendulum-v1", n_steps=64, device="cpu").save(tmp_path / "student.zip")
+    with pytest.raises(UserError, match="student.zip' is a stable-baselines3 zip"):
+        checkpoints.load(tmp_path / "student.zip")
 
 
 def test_load_policy_refuses_non_policy_checkpoint_and_wrong_task(tmp_path):

@@ -1,6 +1,11 @@
 import json
+import signal
+import subprocess
+import time
 
 import pytest
+
+from tests.conftest import ROBODISTILL
 
 
 def test_help_lists_commands_and_command_help_shows_config(cli):
@@ -27,13 +32,15 @@ def test_eval_writes_run_dir_eval_json_and_video(cli, tmp_path):
     assert "policy: scripted" in (run / ".hydra" / "config.yaml").read_text()
 
 
-def test_bad_input_is_one_clear_line(cli):
+def test_bad_input_is_one_clear_line(cli, tmp_path):
     cases = {
         ("env.task=NoSuchTask-v9",): "Supported tasks: PushCube-v1",
         ("env=NoSuchTask-v9",): "Available options in 'env'",
         ("env.control_mode=teleport",): "Valid: pd_joint_delta_pos",
         ("episodes=many",): "could not be converted to Integer",
         ("policy=missing.pt",): "neither 'random', 'scripted', a bundle directory nor an existing checkpoint",
+        ("env.max_episode_steps=0",): "env.max_episode_steps must be >= 1",
+        ("seed=-1",): "seed must be >= 0",
     }
     for args, message in cases.items():
         r = cli("eval", *args, "episodes=1")
@@ -42,6 +49,20 @@ def test_bad_input_is_one_clear_line(cli):
         assert "Traceback" not in r.stderr, (args, r.stderr)
     r = cli("evaluate")
     assert r.returncode == 2 and "unknown command 'evaluate'" in r.stderr
+    assert not (tmp_path / "runs" / "eval").exists() or not list((tmp_path / "runs" / "eval").iterdir())  # no empty runs left
+
+
+def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
+    proc = subprocess.Popen([*ROBODISTILL, "eval", "policy=random", "episodes=100000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "runs" / "eval").glob("*/.hydra/config.yaml")):
+        time.sleep(0.1)
+    time.sleep(3)  # into the command's own work
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted:" in err and "resume=true" in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
 
 
 def test_missing_vulkan_device_names_the_fix(cli):

@@ -117,10 +117,20 @@ def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_pa
     with pytest.raises(UserError, match="ragged.h5, episode traj_1: shapes .*'state': \\(30,\\).* differ"):
         load_episodes(ragged)
 
+    with pytest.raises(UserError, match="is a folder: give the .h5 trajectory file in it"):
+        load_episodes(tmp_path)
     with pytest.raises(UserError, match="obs_mode=none files only hold actions"):
         load_episodes(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")
 
 
-def test_demos_refuses_tasks_without_a_planner(tmp_path):
+def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tmp_path):
     r = run_cli("demos", "env=PushT-v1", "n=1", cwd=tmp_path)
     assert r.returncode == 2 and "no motion-planning solution for PushT-v1" in r.stderr and "PickCube-v1" in r.stderr
+    # A bad env field or out= is named before any planning starts, and nothing is written.
+    (tmp_path / "a_file").write_text("")
+    for args, message in {("env.control_mode=teleport",): "control_mode 'teleport' is not valid for PushCube-v1",
+                          ("env.obs_mode=depth",): "unknown obs_mode 'depth'",
+                          (f"out={tmp_path / 'a_file'}",): "is a file: give the folder"}.items():
+        r = run_cli("demos", "env=PushCube-v1", "n=1", *args, cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    assert not (tmp_path / "datasets").exists()

@@ -210,6 +210,8 @@ def test_rl100_bad_input_is_one_clear_line(cli, tmp_path):
         ("stages=[warmup]",): "stages=['warmup']",
         ("env.obs_mode=rgb", "dataset=x.h5"): "env.obs_mode=state",
         ("init=nope.pt", "stages=[online]"): "init=nope.pt: no such checkpoint file",
+        ("init=nope.pt", "dataset=x.h5"): "init=nope.pt and the imitation stage both give the starting policy",
+        ("eval_episodes=0", "dataset=x.h5"): "eval_episodes=0 and offline.gate_eval_episodes=20 must be >= 1",
         ("offline.gate=median", "dataset=x.h5"): "offline.gate='median' is not one of amq, fqe, both",
         ("offline.amq_penalty=-1", "dataset=x.h5"): "offline.amq_penalty=-1.0: must be >= 0",
         ("online.critic_warmup=-1", "dataset=x.h5"): "online.critic_warmup=-1 must be >= 0",

@@ -152,7 +152,8 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     (run / "history.json").write_text(json.dumps([*history, {**history[-1], "step": 300}]))
     more = cli("rpd", *args, "total_steps=400", "resume=true")
     assert more.returncode == 0 and "at step 200" in more.stdout, more.stderr[-3000:]
-    run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))[-1]  # the resumed run, in a directory of its own
+    first_run, run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))  # the resumed run logs in a directory of its own
+    assert len(list((first_run / "tb").rglob("events.*"))) == 1 and list((run / "tb").rglob("events.*"))
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
     student = PPO.load(run / "student.zip", device="cpu")

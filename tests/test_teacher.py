@@ -114,6 +114,8 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
         assert "success_once" in r.stdout
     wrong_env = cli("eval", f"policy={ckpt}", "env=PickCube-v1", "episodes=1")
     assert wrong_env.returncode == 2 and "trained on {'task': 'PushCube-v1'" in wrong_env.stderr and "PickCube-v1" in wrong_env.stderr
+    zero = cli("eval", f"policy={ckpt}", "episodes=1", "sampler=ddim", "steps=0")
+    assert zero.returncode == 2 and "steps=0 must be between 1 and the 100 training timesteps" in zero.stderr, zero.stderr[-2000:]
     random_sampler = cli("eval", "policy=random", "sampler=ddim", "episodes=1")
     assert random_sampler.returncode == 2 and "apply to diffusion checkpoints" in random_sampler.stderr
 
@@ -127,6 +129,10 @@ def test_teacher_bad_input(cli, pushcube_demos):
     assert missing.returncode == 2 and "'nowhere.h5' does not exist" in missing.stderr
     resume = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "resume=true", "name=fresh")
     assert resume.returncode == 2 and "no earlier run named 'fresh'" in resume.stderr
+    for args, message in {("iterations=0",): "iterations=0 and batch_size=64 must be >= 1",
+                          ("minutes=-1",): "minutes=-1.0 must be > 0"}.items():
+        r = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
 
 
 def test_rgb_teacher_trains_and_evaluates(cli, tmp_path, pickcube_rgb_demos):

@@ -89,7 +89,7 @@ class DiffusionPolicy(nn.Module):
             except ValueError as err:
                 raise UserError(str(err)) from err
             return
-        steps = steps or self.sampler.steps
+        steps = self.sampler.steps if steps is None else steps
         if name == "consistency":
             if self.consistency is None:
                 raise UserError("this checkpoint has no consistency head: make one with `robodistill distill teacher=<checkpoint>`")

@@ -118,6 +118,8 @@ def open_trajectory(path: str | Path) -> TrajectoryFile:
     path = Path(path)
     if path.suffix != ".h5":
         path = path.with_suffix(".h5") if path.with_suffix(".h5").exists() else path
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder: give the .h5 trajectory file in it (`ls {path}`)")
     if not path.is_file():
         raise UserError(f"trajectory file '{path}' does not exist")
     json_path = path.with_suffix(".json")

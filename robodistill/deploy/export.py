@@ -220,11 +220,11 @@ def build_graph(payload: dict, sampler: str, steps: int | None, task: str | None
         if policy.consistency is None:
             raise UserError("this checkpoint has no consistency head: make one with `robodistill distill teacher=<checkpoint>`, "
                             "or export sampler=ddim")
-        steps = steps or 1
+        steps = 1 if steps is None else steps
         if not 1 <= steps <= 3:
             raise UserError(f"sampler=consistency takes steps=1, 2 or 3, got {steps}")
     else:
-        steps = steps or policy.cfg.sampler_steps
+        steps = policy.cfg.sampler_steps if steps is None else steps
         if not 1 <= steps <= policy.cfg.num_train_timesteps:
             raise UserError(f"steps={steps} must be between 1 and the {policy.cfg.num_train_timesteps} training timesteps")
     return ChunkGraph(policy, sampler, steps, task).eval().requires_grad_(False)

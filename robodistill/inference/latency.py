@@ -90,18 +90,23 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
             policy.reset(None)
             p50, p99 = _percentiles(_timed(lambda: policy.predict_chunk(obs), calls))
             row = {
-                "checkpoint": label or Path(ckpt).resolve().parent.parent.name, "task": env_cfg.task, "sampler": spec,
+                "checkpoint": label or _run_name(Path(ckpt).resolve()), "task": env_cfg.task, "sampler": spec,
                 "denoiser_calls": policy.sampler.steps, "actions_per_inference": policy.act_horizon,
                 "p50_ms": p50, "p99_ms": p99, "ms_per_action": p50 / policy.act_horizon,
                 "forward_ms": floor, "p50_over_forward": p50 / floor,
             }
             if episodes:
-                report: EvalReport = evaluate(policy, env, episodes, seed=seed, progress=False)
+                report: EvalReport = evaluate(policy, env, episodes, seed=seed)
                 s = report.summary["success_once"]
                 row.update(success_once=s["rate"], ci95=s["ci95"], episodes=episodes, eval_seconds=report.seconds)
             rows.append(row)
             print(format_rows(rows[-1:], header=len(rows) == 1), flush=True)
     return rows
+
+
+def _run_name(ckpt: Path) -> str:
+    """runs/<command>/<run>/checkpoints/last.pt -> <run>; a checkpoint elsewhere goes by its file name."""
+    return ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.stem
 
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
@@ -153,6 +158,8 @@ def main(cfg: DictConfig) -> list[dict]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if not cfg.ckpt:
         raise UserError("ckpt= is required: a train-teacher or distill checkpoint")
+    if cfg.calls < 1 or cfg.episodes < 0:
+        raise UserError(f"calls={cfg.calls} must be >= 1 and episodes={cfg.episodes} >= 0 (0: latency only)")
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))

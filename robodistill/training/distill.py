@@ -38,7 +38,7 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
-from robodistill.training.runs import find_resume, schedule_note
+from robodistill.training.runs import check_budget, find_resume, schedule_note
 
 
 @dataclass
@@ -80,12 +80,14 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     torch.set_num_threads(max(1, cfg.threads // ranks.world))
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_budget(cfg.iterations, cfg.batch_size, cfg.minutes)
     if cfg.batch_size % ranks.world:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
     if cfg.variant not in VARIANTS:
         raise UserError(f"variant='{cfg.variant}' is not one of {', '.join(VARIANTS)}")
     if not cfg.teacher or not Path(cfg.teacher).is_file():
-        raise UserError(f"teacher={cfg.teacher!r}: give the path of a train-teacher checkpoint (runs/train-teacher/<run>/checkpoints/last.pt)")
+        why = "no such file" if cfg.teacher else "required"
+        raise UserError(f"teacher={cfg.teacher!r}: {why}; give the path of a train-teacher checkpoint (runs/train-teacher/<run>/checkpoints/last.pt)")
     payload = checkpoints.load(cfg.teacher, map_location=device)
     if payload.get("kind") != KIND:
         raise UserError(f"teacher={cfg.teacher} holds a '{payload.get('kind')}', not a Diffusion Policy teacher")

@@ -135,6 +135,9 @@ def check(cfg: AGVTrainConfig) -> None:
         raise UserError(f"unknown combine '{cfg.combine}'. Valid: {', '.join(COMBINES)}")
     if cfg.collision_penalty is not None and not cfg.collision_penalty >= 0:
         raise UserError(f"collision_penalty must be >= 0 (a collision's reward is minus it), got {cfg.collision_penalty}")
+    for key in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "checkpoint_every"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key}={getattr(cfg, key)} must be >= 1")
     batch = cfg.num_envs * cfg.num_steps
     if cfg.total_steps < batch:
         raise UserError(f"total_steps={cfg.total_steps} is less than one update (num_envs * num_steps = {batch})")
@@ -185,8 +188,11 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
 
     if cfg.resume:
         ck = checkpoints.load(ckpt_path)
-        if ck.get("kind") != "agv_trainer" or ck["config"]["algo"] != cfg.algo or ck["config"]["scene"] != cfg.scene:
-            raise UserError(f"{ckpt_path} is not an agv-train checkpoint of algo={cfg.algo} scene={cfg.scene}")
+        if ck.get("kind") != "agv_trainer":
+            raise UserError(f"{ckpt_path} holds a '{ck.get('kind')}', not an agv-train run's state")
+        if (ck["config"]["algo"], ck["config"]["scene"]) != (cfg.algo, cfg.scene):
+            raise UserError(f"{ckpt_path} is a run of algo={ck['config']['algo']} scene={ck['config']['scene']}, not "
+                            f"algo={cfg.algo} scene={cfg.scene}: drop algo=/scene= to continue it as it was")
         agent.load_state_dict(ck["agent"])
         rnd.load_state_dict(ck["rnd"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -336,6 +342,12 @@ def main(cfg) -> dict:
 
     conf = AGVTrainConfig(**OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(conf.run_dir or HydraConfig.get().runtime.output_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    if conf.resume and ckpt_path.is_file():
+        # A resumed run keeps its own settings (scene, algo, evaluation, ...); only what is given now changes.
+        given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+        saved = checkpoints.load(ckpt_path).get("config") or {}
+        conf = AGVTrainConfig(**{**asdict(conf), **{k: v for k, v in saved.items() if k not in given and k not in ("resume", "run_dir")}})
     result = train(conf, run_dir)
     last = result["history"][-1]
     lo, hi = last["success_ci95"]

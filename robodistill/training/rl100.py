@@ -145,6 +145,9 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"rl100 takes env.obs_mode=state (its critics and dynamics model read states), got {cfg.env.obs_mode}")
     if cfg.init is None and "imitation" not in cfg.stages and not cfg.resume_from:
         raise UserError("without the imitation stage, give init=<a train-teacher or rl100 checkpoint> to start from")
+    if cfg.init is not None and "imitation" in cfg.stages:
+        raise UserError(f"init={cfg.init} and the imitation stage both give the starting policy: drop init= or "
+                        "start after imitation, e.g. stages=[offline,online,distill]")
     if cfg.init is not None and not Path(cfg.init).is_file():
         raise UserError(f"init={cfg.init}: no such checkpoint file")
     if not cfg.dataset and ({"imitation", "offline"} & set(cfg.stages)):
@@ -163,6 +166,9 @@ def check(cfg: RL100Config) -> None:
             raise UserError(f"online.{flag}={clip} must be > 0 (a PPO ratio clip)")
     if cfg.online.eval_every < 0:
         raise UserError(f"online.eval_every={cfg.online.eval_every} must be >= 0 (0: no evaluations, the last policy is kept)")
+    if cfg.eval_episodes < 1 or cfg.offline.gate_eval_episodes < 1:
+        raise UserError(f"eval_episodes={cfg.eval_episodes} and offline.gate_eval_episodes={cfg.offline.gate_eval_episodes} "
+                        "must be >= 1: the stage report is success rates")
     if cfg.online.eval_episodes < 1:
         raise UserError(f"online.eval_episodes={cfg.online.eval_episodes} must be >= 1")
     if cfg.online.critic_warmup < 0:

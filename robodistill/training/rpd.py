@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -481,7 +482,7 @@ class RunCallback(BaseCallback):
         s = report.summary
         train_seconds = time.perf_counter() - self.start - self.eval_seconds
         row = {"step": self.model.global_steps, "success_once": s["success_once"]["rate"], "ci95": s["success_once"]["ci95"],
-               "success_at_end": s["success_at_end"]["rate"], "return": s["mean_return"], "episodes": s["episodes"],
+               "success_at_end": s.get("success_at_end", {}).get("rate"), "return": s["mean_return"], "episodes": s["episodes"],
                "train_steps_per_second": (self.model.global_steps - self.start_steps) / max(train_seconds, 1e-9)}
         self.history.append(row)
         checkpoints.write_atomic(self.run_dir / "history.json", lambda f: f.write(json.dumps(self.history, indent=2).encode()))
@@ -561,8 +562,11 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
                "anneal_steps": cfg.anneal_steps, "labels": cfg.labels, "teacher_view": view, "ranks": ranks}
         resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
         history: list[dict] = []
+        if resume_path is not None and not zipfile.is_zipfile(resume_path):
+            raise UserError(f"resume_from={resume_path}: not an rpd checkpoint (an SB3 zip): give runs/rpd/<run> or its checkpoints/last.zip")
         if resume_path is not None:
-            model = RPD.load(resume_path, env=vec, device=device, **rpd)
+            # the zip remembers the old run's TensorBoard folder: this run logs into its own
+            model = RPD.load(resume_path, env=vec, device=device, tensorboard_log=str(run_dir / "tb") if ranks.main else None, **rpd)
             model.num_timesteps = model.num_timesteps * getattr(model, "robodistill_ranks", 1) // ranks.world
             old = resume_path.parent.parent / "history.json"
             # evaluations after the checkpoint were lost with the kill: the resumed run makes them again

@@ -17,6 +17,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+def check_budget(iterations: int, batch_size: int, minutes: float | None) -> None:
+    """The imitation trainers' budget: a run that would train on nothing is an error, not an empty run."""
+    if iterations < 1 or batch_size < 1:
+        raise UserError(f"iterations={iterations} and batch_size={batch_size} must be >= 1")
+    if minutes is not None and minutes <= 0:
+        raise UserError(f"minutes={minutes} must be > 0 (or null: no time limit)")
+
+
 def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path, filename: str = "last.pt") -> Path | None:
     """The checkpoint a run continues from: `resume_from` (a run directory or a checkpoint file), or
     with `resume=true` the newest earlier run of the same command and `name` with checkpoints/<filename>."""

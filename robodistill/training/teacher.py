@@ -27,7 +27,7 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import ema_weights, find_resume, restore_training, schedule_note, training_state
+from robodistill.training.runs import check_budget, ema_weights, find_resume, restore_training, schedule_note, training_state
 
 
 @dataclass
@@ -62,6 +62,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     torch.set_num_threads(max(1, cfg.threads // ranks.world))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_budget(cfg.iterations, cfg.batch_size, cfg.minutes)
     if cfg.batch_size % ranks.world:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
 
@@ -110,8 +111,12 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
     if resume_path is not None:
         state = checkpoints.load(resume_path, map_location=device)
-        if state.get("kind") != KIND or state["policy"] != policy.spec():
-            raise UserError(f"{resume_path} was written for another model config: {state.get('policy')} vs {policy.spec()}")
+        if state.get("kind") != KIND or "optimizer" not in state:  # a distill checkpoint holds a teacher, not its training
+            what = "a distilled head" if "consistency" in state else f"a '{state.get('kind')}'"
+            raise UserError(f"{resume_path} holds {what}, not a train-teacher run's state: resume from "
+                            "runs/train-teacher/<run>/checkpoints/last.pt")
+        if state["policy"] != policy.spec():
+            raise UserError(f"{resume_path} was written for another model config: {state['policy']} vs {policy.spec()}")
         restore_training(replicas.local(state), policy, optimizer, lr_schedule, ema, batch_gen)
         step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
         print(f"resumed from {resume_path} at iteration {step}")

@@ -31,7 +31,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
+from robodistill.training.runs import check_budget, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
 
 
 @dataclass
@@ -88,8 +88,12 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.tasks:
         raise UserError("tasks= is empty: name at least one task, e.g. tasks=[PushCube-v1,PickCube-v1]")
+    check_budget(cfg.iterations, cfg.batch_size, cfg.minutes)
     if cfg.batch_size < len(cfg.tasks):
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {len(cfg.tasks)} tasks it must hold")
+    if Path(cfg.datasets).exists() and not Path(cfg.datasets).is_dir():
+        raise UserError(f"datasets={cfg.datasets} is a file: give the folder that holds (or will hold) <task>/mp_n*.h5")
+    resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)  # before minutes of making demos
     prompts = {task: phrasings(task) for task in cfg.tasks}
 
     # ---- data: every task's windows; states zero-padded to the longest task's
@@ -138,7 +142,6 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     step, best, train_seconds = 0, -1.0, 0.0
     batch_gen = torch.Generator().manual_seed(cfg.seed)
 
-    resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
     if resume_path is not None:
         state = checkpoints.load(resume_path, map_location=device)
         if state.get("kind") != KIND or state["policy"] != policy.spec():
