@@ -60,6 +60,23 @@ def payload(actor: GaussianActor, obs_mean: torch.Tensor, obs_var: torch.Tensor,
     }
 
 
+def trained_scene(spec: str) -> str | None:
+    """The warehouse scene an AGV policy was trained on (agv-train's policy.pt or its exported bundle); None for
+    anything else."""
+    import json
+    from pathlib import Path
+
+    from robodistill import checkpoints
+
+    path = Path(spec)
+    if (path / "metadata.json").is_file():
+        return json.loads((path / "metadata.json").read_text()).get("env", {}).get("scene")
+    if path.suffix == ".pt" and path.is_file():
+        payload = checkpoints.load(path)
+        return payload["config"].get("scene") if payload.get("kind") == KIND else None
+    return None
+
+
 @register_loader(KIND)
 def from_checkpoint(ckpt: dict, env) -> AGVPolicy:
     obs_dim = env.single_observation_space["state"].shape[0]

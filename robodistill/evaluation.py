@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from robodistill.envs import EnvConfig, VecEnv, make_env
+from robodistill.envs.factory import AGV_TASK
 from robodistill.errors import UserError
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.inference.samplers import RTIConfig
 from robodistill.policies import Policy, load_policy
+from robodistill.policies.agv import trained_scene
 
 @dataclass
 class EvalConfig:
@@ -181,6 +183,9 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {cfg.seed}")
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
+    if env_cfg.task == AGV_TASK and not any(o.startswith("env.scene=") for o in HydraConfig.get().overrides.task):
+        # an AGV policy is rated in the warehouse it was trained for unless env.scene= says otherwise
+        env_cfg = replace(env_cfg, scene=trained_scene(str(cfg.policy)) or env_cfg.scene)
     with make_env(env_cfg, render=bool(cfg.video), ignore_terminations=True) as env:
         policy = load_policy(str(cfg.policy), env, seed=cfg.seed)
         configure_sampler(policy, cfg.sampler, cfg.steps, RTIConfig(**OmegaConf.to_container(cfg.rti)))

@@ -186,12 +186,14 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     assert checkpoints.load(tmp_path / "run" / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
     other = cli("agv-train", f"run_dir={tmp_path / 'run'}", "resume=true", "total_steps=384", "scene=complex_static")
     assert other.returncode == 2 and "is a run of algo=ppo_rnd scene=simple_static" in other.stderr, other.stderr[-2000:]
-    ev = cli("eval", f"policy={tmp_path / 'run' / 'policy.pt'}", "env=agv", "env.scene=simple_static", "env.num_envs=2",
+    ev = cli("eval", f"policy={tmp_path / 'run' / 'policy.pt'}", "env=agv", "env.num_envs=2",
              "episodes=2", "video=true", "video_episodes=1")
     assert ev.returncode == 0, ev.stderr
     (run,) = (tmp_path / "runs" / "eval").iterdir()
     assert run.name.endswith("-robodistill-AGVWarehouse-v0")  # the task id's "/" does not nest the run directory
-    summary = json.loads((run / "eval.json").read_text())["summary"]
+    rated = json.loads((run / "eval.json").read_text())
+    assert rated["env"]["scene"] == "simple_static"  # the scene the policy was trained in, not the config's default
+    summary = rated["summary"]
     assert {"success_once", "collision", "mean_path_length", "mean_time_to_goal"} <= set(summary)
     assert (run / "videos" / "episode_000.mp4").is_file()
     # The warehouse also trains SB3 students (rpd, here without a teacher: plain PPO), rated by the same evaluation.
