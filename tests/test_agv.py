@@ -225,10 +225,12 @@ def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, 
         here = evaluate(exported, env, 2, seed=0, progress=False).episodes
 
     # The same bundle behind the openpi-protocol server, driven by the controller: the same episodes.
-    loop = cli("control", f"bundle={bundle}", "episodes=2", "seed=0", "hz=0", "max_episode_steps=40", "name=agv")
+    loop = cli("control", f"bundle={bundle}", "episodes=2", "seed=0", "max_episode_steps=40", "name=agv")
     assert loop.returncode == 0, loop.stderr[-3000:]
     (run,) = (tmp_path / "runs" / "control").iterdir()
-    through = json.loads((run / "control.json").read_text())["episodes"]
+    report = json.loads((run / "control.json").read_text())
+    assert report["controller"]["hz"] == 10  # the rate the AGV was trained at, from the bundle (not a 20 Hz default)
+    through = report["episodes"]
     assert [e["seed"] for e in through] == [e["seed"] for e in here] == [0, 1]
     for a, b in zip(through, here):
         assert (a["success_once"], a["collision"], a["episode_len"]) == (b["success_once"], b["collision"], b["episode_len"])

@@ -241,7 +241,7 @@ class ControlConfig:
     max_episode_steps: int | None = None  # default: the bundle's
     episodes: int = 10
     seed: int = 0  # episode k is reset with seed + k; a bundle= server draws its noise from this seed
-    hz: float = 20.0  # see ControllerConfig for these four
+    hz: float | None = None  # default: the bundle's control_freq, the rate it was trained at; see ControllerConfig for these four
     replan_below: int = 0
     deadline_ms: float | None = None
     on_late: str = "hold"
@@ -303,7 +303,6 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"robot='{cfg.robot}' is not an adapter here; robot=maniskill (see ManiSkillRobot for a real arm)")
     if cfg.episodes < 1:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
-    controller = ControllerConfig(float(cfg.hz), int(cfg.replan_below), cfg.deadline_ms, str(cfg.on_late))
     # openpi's client and runtime and the websockets server log every connection and episode at INFO.
     for log in (logging.getLogger(), logging.getLogger("websockets")):
         log.setLevel(logging.WARNING)
@@ -316,8 +315,10 @@ def main(cfg: DictConfig) -> EvalReport:
     meta = policy.get_server_metadata()
     if not isinstance(meta, dict) or not {"env", "observation", "action", "policy"} <= set(meta):
         raise UserError(f"the server at {url} sent no robodistill bundle metadata (env, observation, action, policy)")
-    controller.check(int(meta["action"]["chunk_length"]))
     e = meta["env"]
+    hz = float(e["control_freq"]) if cfg.hz is None else float(cfg.hz)
+    controller = ControllerConfig(hz, int(cfg.replan_below), cfg.deadline_ms, str(cfg.on_late))
+    controller.check(int(meta["action"]["chunk_length"]))
     if cfg.task and cfg.task != e["task"]:
         raise UserError(f"task={cfg.task}, but the policy drives {e['task']}: drop task= or serve a bundle for {cfg.task}")
     env_cfg = EnvConfig(task=e["task"], obs_mode=e["obs_mode"], control_mode=e["control_mode"], num_envs=1,
