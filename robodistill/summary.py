@@ -1,8 +1,9 @@
 """`robodistill summary [--runs runs] [--name NAME]`: one table of the newest run of each command.
 
-Reads what the runs wrote (metrics.jsonl, result.json, eval.json, latency.json, the bundle's
-metadata.json, control.json), so it can be run at any time; `make demo` ends with it. `--name`
-keeps runs whose directory ends with `-<name>` (or `-<name>-...`), e.g. the demo's.
+Reads what the runs wrote (demos.json, metrics.jsonl, history.json, report.json, result.json,
+eval.json, latency.json, export.json, control.json), so it can be run at any time; `make demo` ends
+with it. A sweep (`-m`) gives a row per job. `--name` keeps runs whose directory ends with
+`-<name>` (or `-<name>-...`), e.g. the demo's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ def _rate(s: dict, key: str = "success_once") -> str:
     return f"{r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}] ({r['count']}/{s['episodes']})"
 
 
+def _ci(rate: float, ci: list[float]) -> str:
+    return f"{rate:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
+
+
+def _demos(run: Path) -> list[str]:
+    d = json.loads((run / "demos.json").read_text())
+    return [f"{d['converted']}/{d['requested']} {d['task']} demonstrations ({d['failed_plans']} failed plans): {d['path']}"]
+
+
 def _teacher(run: Path) -> list[str]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = rows[-1]
@@ -28,6 +38,32 @@ def _teacher(run: Path) -> list[str]:
 def _eval(run: Path) -> list[str]:
     s = json.loads((run / "eval.json").read_text())["summary"]
     return [f"success_once {_rate(s)}, success_at_end {_rate(s, 'success_at_end')}"]
+
+
+def _vla(run: Path) -> list[str]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    tasks = ", ".join(f"{t} {_ci(r['success_once'], r['ci95'])}" for t, r in last.get("tasks", {}).items())
+    return [f"{last['step']} iterations in {last['train_seconds'] / 60:.1f} min" + (f"; success_once {tasks}" if tasks else "")]
+
+
+def _rpd(run: Path) -> list[str]:
+    last = json.loads((run / "history.json").read_text())[-1]
+    return [f"{last['step']} env steps, success_once {_ci(last['success_once'], last['ci95'])} ({last['episodes']} ep), "
+            f"{last['train_steps_per_second']:.0f} training env steps/s"]
+
+
+def _rl100(run: Path) -> list[str]:
+    stages = json.loads((run / "report.json").read_text())["stages"]
+    done = [k for k in ("init", "imitation", "offline", "online", "distill") if k in stages]
+    if not done:
+        raise KeyError("no stage finished")
+    return [", ".join(f"{k} {_ci(stages[k]['success_once'], stages[k]['ci95'])}" for k in done)]
+
+
+def _agv(run: Path) -> list[str]:
+    last = json.loads((run / "history.json").read_text())[-1]
+    return [f"{last['step']} env steps, success {_ci(last['success'], last['success_ci95'])}, collision {last['collision']:.0%}"]
 
 
 def _distill(run: Path) -> list[str]:
@@ -57,8 +93,16 @@ def _control(run: Path) -> list[str]:
 
 
 # command -> what its run directory says, in pipeline order
-READERS = {"train-teacher": _teacher, "eval": _eval, "distill": _distill, "bench-latency": _latency,
-           "export": _export, "control": _control}
+READERS = {"demos": _demos, "train-teacher": _teacher, "train-vla": _vla, "eval": _eval, "distill": _distill,
+           "bench-latency": _latency, "rpd": _rpd, "rl100": _rl100, "agv-train": _agv, "export": _export, "control": _control}
+
+
+def _jobs(run: Path) -> list[tuple[str, Path]]:
+    """A sweep's directory (`-m`) holds one job per numbered folder; a plain run is one job."""
+    if (run / ".hydra").is_dir() or not run.is_dir():
+        return [(run.name, run)]
+    jobs = sorted((q for q in run.iterdir() if q.is_dir() and q.name.isdigit()), key=lambda q: int(q.name))
+    return [(f"{run.name}/{q.name}", q) for q in jobs] or [(run.name, run)]
 
 
 def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]:
@@ -70,12 +114,12 @@ def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]
             found = [p for p in found if p.name.endswith(f"-{name}") or f"-{name}-" in p.name]
         # Every eval run of the name (e.g. the teacher's and the scripted expert's), else the newest.
         chosen = found if command == "eval" else found[-1:]
-        for run in chosen:
+        for label, run in (job for run in chosen for job in _jobs(run)):
             try:
                 lines = read(run)
             except (FileNotFoundError, KeyError, json.JSONDecodeError, IndexError):
                 lines = ["(incomplete run)"]
-            rows += [(command, run.name, line) for line in lines]
+            rows += [(command, label, line) for line in lines]
     return rows
 
 

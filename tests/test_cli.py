@@ -79,3 +79,6 @@ def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
     (sweep,) = (tmp_path / "runs" / "eval").glob("*-multirun")
     seeds = [json.loads((sweep / str(i) / "eval.json").read_text())["seed"] for i in (0, 1)]
     assert seeds == [0, 1]
+    table = cli("summary")
+    assert table.returncode == 0 and f"{sweep.name}/0" in table.stdout and f"{sweep.name}/1" in table.stdout, table.stdout
+    assert "incomplete" not in table.stdout

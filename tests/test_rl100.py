@@ -11,6 +11,7 @@ from robodistill.data import load_episodes
 from robodistill.policies.diffusion.chain import DenoisingChain
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import DiffusionPolicy
+from robodistill.summary import READERS
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions
 from robodistill.training.rl100 import clip_schedule
 
@@ -122,6 +123,8 @@ def test_rl100_runs_every_stage_and_reports_gates(rl100_run):
     # Every stage's policy is an ordinary diffusion checkpoint; the head's has a consistency head.
     assert "consistency" in checkpoints.load(run / "distill" / "checkpoints" / "last.pt")
     assert checkpoints.load(run / "online" / "policy.pt")["kind"] == "diffusion"
+    (line,) = READERS["rl100"](run)  # `robodistill summary`'s row: every stage's success with its interval
+    assert all(f"{stage} " in line for stage in ("imitation", "offline", "online", "distill")) and "[" in line
 
 
 def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl100_run, pushcube_demos, cli, tmp_path):
