@@ -21,6 +21,13 @@ SCHEMAS = {
 }
 
 
+def given_fields() -> set[str]:
+    """The config fields the running command's command line sets (`key=`, `+key=`, `~key`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
 def register_schemas(command: str) -> None:
     """The typed schemas `command`'s yaml builds on (its own and env's), so a misspelled or mistyped
     field is an error. Only these are imported: every other command's module stays unloaded."""

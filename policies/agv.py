@@ -67,10 +67,11 @@ def trained_scene(spec: str) -> str | None:
     from pathlib import Path
 
     from robodistill import checkpoints
+    from robodistill.policies.bundle import METADATA, is_bundle
 
     path = Path(spec)
-    if (path / "metadata.json").is_file():
-        return json.loads((path / "metadata.json").read_text()).get("env", {}).get("scene")
+    if is_bundle(spec):
+        return json.loads((path / METADATA).read_text()).get("env", {}).get("scene")
     if path.suffix == ".pt" and path.is_file():
         payload = checkpoints.load(path)
         return payload["config"].get("scene") if payload.get("kind") == KIND else None

@@ -8,6 +8,7 @@ and a checkpoint can never run code on load.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import zipfile
@@ -38,6 +39,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """`obj` as indented JSON, written atomically (see `write_atomic`)."""
+    return write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

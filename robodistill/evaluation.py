@@ -176,6 +176,8 @@ def configure_sampler(policy: Policy, sampler: str | None, steps: int | None, rt
 def main(cfg: DictConfig) -> EvalReport:
     from hydra.core.hydra_config import HydraConfig
 
+    from robodistill.configs import given_fields
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.episodes < 1:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
@@ -183,7 +185,7 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {cfg.seed}")
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
-    if env_cfg.task == AGV_TASK and not any(o.startswith("env.scene=") for o in HydraConfig.get().overrides.task):
+    if env_cfg.task == AGV_TASK and "env.scene" not in given_fields():
         # an AGV policy is rated in the warehouse it was trained for unless env.scene= says otherwise
         env_cfg = replace(env_cfg, scene=trained_scene(str(cfg.policy)) or env_cfg.scene)
     with make_env(env_cfg, render=bool(cfg.video), ignore_terminations=True) as env:

@@ -340,12 +340,14 @@ def main(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from robodistill.configs import given_fields
+
     conf = AGVTrainConfig(**OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(conf.run_dir or HydraConfig.get().runtime.output_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if conf.resume and ckpt_path.is_file():
         # A resumed run keeps its own settings (scene, algo, evaluation, ...); only what is given now changes.
-        given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+        given = given_fields()
         saved = checkpoints.load(ckpt_path).get("config") or {}
         conf = AGVTrainConfig(**{**asdict(conf), **{k: v for k, v in saved.items() if k not in given and k not in ("resume", "run_dir")}})
     result = train(conf, run_dir)

@@ -196,7 +196,7 @@ class Run:
         return self.dir / stage / "policy.pt"
 
     def save_report(self) -> None:
-        checkpoints.write_atomic(self.path, lambda f: f.write(json.dumps(self.report, indent=2).encode()))
+        checkpoints.write_json(self.path, self.report)
         (self.dir / "report.md").write_text(report_markdown(self.report))
         if self.report["decisions"]:
             plot_ope(self.report["decisions"], self.dir / "ope.png")

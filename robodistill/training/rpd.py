@@ -485,7 +485,7 @@ class RunCallback(BaseCallback):
                "success_at_end": s.get("success_at_end", {}).get("rate"), "return": s["mean_return"], "episodes": s["episodes"],
                "train_steps_per_second": (self.model.global_steps - self.start_steps) / max(train_seconds, 1e-9)}
         self.history.append(row)
-        checkpoints.write_atomic(self.run_dir / "history.json", lambda f: f.write(json.dumps(self.history, indent=2).encode()))
+        checkpoints.write_json(self.run_dir / "history.json", self.history)
         self.logger.record("eval/success_once", row["success_once"])
         self.logger.record("eval/return", row["return"])
         if self.bar is not None:
