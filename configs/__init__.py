@@ -1,8 +1,13 @@
 """Hydra configs, one file per command plus groups (env/, ...); installed as robodistill.configs."""
 
+import dataclasses
+import difflib
 import importlib
+import typing
 
 from hydra.core.config_store import ConfigStore
+
+from robodistill.errors import UserError
 
 # command -> (module, dataclass) of the typed schema its yaml builds on (`schema/<command>`).
 SCHEMAS = {
@@ -21,6 +26,38 @@ SCHEMAS = {
 }
 
 
+LAUNCH_KEYS = ("launcher", "nproc")  # read by robodistill.training.distributed.launch, not fields
+
+
+def schema(command: str) -> type:
+    module, name = SCHEMAS[command]
+    return getattr(importlib.import_module(module), name)
+
+
+def check_overrides(command: str, overrides: list[str]) -> None:
+    """Every `key=value` names a field of the command, or it is an error naming the closest field.
+    Hydra's own message suggests `+key=value` instead, which it then accepts and the command ignores."""
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.replace("/", ".").split(".")[0] in ("hydra", *LAUNCH_KEYS) or "@" in key:  # hydra's own, e.g. hydra/launcher=
+            continue
+        node, path = schema(command), []
+        for part in key.split("."):
+            if node is None:
+                raise UserError(f"{arg}: {'.'.join(path)} of `robodistill {command}` is one value, not a group of fields")
+            names = [f.name for f in dataclasses.fields(node)]
+            if part not in names:
+                near = difflib.get_close_matches(part, names, n=1)
+                hint = f" (did you mean {'.'.join([*path, near[0]])}=?)" if near else ""
+                raise UserError(f"{arg}: `robodistill {command}` has no field {'.'.join([*path, part])}{hint}; "
+                                f"`robodistill {command} --help` lists them")
+            path.append(part)
+            hint = typing.get_type_hints(node)[part]
+            node = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+
+
 def given_fields() -> set[str]:
     """The config fields the running command's command line sets (`key=`, `+key=`, `~key`)."""
     from hydra.core.hydra_config import HydraConfig
@@ -37,7 +74,6 @@ def register_schemas(command: str) -> None:
 
     if not OmegaConf.has_resolver("slug"):  # a run's name may be a task id such as robodistill/AGVWarehouse-v0
         OmegaConf.register_new_resolver("slug", lambda text: str(text).replace("/", "-"))
-    module, name = SCHEMAS[command]
     store = ConfigStore.instance()
     store.store(group="schema", name="env", node=EnvConfig)
-    store.store(group="schema", name=command.replace("agv-train", "agv_train"), node=getattr(importlib.import_module(module), name))
+    store.store(group="schema", name=command.replace("agv-train", "agv_train"), node=schema(command))

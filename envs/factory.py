@@ -62,6 +62,13 @@ class EnvConfig:
         return cls(**dict(cfg))
 
 
+def zero_action_holds_still(control_mode: str | None) -> bool:
+    """Whether a zero arm action means "stay" under this control mode: true for delta and velocity
+    control. Under absolute position control zero is a far-away pose, so padding a chunk or stopping
+    with zeros would move the arm; None (the task's default) is taken as not delta."""
+    return control_mode is not None and ("delta" in control_mode or "vel" in control_mode)
+
+
 def _registered_tasks() -> dict:
     import mani_skill.envs  # noqa: F401  (registers the tasks)
     from mani_skill.utils.registration import REGISTERED_ENVS

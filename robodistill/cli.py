@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from robodistill.configs import register_schemas
+from robodistill.configs import check_overrides, register_schemas
 from robodistill.errors import UserError
 
 # command -> (module with main(cfg), one-line summary); ARGV_COMMANDS take plain arguments, no hydra.
@@ -50,6 +50,31 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     return USAGE.format(commands="\n".join(lines))
+
+
+def _command_help(command: str, overrides: list[str]) -> str:
+    """The command's config with its defaults (and the overrides given), and the env options where it
+    has an env; hydra's own help would also list groups the command does not have."""
+    from importlib.resources import files
+
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("robodistill.configs", version_base="1.3"):
+        try:
+            cfg = compose(command, overrides=[o for o in overrides if o not in ("-h", "--help")])
+        except HydraException as err:
+            raise UserError(f"{err}{': ' + str(err.__cause__) if err.__cause__ else ''}") from err
+    lines = [f"usage: robodistill {command} [key=value ...]  (hydra overrides; `robodistill --help` lists the commands)",
+             COMMANDS[command][1], ""]
+    if "env" in cfg:
+        envs = sorted(p.name.removesuffix(".yaml") for p in files("robodistill.configs").joinpath("env").iterdir()
+                      if p.name.endswith(".yaml"))
+        lines += ["Config groups (choose with group=option):", f"env: {', '.join(envs)}", ""]
+    lines += ["Config, with defaults:", OmegaConf.to_yaml(cfg).rstrip(), "",
+              "Runs go to runs/<command>/<time>-<name>/ with the resolved config in .hydra/config.yaml."]
+    return "\n".join(lines)
 
 
 def _guarded(task_fn):
@@ -94,11 +119,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     from robodistill.training.distributed import launch
 
+    if command not in ARGV_COMMANDS:
+        _guarded(lambda args: check_overrides(command, args))(overrides)
     _guarded(lambda args: launch(command, args))(overrides)  # launcher=torchrun: re-run on N ranks
     module = importlib.import_module(COMMANDS[command][0])
     if command in ARGV_COMMANDS:
         return _guarded(module.main)(overrides)
     register_schemas(command)
+    if "-h" in overrides or "--help" in overrides:
+        print(_guarded(lambda args: _command_help(command, args))(overrides))
+        return
     sys.argv = [f"robodistill {command}", *overrides]
     hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(
         _guarded(module.main)

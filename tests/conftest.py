@@ -1,7 +1,10 @@
+import io
 import os
 import subprocess
 import sys
 import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,34 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
         [*ROBODISTILL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_cli_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`robodistill ...` through the same entry point, in this process: for the many bad-input cases, which end
+    before any work, so that each does not pay a fresh interpreter's ~4 s of importing torch and ManiSkill. An
+    exception that escapes shows up as the traceback a user would see."""
+    out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv[:], os.getcwd()
+    code = 0
+    try:
+        os.chdir(cwd)
+        with redirect_stdout(out), redirect_stderr(err):
+            from robodistill.cli import main
+
+            main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except BaseException:  # noqa: BLE001 - reported as the process would report it
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+    return subprocess.CompletedProcess(["robodistill", *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli_here(tmp_path):
+    return lambda *args: run_cli_here(*args, cwd=tmp_path)
 
 
 @pytest.fixture(autouse=True)

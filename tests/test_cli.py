@@ -14,6 +14,9 @@ def test_help_lists_commands_and_command_help_shows_config(cli):
     sub = cli("eval", "--help")
     assert sub.returncode == 0
     assert "env: LiftPegUpright-v1" in sub.stdout and "episodes: 10" in sub.stdout and "control_mode: pd_ee_delta_pos" in sub.stdout
+    export = cli("export", "--help")  # only the groups a command has: export has no env
+    assert export.returncode == 0 and "format: onnx" in export.stdout
+    assert "env:" not in export.stdout and "schema" not in export.stdout
 
 
 def test_eval_writes_run_dir_eval_json_and_video(cli, tmp_path):
@@ -32,7 +35,7 @@ def test_eval_writes_run_dir_eval_json_and_video(cli, tmp_path):
     assert "policy: scripted" in (run / ".hydra" / "config.yaml").read_text()
 
 
-def test_bad_input_is_one_clear_line(cli, tmp_path):
+def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
     cases = {
         ("env.task=NoSuchTask-v9",): "Supported tasks: PushCube-v1",
         ("env=NoSuchTask-v9",): "Available options in 'env'",
@@ -41,14 +44,18 @@ def test_bad_input_is_one_clear_line(cli, tmp_path):
         ("policy=missing.pt",): "neither 'random', 'scripted', a bundle directory nor an existing checkpoint",
         ("env.max_episode_steps=0",): "env.max_episode_steps must be >= 1",
         ("seed=-1",): "seed must be >= 0",
+        ("episdoes=1",): "has no field episdoes (did you mean episodes=?)",
+        ("+episdoes=1",): "has no field episdoes (did you mean episodes=?)",  # hydra itself would accept and ignore it
     }
     for args, message in cases.items():
-        r = cli("eval", *args, "episodes=1")
+        r = cli_here("eval", *args, "episodes=1")
         assert r.returncode != 0, args
         assert message in r.stderr + r.stdout, (args, r.stderr)
         assert "Traceback" not in r.stderr, (args, r.stderr)
-    r = cli("evaluate")
+    r = cli("evaluate")  # these two in a process of their own, as a user runs them
     assert r.returncode == 2 and "unknown command 'evaluate'" in r.stderr
+    r = cli("eval", "episodes=1", "env.tsk=PushCube-v1")
+    assert r.returncode == 2 and r.stderr.startswith("error: env.tsk=PushCube-v1:") and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "runs" / "eval").exists() or not list((tmp_path / "runs" / "eval").iterdir())  # no empty runs left
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from robodistill.data import Episode, Horizons, Normalizer, WindowDataset, fit_normalizers, split_episodes
+from robodistill.envs import zero_action_holds_still
 
 
 def episode(T: int, offset: float = 0.0) -> Episode:
@@ -31,6 +32,9 @@ def test_window_count_and_edge_padding_delta_and_absolute():
     assert last["actions"].tolist() == [[8, 8, 8, -1], [9, 9, 9, -1], [10, 10, 10, -1], [0, 0, 0, -1]]
     absolute = WindowDataset([ep], h, delta_actions=False)[len(ds) - 1]
     assert absolute["actions"][-1].tolist() == [10, 10, 10, -1]  # absolute targets repeat
+    # which modes pad with "hold still": those where a zero arm action is no motion
+    assert [zero_action_holds_still(m) for m in ("pd_ee_delta_pos", "pd_joint_vel", "pd_joint_pos", "pd_ee_pose", None)] == \
+        [True, True, False, False, False]
 
 
 def test_short_episode_still_gives_a_padded_window():

@@ -123,7 +123,7 @@ def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_pa
         load_episodes(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")
 
 
-def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tmp_path):
+def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tmp_path, cli_here):
     r = run_cli("demos", "env=PushT-v1", "n=1", cwd=tmp_path)
     assert r.returncode == 2 and "no motion-planning solution for PushT-v1" in r.stderr and "PickCube-v1" in r.stderr
     # A bad env field or out= is named before any planning starts, and nothing is written.
@@ -131,6 +131,6 @@ def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tm
     for args, message in {("env.control_mode=teleport",): "control_mode 'teleport' is not valid for PushCube-v1",
                           ("env.obs_mode=depth",): "unknown obs_mode 'depth'",
                           (f"out={tmp_path / 'a_file'}",): "is a file: give the folder"}.items():
-        r = run_cli("demos", "env=PushCube-v1", "n=1", *args, cwd=tmp_path)
+        r = cli_here("demos", "env=PushCube-v1", "n=1", *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     assert not (tmp_path / "datasets").exists()

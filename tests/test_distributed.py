@@ -65,31 +65,33 @@ def test_ranks_stop_together_when_the_time_budget_runs_out(cli, tmp_path, pushcu
 
 
 def test_ppo_student_on_two_ranks_counts_global_steps_and_resumes_on_one(cli, tmp_path):
-    common = ["env.num_envs=4", "n_steps=50", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "obs_norm_steps=100",
-              "eval_episodes=2", "eval_every=800", "checkpoint_every=800", "progress=false", f"hydra.run.dir={tmp_path}"]
-    ddp = cli("rpd", "launcher=torchrun", "nproc=2", "total_steps=800", *common)
+    common = ["env.num_envs=1", "n_steps=100", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "obs_norm_steps=100",
+              "eval_episodes=2", "eval_every=400", "checkpoint_every=400", "progress=false", f"hydra.run.dir={tmp_path}"]
+    ddp = cli("rpd", "launcher=torchrun", "nproc=2", "total_steps=400", *common)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 ranks (DDP, gradients averaged over shared memory); replicas identical at the end: True" in ddp.stdout
-    # 2 ranks x 4 envs x 2 rollouts of 50 steps: 800 env steps in all, counted once, by rank 0.
-    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 800]
-    assert PPO.load(tmp_path / "student.zip").num_timesteps == 400  # SB3's own count: one rank's steps
+    # 2 ranks x 1 env x 2 rollouts of 100 steps: 400 env steps in all, counted once, by rank 0.
+    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 400]
+    assert PPO.load(tmp_path / "student.zip").num_timesteps == 200  # SB3's own count: one rank's steps
     # One process takes over the run: it continues from the global count, not from one rank's.
-    one = cli("rpd", "total_steps=1200", f"resume_from={tmp_path}", *common)
+    one = cli("rpd", "total_steps=600", f"resume_from={tmp_path}", *common)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "resumed from" in one.stdout and "at step 800" in one.stdout
-    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 800, 1200]
+    assert "resumed from" in one.stdout and "at step 400" in one.stdout
+    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 400, 600]
 
 
-def test_launcher_bad_input_is_one_clear_line(cli, pushcube_demos):
-    for args, message in {
-        ("train-teacher", "launcher=torchrun", "nproc=2", "batch_size=33", f"dataset={pushcube_demos}"): "must divide evenly over nproc=2",
+def test_launcher_bad_input_is_one_clear_line(cli, cli_here, pushcube_demos):
+    # Found on the ranks, under torchrun: one line, not torchrun's traceback.
+    r = cli("train-teacher", "launcher=torchrun", "nproc=2", "batch_size=33", f"dataset={pushcube_demos}")
+    assert r.returncode != 0 and "must divide evenly over nproc=2" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr.split("error:")[-1]
+    for args, message in {  # found before any rank starts
         ("train-teacher", "launcher=slurm"): "launcher=slurm: the launcher is torchrun",
         ("eval", "launcher=torchrun", "policy=random"): "launcher=torchrun runs train-teacher, distill, rpd",
         ("train-teacher", "launcher=torchrun", "nproc=two"): "nproc=two must be a whole number",
     }.items():
-        r = cli(*args)
-        assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-2000:])
-        assert "Traceback" not in r.stderr.split("error:")[-1]
+        r = cli_here(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
 
 
 def test_shared_memory_mean_matches_gloo_on_three_ranks(tmp_path):

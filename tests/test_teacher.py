@@ -120,18 +120,18 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
     assert random_sampler.returncode == 2 and "apply to diffusion checkpoints" in random_sampler.stderr
 
 
-def test_teacher_bad_input(cli, pushcube_demos):
-    mode = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "env.control_mode=pd_joint_delta_pos", "iterations=2")
+def test_teacher_bad_input(cli_here, pushcube_demos):
+    mode = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "env.control_mode=pd_joint_delta_pos", "iterations=2")
     assert mode.returncode == 2 and "recorded with control_mode=pd_ee_delta_pos, but pd_joint_delta_pos" in mode.stderr
-    task = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "env=PickCube-v1", "iterations=2")
+    task = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "env=PickCube-v1", "iterations=2")
     assert task.returncode == 2 and "dataset states have 35 dims, the env PickCube-v1" in task.stderr
-    missing = cli("train-teacher", "dataset=nowhere.h5", "iterations=2")
+    missing = cli_here("train-teacher", "dataset=nowhere.h5", "iterations=2")
     assert missing.returncode == 2 and "'nowhere.h5' does not exist" in missing.stderr
-    resume = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "resume=true", "name=fresh")
+    resume = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "resume=true", "name=fresh")
     assert resume.returncode == 2 and "no earlier run named 'fresh'" in resume.stderr
     for args, message in {("iterations=0",): "iterations=0 and batch_size=64 must be >= 1",
                           ("minutes=-1",): "minutes=-1.0 must be > 0"}.items():
-        r = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, *args)
+        r = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
 
 

@@ -4,8 +4,8 @@ A window starting at step s holds observations o[s : s + obs_horizon] and action
 a[s : s + pred_horizon]; the policy will execute a[s + obs_horizon - 1 : ... + act_horizon]. As in
 diffusion_policy, starts run from -(obs_horizon - 1) to T - pred_horizon + act_horizon - 1, and
 steps outside the episode are padded: observations and leading actions repeat the first (or last)
-value; trailing actions repeat the last action, or for delta control modes hold still (zero arm
-motion, the last gripper command), since repeating a delta would keep the arm moving.
+value; trailing actions repeat the last action, or under delta and velocity control hold still (zero arm
+motion, the last gripper command), since repeating one would keep the arm moving.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from openpi_client.runtime import environment as openpi_environment
 from openpi_client.runtime import subscriber as openpi_subscriber
 from openpi_client.runtime.runtime import Runtime
 
-from robodistill.envs import EnvConfig, VecEnv, make_env
+from robodistill.envs import EnvConfig, VecEnv, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, episode_metrics
 from robodistill.wire import API_KEY_ENV, connect
@@ -94,8 +94,7 @@ class ChunkAgent(openpi_agent.Agent):
         self.obs_horizon = int(metadata["policy"]["obs_horizon"])
         self.low = np.asarray(metadata["action"]["low"], np.float32)
         self.high = np.asarray(metadata["action"]["high"], np.float32)
-        control = metadata["env"]["control_mode"] or ""
-        self.stop_zeroes = np.ones_like(self.low, dtype=bool) if ("delta" in control or "vel" in control) else np.zeros_like(self.low, dtype=bool)
+        self.stop_zeroes = np.full(self.low.shape, zero_action_holds_still(metadata["env"]["control_mode"]))
         self.stop_zeroes[metadata["action"].get("gripper_dims", [])] = False
         # A bundle may name its standstill command (an AGV's: zero velocity is not the zero action).
         stop = metadata["action"].get("stop")

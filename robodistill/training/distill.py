@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from robodistill import checkpoints
 from robodistill.data import Horizons, WindowDataset, load_episodes, sample_batches
-from robodistill.envs import EnvConfig, make_env
+from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
@@ -104,7 +104,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     episodes = load_episodes(dataset.split(","), control_mode=env_cfg.control_mode, obs_mode=env_cfg.obs_mode)
     p = teacher.cfg
     windows = WindowDataset(episodes, Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon),
-                            delta_actions="delta" in (env_cfg.control_mode or ""))
+                            delta_actions=zero_action_holds_still(env_cfg.control_mode))
 
     # ---- the head, warm-started from the teacher's denoiser; its target copy for `consistency`
     head = ConsistencyHead.from_denoiser(teacher.denoiser).to(device).requires_grad_(True).train()

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from robodistill import checkpoints
 from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
-from robodistill.envs import EnvConfig, make_env
+from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
@@ -153,9 +153,9 @@ def check(cfg: RL100Config) -> None:
     if not cfg.dataset and ({"imitation", "offline"} & set(cfg.stages)):
         raise UserError("dataset= is required for the imitation and offline stages: the .h5 written by `robodistill demos`")
     mode = cfg.env.control_mode
-    if "online" in cfg.stages and mode is not None and "delta" not in mode:
+    if "online" in cfg.stages and not zero_action_holds_still(mode):
         raise UserError(f"env.control_mode={mode}: the online stage holds an env whose episode ends mid-chunk still with "
-                        "a zero action, which means 'stay' only under a delta control mode (e.g. pd_ee_delta_pos)")
+                        "a zero action, which means 'stay' only under a delta or velocity control mode (e.g. pd_ee_delta_pos)")
     check_chain(cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std)
     if cfg.offline.gate not in GATES:
         raise UserError(f"offline.gate='{cfg.offline.gate}' is not one of {', '.join(GATES)}")
@@ -292,7 +292,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
     reference = copy.deepcopy(actor)
     make_chain = lambda p: DenoisingChain(p, cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std, cfg.chain.noise_clip)  # noqa: E731
     actor_chain, ref_chain = make_chain(actor), make_chain(reference)
-    delta = "delta" in (env_cfg.control_mode or "")
+    delta = zero_action_holds_still(env_cfg.control_mode)
     demos = load_episodes(cfg.dataset.split(","), control_mode=env_cfg.control_mode, obs_mode="state")
     try:
         buffer = Transitions.from_episodes(demos, actor_chain, delta)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from robodistill import checkpoints
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches, split_episodes
-from robodistill.envs import EnvConfig, make_env
+from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
@@ -75,7 +75,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     train_eps, val_eps = [episodes[i] for i in train_ids], [episodes[i] for i in val_ids]
     p = cfg.policy
     horizons = Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon)
-    delta = "delta" in (cfg.env.control_mode or "")
+    delta = zero_action_holds_still(cfg.env.control_mode)
     train_ds = WindowDataset(train_eps, horizons, delta_actions=delta)
     val_ds = WindowDataset(val_eps, horizons, delta_actions=delta) if val_eps else None
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from robodistill import checkpoints
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches
-from robodistill.envs import EnvConfig, make_env
+from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
@@ -112,7 +112,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
             ep.obs["state"] = np.pad(ep.obs["state"], ((0, 0), (0, state_dim - ep.obs["state"].shape[1])))
     p = cfg.policy
     horizons = Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon)
-    delta = "delta" in cfg.control_mode
+    delta = zero_action_holds_still(cfg.control_mode)
     windows = {task: WindowDataset(eps, horizons, delta_actions=delta) for task, eps in episodes.items()}
     every = [ep for eps in episodes.values() for ep in eps]
 
