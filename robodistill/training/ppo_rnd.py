@@ -1,6 +1,6 @@
 """PPO + Random Network Distillation for the AGV warehouse, CleanRL style: the math top to bottom.
 
-Canonical RND (Burda et al.; CleanRL `ppo_rnd_envpool.py`; design/algorithms.md section 4) with MLPs
+Canonical RND (Burda et al.; CleanRL `ppo_rnd_envpool.py`) with MLPs
 on the lidar/goal/velocity vector instead of convolutions on frames:
 - a fixed random target f and a trained predictor f^ see the observation normalized by a running
   mean/var and clipped to [-5, 5]; the statistics start from random-action steps;

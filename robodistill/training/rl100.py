@@ -1,5 +1,5 @@
 """`robodistill rl100`: imitation, then OPE-gated offline PPO over the denoising chain, then online
-PPO, then a one-step head (RL-100, Lei et al. 2025; DPPO, Ren et al. 2025; design/algorithms.md 2).
+PPO, then a one-step head (RL-100, Lei et al. 2025; DPPO, Ren et al. 2025).
 
 Stages, in order (`stages=`), each resumable and runnable alone from a checkpoint (`init=`):
 

@@ -1,6 +1,6 @@
 """`robodistill rpd`: Refined Policy Distillation, a PPO student pulled toward a teacher's actions.
 
-RPD (Jülg, Burgard, Walter 2025; design/algorithms.md section 1) is PPO with one more loss term:
+RPD (Jülg, Burgard, Walter 2025) is PPO with one more loss term:
 
     L = L_clip + vf_coef L_V - ent_coef H + lambda_t * distill(mu_theta(s), a_T(s))
 
