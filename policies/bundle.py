@@ -35,6 +35,7 @@ from robodistill.errors import UserError
 FORMAT = "robodistill-bundle-v1"
 METADATA = "metadata.json"
 GRAPH_FILES = {"onnx": "policy.onnx", "torchscript": "policy.ts"}
+MAX_PROMPT_CHARS = 1000  # a VLA bundle's observation["prompt"]: an instruction, not a document
 
 
 class BundleError(UserError):
@@ -138,6 +139,11 @@ class Bundle:
             raise BundleError(f"{meta_file} is not a {FORMAT} bundle; re-export it with this robodistill")
         if metadata.get("checksum") != metadata_checksum(metadata):
             raise BundleError(f"{meta_file} was modified after export (its checksum does not match); re-export the bundle")
+        missing = [k for k in ("graph", "observation", "noise", "action", "env", "files") if k not in metadata]
+        graph_file = metadata.get("graph", {}).get("file") if isinstance(metadata.get("graph"), dict) else None
+        if missing or not isinstance(metadata["files"], dict) or graph_file not in metadata["files"] or Path(graph_file).name != graph_file:
+            # the checksum catches corruption, not an edit that recomputes it: the graph must still be hashed and inside
+            raise BundleError(f"{meta_file} lacks {', '.join(missing) or 'a hashed graph file inside the bundle'}; re-export the bundle")
         for name, digest in metadata["files"].items():
             if not (path / name).is_file():
                 raise BundleError(f"bundle '{path}' is missing {name}; re-export it")
@@ -159,6 +165,8 @@ class Bundle:
             prompt = prompt.decode()
         if not isinstance(prompt, str):
             raise ObservationError(f"observation['prompt'] must be text (the instruction), got {type(prompt).__name__}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ObservationError(f"observation['prompt'] has {len(prompt)} characters; an instruction has at most {MAX_PROMPT_CHARS}")
         known = self.prompt["known"]
         if prompt in known:
             vector = np.asarray(known[prompt], np.float32)

@@ -36,6 +36,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("robodistill.summary", "`summary [--runs runs] [--name NAME]`: one table of the newest run of each command"),
 }
 ARGV_COMMANDS = {"dataset", "summary"}
+RESUME_HINTS = {  # what continues an interrupted training run
+    **dict.fromkeys(("train-teacher", "train-vla", "distill", "rpd"), "the same command with resume=true"),
+    "rl100": "resume_from=<run dir>",
+    "agv-train": "run_dir=<run dir> resume=true",
+}
 
 USAGE = """usage: robodistill <command> [key=value ...] [--help]
 
@@ -77,7 +82,7 @@ def _command_help(command: str, overrides: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _guarded(task_fn):
+def _guarded(task_fn, command: str = ""):
     """Bad input ends in one clear line, not a traceback through hydra; so does Ctrl-C."""
 
     def run(cfg: DictConfig):
@@ -88,8 +93,8 @@ def _guarded(task_fn):
             _drop_empty_run_dir()
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted: a training run keeps its last checkpoint; the same command with resume=true continues "
-                  "it (rl100: resume_from=<run dir>; agv-train: run_dir=<run dir> resume=true)", file=sys.stderr)
+            hint = RESUME_HINTS.get(command)
+            print("interrupted" + (f": the run keeps its last checkpoint; {hint} continues it" if hint else ""), file=sys.stderr)
             _drop_empty_run_dir()
             sys.exit(130)
 
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     sys.argv = [f"robodistill {command}", *overrides]
     hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(
-        _guarded(module.main)
+        _guarded(module.main, command)
     )()
 
 

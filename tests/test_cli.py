@@ -60,15 +60,16 @@ def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
 
 
 def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
-    proc = subprocess.Popen([*ROBODISTILL, "eval", "policy=random", "episodes=100000"], cwd=tmp_path,
+    proc = subprocess.Popen([*ROBODISTILL, "rpd", "teacher=scripted", "total_steps=10000000", "progress=false"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "runs" / "eval").glob("*/.hydra/config.yaml")):
+    while time.time() < deadline and not list((tmp_path / "runs" / "rpd").glob("*/.hydra/config.yaml")):
         time.sleep(0.1)
     time.sleep(3)  # into the command's own work
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted:" in err and "resume=true" in err, err[-2000:]
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == (
+        "interrupted: the run keeps its last checkpoint; the same command with resume=true continues it"), err[-2000:]
     assert "Traceback" not in err, err[-2000:]
 
 

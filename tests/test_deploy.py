@@ -20,7 +20,8 @@ from robodistill.deploy.controller import ChunkAgent, ControllerConfig
 from robodistill.deploy.export import ExportConfig, export
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
-from robodistill.policies.bundle import Bundle, BundleError
+from robodistill.deploy.server import PolicyServer
+from robodistill.policies.bundle import Bundle, BundleError, metadata_checksum
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
 from tests.conftest import ROBODISTILL, SlowPolicy
@@ -104,6 +105,36 @@ def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_p
     (copy / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="modified after export"):
         Bundle.load(copy)
+    # Edits that recompute the checksum may still not take the graph out of the hashed files or out of the bundle.
+    for edit_, message in ((lambda m: m.update(files={}), "a hashed graph file"),
+                           (lambda m: m["graph"].update(file="/tmp/other.onnx"), "a hashed graph file"),
+                           (lambda m: m.pop("noise"), "lacks noise")):
+        meta = json.loads((bundle / "metadata.json").read_text())
+        edit_(meta)
+        meta["checksum"] = metadata_checksum(meta)
+        (copy / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(BundleError, match=message):
+            Bundle.load(copy)
+    # overwrite=true replaces an earlier export, never another directory (here: the checkpoint's own run)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoints.save(run / "checkpoints" / "last.pt", checkpoints.load(checkpoint))
+    with pytest.raises(UserError, match="overwrite=true only replaces an earlier export"):
+        export(ExportConfig(ckpt=str(run / "checkpoints" / "last.pt"), overwrite=True), run)
+    assert (run / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(UserError, match="is a file"):
+        export(ExportConfig(ckpt=str(checkpoint)), run / "checkpoints" / "last.pt")
+    loaded_bundle = Bundle.load(bundle)
+    with pytest.raises(UserError, match="max_message_mb=0 must be > 0"):
+        PolicyServer(loaded_bundle, max_message_mb=0)
+    first = PolicyServer(loaded_bundle, port=0).start()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+            PolicyServer(loaded_bundle, port=first.port).start()
+        assert time.perf_counter() - start < 5  # told at once, not after the 30 s start-up wait
+    finally:
+        first.stop()
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +265,38 @@ def test_late_inference_holds_or_stops_and_stale_actions_are_skipped(bundle, on_
     np.testing.assert_array_equal(first, agent.chunk[0])
     with pytest.raises(UserError, match="replan_below=4"):
         ControllerConfig(replan_below=4).check(4)
+
+
+def test_a_server_that_stops_answering_stops_the_robot_and_ends_the_run(bundle):
+    loaded = Bundle.load(bundle)
+    hung = SlowPolicy(loaded, delay=0.0)
+    agent = ChunkAgent(hung, loaded.metadata, ControllerConfig(hz=20, deadline_ms=20, on_late="hold", timeout_ms=300))
+    agent.reset()
+    frame = {"state": np.zeros(loaded.metadata["observation"]["state"]["shape"][1], np.float32)}
+    actions = [agent.get_action(frame)["actions"]]
+    hung.delay = 60  # the first chunk came back; the next request never will
+    chunk = agent.chunk.copy()
+    with pytest.raises(UserError, match="no answer from the policy server for 300 ms"):
+        for _ in range(100):
+            actions.append(agent.get_action(frame)["actions"])
+            time.sleep(0.03)
+    n = len(chunk)
+    assert not agent.records[n - 1]["late"] and agent.records[n]["late"]
+    np.testing.assert_array_equal(actions[n], chunk[-1])  # on_late=hold repeats the last action while waiting ...
+    assert 0.3 <= agent.records[-1]["sent"] - agent.records[n]["sent"] + 0.03 < 0.6  # ... up to timeout_ms
+    np.testing.assert_array_equal(actions[-1], np.where(agent.stop_zeroes, 0.0, chunk[-1]))  # then sends the stop action
+    with pytest.raises(UserError, match="no answer"):  # and a new episode does not start
+        agent.reset()
+    # Position control without a stop action: nothing can be sent, so the first step ends the run at the timeout.
+    position = {**loaded.metadata, "env": {**loaded.metadata["env"], "control_mode": "pd_joint_pos"}}
+    agent = ChunkAgent(hung, position, ControllerConfig(hz=20, deadline_ms=20, timeout_ms=300))
+    agent.reset()
+    with pytest.raises(UserError, match="no answer"):
+        agent.get_action(frame)
+    with pytest.raises(UserError, match="prompt= is the instruction of a VLA bundle"):
+        ChunkAgent(hung, loaded.metadata, ControllerConfig(), prompt="push the cube")
+    with pytest.raises(UserError, match=r"timeout_ms=20 must be longer than the deadline \(25 ms\)"):
+        ControllerConfig(hz=20, timeout_ms=20).check(4)
 
 
 def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):

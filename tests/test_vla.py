@@ -8,11 +8,12 @@ import pytest
 import torch
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
+from robodistill.deploy.controller import ChunkAgent, ControllerConfig
 from robodistill.deploy.export import ExportConfig, export
 from robodistill.deploy.server import PolicyServer
 from robodistill.envs import EnvConfig, make_env
 from robodistill.policies import load_policy
-from robodistill.policies.bundle import Bundle
+from robodistill.policies.bundle import Bundle, ObservationError
 from robodistill.policies.teachers import load_teacher
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.text import TextEncoder
@@ -21,7 +22,7 @@ from tests.conftest import run_cli
 PICK = EnvConfig(task="PickCube-v1", obs_mode="rgb", control_mode="pd_ee_delta_pos", image_size=48)
 
 
-def test_sentence_encoder_is_the_real_pretrained_one():
+def test_sentence_encoder_is_the_real_pretrained_one(monkeypatch):
     text = TextEncoder()
     push, pick, lift = (text(phrasings(t)) for t in ("PushCube-v1", "PickCube-v1", "LiftPegUpright-v1"))
     assert push.shape == (3, 384) and torch.allclose(push.norm(dim=1), torch.ones(3), atol=1e-5)
@@ -30,6 +31,9 @@ def test_sentence_encoder_is_the_real_pretrained_one():
     a, b, c = text(["push the cube to the goal", "shove the block onto the target", "stand the peg upright"])
     assert a @ b > a @ c + 0.1, (a @ b, a @ c)
     assert torch.equal(text(["stand the peg upright"])[0], c)  # cached: the same vector again
+    monkeypatch.setattr("robodistill.policies.vla.text.CACHED", 4)  # a server meets endless prompts: the cache is bounded
+    text(["a new prompt", "another one"])
+    assert len(text._cache) == 4 and "stand the peg upright" in text._cache  # the least recently used went first
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,8 @@ def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, 
         out, meta = export(ExportConfig(ckpt=ckpt, task="PickCube-v1", sampler="ddim", steps=2), tmp_path / "bundle")
         assert meta["env"]["task"] == "PickCube-v1" and meta["observation"]["instruction"]["shape"] == [384]
         assert meta["prompt"]["default"] == phrasings("PickCube-v1")[0]
+        with pytest.raises(ObservationError, match="1001 characters; an instruction has at most 1000"):
+            Bundle.load(out).instruct({"prompt": "x" * 1001}, batched=False)
         server = PolicyServer(Bundle.load(out), port=0).start()
         try:
             row = {k: v[0].numpy() for k, v in history.items()}
@@ -107,6 +113,13 @@ def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, 
             remote = load_teacher(f"ws://127.0.0.1:{server.port}", env)
             assert remote.prompt == phrasings("PickCube-v1")[0]  # sent with every observation, as openpi clients do
             assert remote.act(history).shape == (1, 4, 4)  # the bundle's chunk_length
+            # `robodistill control`'s agent: a robot's frames hold no instruction; the prompt goes as text.
+            frame = {k: v[0, -1].numpy() for k, v in history.items()}
+            for prompt, same in ((None, True), (phrasings("PushCube-v1")[0], False)):
+                agent = ChunkAgent(WebsocketClientPolicy("127.0.0.1", server.port), meta, ControllerConfig(hz=0), prompt)
+                agent.reset()
+                assert "instruction" not in agent.keys
+                assert np.allclose(agent.get_action(frame)["actions"], default[0], atol=1e-6) == same
         finally:
             server.stop()
 

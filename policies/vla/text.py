@@ -4,19 +4,21 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 
 DIM = 384  # all-MiniLM-L6-v2's embedding size
+CACHED = 4096  # texts whose embeddings are kept (the least recently used go first): a server meets endless prompts
 
 
 class TextEncoder:
-    """Text -> (N, 384) unit vectors; loaded on first use, each distinct text embedded once."""
+    """Text -> (N, 384) unit vectors; loaded on first use, the last CACHED distinct texts embedded once."""
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self._model = None
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         new = sorted({t for t in texts if t not in self._cache})
@@ -29,4 +31,9 @@ class TextEncoder:
             with torch.no_grad():
                 vectors = self._model.encode(new, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
             self._cache.update({t: v.float().cpu() for t, v in zip(new, vectors)})
-        return torch.stack([self._cache[t] for t in texts]).to(self.device)
+        out = torch.stack([self._cache[t] for t in texts]).to(self.device)
+        for t in texts:
+            self._cache.move_to_end(t)
+        while len(self._cache) > CACHED:
+            self._cache.popitem(last=False)
+        return out

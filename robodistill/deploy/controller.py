@@ -17,8 +17,11 @@ never blocks on the network for longer than its deadline.
      stop action (zero arm motion under delta/velocity control, the last target under position
      control; the gripper keeps its last command; a bundle's own `action.stop`, such as an AGV's
      standstill command, where it has one). Under position control without `action.stop` the
-     first step of an episode has no target to hold yet, so it waits for the first chunk however long;
+     first step of an episode has no target to hold yet, so it waits for the first chunk up to `timeout_ms`;
   5. clamps the action to the bounds in the bundle's metadata.
+A request unanswered for `timeout_ms` (a hung or vanished server) ends the run: that step sends the stop
+action (as `on_late=stop`), and the next step, or the next reset, fails with one line. Requests run on
+daemon threads, so a server that never answers cannot keep the process alive, nor Ctrl-C from ending it.
 With `replan_below=0` and no late steps, the loop executes exactly what `robodistill eval` does.
 
 A robot is anything with openpi's `Environment` methods: `reset()`, `get_observation()` (one
@@ -38,7 +41,8 @@ import logging
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +72,7 @@ class ControllerConfig:
     replan_below: int = 0  # request the next chunk when this many actions are left; 0: when they run out
     deadline_ms: float | None = None  # how long a step may wait for a chunk; default half a period (hz=0: 1 s)
     on_late: str = "hold"  # hold | stop: what a step with no action in time sends
+    timeout_ms: float = 2000.0  # a request unanswered this long stops the robot and ends the run
 
     def deadline_s(self) -> float:
         if self.deadline_ms is not None:
@@ -83,14 +88,20 @@ class ControllerConfig:
             raise UserError(f"replan_below={self.replan_below} must be between 0 and the chunk length - 1 ({chunk_length - 1})")
         if self.deadline_ms is not None and self.deadline_ms <= 0:
             raise UserError(f"deadline_ms={self.deadline_ms} must be > 0")
+        if self.timeout_ms <= self.deadline_s() * 1e3:
+            raise UserError(f"timeout_ms={self.timeout_ms} must be longer than the deadline ({self.deadline_s() * 1e3:g} ms)")
 
 
 class ChunkAgent(openpi_agent.Agent):
     """Action chunks from a policy (openpi `BasePolicy`), executed one per step; see the module doc."""
 
-    def __init__(self, policy: base_policy.BasePolicy, metadata: dict, cfg: ControllerConfig):
+    def __init__(self, policy: base_policy.BasePolicy, metadata: dict, cfg: ControllerConfig, prompt: str | None = None):
         self.policy, self.cfg = policy, cfg
-        self.keys = list(metadata["observation"])
+        # A VLA bundle's instruction goes as text (`prompt`) with every request; the server embeds it.
+        if prompt is not None and "prompt" not in metadata:
+            raise UserError("prompt= is the instruction of a VLA bundle; this policy takes none")
+        self.prompt = (prompt or metadata["prompt"]["default"]) if "prompt" in metadata else None
+        self.keys = [k for k in metadata["observation"] if not (self.prompt is not None and k == "instruction")]
         self.obs_horizon = int(metadata["policy"]["obs_horizon"])
         self.low = np.asarray(metadata["action"]["low"], np.float32)
         self.high = np.asarray(metadata["action"]["high"], np.float32)
@@ -99,8 +110,8 @@ class ChunkAgent(openpi_agent.Agent):
         # A bundle may name its standstill command (an AGV's: zero velocity is not the zero action).
         stop = metadata["action"].get("stop")
         self.stop_action = None if stop is None else np.asarray(stop, np.float32)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self._pending: tuple[Future, int] | None = None  # the request in flight and its observation's step
+        self._pending: tuple[Future, int, float] | None = None  # the request in flight, its observation's step, when sent
+        self._failure: str | None = None  # why the run must end, raised at the next call after the stop action went out
         self.records: list[dict] = []  # one per step: episode, step, sent (when the action left), wait_ms, late
         self.requests: list[dict] = []  # one per chunk: round-trip and server milliseconds, skipped actions
         self.episode = -1  # Runtime calls reset() before every episode
@@ -114,12 +125,40 @@ class ChunkAgent(openpi_agent.Agent):
         self.last: np.ndarray | None = None
 
     def reset(self) -> None:
-        if self._pending is not None:
-            self._pending[0].exception()  # let a request in flight finish; its chunk is for the old episode
+        self._raise_failure()
+        if self._pending is not None:  # let a request in flight finish; its chunk is for the old episode
+            try:
+                self._pending[0].exception(timeout=self._timeout_left())
+            except FutureTimeout:
+                self._hung()
+                self._raise_failure()
             self._pending = None
         self._clear()
         self.episode += 1
         self.policy.reset()
+
+    def _submit(self, obs: dict) -> Future:
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._infer(obs))
+            except BaseException as err:  # noqa: BLE001 - handed to the control loop, which reports it
+                future.set_exception(err)
+
+        threading.Thread(target=run, daemon=True, name="inference").start()
+        return future
+
+    def _timeout_left(self) -> float:
+        return max(0.0, self._pending[2] + self.cfg.timeout_ms / 1e3 - time.perf_counter())
+
+    def _hung(self) -> None:
+        self._failure = (f"no answer from the policy server for {self.cfg.timeout_ms:g} ms (timeout_ms): the robot was sent "
+                         "its stop action; check the server, or raise timeout_ms for a slow link")
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise UserError(self._failure)
 
     def _infer(self, obs: dict) -> tuple[np.ndarray, float, float]:
         start = time.perf_counter()
@@ -128,7 +167,7 @@ class ChunkAgent(openpi_agent.Agent):
         return np.asarray(result["actions"], np.float32), rtt, float(result.get("server_timing", {}).get("infer_ms", float("nan")))
 
     def _adopt(self) -> None:
-        future, obs_step = self._pending
+        future, obs_step, _ = self._pending
         self._pending = None
         try:
             chunk, rtt, server_ms = future.result()
@@ -142,6 +181,7 @@ class ChunkAgent(openpi_agent.Agent):
         return 0 if self.chunk is None else max(0, len(self.chunk) - (self.step - self.chunk_step))
 
     def get_action(self, observation: dict) -> dict:
+        self._raise_failure()
         start = time.perf_counter()
         frame = {k: np.asarray(observation[k]) for k in self.keys}
         if self.history is None:
@@ -152,20 +192,27 @@ class ChunkAgent(openpi_agent.Agent):
             self._adopt()
         if self._pending is None and self._left() <= self.cfg.replan_below:
             obs = {k: np.stack([f[k] for f in self.history]) for k in self.keys}
-            self._pending = (self._pool.submit(self._infer, obs), self.step)
+            if self.prompt is not None:
+                obs["prompt"] = self.prompt
+            self._pending = (self._submit(obs), self.step, time.perf_counter())
         if self._left() == 0 and self._pending is not None:
             guess = self.last is None and self.stop_action is None and not self.stop_zeroes.any()  # see the module doc
+            deadline = max(0.0, self.cfg.deadline_s() - (time.perf_counter() - start))
             try:
-                self._pending[0].result(timeout=None if guess else max(0.0, self.cfg.deadline_s() - (time.perf_counter() - start)))
+                self._pending[0].result(timeout=self._timeout_left() if guess else min(deadline, self._timeout_left()))
                 self._adopt()
             except FutureTimeout:
-                pass
+                if self._timeout_left() == 0:
+                    self._hung()
+                if guess and self._failure:
+                    self._raise_failure()  # nothing sent yet, and no stop action to send
         late = self._left() == 0
+        stop = self._failure is not None or self.cfg.on_late == "stop"
         if not late:
             action = self.chunk[self.step - self.chunk_step]
-        elif self.stop_action is not None and (self.last is None or self.cfg.on_late == "stop"):
+        elif self.stop_action is not None and (self.last is None or stop):
             action = self.stop_action
-        elif self.last is None or self.cfg.on_late == "stop":
+        elif self.last is None or stop:
             base = self.last if self.last is not None else np.zeros_like(self.low)
             action = np.where(self.stop_zeroes, 0.0, base).astype(np.float32)
         else:
@@ -244,6 +291,8 @@ class ControlConfig:
     replan_below: int = 0
     deadline_ms: float | None = None
     on_late: str = "hold"
+    timeout_ms: float = 2000.0
+    prompt: str | None = None  # a VLA bundle: the instruction sent with every request (default: the bundle's task)
     name: str = "control"
 
 
@@ -316,14 +365,14 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"the server at {url} sent no robodistill bundle metadata (env, observation, action, policy)")
     e = meta["env"]
     hz = float(e["control_freq"]) if cfg.hz is None else float(cfg.hz)
-    controller = ControllerConfig(hz, int(cfg.replan_below), cfg.deadline_ms, str(cfg.on_late))
+    controller = ControllerConfig(hz, int(cfg.replan_below), cfg.deadline_ms, str(cfg.on_late), float(cfg.timeout_ms))
     controller.check(int(meta["action"]["chunk_length"]))
     if cfg.task and cfg.task != e["task"]:
         raise UserError(f"task={cfg.task}, but the policy drives {e['task']}: drop task= or serve a bundle for {cfg.task}")
     env_cfg = EnvConfig(task=e["task"], obs_mode=e["obs_mode"], control_mode=e["control_mode"], num_envs=1,
                         max_episode_steps=cfg.max_episode_steps or e["max_episode_steps"], image_size=e.get("image_size", 128),
                         scene=e.get("scene"))
-    agent = ChunkAgent(policy, meta, controller)
+    agent = ChunkAgent(policy, meta, controller, cfg.prompt)
     start = time.perf_counter()
     with make_env(env_cfg, ignore_terminations=True) as env:
         robot = ManiSkillRobot(env, seed=int(cfg.seed))

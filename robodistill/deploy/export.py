@@ -282,8 +282,14 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
         raise UserError(f"format='{cfg.format}' is not one of {', '.join(GRAPH_FILES)}")
     if not cfg.ckpt or not Path(cfg.ckpt).is_file():
         raise UserError(f"ckpt={cfg.ckpt!r}: give the path of a checkpoint (runs/distill/<run>/checkpoints/last.pt)")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"out={out} exists and is not empty: choose another out= or add overwrite=true")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={out} is a file: give a directory for the bundle")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise UserError(f"out={out} exists and is not empty: choose another out= or add overwrite=true")
+        if not (out / METADATA).is_file() or Path(cfg.ckpt).resolve().is_relative_to(out.resolve()):
+            # overwrite replaces a bundle, never a directory of other things (a run, the checkpoint itself)
+            raise UserError(f"out={out} is not a bundle (or holds ckpt=): overwrite=true only replaces an earlier export")
     graph, env_cfg = load_source(cfg.ckpt, cfg.sampler, cfg.steps, cfg.task)
     env_cfg = EnvConfig.from_mapping({**env_cfg.__dict__, "num_envs": 1, "sim_backend": "physx_cpu"})
     with make_env(env_cfg) as env:

@@ -82,6 +82,8 @@ class PolicyServer:
                  max_message_mb: float = 16.0, max_batch: int = 32, seed: int = 0):
         if max_batch < 1:
             raise UserError(f"max_batch={max_batch} must be >= 1")
+        if max_message_mb <= 0:
+            raise UserError(f"max_message_mb={max_message_mb} must be > 0")
         self.bundle, self.host, self.port = bundle, host, port
         self.api_key, self.seed, self.max_batch = api_key or None, seed, max_batch
         self.max_bytes = int(max_message_mb * 2**20)
@@ -90,6 +92,9 @@ class PolicyServer:
                                                        "max_message_bytes": self.max_bytes}}
         self.stats = {"connections": 0, "requests": 0, "errors": 0, "batches": 0}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        # A VLA bundle embeds a new prompt's text (milliseconds to seconds): off the event loop, or every client waits.
+        self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="prompts") if bundle.prompt is not None else None
+        self._error: BaseException | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Future | None = None
@@ -115,7 +120,8 @@ class PolicyServer:
             async for message in ws:
                 start = time.perf_counter()
                 try:
-                    obs = self._decode(message)
+                    obs = (self._decode(message) if self._text_pool is None else
+                           await asyncio.get_running_loop().run_in_executor(self._text_pool, self._decode, message))
                     pending = _Pending(obs, self.bundle.noise(1, rng), asyncio.get_running_loop().create_future())
                     await self._queue.put(pending)
                     actions, infer_ms, batch = await pending.future
@@ -182,10 +188,20 @@ class PolicyServer:
 
     def start(self) -> "PolicyServer":
         """Serve from a daemon thread; returns once the port is bound (`self.port`, `self.url`)."""
-        thread = threading.Thread(target=lambda: asyncio.run(self.serve_forever()), daemon=True, name="policy-server")
-        thread.start()
+        def run() -> None:
+            try:
+                asyncio.run(self.serve_forever())
+            except BaseException as err:  # noqa: BLE001 - handed to start(), which raises it
+                self._error = err
+                self._ready.set()
+
+        threading.Thread(target=run, daemon=True, name="policy-server").start()
         if not self._ready.wait(timeout=30):
             raise RuntimeError("the policy server did not start within 30 s")
+        if isinstance(self._error, OSError):
+            raise UserError(f"cannot listen on {self.host}:{self.port} ({self._error.strerror}): choose another port") from self._error
+        if self._error is not None:
+            raise self._error
         return self
 
     def stop(self) -> None:
