@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -113,8 +115,14 @@ def _drop_empty_run_dir() -> None:
         shutil.rmtree(run_dir)
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill`, `timeout` or a scheduler's preemption ends a command as Ctrl-C does: cleaned up
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return

@@ -159,6 +159,9 @@ def generate(cfg: DemosConfig) -> dict:
         meta.update({k: plan_meta[k] for k in ("source_type", "source_desc") if k in plan_meta})
         converted.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         kept = len(meta["episodes"])
+        if kept == 0:
+            raise UserError(f"none of the {cfg.n} plans replayed successfully under env.control_mode={cfg.env.control_mode}: "
+                            "nothing was written; try another control mode (pd_joint_pos replays plans exactly)")
         final = out_dir / f"{name}.h5"
         raw = out_dir / f"mp_n{cfg.n}_seed{cfg.seed}.none.pd_joint_pos.h5"
         for src, dst in ((plans, raw), (converted, final)):

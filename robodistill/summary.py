@@ -109,7 +109,7 @@ def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]
     """(command, run directory name, one line of result) rows, newest run of each command."""
     rows = []
     for command, read in READERS.items():
-        found = sorted((runs / command).glob("*")) if (runs / command).is_dir() else []
+        found = sorted(p for p in (runs / command).glob("*") if p.is_dir()) if (runs / command).is_dir() else []
         if name:
             found = [p for p in found if p.name.endswith(f"-{name}") or f"-{name}-" in p.name]
         # Every eval run of the name (e.g. the teacher's and the scripted expert's), else the newest.
@@ -117,7 +117,7 @@ def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]
         for label, run in (job for run in chosen for job in _jobs(run)):
             try:
                 lines = read(run)
-            except (FileNotFoundError, KeyError, json.JSONDecodeError, IndexError):
+            except (OSError, KeyError, json.JSONDecodeError, IndexError, TypeError, ValueError):  # a run that died, or a foreign file
                 lines = ["(incomplete run)"]
             rows += [(command, label, line) for line in lines]
     return rows

@@ -57,6 +57,12 @@ def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
     r = cli("eval", "episodes=1", "env.tsk=PushCube-v1")
     assert r.returncode == 2 and r.stderr.startswith("error: env.tsk=PushCube-v1:") and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "runs" / "eval").exists() or not list((tmp_path / "runs" / "eval").iterdir())  # no empty runs left
+    # summary over a runs folder with a stray file and a run whose JSON is not what the command writes
+    (tmp_path / "runs" / "demos" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "demos" / "x" / "demos.json").write_text("[1]")
+    (tmp_path / "runs" / "demos" / "notes.txt").write_text("")
+    r = cli_here("summary")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1].split() == ["demos", "x", "(incomplete", "run)"], r.stdout + r.stderr
 
 
 def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):

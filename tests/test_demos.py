@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, open_trajectory
+from robodistill.data.info import describe
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import ROBODISTILL, run_cli
 
 
 @pytest.fixture
@@ -109,6 +111,17 @@ def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_pa
     with pytest.raises(UserError, match="recorded with control_mode=pd_ee_delta_pos, but pd_joint_pos was asked for"):
         load_episodes(pushcube, control_mode="pd_joint_pos")
 
+    for name, edit, message in (("empty", lambda rows: [], "holds no episodes"),
+                                ("unnumbered", lambda rows: [{k: v for k, v in r.items() if k != "episode_id"} for r in rows],
+                                 "every entry of 'episodes' needs an episode_id")):
+        odd = copy_pair(pushcube, tmp_path, name)
+        meta = json.loads(odd.with_suffix(".json").read_text())
+        odd.with_suffix(".json").write_text(json.dumps({**meta, "episodes": edit(meta["episodes"])}))
+        with pytest.raises(UserError, match=f"{name}.json'"):
+            load_episodes(odd)
+        with pytest.raises(UserError, match=message):
+            describe(odd)  # `dataset info`
+
     ragged = copy_pair(pushcube, tmp_path, "ragged")
     with h5py.File(ragged, "r+") as f:
         state = f["traj_1/obs"][:]
@@ -134,3 +147,14 @@ def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tm
         r = cli_here("demos", "env=PushCube-v1", "n=1", *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     assert not (tmp_path / "datasets").exists()
+    # Killed (SIGTERM: `kill`, `timeout`, a scheduler) while planning: its temporary folder goes with it.
+    proc = subprocess.Popen([*ROBODISTILL, "demos", "env=PushCube-v1", "n=50"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "datasets").glob("PushCube-v1/.demos-*")):
+        time.sleep(0.1)
+    time.sleep(3)  # into the planning
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("interrupted"), err[-2000:]
+    assert not list((tmp_path / "datasets" / "PushCube-v1").iterdir())

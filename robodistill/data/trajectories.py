@@ -134,6 +134,10 @@ def open_trajectory(path: str | Path) -> TrajectoryFile:
             raise UserError(f"'{json_path}' has no '{key}' field; is it a ManiSkill trajectory json?")
     if "env_id" not in meta["env_info"]:
         raise UserError(f"'{json_path}': env_info has no env_id")
+    if not meta["episodes"]:
+        raise UserError(f"'{json_path}' holds no episodes: make demonstrations with `robodistill demos`")
+    if not all(isinstance(row, dict) and "episode_id" in row for row in meta["episodes"]):
+        raise UserError(f"'{json_path}': every entry of 'episodes' needs an episode_id; is it a ManiSkill trajectory json?")
     try:
         h5 = h5py.File(path, "r")
     except OSError as err:
