@@ -140,10 +140,13 @@ class Bundle:
         if metadata.get("checksum") != metadata_checksum(metadata):
             raise BundleError(f"{meta_file} was modified after export (its checksum does not match); re-export the bundle")
         missing = [k for k in ("graph", "observation", "noise", "action", "env", "files") if k not in metadata]
-        graph_file = metadata.get("graph", {}).get("file") if isinstance(metadata.get("graph"), dict) else None
-        if missing or not isinstance(metadata["files"], dict) or graph_file not in metadata["files"] or Path(graph_file).name != graph_file:
-            # the checksum catches corruption, not an edit that recomputes it: the graph must still be hashed and inside
-            raise BundleError(f"{meta_file} lacks {', '.join(missing) or 'a hashed graph file inside the bundle'}; re-export the bundle")
+        if missing:
+            raise BundleError(f"{meta_file} lacks {', '.join(missing)}; re-export the bundle")
+        # The checksum catches corruption, not an edit that recomputes it: the graph must still be hashed and inside.
+        graph, files = metadata["graph"], metadata["files"]
+        graph_file = graph.get("file") if isinstance(graph, dict) else None
+        if not isinstance(files, dict) or graph_file not in files or Path(graph_file).name != graph_file:
+            raise BundleError(f"{meta_file} lacks a hashed graph file inside the bundle; re-export the bundle")
         for name, digest in metadata["files"].items():
             if not (path / name).is_file():
                 raise BundleError(f"bundle '{path}' is missing {name}; re-export it")

@@ -99,7 +99,7 @@ READERS = {"demos": _demos, "train-teacher": _teacher, "train-vla": _vla, "eval"
 
 def _jobs(run: Path) -> list[tuple[str, Path]]:
     """A sweep's directory (`-m`) holds one job per numbered folder; a plain run is one job."""
-    if (run / ".hydra").is_dir() or not run.is_dir():
+    if (run / ".hydra").is_dir():
         return [(run.name, run)]
     jobs = sorted((q for q in run.iterdir() if q.is_dir() and q.name.isdigit()), key=lambda q: int(q.name))
     return [(f"{run.name}/{q.name}", q) for q in jobs] or [(run.name, run)]

@@ -39,9 +39,9 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import threading
 import time
 from collections import deque
-import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
@@ -287,7 +287,7 @@ class ControlConfig:
     max_episode_steps: int | None = None  # default: the bundle's
     episodes: int = 10
     seed: int = 0  # episode k is reset with seed + k; a bundle= server draws its noise from this seed
-    hz: float | None = None  # default: the bundle's control_freq, the rate it was trained at; see ControllerConfig for these four
+    hz: float | None = None  # default: the bundle's control_freq, the rate it was trained at; see ControllerConfig for these five
     replan_below: int = 0
     deadline_ms: float | None = None
     on_late: str = "hold"

@@ -75,6 +75,10 @@ class _Pending:
     queued: float = field(default_factory=time.perf_counter)
 
 
+def _listen_error(host: str, port: int, err: OSError) -> UserError:
+    return UserError(f"cannot listen on {host}:{port} ({err.strerror}): choose another port=")
+
+
 class PolicyServer:
     """Serves one bundle; `serve_forever()` in an event loop or `start()` in a background thread."""
 
@@ -199,7 +203,7 @@ class PolicyServer:
         if not self._ready.wait(timeout=30):
             raise RuntimeError("the policy server did not start within 30 s")
         if isinstance(self._error, OSError):
-            raise UserError(f"cannot listen on {self.host}:{self.port} ({self._error.strerror}): choose another port") from self._error
+            raise _listen_error(self.host, self.port, self._error) from self._error
         if self._error is not None:
             raise self._error
         return self
@@ -241,6 +245,6 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         pass
     except OSError as err:
-        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({err.strerror}): choose another port=") from err
+        raise _listen_error(cfg.host, cfg.port, err) from err
     s = server.stats
     print(f"served {s['requests']} requests in {s['batches']} graph calls to {s['connections']} connections; {s['errors']} errors")
