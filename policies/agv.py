@@ -52,30 +52,13 @@ class AGVPolicy:
         return self.actor.mean(x).clamp(-1.0, 1.0).unsqueeze(1)
 
 
-def payload(actor: GaussianActor, obs_mean: torch.Tensor, obs_var: torch.Tensor, hidden: int, config: dict, step: int) -> dict:
+def payload(actor: GaussianActor, obs_mean: torch.Tensor, obs_var: torch.Tensor, hidden: int, config: dict, env: dict,
+            step: int) -> dict:
     obs_dim = obs_mean.shape[0]
     return {
-        "kind": KIND, "config": config, "step": step, "hidden": hidden, "obs_dim": obs_dim,
+        "kind": KIND, "config": config, "env": env, "step": step, "hidden": hidden, "obs_dim": obs_dim,
         "act_dim": actor.log_std.shape[0], "actor": actor.state_dict(), "obs_mean": obs_mean.clone(), "obs_var": obs_var.clone(),
     }
-
-
-def trained_scene(spec: str) -> str | None:
-    """The warehouse scene an AGV policy was trained on (agv-train's policy.pt or its exported bundle); None for
-    anything else."""
-    import json
-    from pathlib import Path
-
-    from robodistill import checkpoints
-    from robodistill.policies.bundle import METADATA, is_bundle
-
-    path = Path(spec)
-    if is_bundle(spec):
-        return json.loads((path / METADATA).read_text()).get("env", {}).get("scene")
-    if path.suffix == ".pt" and path.is_file():
-        payload = checkpoints.load(path)
-        return payload["config"].get("scene") if payload.get("kind") == KIND else None
-    return None
 
 
 @register_loader(KIND)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -77,3 +78,29 @@ def load_policy(spec: str, env, seed: int = 0) -> Policy:
         known = ", ".join(sorted(LOADERS)) or "none registered yet"
         raise UserError(f"checkpoint '{spec}' holds a '{kind}', which is not a policy (policy kinds: {known})")
     return LOADERS[kind](payload, env)
+
+
+def trained_env(spec: str) -> dict:
+    """The env a policy file records from its training (EnvConfig fields; a VLA adds its `tasks`): a
+    bundle's metadata, an RPD student zip, or a diffusion, VLA or AGV checkpoint. {} for `random`,
+    `scripted`, a Hugging Face VLA or a file that is none of these (load_policy says what is wrong)."""
+    from robodistill.policies.bundle import METADATA, is_bundle
+
+    path = Path(spec)
+    if is_bundle(spec):
+        try:
+            env = json.loads((path / METADATA).read_text()).get("env")
+        except (ValueError, AttributeError):  # not JSON, or not an object: the bundle's loader says so
+            return {}
+        return env if isinstance(env, dict) else {}
+    if not path.is_file():
+        return {}
+    if path.suffix == ".zip":
+        from stable_baselines3.common.save_util import load_from_zip_file
+
+        try:
+            data = load_from_zip_file(path, load_data=True, device="cpu")[0]
+        except Exception:  # not a student zip (SB3 raises several types): load_student names it
+            return {}
+        return (data or {}).get("robodistill_env") or {}
+    return checkpoints.load(path).get("env") or {}

@@ -23,12 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from robodistill.envs import EnvConfig, VecEnv, make_env
-from robodistill.envs.factory import AGV_TASK
 from robodistill.errors import UserError
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.inference.samplers import RTIConfig
 from robodistill.policies import Policy, load_policy
-from robodistill.policies.agv import trained_scene
+from robodistill.policies.base import trained_env
+
+# What a policy file records of the env it was trained in, and `eval` takes from it unless the command line sets
+# env.<field>: the episode limit it learnt to finish in, what it sees and how it acts. The task stays the command
+# line's (env=), so that a run is named for what it rates and a mismatch is an error, not a silent switch.
+TRAINED_FIELDS = ("obs_mode", "control_mode", "max_episode_steps", "image_size", "reward_mode", "scene", "collision_penalty")
+
 
 @dataclass
 class EvalConfig:
@@ -173,6 +178,19 @@ def configure_sampler(policy: Policy, sampler: str | None, steps: int | None, rt
     policy.set_sampler(sampler or policy.sampler.name, steps, rti)
 
 
+def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str]) -> EnvConfig:
+    """`env_cfg` with the TRAINED_FIELDS the policy records and the command line (`given`) leaves unset;
+    says which it took. Unchanged when the policy trained on another task: its loader names the mismatch."""
+    trained = trained_env(spec)
+    if env_cfg.task not in trained.get("tasks", [trained.get("task")]):
+        return env_cfg
+    taken = {k: trained[k] for k in TRAINED_FIELDS
+             if k in trained and f"env.{k}" not in given and trained[k] != getattr(env_cfg, k)}
+    if taken:
+        print(f"as the policy was trained: {' '.join(f'env.{k}={v}' for k, v in taken.items())} (set env.<field>= to change)")
+    return replace(env_cfg, **taken)
+
+
 def main(cfg: DictConfig) -> EvalReport:
     from hydra.core.hydra_config import HydraConfig
 
@@ -185,9 +203,7 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {cfg.seed}")
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
-    if env_cfg.task == AGV_TASK and "env.scene" not in given_fields():
-        # an AGV policy is rated in the warehouse it was trained for unless env.scene= says otherwise
-        env_cfg = replace(env_cfg, scene=trained_scene(str(cfg.policy)) or env_cfg.scene)
+    env_cfg = env_for_policy(env_cfg, str(cfg.policy), given_fields())
     with make_env(env_cfg, render=bool(cfg.video), ignore_terminations=True) as env:
         policy = load_policy(str(cfg.policy), env, seed=cfg.seed)
         configure_sampler(policy, cfg.sampler, cfg.steps, RTIConfig(**OmegaConf.to_container(cfg.rti)))

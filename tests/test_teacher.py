@@ -67,8 +67,8 @@ def test_unet_needs_a_horizon_multiple_of_four():
         DiffusionPolicy(DiffusionConfig(denoiser="unet", pred_horizon=10, act_horizon=4), 5, 3, -torch.ones(3), torch.ones(3))
 
 
-def run_dir(root, name):
-    (path,) = [p for p in (root / "runs" / "train-teacher").iterdir() if p.name.endswith(name)]
+def run_dir(root, name, command="train-teacher"):
+    (path,) = [p for p in (root / "runs" / command).iterdir() if p.name.endswith(name)]
     return path
 
 
@@ -108,10 +108,15 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
     rows = [json.loads(l) for l in (run_dir(tmp_path, "t") / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 20 and 0 <= rows[-1]["success_once"] <= 1 and rows[-1]["val_loss"] is not None
     ckpt = run_dir(tmp_path, "t") / "checkpoints" / "best.pt"
-    for sampler, steps in (("ddpm", 5), ("ddim", 3)):
-        r = cli("eval", f"policy={ckpt}", "env.max_episode_steps=20", "episodes=1", f"sampler={sampler}", f"steps={steps}")
+    # Rated as trained (20-step episodes, not PushCube's 50) unless the command line says otherwise.
+    for sampler, steps, limit in (("ddpm", 5, []), ("ddim", 3, ["env.max_episode_steps=15"])):
+        r = cli("eval", f"policy={ckpt}", *limit, "episodes=1", f"sampler={sampler}", f"steps={steps}", f"name={sampler}")
         assert r.returncode == 0, r.stderr[-3000:]
         assert "success_once" in r.stdout
+        assert ("as the policy was trained: env.max_episode_steps=20" in r.stdout) == (not limit), r.stdout
+        rated = json.loads(run_dir(tmp_path, sampler, "eval").joinpath("eval.json").read_text())
+        assert rated["env"]["max_episode_steps"] == (15 if limit else 20)
+        assert rated["episodes"][0]["episode_len"] == (15 if limit else 20)
     wrong_env = cli("eval", f"policy={ckpt}", "env=PickCube-v1", "episodes=1")
     assert wrong_env.returncode == 2 and "trained on {'task': 'PushCube-v1'" in wrong_env.stderr and "PickCube-v1" in wrong_env.stderr
     zero = cli("eval", f"policy={ckpt}", "episodes=1", "sampler=ddim", "steps=0")

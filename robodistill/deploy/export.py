@@ -162,9 +162,8 @@ class _Normalize(nn.Module):
         return agv.normalize(x, self.mean, self.var)
 
 
-def agv_graph(payload: dict) -> tuple[MeanActionGraph, EnvConfig]:
-    """`robodistill agv-train`'s policy.pt, for the scene it was trained on (any scene takes the same observations)."""
-    from robodistill.envs.agv import TASK
+def agv_graph(payload: dict) -> MeanActionGraph:
+    """`robodistill agv-train`'s policy.pt (for the scene it was trained on; any scene takes the same observations)."""
     from robodistill.envs.agv.batch import STOP_ACTION
     from robodistill.envs.agv.env import ACTION_SPACE
 
@@ -172,12 +171,8 @@ def agv_graph(payload: dict) -> tuple[MeanActionGraph, EnvConfig]:
     actor.load_state_dict(payload["actor"])
     mean, var = payload["obs_mean"], payload["obs_var"]
     net = nn.Sequential(_Normalize(mean, var), actor.mean)
-    graph = MeanActionGraph(net, ACTION_SPACE.low, ACTION_SPACE.high, mean.numpy(), torch.sqrt(var).numpy(), agv.KIND,
-                            stop=list(STOP_ACTION))
-    trained = payload["config"]
-    env = EnvConfig(task=TASK, scene=trained["scene"], reward_mode=trained["reward_mode"], control_mode=None,
-                    collision_penalty=trained.get("collision_penalty"))
-    return graph, env
+    return MeanActionGraph(net, ACTION_SPACE.low, ACTION_SPACE.high, mean.numpy(), torch.sqrt(var).numpy(), agv.KIND,
+                           stop=list(STOP_ACTION))
 
 
 def load_source(path: str, sampler: str, steps: int | None, task: str | None = None) -> tuple[nn.Module, EnvConfig]:
@@ -195,8 +190,7 @@ def load_source(path: str, sampler: str, steps: int | None, task: str | None = N
         return student_graph(model).eval().requires_grad_(False), EnvConfig.from_mapping(env)
     payload = checkpoints.load(path)
     if payload.get("kind") == agv.KIND:
-        graph, env_cfg = agv_graph(payload)
-        return graph.eval().requires_grad_(False), env_cfg
+        return agv_graph(payload).eval().requires_grad_(False), EnvConfig.from_mapping(payload["env"])
     env = dict(payload["env"])
     if payload.get("kind") == vla.KIND:
         tasks = env.pop("tasks")

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
-from robodistill.evaluation import EvalReport, evaluate
+from robodistill.evaluation import EvalReport, env_for_policy, evaluate
 from robodistill.inference.samplers import RTIConfig
 from robodistill.policies import load_policy
 
@@ -155,6 +155,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(cfg: DictConfig) -> list[dict]:
     from hydra.core.hydra_config import HydraConfig
 
+    from robodistill.configs import given_fields
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if not cfg.ckpt:
         raise UserError("ckpt= is required: a train-teacher or distill checkpoint")
@@ -162,7 +164,7 @@ def main(cfg: DictConfig) -> list[dict]:
         raise UserError(f"calls={cfg.calls} must be >= 1 and episodes={cfg.episodes} >= 0 (0: latency only)")
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
-    env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
+    env_cfg = env_for_policy(EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True)), str(cfg.ckpt), given_fields())
     rti = RTIConfig(**OmegaConf.to_container(cfg.rti))
     rows = measure(str(cfg.ckpt), env_cfg, list(cfg.samplers), rti, int(cfg.calls), int(cfg.episodes), int(cfg.seed))
     run_dir.mkdir(parents=True, exist_ok=True)

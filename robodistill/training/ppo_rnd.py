@@ -331,7 +331,8 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
             })
     bar.close()
     writer.close()
-    policy_path = checkpoints.save(run_dir / "policy.pt", payload(agent.actor, obs_rms.mean, obs_rms.var, cfg.hidden, asdict(cfg), update * batch))
+    policy = payload(agent.actor, obs_rms.mean, obs_rms.var, cfg.hidden, asdict(cfg), asdict(env_cfg), update * batch)
+    policy_path = checkpoints.save(run_dir / "policy.pt", policy)
     (run_dir / "history.json").write_text(json.dumps(history, indent=2))
     return {"history": history, "policy": policy_path, "checkpoint": ckpt_path, "step": update * batch, "int_rms": int_rms.state()}
 
@@ -355,6 +356,6 @@ def main(cfg) -> dict:
     lo, hi = last["success_ci95"]
     print(f"{conf.algo} on {conf.scene}: {result['step']} env steps, eval success {last['success']:.1%} [{lo:.1%}, {hi:.1%}] "
           f"over {conf.eval_episodes} episodes, collision {last['collision']:.1%}")
-    print(f"policy: {result['policy']}  (robodistill eval policy={result['policy']} env=agv env.scene={conf.scene})")
+    print(f"policy: {result['policy']}  (robodistill eval policy={result['policy']} env=agv)")
     print(f"run: {run_dir}")
     return result
