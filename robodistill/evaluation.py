@@ -178,16 +178,16 @@ def configure_sampler(policy: Policy, sampler: str | None, steps: int | None, rt
     policy.set_sampler(sampler or policy.sampler.name, steps, rti)
 
 
-def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str]) -> EnvConfig:
-    """`env_cfg` with the TRAINED_FIELDS the policy records and the command line (`given`) leaves unset;
-    says which it took. Unchanged when the policy trained on another task: its loader names the mismatch."""
+def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str], fields: tuple[str, ...] = TRAINED_FIELDS,
+                   who: str = "the policy") -> EnvConfig:
+    """`env_cfg` with the `fields` the policy records and the command line (`given`) leaves unset; says
+    which it took, naming the policy as `who`. Unchanged when the policy trained on another task: its loader names the mismatch."""
     trained = trained_env(spec)
     if env_cfg.task not in trained.get("tasks", [trained.get("task")]):
         return env_cfg
-    taken = {k: trained[k] for k in TRAINED_FIELDS
-             if k in trained and f"env.{k}" not in given and trained[k] != getattr(env_cfg, k)}
+    taken = {k: trained[k] for k in fields if k in trained and f"env.{k}" not in given and trained[k] != getattr(env_cfg, k)}
     if taken:
-        print(f"as the policy was trained: {' '.join(f'env.{k}={v}' for k, v in taken.items())} (set env.<field>= to change)")
+        print(f"as {who} was trained: {' '.join(f'env.{k}={v}' for k, v in taken.items())} (set env.<field>= to change)")
     return replace(env_cfg, **taken)
 
 

@@ -191,11 +191,26 @@ def test_rl100_online_keeps_its_best_evaluated_policy(rl100_run, cli, tmp_path):
 
     # Evaluating does not change what is trained: the same updates as a run that never evaluates (the
     # simulator's auto-resets draw from torch's global RNG, which the evaluations' sampling also uses).
+    # Without env.max_episode_steps the run takes init's own 40-step episodes (not the config's 100), or it could not match.
     plain = tmp_path / "plain"
-    r = cli("rl100", "env=PushCube-v1", *SMALL, "stages=[online]", f"init={init}", f"hydra.run.dir={plain}")
+    unlimited = [a for a in SMALL if not a.startswith("env.max_episode_steps=")]
+    r = cli("rl100", "env=PushCube-v1", *unlimited, "stages=[online]", f"init={init}", f"hydra.run.dir={plain}")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "as the init= policy was trained: env.max_episode_steps=40" in r.stdout, r.stdout[-2000:]
     trained = lambda d: [{k: row[k] for k in ("train_success", "pi_loss", "v_loss")} for row in json.loads((d / "report.json").read_text())["online_history"]]  # noqa: E731
     assert trained(out) == trained(plain)
+
+
+def test_an_rl100_policy_teaches_rpd_in_the_episodes_it_was_trained_in(rl100_run, cli, tmp_path):
+    run, _ = rl100_run
+    teacher = run / "imitation" / "checkpoints" / "last.pt"
+    r = cli("rpd", f"teacher={teacher}", "total_steps=40", "n_steps=20", "batch_size=20", "n_epochs=1", "hidden=[32,32]",
+            "eval_episodes=1", "obs_norm_steps=20", "name=t")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "as the teacher was trained: env.max_episode_steps=40" in r.stdout, r.stdout[-2000:]
+    (student,) = (tmp_path / "runs" / "rpd").glob("*-t/student.zip")
+    rated = cli("eval", f"policy={student}", "episodes=1", "name=s")
+    assert rated.returncode == 0 and "as the policy was trained: env.max_episode_steps=40" in rated.stdout, rated.stderr[-2000:]
 
 
 def test_online_clip_schedule_tightens_toward_the_noisiest_step():

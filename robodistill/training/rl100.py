@@ -47,7 +47,7 @@ from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import evaluate, wilson_interval
+from robodistill.evaluation import env_for_policy, evaluate, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
@@ -698,11 +698,16 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    from robodistill.configs import given_fields
+
     container = OmegaConf.to_container(cfg, resolve=True)
     config = RL100Config(
         env=EnvConfig.from_mapping(container.pop("env")), imitation=ImitationConfig(**container.pop("imitation")),
         chain=ChainConfig(**container.pop("chain")), offline=OfflineConfig(**container.pop("offline")),
         online=OnlineConfig(**container.pop("online")), head=HeadConfig(**container.pop("head")), **container)
+    if config.init:  # the starting policy's own env (what it sees, how it acts, its episode limit) unless told otherwise
+        config.env = env_for_policy(config.env, config.init, given_fields(), ("obs_mode", "control_mode", "max_episode_steps", "image_size"),
+                                    who="the init= policy")
     run_dir = Path(config.resume_from) if config.resume_from else Path(HydraConfig.get().runtime.output_dir)
     if config.resume_from and not (run_dir / "report.json").is_file() and not (run_dir / "imitation").is_dir():
         raise UserError(f"resume_from={config.resume_from}: not an rl100 run directory (no report.json)")

@@ -63,7 +63,7 @@ from robodistill import checkpoints
 from robodistill.envs import EnvConfig, SB3View, VecEnv, make_env
 from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
-from robodistill.evaluation import evaluate
+from robodistill.evaluation import env_for_policy, evaluate
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
@@ -617,9 +617,15 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    from robodistill.configs import given_fields
+
     container = OmegaConf.to_container(cfg, resolve=True)
     container["env"] = EnvConfig.from_mapping(container["env"])
     config = RPDConfig(**container)
+    # The student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained on
+    # 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
+    config.env = env_for_policy(config.env, config.teacher, given_fields(), ("control_mode", "max_episode_steps", "image_size"),
+                                who="the teacher")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(config, run_dir)
     if not result["main"]:
