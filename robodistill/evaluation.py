@@ -181,7 +181,8 @@ def configure_sampler(policy: Policy, sampler: str | None, steps: int | None, rt
 def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str], fields: tuple[str, ...] = TRAINED_FIELDS,
                    who: str = "the policy") -> EnvConfig:
     """`env_cfg` with the `fields` the policy records and the command line (`given`) leaves unset; says
-    which it took, naming the policy as `who`. Unchanged when the policy trained on another task: its loader names the mismatch."""
+    which it took, naming the policy as `who`. Unchanged when the policy trained on another task: its
+    loader names the mismatch."""
     trained = trained_env(spec)
     if env_cfg.task not in trained.get("tasks", [trained.get("task")]):
         return env_cfg

@@ -706,8 +706,8 @@ def main(cfg: DictConfig) -> dict:
         chain=ChainConfig(**container.pop("chain")), offline=OfflineConfig(**container.pop("offline")),
         online=OnlineConfig(**container.pop("online")), head=HeadConfig(**container.pop("head")), **container)
     if config.init:  # the starting policy's own env (what it sees, how it acts, its episode limit) unless told otherwise
-        config.env = env_for_policy(config.env, config.init, given_fields(), ("obs_mode", "control_mode", "max_episode_steps", "image_size"),
-                                    who="the init= policy")
+        config.env = env_for_policy(config.env, config.init, given_fields(),
+                                    ("obs_mode", "control_mode", "max_episode_steps", "image_size"), who="the init= policy")
     run_dir = Path(config.resume_from) if config.resume_from else Path(HydraConfig.get().runtime.output_dir)
     if config.resume_from and not (run_dir / "report.json").is_file() and not (run_dir / "imitation").is_dir():
         raise UserError(f"resume_from={config.resume_from}: not an rl100 run directory (no report.json)")

@@ -624,8 +624,8 @@ def main(cfg: DictConfig) -> dict:
     config = RPDConfig(**container)
     # The student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained on
     # 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
-    config.env = env_for_policy(config.env, config.teacher, given_fields(), ("control_mode", "max_episode_steps", "image_size"),
-                                who="the teacher")
+    config.env = env_for_policy(config.env, config.teacher, given_fields(),
+                                ("control_mode", "max_episode_steps", "image_size"), who="the teacher")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(config, run_dir)
     if not result["main"]:
