@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -180,14 +181,20 @@ def configure_sampler(policy: Policy, sampler: str | None, steps: int | None, rt
 
 def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str], fields: tuple[str, ...] = TRAINED_FIELDS,
                    who: str = "the policy") -> EnvConfig:
-    """`env_cfg` with the `fields` the policy records and the command line (`given`) leaves unset; says
-    which it took, naming the policy as `who`. Unchanged when the policy trained on another task: its
-    loader names the mismatch."""
-    trained = trained_env(spec)
-    if env_cfg.task not in trained.get("tasks", [trained.get("task")]):
+    """`env_cfg` with the `fields` the policy file `spec` records and the command line (`given`) leaves
+    unset; says which it took, naming the policy as `who`. Unchanged when the policy trained on another
+    task: its loader names the mismatch."""
+    return take_env(env_cfg, trained_env(spec), given, fields, who)
+
+
+def take_env(env_cfg: EnvConfig, recorded: dict, given: set[str], fields: tuple[str, ...] = TRAINED_FIELDS,
+             who: str = "the policy") -> EnvConfig:
+    """`env_cfg` with the `fields` of a `recorded` env (EnvConfig fields; a VLA's adds its `tasks`) that
+    the command line (`given`) leaves unset, printed; unchanged when `recorded` is of another task."""
+    if env_cfg.task not in recorded.get("tasks", [recorded.get("task")]):
         return env_cfg
-    taken = {k: trained[k] for k in fields if k in trained and f"env.{k}" not in given and trained[k] != getattr(env_cfg, k)}
-    if taken:
+    taken = {k: recorded[k] for k in fields if k in recorded and f"env.{k}" not in given and recorded[k] != getattr(env_cfg, k)}
+    if taken and os.environ.get("RANK", "0") == "0":  # under torchrun every rank takes it; one says so
         print(f"as {who} was trained: {' '.join(f'env.{k}={v}' for k, v in taken.items())} (set env.<field>= to change)")
     return replace(env_cfg, **taken)
 

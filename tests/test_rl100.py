@@ -131,8 +131,9 @@ def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl1
     run, _ = rl100_run
     init = run / "imitation" / "checkpoints" / "last.pt"
     out = tmp_path / "gated"
-    args = ["rl100", "env=PushCube-v1", f"dataset={pushcube_demos}", *SMALL, "stages=[offline]", f"init={init}",
-            "offline.gate_margin=-1e9", f"hydra.run.dir={out}"]
+    small = [a for a in SMALL if not a.startswith("env.max_episode_steps=")]
+    args = ["rl100", "env=PushCube-v1", f"dataset={pushcube_demos}", *small, "env.max_episode_steps=30", "stages=[offline]",
+            f"init={init}", "offline.gate_margin=-1e9", f"hydra.run.dir={out}"]
     r = cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -147,10 +148,13 @@ def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl1
     (out / "offline" / "policy.pt").unlink()
     del report["stages"]["offline"]
     (out / "report.json").write_text(json.dumps(report))
-    r = cli(*args[:-1], "offline.iterations=2", f"resume_from={out}")
+    # Resumed without its episode limit: the run goes on in the env it trained in (30), not init='s (40).
+    r = cli(*[a for a in args[:-1] if not a.startswith("env.max_episode_steps=")], "offline.iterations=2", f"resume_from={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "offline: resumed after iteration 1" in r.stdout + r.stderr
+    assert "as the resumed run was trained: env.max_episode_steps=30" in r.stdout
     report = json.loads((out / "report.json").read_text())
+    assert report["env"]["max_episode_steps"] == 30 == checkpoints.load(out / "offline" / "policy.pt")["env"]["max_episode_steps"]
     assert [it["iteration"] for it in report["stages"]["offline_iterations"]] == [1, 2]
 
 

@@ -150,8 +150,10 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))[-1]
     history = json.loads((run / "history.json").read_text())
     (run / "history.json").write_text(json.dumps([*history, {**history[-1], "step": 300}]))
-    more = cli("rpd", *args, "total_steps=400", "resume=true")
+    # Resumed without the episode limit: the run goes on in the env it trained in, not the task's default.
+    more = cli("rpd", *[a for a in args if a != "env.max_episode_steps=25"], "total_steps=400", "resume=true")
     assert more.returncode == 0 and "at step 200" in more.stdout, more.stderr[-3000:]
+    assert "as the resumed run was trained: env.max_episode_steps=25" in more.stdout
     first_run, run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))  # the resumed run logs in a directory of its own
     assert len(list((first_run / "tb").rglob("events.*"))) == 1 and list((run / "tb").rglob("events.*"))
     history = json.loads((run / "history.json").read_text())
@@ -162,6 +164,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     student = PPO.load(run / "student.zip", device="cpu")
     action, _ = student.predict(np.zeros(student.observation_space.shape, np.float32), deterministic=True)
     assert action.shape == (4,) and student.num_timesteps == 400 and student.normalize_advantage is False
+    assert student.robodistill_env["max_episode_steps"] == 25
     ev = cli("eval", f"policy={run / 'student.zip'}", "episodes=2", "env.max_episode_steps=10", "name=zip")
     assert ev.returncode == 0 and "success_once" in ev.stdout, ev.stderr[-2000:]
     # The student exports like a teacher: the bundle's actions are the zip's mean actions.

@@ -90,13 +90,15 @@ def test_killed_run_resumes_exactly_where_it_would_have_been(cli, tmp_path, push
     saved = checkpoints.load(run_dir(tmp_path, "killed") / "checkpoints" / "last.pt")  # loads: never half-written
     assert saved["step"] % 100 == 0 and 100 <= saved["step"] < 600
 
-    resumed = cli("train-teacher", *args, "name=killed", "resume=true")
+    # Resumed without the episode limit: the run goes on in the env it trained in, not the task's default.
+    resumed = cli("train-teacher", *[a for a in args if a != "env.max_episode_steps=20"], "name=killed", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at iteration {saved['step']}" in resumed.stdout
+    assert "as the resumed run was trained: env.max_episode_steps=20" in resumed.stdout
     killed_runs = sorted((tmp_path / "runs" / "train-teacher").glob("*-killed"))  # the resumed run is the newest
     ends = [checkpoints.load(run_dir(tmp_path, "straight") / "checkpoints" / "last.pt"),
             checkpoints.load(killed_runs[-1] / "checkpoints" / "last.pt")]
-    assert ends[0]["step"] == ends[1]["step"] == 600
+    assert ends[0]["step"] == ends[1]["step"] == 600 and ends[1]["env"]["max_episode_steps"] == 20
     for key in ("model", "ema"):
         for name, tensor in ends[0][key].items():
             torch.testing.assert_close(tensor, ends[1][key][name], rtol=0, atol=0, msg=f"{key}.{name}")

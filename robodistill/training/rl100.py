@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import env_for_policy, evaluate, wilson_interval
+from robodistill.evaluation import env_for_policy, evaluate, take_env, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
@@ -215,9 +215,10 @@ def load(path: Path, steps: int) -> tuple[dict, DiffusionPolicy]:
     return payload, policy
 
 
-def save_policy(path: Path, base: dict, policy: DiffusionPolicy, **extra) -> None:
-    """An ordinary diffusion checkpoint (the chain's mean path = its ddim sampler)."""
-    checkpoints.save(path, {**{k: base[k] for k in ("kind", "env", "train")}, "policy": policy.spec(),
+def save_policy(path: Path, base: dict, policy: DiffusionPolicy, env_cfg: EnvConfig, **extra) -> None:
+    """An ordinary diffusion checkpoint (the chain's mean path = its ddim sampler) that records the env
+    it was trained in."""
+    checkpoints.save(path, {**{k: base[k] for k in ("kind", "train")}, "env": asdict(env_cfg), "policy": policy.spec(),
                             "ema": policy.state_dict(), **extra})
 
 
@@ -395,7 +396,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
             bar.update(1)
         bar.close()
     path = out / "policy.pt"
-    save_policy(path, base, reference, rl100={"stage": "offline", "value": iql.v.state_dict()})
+    save_policy(path, base, reference, env_cfg, rl100={"stage": "offline", "value": iql.v.state_dict()})
     return path
 
 
@@ -545,7 +546,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         run.report["online_kept"] = {k: best[k] for k in ("env_steps", "success_once")}
         print(f"online: kept the policy at {best['env_steps']} env steps ({best['success_once']:.1%} over {o.eval_episodes} episodes)")
     path = out / "policy.pt"
-    save_policy(path, base, actor, rl100={"stage": "online", "value": value.state_dict()})
+    save_policy(path, base, actor, env_cfg, rl100={"stage": "online", "value": value.state_dict()})
     return path
 
 
@@ -658,6 +659,7 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(run_dir)
     env_cfg = cfg.env
+    run.report["env"] = asdict(env_cfg)  # recorded with the report: a resumed run goes on in it
     policy_path = Path(cfg.init) if cfg.init else None
     if policy_path is not None and "imitation" not in cfg.stages and "init" not in run.report["stages"]:
         _, policy = load(policy_path, cfg.chain.steps)  # the starting point's success: the line to beat
@@ -705,12 +707,14 @@ def main(cfg: DictConfig) -> dict:
         env=EnvConfig.from_mapping(container.pop("env")), imitation=ImitationConfig(**container.pop("imitation")),
         chain=ChainConfig(**container.pop("chain")), offline=OfflineConfig(**container.pop("offline")),
         online=OnlineConfig(**container.pop("online")), head=HeadConfig(**container.pop("head")), **container)
-    if config.init:  # the starting policy's own env (what it sees, how it acts, its episode limit) unless told otherwise
-        config.env = env_for_policy(config.env, config.init, given_fields(),
-                                    ("obs_mode", "control_mode", "max_episode_steps", "image_size"), who="the init= policy")
     run_dir = Path(config.resume_from) if config.resume_from else Path(HydraConfig.get().runtime.output_dir)
     if config.resume_from and not (run_dir / "report.json").is_file() and not (run_dir / "imitation").is_dir():
         raise UserError(f"resume_from={config.resume_from}: not an rl100 run directory (no report.json)")
+    if config.resume_from:
+        config.env = take_env(config.env, Run(run_dir).report.get("env", {}), given_fields(), who="the resumed run")
+    elif config.init:  # the starting policy's own env (what it sees, how it acts, its episode limit) unless told otherwise
+        config.env = env_for_policy(config.env, config.init, given_fields(),
+                                    ("obs_mode", "control_mode", "max_episode_steps", "image_size"), who="the init= policy")
     report = run_stages(config, run_dir)
     print((run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else "")
     print(f"report: {run_dir / 'report.md'} (json: report.json, OPE scatter: ope.png, online curves: online.png)")

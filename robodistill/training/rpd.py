@@ -68,7 +68,7 @@ from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
-from robodistill.training.runs import find_resume
+from robodistill.training.runs import find_resume, resumed_env
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
 SCHEDULES = ("constant", "cosine")
@@ -622,11 +622,14 @@ def main(cfg: DictConfig) -> dict:
     container = OmegaConf.to_container(cfg, resolve=True)
     container["env"] = EnvConfig.from_mapping(container["env"])
     config = RPDConfig(**container)
-    # The student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained on
-    # 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
-    config.env = env_for_policy(config.env, config.teacher, given_fields(),
-                                ("control_mode", "max_episode_steps", "image_size"), who="the teacher")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume_path = find_resume(config.resume, config.resume_from, config.name, run_dir, filename="last.zip")
+    if resume_path is not None:
+        config.env = resumed_env(config.env, resume_path, given_fields())
+    else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained
+        # on 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
+        config.env = env_for_policy(config.env, config.teacher, given_fields(),
+                                    ("control_mode", "max_episode_steps", "image_size"), who="the teacher")
     result = train(config, run_dir)
     if not result["main"]:
         return result

@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from robodistill import checkpoints
+from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
+from robodistill.evaluation import env_for_policy
 
 
 def pick_device(name: str) -> torch.device:
@@ -42,11 +43,19 @@ def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path,
     return runs[-1] / "checkpoints" / filename
 
 
+def resumed_env(env_cfg: EnvConfig, path: Path | None, given: set[str]) -> EnvConfig:
+    """A resumed run goes on in the env it trained in: what its checkpoint (`path`, None when not
+    resuming) records fills every env.<field> the command line (`given`) leaves unset."""
+    return env_cfg if path is None else env_for_policy(env_cfg, str(path), given, who="the resumed run")
+
+
 def schedule_note(step: int, iterations: int, warmup: int) -> str:
     """What a user should know when `minutes` stopped a run before `iterations`: how far its cosine
     learning-rate schedule (set over `iterations`, after `warmup`) had decayed. Empty when it ran to its end."""
     if step >= iterations:
         return ""
+    from diffusers.optimization import get_scheduler  # here: diffusers costs every command importing this module 1.7 s
+
     # the trainers' own schedule (diffusers' "cosine"), read at `step` rather than written out again
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     factor = get_scheduler("cosine", probe, num_warmup_steps=warmup, num_training_steps=iterations).lr_lambdas[0](step)

@@ -27,7 +27,8 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_budget, ema_weights, find_resume, restore_training, schedule_note, training_state
+from robodistill.training.runs import (check_budget, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
+                                      training_state)
 
 
 @dataclass
@@ -228,9 +229,12 @@ def _to(batch: dict, device: torch.device) -> dict:
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    from robodistill.configs import given_fields
+
     raw = OmegaConf.to_container(cfg, resolve=True)
     config = TrainTeacherConfig(**{**raw, "env": EnvConfig.from_mapping(raw["env"]), "policy": DiffusionConfig(**raw["policy"])})
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    config.env = resumed_env(config.env, find_resume(config.resume, config.resume_from, config.name, run_dir), given_fields())
     result = train(config, run_dir)
     if not result["main"]:
         return result
