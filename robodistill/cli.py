@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"error: unknown command '{command}'.\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
-    from robodistill.training.distributed import launch
+    from robodistill.launcher import launch
 
     if command not in ARGV_COMMANDS:
         _guarded(lambda args: check_overrides(command, args))(overrides)

@@ -1,9 +1,9 @@
 """Data parallelism with torch.distributed: `robodistill <command> launcher=torchrun nproc=N`.
 
-The launcher re-runs the same command under `torch.distributed.run` (torchrun), one process per
-rank, with one run directory for all of them. Each rank takes its slice of every global batch,
-DDP all-reduces the gradients (gloo on CPU, nccl on GPU), and rank 0 alone evaluates, logs and
-writes checkpoints. With WORLD_SIZE unset the same code is a single process.
+The launcher (robodistill.launcher) re-runs the same command under `torch.distributed.run`
+(torchrun), one process per rank, with one run directory for all of them. Each rank takes its
+slice of every global batch, DDP all-reduces the gradients (gloo on CPU, nccl on GPU), and rank 0
+alone evaluates, logs and writes checkpoints. With WORLD_SIZE unset the same code is a single process.
 
 Gloo has no shared-memory transport for CPU tensors: between ranks of one host its all-reduce
 goes over loopback TCP, ~4-5 ms for the 2.5 MB gradient of the MLP teacher on a 2-core machine,
@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,10 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from robodistill.errors import UserError
 from robodistill.training.runs import pick_device
-
-LAUNCHABLE = ("train-teacher", "distill", "rpd")  # commands whose training loop is data-parallel
 
 
 class SharedSlots:
@@ -342,48 +337,3 @@ def finish(ranks: Ranks) -> None:
     if ranks.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def launch(command: str, overrides: list[str]) -> None:
-    """`launcher=torchrun nproc=N` among the overrides: run the command on N ranks under torchrun
-    (without those two overrides, with one shared run directory) and exit with its status.
-    Otherwise return."""
-    launcher = next((o.split("=", 1)[1] for o in overrides if o.startswith("launcher=")), None)
-    if launcher is None or "WORLD_SIZE" in os.environ:
-        return
-    if launcher != "torchrun":
-        raise UserError(f"launcher={launcher}: the launcher is torchrun (or leave it out for one process)")
-    if command not in LAUNCHABLE:
-        raise UserError(f"launcher=torchrun runs {', '.join(LAUNCHABLE)}; `{command}` trains in one process")
-    nproc = next((o.split("=", 1)[1] for o in overrides if o.startswith("nproc=")), "2")
-    if not nproc.isdigit() or int(nproc) < 1:
-        raise UserError(f"nproc={nproc} must be a whole number of processes >= 1")
-    rest = [o for o in overrides if not o.startswith(("launcher=", "nproc="))]
-    if not any(o.startswith("hydra.run.dir=") for o in rest):  # one directory, not one per rank's clock
-        rest.append(f"hydra.run.dir=runs/{command}/{time.strftime('%Y-%m-%d_%H-%M-%S')}-ddp{nproc}")
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "robodistill.cli", command, *rest]
-    sys.exit(_relay(args))
-
-
-def _relay(args: list[str]) -> int:
-    """Run torchrun with its stderr passed through as it comes until a rank says what was wrong
-    (`error: ...`); after that only such lines, once each, not the traceback torchrun adds."""
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE)
-    errors: list[str] = []
-    pending = ""
-    while chunk := os.read(proc.stderr.fileno(), 65536):
-        text = chunk.decode(errors="replace")
-        if not errors and "error: " not in pending + text:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            pending = text.rsplit("\n", 1)[-1]  # a line cut between two reads
-            continue
-        pending += text
-        *lines, pending = pending.split("\n")
-        for line in lines:
-            if line.startswith("error: ") and line not in errors:
-                errors.append(line)
-                print(line, file=sys.stderr, flush=True)
-    code = proc.wait()
-    return 2 if errors and code else code
