@@ -66,18 +66,27 @@ def load_policy(spec: str, env, seed: int = 0) -> Policy:
 
     if is_hf_model(spec):
         return load_hf_vla(spec, env)
-    if spec.endswith(".zip") and Path(spec).is_file():
+    check_policy_spec(spec)
+    if spec.endswith(".zip"):
         from robodistill.policies.student import load_student
 
         return load_student(spec, env)
-    if not Path(spec).is_file():
-        raise UserError(f"policy '{spec}' is neither 'random', 'scripted', a bundle directory nor an existing checkpoint file")
     payload = checkpoints.load(spec)
     kind = payload.get("kind")
     if kind not in LOADERS:
         known = ", ".join(sorted(LOADERS)) or "none registered yet"
         raise UserError(f"checkpoint '{spec}' holds a '{kind}', which is not a policy (policy kinds: {known})")
     return LOADERS[kind](payload, env)
+
+
+def check_policy_spec(spec: str, flag: str = "policy") -> None:
+    """Says at once, before a command builds its env, when `spec` (given as `flag=`) is nothing load_policy opens."""
+    from robodistill.policies.bundle import is_bundle
+    from robodistill.policies.vla.hf import is_hf_model
+
+    if spec in ("random", "scripted") or is_bundle(spec) or is_hf_model(spec) or Path(spec).is_file():
+        return
+    raise UserError(f"{flag} '{spec}' is neither 'random', 'scripted', a bundle directory nor an existing checkpoint file")
 
 
 def trained_env(spec: str) -> dict:

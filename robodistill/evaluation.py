@@ -28,7 +28,7 @@ from robodistill.errors import UserError
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.inference.samplers import RTIConfig
 from robodistill.policies import Policy, load_policy
-from robodistill.policies.base import trained_env
+from robodistill.policies.base import check_policy_spec, trained_env
 
 # What a policy file records of the env it was trained in, and `eval` takes from it unless the command line sets
 # env.<field>: the episode limit it learnt to finish in, what it sees and how it acts. The task stays the command
@@ -209,6 +209,7 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
     if cfg.seed < 0:
         raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {cfg.seed}")
+    check_policy_spec(str(cfg.policy))
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
     env_cfg = env_for_policy(env_cfg, str(cfg.policy), given_fields())

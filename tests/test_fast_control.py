@@ -118,6 +118,8 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, tmp_path, pushcu
     assert all(0 <= r["success_once"] <= 1 and r["p50_ms"] > 0 for r in rows) and (out / "latency.png").stat().st_size > 0
     bad = cli("distill", "teacher=nothing.pt")
     assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
+    bad = cli("bench-latency", "ckpt=nothing.pt")
+    assert bad.returncode == 2 and "ckpt 'nothing.pt' is neither" in bad.stderr, bad.stderr
     with pytest.raises(UserError, match="steps=1, 2 or 3"):
         policy = _policy()
         policy.consistency = ConsistencyHead.from_denoiser(policy.denoiser)

@@ -24,6 +24,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, env_for_policy, evaluate
 from robodistill.inference.samplers import RTIConfig
 from robodistill.policies import load_policy
+from robodistill.policies.base import check_policy_spec
 
 DEFAULT_SAMPLERS = ["ddpm:100", "ddim:10", "rti", "consistency:1", "consistency:3"]
 
@@ -162,6 +163,7 @@ def main(cfg: DictConfig) -> list[dict]:
         raise UserError("ckpt= is required: a train-teacher or distill checkpoint")
     if cfg.calls < 1 or cfg.episodes < 0:
         raise UserError(f"calls={cfg.calls} must be >= 1 and episodes={cfg.episodes} >= 0 (0: latency only)")
+    check_policy_spec(str(cfg.ckpt), "ckpt")
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
