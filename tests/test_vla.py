@@ -8,6 +8,7 @@ import pytest
 import torch
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
+from robodistill import checkpoints
 from robodistill.deploy.controller import ChunkAgent, ControllerConfig
 from robodistill.deploy.export import ExportConfig, export
 from robodistill.deploy.server import PolicyServer
@@ -60,10 +61,14 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli):
     (row,) = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert set(row["tasks"]) == {"PushCube-v1", "PickCube-v1"} and 0 <= row["mean_success_once"] <= 1
 
-    again = cli("train-vla", "iterations=12", "eval_every=0", "eval_episodes=0", *vla_run["common"],
+    # Resumed without its tasks, camera size and episode limit: it goes on in the envs it trained in.
+    envs = ("tasks=", "image_size=", "max_episode_steps=")
+    again = cli("train-vla", "iterations=12", "eval_every=0", "eval_episodes=0", *[a for a in vla_run["common"] if not a.startswith(envs)],
                 f"resume_from={root / 'run'}", f"hydra.run.dir={root / 'run2'}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at iteration 10" in again.stdout and "trained 12 iterations" in again.stdout
+    assert "as the resumed run was trained: tasks=[PushCube-v1,PickCube-v1] image_size=48 max_episode_steps=20" in again.stdout
+    assert checkpoints.load(root / "run2" / "checkpoints" / "last.pt")["train"]["max_episode_steps"] == 20
 
     # One of its tasks is rated in the env it was trained in (camera, size, episode limit) without restating it.
     rated = cli("eval", f"policy={vla_run['ckpt']}", "env=PickCube-v1", "episodes=1")

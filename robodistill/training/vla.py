@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -227,12 +227,31 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     return {"step": step, "train_seconds": train_seconds, "best_mean_success_once": best, "history": history}
 
 
+ENV_FIELDS = ("tasks", "control_mode", "image_size", "max_episode_steps")  # train-vla's env.<field>s
+
+
+def resumed_config(cfg: TrainVLAConfig, path: Path, given: set[str]) -> TrainVLAConfig:
+    """A resumed run goes on in the envs it trained in: its checkpoint's ENV_FIELDS fill those the
+    command line (`given`) leaves unset."""
+    trained = checkpoints.load(path).get("train", {})
+    taken = {k: trained[k] for k in ENV_FIELDS if k in trained and k not in given and trained[k] != getattr(cfg, k)}
+    if taken:
+        said = {k: f"[{','.join(v)}]" if isinstance(v, list) else v for k, v in taken.items()}  # as the command line writes it
+        print(f"as the resumed run was trained: {' '.join(f'{k}={v}' for k, v in said.items())} (set <field>= to change)")
+    return replace(cfg, **taken)
+
+
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
+
+    from robodistill.configs import given_fields
 
     raw = OmegaConf.to_container(cfg, resolve=True)
     config = TrainVLAConfig(**{**raw, "policy": DiffusionConfig(**raw["policy"])})
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume_path = find_resume(config.resume, config.resume_from, config.name, run_dir)
+    if resume_path is not None:
+        config = resumed_config(config, resume_path, given_fields())
     result = train(config, run_dir)
     print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s" + schedule_note(result["step"], config.iterations, config.warmup))
     final = result["history"][-1] if result["history"] else {}
