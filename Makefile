@@ -26,8 +26,8 @@ demo: setup
 	$(RD) control bundle=$$($(call LAST,export))/bundle hz=20 episodes=20 name=demo
 	$(RD) summary --name demo
 
-# Two workers, one test file each: most tests wait on one simulator core, so the suite runs ~17
-# minutes on 2 cores instead of ~21 one at a time.
+# Two workers, one test file each: most tests keep one core busy, so on 2 cores the suite takes ~11
+# minutes instead of ~16 one at a time.
 test: setup
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 

@@ -26,7 +26,7 @@ SCHEMAS = {
 }
 
 
-LAUNCH_KEYS = ("launcher", "nproc")  # read by robodistill.training.distributed.launch, not fields
+LAUNCH_KEYS = ("launcher", "nproc")  # read by robodistill.launcher.launch, not fields
 
 
 def schema(command: str) -> type:

@@ -190,10 +190,12 @@ def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str], fields: tuple
 def take_env(env_cfg: EnvConfig, recorded: dict, given: set[str], fields: tuple[str, ...] = TRAINED_FIELDS,
              who: str = "the policy") -> EnvConfig:
     """`env_cfg` with the `fields` of a `recorded` env (EnvConfig fields; a VLA's adds its `tasks`) that
-    the command line (`given`) leaves unset, printed; unchanged when `recorded` is of another task."""
-    if env_cfg.task not in recorded.get("tasks", [recorded.get("task")]):
-        return env_cfg
+    the command line (`given`) leaves unset, printed; unchanged when `recorded` is of another task (that
+    of `env_cfg`, or the recorded one where `fields` holds "task" and `given` no task)."""
+    given = (given | {"env.task"}) if "env" in given else given  # env=<task> sets the task
     taken = {k: recorded[k] for k in fields if k in recorded and f"env.{k}" not in given and recorded[k] != getattr(env_cfg, k)}
+    if taken.get("task", env_cfg.task) not in recorded.get("tasks", [recorded.get("task")]):
+        return env_cfg
     if taken and os.environ.get("RANK", "0") == "0":  # under torchrun every rank takes it; one says so
         print(f"as {who} was trained: {' '.join(f'env.{k}={v}' for k, v in taken.items())} (set env.<field>= to change)")
     return replace(env_cfg, **taken)

@@ -1,7 +1,7 @@
 """`launcher=torchrun nproc=N`: re-run a command under torchrun, one process per rank.
 
-Kept apart from the data-parallel code (robodistill.training.distributed) so that the CLI decides
-whether to launch before it imports torch: a command that stops on bad input stops at once.
+Kept apart from the data-parallel code (robodistill.training.distributed), which imports torch, so
+that the commands that never launch (`summary`, `dataset`) do not pay for torch to learn so.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from robodistill.envs import EnvConfig, make_env
-from robodistill.evaluation import evaluate, wilson_interval
+from robodistill.evaluation import TRAINED_FIELDS, evaluate, take_env, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies import RandomPolicy
 from robodistill.policies.scripted import PushCubeScripted
@@ -18,6 +18,22 @@ from robodistill.policies.scripted import PushCubeScripted
 def test_wilson_interval_matches_reference_values(k, n, lo, hi):
     got = wilson_interval(k, n)
     assert got == pytest.approx((lo, hi), abs=1e-4)
+
+
+def test_a_recorded_env_fills_what_the_command_line_leaves_unset(capsys):
+    here = EnvConfig(task="PushCube-v1")
+    pick = {"task": "PickCube-v1", "obs_mode": "rgb", "max_episode_steps": 30, "image_size": 48}
+    resumed = ("task", *TRAINED_FIELDS)
+    # A resumed run without env=: its own task and env, said once.
+    assert take_env(here, pick, set(), resumed, who="the resumed run") == EnvConfig(
+        task="PickCube-v1", obs_mode="rgb", max_episode_steps=30, image_size=48)
+    assert capsys.readouterr().out.startswith("as the resumed run was trained: env.task=PickCube-v1 env.obs_mode=rgb")
+    # What the command line sets stays; env=<task> sets the task, and another task's env is not taken.
+    assert take_env(here, pick, {"env.max_episode_steps"}, resumed).max_episode_steps == here.max_episode_steps
+    assert take_env(here, pick, {"env"}, resumed) == here
+    # A policy rated on another task than its own (no "task" in the fields): unchanged, its loader names the mismatch.
+    assert take_env(here, pick, set()) == here
+    assert take_env(EnvConfig(task="PickCube-v1"), pick, set()).image_size == 48
 
 
 class CountingPolicy:

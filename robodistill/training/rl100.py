@@ -47,7 +47,7 @@ from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import env_for_policy, evaluate, take_env, wilson_interval
+from robodistill.evaluation import TRAINED_FIELDS, env_for_policy, evaluate, take_env, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
@@ -659,7 +659,8 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(run_dir)
     env_cfg = cfg.env
-    run.report["env"] = asdict(env_cfg)  # recorded with the report: a resumed run goes on in it
+    run.report["env"] = asdict(env_cfg)  # recorded now, so that a run killed in its first stage resumes in it
+    run.save_report()
     policy_path = Path(cfg.init) if cfg.init else None
     if policy_path is not None and "imitation" not in cfg.stages and "init" not in run.report["stages"]:
         _, policy = load(policy_path, cfg.chain.steps)  # the starting point's success: the line to beat
@@ -710,8 +711,9 @@ def main(cfg: DictConfig) -> dict:
     run_dir = Path(config.resume_from) if config.resume_from else Path(HydraConfig.get().runtime.output_dir)
     if config.resume_from and not (run_dir / "report.json").is_file() and not (run_dir / "imitation").is_dir():
         raise UserError(f"resume_from={config.resume_from}: not an rl100 run directory (no report.json)")
-    if config.resume_from:
-        config.env = take_env(config.env, Run(run_dir).report.get("env", {}), given_fields(), who="the resumed run")
+    recorded = Run(run_dir).report.get("env") if config.resume_from else None  # runs before 2026-12-04 did not record it
+    if recorded:
+        config.env = take_env(config.env, recorded, given_fields(), ("task", *TRAINED_FIELDS), who="the resumed run")
     elif config.init:  # the starting policy's own env (what it sees, how it acts, its episode limit) unless told otherwise
         config.env = env_for_policy(config.env, config.init, given_fields(),
                                     ("obs_mode", "control_mode", "max_episode_steps", "image_size"), who="the init= policy")

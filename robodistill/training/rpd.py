@@ -540,6 +540,14 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"env.image_size={cfg.env.image_size} is too small for the student's NatureCNN: use 36 or more (64 is typical)")
 
 
+def resume_checkpoint(cfg: RPDConfig, run_dir: Path) -> Path | None:
+    """The student zip a run continues from; None for a fresh run."""
+    path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
+    if path is not None and not zipfile.is_zipfile(path):
+        raise UserError(f"resume_from={path}: not an rpd checkpoint (an SB3 zip): give runs/rpd/<run> or its checkpoints/last.zip")
+    return path
+
+
 def train(cfg: RPDConfig, run_dir: Path) -> dict:
     check(cfg)
     ranks, device = setup(cfg.device)
@@ -560,10 +568,8 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
             vec.log_sim_states(cfg.n_steps + 1)
         rpd = {"teacher": teacher, "distill": cfg.distill, "distill_coef": cfg.distill_coef, "schedule": cfg.schedule,
                "anneal_steps": cfg.anneal_steps, "labels": cfg.labels, "teacher_view": view, "ranks": ranks}
-        resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
+        resume_path = resume_checkpoint(cfg, run_dir)
         history: list[dict] = []
-        if resume_path is not None and not zipfile.is_zipfile(resume_path):
-            raise UserError(f"resume_from={resume_path}: not an rpd checkpoint (an SB3 zip): give runs/rpd/<run> or its checkpoints/last.zip")
         if resume_path is not None:
             # the zip remembers the old run's TensorBoard folder: this run logs into its own
             model = RPD.load(resume_path, env=vec, device=device, tensorboard_log=str(run_dir / "tb") if ranks.main else None, **rpd)
@@ -623,7 +629,7 @@ def main(cfg: DictConfig) -> dict:
     container["env"] = EnvConfig.from_mapping(container["env"])
     config = RPDConfig(**container)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    resume_path = find_resume(config.resume, config.resume_from, config.name, run_dir, filename="last.zip")
+    resume_path = resume_checkpoint(config, run_dir)
     if resume_path is not None:
         config.env = resumed_env(config.env, resume_path, given_fields())
     else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained

@@ -10,7 +10,7 @@ import torch
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
-from robodistill.evaluation import env_for_policy
+from robodistill.evaluation import TRAINED_FIELDS, env_for_policy
 
 
 def pick_device(name: str) -> torch.device:
@@ -44,9 +44,11 @@ def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path,
 
 
 def resumed_env(env_cfg: EnvConfig, path: Path | None, given: set[str]) -> EnvConfig:
-    """A resumed run goes on in the env it trained in: what its checkpoint (`path`, None when not
-    resuming) records fills every env.<field> the command line (`given`) leaves unset."""
-    return env_cfg if path is None else env_for_policy(env_cfg, str(path), given, who="the resumed run")
+    """A resumed run goes on in the env it trained in: its task and TRAINED_FIELDS, as its checkpoint
+    (`path`, None when not resuming) records them, where the command line (`given`) leaves them unset."""
+    if path is None:
+        return env_cfg
+    return env_for_policy(env_cfg, str(path), given, ("task", *TRAINED_FIELDS), who="the resumed run")
 
 
 def schedule_note(step: int, iterations: int, warmup: int) -> str:
