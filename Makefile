@@ -8,11 +8,11 @@ setup:
 	VENV=$(VENV) scripts/setup.sh
 
 # The main job on a small default, end to end on PushCube-v1: motion-planning demos -> their
-# summary -> a Diffusion Policy teacher (4 minutes) -> its evaluation table (and videos of its first
-# episodes) -> a one-step consistency head distilled from it (2 minutes) -> latency and success of
-# every sampler (DDPM-100, DDIM-10, RTI, consistency) -> an ONNX bundle of the head -> a closed loop
-# at 20 Hz through the policy server -> one summary table. About 12 minutes on 2 cores from a
-# fresh clone (setup included).
+# summary -> a Diffusion Policy teacher (6000 iterations, at most 4 minutes) -> its evaluation table
+# (and videos of its first episodes) -> a one-step consistency head distilled from it (700
+# iterations, at most 2 minutes) -> latency and success of every sampler (DDPM-100, DDIM-10, RTI,
+# consistency) -> an ONNX bundle of the head -> a closed loop at 20 Hz through the policy server ->
+# one summary table. About 8 minutes on 2 cores from a fresh clone (setup included).
 DEMO_DATA = datasets/PushCube-v1/mp_n30_seed0.state.pd_ee_delta_pos.h5
 LAST = ls -td runs/$(1)/*-demo | head -n1
 demo: setup
