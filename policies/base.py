@@ -46,6 +46,7 @@ def load_policy(spec: str, env, seed: int = 0) -> Policy:
     """`random`, `scripted` (PushCube-v1 only), a bundle directory (`robodistill export`), a VLA in
     Hugging Face format (a directory with config.json), an RL student's SB3 zip (`robodistill rpd`),
     or the path of a checkpoint of a registered policy kind."""
+    check_policy_spec(spec)
     if spec == "random":
         from robodistill.policies.random import RandomPolicy
 
@@ -66,7 +67,6 @@ def load_policy(spec: str, env, seed: int = 0) -> Policy:
 
     if is_hf_model(spec):
         return load_hf_vla(spec, env)
-    check_policy_spec(spec)
     if spec.endswith(".zip"):
         from robodistill.policies.student import load_student
 
