@@ -27,6 +27,9 @@ SCHEMAS = {
 
 
 LAUNCH_KEYS = ("launcher", "nproc")  # read by robodistill.launcher.launch, not fields
+# One thing, named for its role in each command: a user who gives one command's name to another is pointed
+# at that command's own.
+SAME_THING = (("policy", "ckpt", "teacher", "init", "bundle"), ("n", "num_demos", "demos"), ("resume", "resume_from"))
 
 
 def schema(command: str) -> type:
@@ -49,13 +52,39 @@ def check_overrides(command: str, overrides: list[str]) -> None:
                 raise UserError(f"{arg}: {'.'.join(path)} of `robodistill {command}` is one value, not a group of fields")
             names = [f.name for f in dataclasses.fields(node)]
             if part not in names:
-                near = difflib.get_close_matches(part, names, n=1)
+                near = difflib.get_close_matches(part, names, n=1) or [
+                    n for group in SAME_THING if part in group for n in group if n in names][:1]
                 hint = f" (did you mean {'.'.join([*path, near[0]])}=?)" if near else ""
                 raise UserError(f"{arg}: `robodistill {command}` has no field {'.'.join([*path, part])}{hint}; "
                                 f"`robodistill {command} --help` lists them")
             path.append(part)
             hint = typing.get_type_hints(node)[part]
             node = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+
+
+def compose_checked(command: str, overrides: list[str]):
+    """The command's config composed with `overrides`; hydra's multi-line composition errors (a value of
+    the wrong type, a config group option that does not exist) as one line naming the override."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException, MissingConfigException
+
+    with initialize_config_module("robodistill.configs", version_base="1.3"):
+        try:
+            return compose(command, overrides=overrides)
+        except MissingConfigException as err:
+            group, _, option = (err.missing_cfg_file or "").rpartition("/")
+            if not group or err.options is None:
+                raise UserError(str(err).splitlines()[0]) from None
+            hint = f"; any other registered ManiSkill task: env.task={option}" if group == "env" else ""
+            raise UserError(f"{group}={option}: there is no such {group} config. Choose one of: "
+                            f"{', '.join(err.options)}{hint}") from None
+        except HydraException as err:
+            cause = str(err.__cause__).splitlines()[0] if err.__cause__ else ""
+            override = str(err).removeprefix("Error merging override ")
+            if cause and override != str(err):
+                hint = " (a list is written key=[a,b])" if "ListConfig" in cause else ""
+                raise UserError(f"{override}: {cause}{hint}") from None
+            raise UserError("; ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
 
 
 def given_fields() -> set[str]:

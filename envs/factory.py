@@ -106,6 +106,8 @@ def _check(cfg: EnvConfig) -> None:
         raise UserError(f"unknown sim_backend '{cfg.sim_backend}' (env.sim_backend). Valid: {', '.join(SIM_BACKENDS)}")
     if cfg.num_envs < 1:
         raise UserError(f"env.num_envs must be >= 1, got {cfg.num_envs}")
+    if cfg.image_size < 1:
+        raise UserError(f"env.image_size must be >= 1 (the camera's width and height in pixels), got {cfg.image_size}")
     if cfg.max_episode_steps is not None and cfg.max_episode_steps < 1:
         raise UserError(f"env.max_episode_steps must be >= 1 (or null: the task's own limit), got {cfg.max_episode_steps}")
     if cfg.sim_backend == "physx_cuda" and not _cuda():

@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from robodistill.configs import check_overrides, register_schemas
+from robodistill.configs import LAUNCH_KEYS, check_overrides, compose_checked, register_schemas
 from robodistill.errors import UserError
 
 # command -> (module with main(cfg), one-line summary); ARGV_COMMANDS take plain arguments, no hydra.
@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "control": ("robodistill.deploy.controller", "closed loop at a fixed rate through a policy server (bundle= or server=ws://...): success, jitter, deadline misses, latency"),
     "agv-train": ("robodistill.training.ppo_rnd", "PPO or PPO + RND on the AGV warehouse (scene=, algo=ppo_rnd|ppo, total_steps=); policy.pt for eval"),
     "dataset": ("robodistill.data.info", "`dataset info PATH`: episodes, lengths, success, shapes, modes, a PNG of action ranges"),
-    "summary": ("robodistill.summary", "`summary [--runs runs] [--name NAME]`: one table of the newest run of each command"),
+    "summary": ("robodistill.summary", "`summary [--runs runs] [--name NAME]`: one table, the newest run of each command and every eval"),
 }
 ARGV_COMMANDS = {"dataset", "summary"}
 RESUME_HINTS = {  # what continues an interrupted training run
@@ -64,15 +64,9 @@ def _command_help(command: str, overrides: list[str]) -> str:
     has an env; hydra's own help would also list groups the command does not have."""
     from importlib.resources import files
 
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    with initialize_config_module("robodistill.configs", version_base="1.3"):
-        try:
-            cfg = compose(command, overrides=[o for o in overrides if o not in ("-h", "--help")])
-        except HydraException as err:
-            raise UserError(f"{err}{': ' + str(err.__cause__) if err.__cause__ else ''}") from err
+    cfg = compose_checked(command, [o for o in overrides if o not in ("-h", "--help")])
     lines = [f"usage: robodistill {command} [key=value ...]  (hydra overrides; `robodistill --help` lists the commands)",
              COMMANDS[command][1], ""]
     if "env" in cfg:
@@ -87,6 +81,12 @@ def _command_help(command: str, overrides: list[str]) -> str:
 def _guarded(task_fn, command: str = ""):
     """Bad input ends in one clear line, not a traceback through hydra; so does Ctrl-C."""
 
+    def interrupted():
+        hint = RESUME_HINTS.get(command)
+        print("interrupted" + (f": the run keeps its last checkpoint; {hint} continues it" if hint else ""), file=sys.stderr)
+        _drop_empty_run_dir()
+        sys.exit(130)
+
     def run(cfg: DictConfig):
         try:
             return task_fn(cfg)
@@ -95,10 +95,13 @@ def _guarded(task_fn, command: str = ""):
             _drop_empty_run_dir()
             sys.exit(2)
         except KeyboardInterrupt:
-            hint = RESUME_HINTS.get(command)
-            print("interrupted" + (f": the run keeps its last checkpoint; {hint} continues it" if hint else ""), file=sys.stderr)
-            _drop_empty_run_dir()
-            sys.exit(130)
+            interrupted()
+        except Exception:
+            # The interrupt can land while pybind11 converts a call's arguments (SAPIEN, ManiSkill's kinematics),
+            # which reports it as a TypeError ("incompatible function arguments"): after a signal, any error is it.
+            if not _signals:
+                raise
+            interrupted()
 
     return run
 
@@ -115,7 +118,11 @@ def _drop_empty_run_dir() -> None:
         shutil.rmtree(run_dir)
 
 
+_signals: list[int] = []  # those received (a list: submitit's launcher pickles what a command's function refers to)
+
+
 def _terminated(signum, frame) -> None:
+    _signals.append(signum)
     raise KeyboardInterrupt  # `kill`, `timeout` or a scheduler's preemption ends a command as Ctrl-C does: cleaned up
 
 
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
+        signal.signal(signal.SIGINT, _terminated)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
@@ -134,11 +142,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if command not in ARGV_COMMANDS:
         _guarded(lambda args: check_overrides(command, args))(overrides)
+        register_schemas(command)
+        if not {"-m", "--multirun", "-h", "--help"} & set(overrides):  # hydra would say the same in many lines
+            plain = [o for o in overrides  # overrides only: not hydra's flags (`--cfg job`) or the launcher's keys
+                     if ("=" in o or o.startswith("~")) and not o.startswith("-") and o.split("=", 1)[0] not in LAUNCH_KEYS]
+            _guarded(lambda args: compose_checked(command, args))(plain)
     _guarded(lambda args: launch(command, args))(overrides)  # launcher=torchrun: re-run on N ranks
     module = importlib.import_module(COMMANDS[command][0])
     if command in ARGV_COMMANDS:
         return _guarded(module.main)(overrides)
-    register_schemas(command)
     if "-h" in overrides or "--help" in overrides:
         print(_guarded(lambda args: _command_help(command, args))(overrides))
         return

@@ -222,7 +222,10 @@ def main(cfg: DictConfig) -> EvalReport:
             policy, env, int(cfg.episodes), seed=int(cfg.seed),
             video_dir=run_dir / "videos" if cfg.video else None, video_episodes=int(cfg.video_episodes),
         )
-    report.save(run_dir / "eval.json", env=env_cfg.__dict__, policy=str(cfg.policy), seed=int(cfg.seed))
-    print(report.table(f"{cfg.policy} on {env_cfg.task} ({report.summary['episodes']} episodes, seed {cfg.seed})"))
+        # what a diffusion policy sampled with, its checkpoint's default included: one checkpoint is rated per sampler
+        used = {"name": policy.sampler.name, "steps": policy.sampler.steps} if hasattr(policy, "set_sampler") else None
+    report.save(run_dir / "eval.json", env=env_cfg.__dict__, policy=str(cfg.policy), seed=int(cfg.seed), sampler=used)
+    with_sampler = f", sampler {used['name']} {used['steps']} step(s)" if used else ""
+    print(report.table(f"{cfg.policy}{with_sampler} on {env_cfg.task} ({report.summary['episodes']} episodes, seed {cfg.seed})"))
     print(f"run: {run_dir}")
     return report

@@ -1,4 +1,6 @@
-"""`robodistill summary [--runs runs] [--name NAME]`: one table of the newest run of each command.
+"""`robodistill summary [--runs runs] [--name NAME]`: one table, the newest run of each command and every eval.
+
+Every eval run is listed (e.g. the teacher's and the scripted expert's side by side).
 
 Reads what the runs wrote (demos.json, metrics.jsonl, history.json, report.json, result.json,
 eval.json, latency.json, export.json, control.json), so it can be run at any time; `make demo` ends
@@ -36,8 +38,11 @@ def _teacher(run: Path) -> list[str]:
 
 
 def _eval(run: Path) -> list[str]:
-    s = json.loads((run / "eval.json").read_text())["summary"]
-    return [f"success_once {_rate(s)}, success_at_end {_rate(s, 'success_at_end')}"]
+    e = json.loads((run / "eval.json").read_text())
+    s, sampler = e["summary"], e.get("sampler")
+    # the rates an env reports: ManiSkill's success_at_end, the AGV's collision
+    rates = ", ".join(f"{k} {_rate(s, k)}" for k in ("success_once", "success_at_end", "collision") if k in s)
+    return [f"{rates} ({sampler['name']} {sampler['steps']} step(s))" if sampler else rates]
 
 
 def _vla(run: Path) -> list[str]:

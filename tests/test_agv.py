@@ -14,6 +14,7 @@ from robodistill.envs.agv import SCENES, TASK
 from robodistill.envs.agv.batch import GOAL_RADIUS, RAY_RANGE, RAYS, ray_box_distances, ray_circle_distances
 from robodistill.envs.agv.scenes import FAR, walls
 from robodistill.errors import UserError
+from robodistill.summary import summarize
 from robodistill.training.ppo_rnd import Agent, AGVTrainConfig, check, train
 from tests.conftest import SlowPolicy
 
@@ -155,7 +156,8 @@ def test_resume_continues_at_the_same_step(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [("scene", "warehouse", "unknown scene"), ("algo", "sac", "unknown algo"),
-                                                   ("combine", "max", "unknown combine"), ("total_steps", 10, "less than one update"),
+                                                   ("combine", "max", "unknown combine"),
+                                                   ("reward_mode", "shaped", "unknown reward_mode 'shaped'. Valid: sparse, dense"), ("total_steps", 10, "less than one update"),
                                                    ("collision_penalty", -1.0, "collision_penalty must be >= 0"),
                                                    ("num_envs", 0, "num_envs=0 must be >= 1")])
 def test_bad_training_input_is_a_user_error(field, value, message):
@@ -172,6 +174,8 @@ def test_bad_env_input_is_a_user_error():
         agv("simple_static", collision_penalty=-1.0)
     with pytest.raises(UserError, match="env.collision_penalty applies to robodistill/AGVWarehouse-v0 only, not to PushCube-v1"):
         make_env(EnvConfig(task="PushCube-v1", collision_penalty=0.5))
+    with pytest.raises(UserError, match="env.obs_mode=rgb: robodistill/AGVWarehouse-v0 observes lidar ranges"):
+        make_env(EnvConfig(task=TASK, obs_mode="rgb"))
 
 
 def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
@@ -196,8 +200,10 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     summary = rated["summary"]
     assert {"success_once", "collision", "mean_path_length", "mean_time_to_goal"} <= set(summary)
     assert (run / "videos" / "episode_000.mp4").is_file()
+    (row,) = [r for r in summarize(tmp_path / "runs") if r[0] == "eval"]  # the AGV's rates, not "(incomplete run)"
+    assert row[2].startswith("success_once ") and ", collision " in row[2], row
     # The warehouse also trains SB3 students (rpd, here without a teacher: plain PPO), rated by the same evaluation.
-    student = cli("rpd", "env=agv", "env.scene=simple_static", "total_steps=256", "n_steps=64", "batch_size=64",
+    student = cli("rpd", "env=agv", "env.scene=simple_static", "env.num_envs=4", "total_steps=256", "n_steps=64", "batch_size=64",
                   "obs_norm_steps=64", "eval_episodes=1", "progress=false", f"hydra.run.dir={tmp_path / 'rpd'}")
     assert student.returncode == 0 and (tmp_path / "rpd" / "student.zip").is_file(), student.stderr[-2000:]
 
@@ -211,6 +217,8 @@ def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, 
     from robodistill.policies.bundle import Bundle, load_bundle_policy
 
     trained = train(tiny(tmp_path / "run", scene="simple_static", total_steps=512), tmp_path / "run")
+    with pytest.raises(UserError, match="sampler/steps apply to diffusion and VLA checkpoints"):
+        export(ExportConfig(ckpt=str(trained["policy"]), sampler="ddim", steps=7), tmp_path / "bundle")
     bundle, meta = export(ExportConfig(ckpt=str(trained["policy"]), format="onnx"), tmp_path / "bundle")
     assert meta["env"]["scene"] == "simple_static" and meta["policy"]["kind"] == "agv_ppo"
     assert meta["observation"] == {"state": {"shape": [1, 21], "dtype": "float32"}} and meta["noise"] is None

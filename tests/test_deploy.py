@@ -83,6 +83,8 @@ def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_p
         export(ExportConfig(ckpt=str(checkpoint), sampler="rti"), tmp_path / "x")
     with pytest.raises(UserError, match="exists and is not empty"):
         export(ExportConfig(ckpt=str(checkpoint)), bundle)
+    with pytest.raises(UserError, match="task=PickCube-v1: .* drives PushCube-v1"):
+        export(ExportConfig(ckpt=str(checkpoint), task="PickCube-v1"), tmp_path / "x")
     payload = checkpoints.load(checkpoint)
     del payload["consistency"]
     checkpoints.save(tmp_path / "teacher.pt", payload)

@@ -7,6 +7,9 @@ import torch
 
 from robodistill import checkpoints
 from robodistill.data import Normalizer
+from robodistill.envs import EnvConfig
+from robodistill.errors import UserError
+from robodistill.inference.latency import measure
 from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_timesteps, make_training_scheduler
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
@@ -80,8 +83,6 @@ def test_consistency_head_keeps_clean_chunks_and_samples_in_its_steps():
 
 
 def test_distill_both_variants_then_eval_and_bench_latency(cli, tmp_path, pushcube_demos):
-    from robodistill.errors import UserError
-
     train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=30", "eval_every=0", "eval_episodes=0", "name=t")
     assert train.returncode == 0, train.stderr[-3000:]
     teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
@@ -120,6 +121,8 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, tmp_path, pushcu
     assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
     bad = cli("bench-latency", "ckpt=nothing.pt")
     assert bad.returncode == 2 and "ckpt 'nothing.pt' is neither" in bad.stderr, bad.stderr
+    with pytest.raises(UserError, match="'foo' is not name"):  # said before the first sampler's minutes, not after
+        measure(str(heads["regression"]), EnvConfig(), ["ddim:2", "foo"], RTIConfig(), calls=2, episodes=1)
     with pytest.raises(UserError, match="steps=1, 2 or 3"):
         policy = _policy()
         policy.consistency = ConsistencyHead.from_denoiser(policy.denoiser)

@@ -226,7 +226,7 @@ def test_online_clip_schedule_tightens_toward_the_noisiest_step():
     assert clip_schedule(0.01, 0.001, 1).tolist() == pytest.approx([0.01])  # one fine-tuned step: the last step's clip
 
 
-def test_rl100_bad_input_is_one_clear_line(cli_here):
+def test_rl100_bad_input_is_one_clear_line(cli_here, tmp_path):
     for args, message in {
         ("stages=[offline]",): "give init=",
         ("stages=[warmup]",): "stages=['warmup']",
@@ -240,7 +240,9 @@ def test_rl100_bad_input_is_one_clear_line(cli_here):
         ("online.clip_noisiest=0", "dataset=x.h5"): "online.clip_noisiest=0.0 must be > 0",
         ("online.eval_every=-1", "dataset=x.h5"): "online.eval_every=-1 must be >= 0",
         ("env.control_mode=pd_ee_pose", "dataset=x.h5"): "env.control_mode=pd_ee_pose: the online stage holds",
+        ("dataset=x.h5",): "dataset=x.h5: no such file x.h5",
     }.items():
         r = cli_here("rl100", *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("runs/rl100/*"))  # bad input leaves no run behind

@@ -119,6 +119,7 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
         rated = json.loads(run_dir(tmp_path, sampler, "eval").joinpath("eval.json").read_text())
         assert rated["env"]["max_episode_steps"] == (15 if limit else 20)
         assert rated["episodes"][0]["episode_len"] == (15 if limit else 20)
+        assert rated["sampler"] == {"name": sampler, "steps": steps} and f"sampler {sampler} {steps} step(s)" in r.stdout
     wrong_env = cli("eval", f"policy={ckpt}", "env=PickCube-v1", "episodes=1")
     assert wrong_env.returncode == 2 and "trained on {'task': 'PushCube-v1'" in wrong_env.stderr and "PickCube-v1" in wrong_env.stderr
     zero = cli("eval", f"policy={ckpt}", "episodes=1", "sampler=ddim", "steps=0")
@@ -130,14 +131,19 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
 def test_teacher_bad_input(cli_here, pushcube_demos):
     mode = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "env.control_mode=pd_joint_delta_pos", "iterations=2")
     assert mode.returncode == 2 and "recorded with control_mode=pd_ee_delta_pos, but pd_joint_delta_pos" in mode.stderr
-    task = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "env=PickCube-v1", "iterations=2")
-    assert task.returncode == 2 and "dataset states have 35 dims, the env PickCube-v1" in task.stderr
+    # PullCube's states have PushCube's 35 dims: only the file's env_id tells them apart
+    task = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "env=PullCube-v1", "iterations=2")
+    assert task.returncode == 2 and "was recorded in PushCube-v1, but the env is PullCube-v1: give env=PushCube-v1" in task.stderr
     missing = cli_here("train-teacher", "dataset=nowhere.h5", "iterations=2")
     assert missing.returncode == 2 and "'nowhere.h5' does not exist" in missing.stderr
     resume = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "resume=true", "name=fresh")
     assert resume.returncode == 2 and "no earlier run named 'fresh'" in resume.stderr
     for args, message in {("iterations=0",): "iterations=0 and batch_size=64 must be >= 1",
-                          ("minutes=-1",): "minutes=-1.0 must be > 0"}.items():
+                          ("minutes=-1",): "minutes=-1.0 must be > 0",
+                          ("num_demos=50",): "holds 3 episodes: give 1 to 3",
+                          ("policy.act_horizon=32",): "1 <= act_horizon <= pred_horizon - obs_horizon + 1 = 15",
+                          ("device=gpu",): "device=gpu is not a torch device: auto, cpu, cuda or cuda:<index>",
+                          ("device=cuda:99",): "device=cuda:99"}.items():
         r = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
 

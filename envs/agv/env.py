@@ -74,6 +74,9 @@ class AGVVecEnv:
     auto-reset, `final_info["episode"]`), so `evaluate()` and the trainers treat it like any env."""
 
     def __init__(self, cfg, render: bool = False):
+        if cfg.obs_mode != "state":
+            raise UserError(f"env.obs_mode={cfg.obs_mode}: {TASK} observes lidar ranges, the goal and its own velocity "
+                            "(env.obs_mode=state); for pictures, eval's video=true renders it")
         self.cfg = cfg
         self.batch = make_batch(cfg.scene or DEFAULT_SCENE, cfg.num_envs, cfg.reward_mode, cfg.max_episode_steps, cfg.collision_penalty)
         self.num_envs = cfg.num_envs

@@ -70,7 +70,7 @@ class TrajectoryFile:
         group = self.h5[name]
         where = f"{self.path}, episode {name}"
         if "actions" not in group or "obs" not in group or len(group["obs"]) == 0:
-            raise UserError(f"{where}: has no 'actions' or no 'obs' (obs_mode=none files only hold actions; convert them with `robodistill demos` or replay_trajectory -o state)")
+            raise UserError(f"{where}: has no 'actions' or no 'obs' (obs_mode=none files only hold actions; convert them with python -m mani_skill.trajectory.replay_trajectory --traj-path <file> -o state -c <control mode> --save-traj)")
         actions = np.asarray(group["actions"][:], dtype=np.float32)
         if actions.ndim != 2:
             raise UserError(f"{where}: actions have shape {actions.shape}, expected (T, action_dim)")
@@ -153,6 +153,7 @@ def load_episodes(
     paths: str | Path | list[str | Path],
     control_mode: str | None = None,
     obs_mode: str | None = None,
+    task: str | None = None,
     success_only: bool = False,
     max_memory_gb: float = 8.0,
 ) -> list[Episode]:
@@ -160,6 +161,7 @@ def load_episodes(
 
     :param control_mode: if given, every file must have been recorded with it.
     :param obs_mode: `state` or `rgb`; if given, files must hold such observations.
+    :param task: if given, every file must have been recorded in this env (two tasks can share a state size).
     :param max_memory_gb: RGB images stay on disk (read per window) beyond this estimated size.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -167,8 +169,14 @@ def load_episodes(
         raise UserError("no trajectory files given")
     files = [open_trajectory(p) for p in paths]
     for f in files:
+        if task is not None and f.env_id != task:
+            raise UserError(f"'{f.path}' was recorded in {f.env_id}, but the env is {task}: give env={f.env_id} "
+                            f"(or env.task=), or demonstrations of {task}")
         if control_mode is not None and f.control_mode != control_mode:
-            raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: convert it (robodistill demos ... control_mode={control_mode}) or change env.control_mode")
+            raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: set "
+                            f"env.control_mode={f.control_mode}, or convert the raw plans `robodistill demos` keeps beside it "
+                            f"(python -m mani_skill.trajectory.replay_trajectory --traj-path <its .pd_joint_pos.h5> "
+                            f"-c {control_mode} --save-traj)")
         if obs_mode is not None and _file_obs_mode(f) != obs_mode:
             raise UserError(f"'{f.path}' holds obs_mode={_file_obs_mode(f)} observations, but obs_mode={obs_mode} was asked for")
     in_memory = sum(_rgb_bytes(f) for f in files) <= max_memory_gb * 2**30

@@ -177,6 +177,14 @@ def agv_graph(payload: dict) -> MeanActionGraph:
 
 def load_source(path: str, sampler: str, steps: int | None, task: str | None = None) -> tuple[nn.Module, EnvConfig]:
     """The graph to export and the env it drives, from a diffusion, VLA or AGV checkpoint or a student zip."""
+
+    def mean_action_only(what: str, env: dict) -> None:  # a student and an AGV policy export their mean action
+        if sampler != "consistency" or steps is not None:
+            raise UserError(f"sampler/steps apply to diffusion and VLA checkpoints; {path} is {what}, whose bundle is its "
+                            "mean action: drop sampler= and steps=")
+        if task is not None and task != env["task"]:
+            raise UserError(f"task={task}: {path} drives {env['task']} (task= picks one of a VLA's tasks)")
+
     if path.endswith(".zip"):
         from stable_baselines3 import PPO
 
@@ -187,9 +195,11 @@ def load_source(path: str, sampler: str, steps: int | None, task: str | None = N
         env = getattr(model, "robodistill_env", None)
         if env is None:
             raise UserError(f"{path} does not record the env it was trained on (students of `robodistill rpd` do)")
+        mean_action_only("an RPD student", env)
         return student_graph(model).eval().requires_grad_(False), EnvConfig.from_mapping(env)
     payload = checkpoints.load(path)
     if payload.get("kind") == agv.KIND:
+        mean_action_only("an AGV policy", payload["env"])
         return agv_graph(payload).eval().requires_grad_(False), EnvConfig.from_mapping(payload["env"])
     env = dict(payload["env"])
     if payload.get("kind") == vla.KIND:
@@ -198,6 +208,8 @@ def load_source(path: str, sampler: str, steps: int | None, task: str | None = N
         if task not in tasks:
             raise UserError(f"task={task}: the VLA was trained on {', '.join(tasks)}")
         env["task"] = task
+    elif task is not None and task != env.get("task"):
+        raise UserError(f"task={task}: {path} drives {env.get('task')} (task= picks one of a VLA's tasks)")
     return build_graph(payload, sampler, steps, env["task"]), EnvConfig.from_mapping(env)
 
 

@@ -24,6 +24,7 @@ behind each other. Each connection draws the sampler's noise from its own genera
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import os
@@ -76,7 +77,8 @@ class _Pending:
 
 
 def _listen_error(host: str, port: int, err: OSError) -> UserError:
-    return UserError(f"cannot listen on {host}:{port} ({err.strerror}): choose another port=")
+    fix = "choose another port=" if err.errno == errno.EADDRINUSE else "check host= (an address of this machine, e.g. 0.0.0.0)"
+    return UserError(f"cannot listen on {host}:{port} ({err.strerror}): {fix}")
 
 
 class PolicyServer:

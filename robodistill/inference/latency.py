@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, env_for_policy, evaluate
-from robodistill.inference.samplers import RTIConfig
+from robodistill.inference.samplers import SAMPLERS, RTIConfig
 from robodistill.policies import load_policy
 from robodistill.policies.base import check_policy_spec
 
@@ -62,8 +62,8 @@ def _timed(fn, calls: int) -> list[float]:
 
 def _parse(spec: str) -> tuple[str, int | None]:
     name, _, steps = spec.partition(":")
-    if steps and not steps.isdigit():
-        raise UserError(f"samplers: '{spec}' is not name[:steps], e.g. ddim:10, rti, consistency:1")
+    if name not in SAMPLERS or steps and not steps.isdigit():
+        raise UserError(f"samplers: '{spec}' is not name[:steps] with name one of {', '.join(SAMPLERS)}, e.g. ddim:10, rti, consistency:1")
     return name, int(steps) if steps else None
 
 
@@ -71,12 +71,12 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
             seed: int = 0, label: str = "") -> list[dict]:
     """One row per sampler of `ckpt` (see the module doc); `label` names the checkpoint in the rows
     (default: its run directory)."""
-    rows = []
+    rows, parsed = [], [_parse(s) for s in samplers]  # every spec checked before minutes of measuring the first
     with make_env(env_cfg, ignore_terminations=True) as env:
         policy = load_policy(ckpt, env, seed=seed)
         if not hasattr(policy, "set_sampler"):
             raise UserError(f"ckpt={ckpt} is not a diffusion checkpoint; bench-latency compares its samplers")
-        if any(_parse(s)[0] == "consistency" for s in samplers) and policy.consistency is None:
+        if any(name == "consistency" for name, _ in parsed) and policy.consistency is None:
             raise UserError(f"ckpt={ckpt} has no consistency head: distill one (`robodistill distill teacher={ckpt}`) or drop the consistency samplers")
         first = env.reset(seed=[seed] * env.num_envs)
         obs = {k: v[:1].unsqueeze(1).repeat_interleave(policy.obs_horizon, dim=1) for k, v in first.items()}
@@ -85,8 +85,7 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
         t = torch.full((1,), policy.cfg.num_train_timesteps - 1)
         with torch.no_grad():
             floor, _ = _percentiles(_timed(lambda: policy.denoiser(x, t, cond), calls))
-        for spec in samplers:
-            name, steps = _parse(spec)
+        for spec, (name, steps) in zip(samplers, parsed):
             policy.set_sampler(name, steps, rti if name == "rti" else None)
             policy.reset(None)
             p50, p99 = _percentiles(_timed(lambda: policy.predict_chunk(obs), calls))
@@ -113,11 +112,11 @@ def _run_name(ckpt: Path) -> str:
 def format_rows(rows: list[dict], header: bool = True) -> str:
     lines = []
     if header:
-        lines.append(f"| {'task':<12} | {'checkpoint':<14} | {'sampler':<15} | calls | act/inf | p50 ms | p99 ms | ms/action | x forward | success_once [95% CI] |")
-        lines.append("|" + "|".join("-" * w for w in (14, 16, 17, 7, 9, 8, 8, 11, 11, 23)) + "|")
+        lines.append(f"| {'task':<12} | {'checkpoint':<24} | {'sampler':<15} | calls | act/inf | p50 ms | p99 ms | ms/action | x forward | success_once [95% CI] |")
+        lines.append("|" + "|".join("-" * w for w in (14, 26, 17, 7, 9, 8, 8, 11, 11, 23)) + "|")
     for r in rows:
         success = f"{r['success_once']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]" if "success_once" in r else "-"
-        lines.append(f"| {r['task']:<12} | {r['checkpoint'][-14:]:<14} | {r['sampler']:<15} | {r['denoiser_calls']:>5} | {r['actions_per_inference']:>7} "
+        lines.append(f"| {r['task']:<12} | {r['checkpoint'][-24:]:<24} | {r['sampler']:<15} | {r['denoiser_calls']:>5} | {r['actions_per_inference']:>7} "
                      f"| {r['p50_ms']:>6.2f} | {r['p99_ms']:>6.2f} | {r['ms_per_action']:>9.3f} | {r['p50_over_forward']:>9.1f} | {success:<21} |")
     return "\n".join(lines)
 
@@ -161,8 +160,8 @@ def main(cfg: DictConfig) -> list[dict]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if not cfg.ckpt:
         raise UserError("ckpt= is required: a train-teacher or distill checkpoint")
-    if cfg.calls < 1 or cfg.episodes < 0:
-        raise UserError(f"calls={cfg.calls} must be >= 1 and episodes={cfg.episodes} >= 0 (0: latency only)")
+    if cfg.calls < 1 or cfg.episodes < 0 or cfg.threads < 1:
+        raise UserError(f"calls={cfg.calls} and threads={cfg.threads} must be >= 1, episodes={cfg.episodes} >= 0 (0: latency only)")
     check_policy_spec(str(cfg.ckpt), "ckpt")
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)

@@ -101,7 +101,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     # ---- data: the teacher's own observations (windows with its horizons)
     env_cfg = EnvConfig.from_mapping(payload["env"])
     dataset = cfg.dataset or payload["train"]["dataset"]
-    episodes = load_episodes(dataset.split(","), control_mode=env_cfg.control_mode, obs_mode=env_cfg.obs_mode)
+    episodes = load_episodes(dataset.split(","), control_mode=env_cfg.control_mode, obs_mode=env_cfg.obs_mode, task=env_cfg.task)
     p = teacher.cfg
     windows = WindowDataset(episodes, Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon),
                             delta_actions=zero_action_holds_still(env_cfg.control_mode))

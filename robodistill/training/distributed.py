@@ -152,11 +152,11 @@ class Ranks:
 
 def setup(device: str) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment (if any); the device for this rank."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world, chosen = int(os.environ.get("WORLD_SIZE", 1)), pick_device(device)
     if world == 1:
-        return Ranks(), pick_device(device)
+        return Ranks(), chosen
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    cuda = chosen.type == "cuda"
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():

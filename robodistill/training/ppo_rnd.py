@@ -30,6 +30,7 @@ from tqdm import tqdm
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
 from robodistill.envs.agv import SCENES, TASK
+from robodistill.envs.agv.env import REWARD_MODES
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
@@ -131,6 +132,8 @@ def check(cfg: AGVTrainConfig) -> None:
         raise UserError(f"unknown scene '{cfg.scene}'. Valid: {', '.join(SCENES)}")
     if cfg.algo not in ALGOS:
         raise UserError(f"unknown algo '{cfg.algo}'. Valid: {', '.join(ALGOS)}")
+    if cfg.reward_mode not in REWARD_MODES:
+        raise UserError(f"unknown reward_mode '{cfg.reward_mode}'. Valid: {', '.join(REWARD_MODES)}")
     if cfg.combine not in COMBINES:
         raise UserError(f"unknown combine '{cfg.combine}'. Valid: {', '.join(COMBINES)}")
     if cfg.collision_penalty is not None and not cfg.collision_penalty >= 0:

@@ -175,6 +175,9 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"online.critic_warmup={cfg.online.critic_warmup} must be >= 0 (updates that train only the critic)")
     if cfg.offline.amq_penalty < 0:
         raise UserError(f"offline.amq_penalty={cfg.offline.amq_penalty}: must be >= 0 (a negative one rewards leaving the data; 0 is RL-100's plain AM-Q)")
+    missing = [p for p in (cfg.dataset or "").split(",") if p and not Path(p).is_file()]
+    if missing and {"imitation", "offline"} & set(cfg.stages):  # said before the run directory holds a report
+        raise UserError(f"dataset={cfg.dataset}: no such file {missing[0]} (the .h5 written by `robodistill demos`)")
 
 
 class Run:
@@ -294,7 +297,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
     make_chain = lambda p: DenoisingChain(p, cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std, cfg.chain.noise_clip)  # noqa: E731
     actor_chain, ref_chain = make_chain(actor), make_chain(reference)
     delta = zero_action_holds_still(env_cfg.control_mode)
-    demos = load_episodes(cfg.dataset.split(","), control_mode=env_cfg.control_mode, obs_mode="state")
+    demos = load_episodes(cfg.dataset.split(","), control_mode=env_cfg.control_mode, obs_mode="state", task=env_cfg.task)
     try:
         buffer = Transitions.from_episodes(demos, actor_chain, delta)
     except ValueError as err:

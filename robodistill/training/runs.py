@@ -14,8 +14,20 @@ from robodistill.evaluation import TRAINED_FIELDS, env_for_policy
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto`: CUDA where there is one, else the CPU; otherwise the named torch device."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """`auto`: CUDA where there is one, else the CPU; otherwise the named torch device, which must be here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a torch device: auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() and device.index >= torch.cuda.device_count():
+        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name}, but torch finds no CUDA device here (torch {torch.__version__}): use device=cpu, "
+                        f"or device=auto to take a GPU where there is one")
+    return device
 
 
 def check_budget(iterations: int, batch_size: int, minutes: float | None) -> None:

@@ -70,12 +70,20 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     # ---- data: episodes split by episode; normalizers fitted on the training split only
     if not cfg.dataset:
         raise UserError("dataset= is required: the .h5 written by `robodistill demos` (comma-separate several)")
-    episodes = load_episodes(cfg.dataset.split(","), control_mode=cfg.env.control_mode, obs_mode=cfg.env.obs_mode)
+    episodes = load_episodes(cfg.dataset.split(","), control_mode=cfg.env.control_mode, obs_mode=cfg.env.obs_mode, task=cfg.env.task)
+    if cfg.num_demos is not None and not 0 <= cfg.num_demos <= len(episodes):
+        raise UserError(f"num_demos={cfg.num_demos}, but dataset={cfg.dataset} holds {len(episodes)} episodes: give 1 to "
+                        f"{len(episodes)} (unset: all), or make more with `robodistill demos n=`")
     episodes = episodes[: cfg.num_demos] if cfg.num_demos else episodes
     train_ids, val_ids = split_episodes(len(episodes), cfg.val_fraction, cfg.seed)
     train_eps, val_eps = [episodes[i] for i in train_ids], [episodes[i] for i in val_ids]
     p = cfg.policy
-    horizons = Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon)
+    try:
+        horizons = Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon)
+    except ValueError:
+        raise UserError(f"policy.obs_horizon={p.obs_horizon}, policy.pred_horizon={p.pred_horizon}, policy.act_horizon={p.act_horizon}: "
+                        f"a chunk holds the observed steps and the executed ones, so 1 <= act_horizon <= pred_horizon - "
+                        f"obs_horizon + 1 = {p.pred_horizon - p.obs_horizon + 1}") from None
     delta = zero_action_holds_still(cfg.env.control_mode)
     train_ds = WindowDataset(train_eps, horizons, delta_actions=delta)
     val_ds = WindowDataset(val_eps, horizons, delta_actions=delta) if val_eps else None

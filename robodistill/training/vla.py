@@ -89,6 +89,8 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     if not cfg.tasks:
         raise UserError("tasks= is empty: name at least one task, e.g. tasks=[PushCube-v1,PickCube-v1]")
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes)
+    if cfg.demos < 1:
+        raise UserError(f"demos={cfg.demos} must be >= 1 (demonstrations per task)")
     if cfg.batch_size < len(cfg.tasks):
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {len(cfg.tasks)} tasks it must hold")
     if Path(cfg.datasets).exists() and not Path(cfg.datasets).is_dir():
@@ -100,7 +102,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     episodes = {}
     for task in cfg.tasks:
         path = demos_for(cfg, task)
-        eps = load_episodes([str(path)], control_mode=cfg.control_mode, obs_mode="rgb")
+        eps = load_episodes([str(path)], control_mode=cfg.control_mode, obs_mode="rgb", task=task)
         size = eps[0].obs["rgb"].shape[1]
         if size != cfg.image_size:
             raise UserError(f"{path} holds {size}px images, not image_size={cfg.image_size}: move it away or set image_size={size}")
