@@ -70,7 +70,7 @@ class TrajectoryFile:
         group = self.h5[name]
         where = f"{self.path}, episode {name}"
         if "actions" not in group or "obs" not in group or len(group["obs"]) == 0:
-            raise UserError(f"{where}: has no 'actions' or no 'obs' (obs_mode=none files only hold actions; convert them with python -m mani_skill.trajectory.replay_trajectory --traj-path <file> -o state -c <control mode> --save-traj)")
+            raise UserError(f"{where}: has no 'actions' or no 'obs' (obs_mode=none files only hold actions; convert them with python -m mani_skill.trajectory.replay_trajectory --traj-path <file> --use-first-env-state -o state -c <control mode> --save-traj)")
         actions = np.asarray(group["actions"][:], dtype=np.float32)
         if actions.ndim != 2:
             raise UserError(f"{where}: actions have shape {actions.shape}, expected (T, action_dim)")
@@ -176,7 +176,7 @@ def load_episodes(
             raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: set "
                             f"env.control_mode={f.control_mode}, or convert the raw plans `robodistill demos` keeps beside it "
                             f"(python -m mani_skill.trajectory.replay_trajectory --traj-path <its .pd_joint_pos.h5> "
-                            f"-c {control_mode} --save-traj)")
+                            f"--use-first-env-state -c {control_mode} --save-traj)")
         if obs_mode is not None and _file_obs_mode(f) != obs_mode:
             raise UserError(f"'{f.path}' holds obs_mode={_file_obs_mode(f)} observations, but obs_mode={obs_mode} was asked for")
     in_memory = sum(_rgb_bytes(f) for f in files) <= max_memory_gb * 2**30
