@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, open_trajectory
-from robodistill.data.info import describe
+from robodistill.data.info import describe, format_summary
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from tests.conftest import ROBODISTILL, run_cli
@@ -134,6 +134,8 @@ def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_pa
         load_episodes(tmp_path)
     with pytest.raises(UserError, match="obs_mode=none files only hold actions"):
         load_episodes(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")
+    raw, _ = describe(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")  # `dataset info` reads what demos writes
+    assert raw["episodes"] == 3 and raw["observations"] == {} and raw["actions"]["shape"] == [8] and "actions only" in format_summary(raw)
 
 
 def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tmp_path, cli_here):

@@ -13,7 +13,7 @@ from robodistill.data.trajectories import Episode, open_trajectory
 def describe(path: str | Path) -> tuple[dict, list[Episode]]:
     traj = open_trajectory(path)
     try:
-        episodes = traj.episodes()
+        episodes = traj.episodes(need_obs=False)
         lengths = np.array([len(e) for e in episodes])
         successes = [e.success for e in episodes if e.success is not None]
         summary = {
@@ -56,7 +56,8 @@ def plot_action_ranges(episodes: list[Episode], title: str, out: Path) -> Path:
 
 def format_summary(s: dict) -> str:
     ok = "unknown" if s["successful"] is None else f"{s['successful']} successful ({s['successful'] / s['episodes']:.0%})"
-    obs = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in s["observations"].items())
+    obs = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in s["observations"].items()) or (
+        "none: actions only (raw plans; replay_trajectory converts them, see the README's demonstrations)")
     return "\n".join([
         f"file          {s['file']}",
         f"env           {s['env_id']}   control_mode={s['control_mode']}   obs_mode={s['obs_mode']}   source={s['source']}",

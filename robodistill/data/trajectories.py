@@ -61,20 +61,22 @@ class TrajectoryFile:
     def obs_mode(self) -> str | None:
         return self.env_kwargs.get("obs_mode")
 
-    def episodes(self, ids: list[int] | None = None, in_memory: bool = True) -> list[Episode]:
+    def episodes(self, ids: list[int] | None = None, in_memory: bool = True, need_obs: bool = True) -> list[Episode]:
+        """need_obs=False also reads files of actions only (obs_mode=none, e.g. raw plans): their `obs` is {}."""
         rows = self.meta["episodes"] if ids is None else [self.meta["episodes"][i] for i in ids]
-        return [self._episode(row, in_memory) for row in rows]
+        return [self._episode(row, in_memory, need_obs) for row in rows]
 
-    def _episode(self, row: dict, in_memory: bool) -> Episode:
+    def _episode(self, row: dict, in_memory: bool, need_obs: bool = True) -> Episode:
         name = f"traj_{row['episode_id']}"
         group = self.h5[name]
         where = f"{self.path}, episode {name}"
-        if "actions" not in group or "obs" not in group or len(group["obs"]) == 0:
+        has_obs = "obs" in group and len(group["obs"]) > 0
+        if "actions" not in group or need_obs and not has_obs:
             raise UserError(f"{where}: has no 'actions' or no 'obs' (obs_mode=none files only hold actions; convert them with python -m mani_skill.trajectory.replay_trajectory --traj-path <file> --use-first-env-state -o state -c <control mode> --save-traj)")
         actions = np.asarray(group["actions"][:], dtype=np.float32)
         if actions.ndim != 2:
             raise UserError(f"{where}: actions have shape {actions.shape}, expected (T, action_dim)")
-        obs = _observations(group["obs"], in_memory, where)
+        obs = _observations(group["obs"], in_memory, where) if has_obs else {}
         for key, value in obs.items():
             if len(value) != len(actions) + 1:
                 raise UserError(f"{where}: {len(value)} '{key}' observations for {len(actions)} actions (expected T + 1)")
