@@ -52,30 +52,37 @@ def check_overrides(command: str, overrides: list[str]) -> None:
                 raise UserError(f"{arg}: {'.'.join(path)} of `robodistill {command}` is one value, not a group of fields")
             names = [f.name for f in dataclasses.fields(node)]
             if part not in names:
-                near = difflib.get_close_matches(part, names, n=1) or [
-                    n for group in SAME_THING if part in group for n in group if n in names][:1]
+                hints = typing.get_type_hints(node)
+                near = difflib.get_close_matches(part, names, n=1) or [  # a value's synonym, never a group of fields
+                    n for group in SAME_THING if part in group for n in group if n in names and not _group_of_fields(hints[n])][:1]
                 hint = f" (did you mean {'.'.join([*path, near[0]])}=?)" if near else ""
                 raise UserError(f"{arg}: `robodistill {command}` has no field {'.'.join([*path, part])}{hint}; "
                                 f"`robodistill {command} --help` lists them")
             path.append(part)
-            hint = typing.get_type_hints(node)[part]
-            node = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+            node = _group_of_fields(typing.get_type_hints(node)[part])
+
+
+def _group_of_fields(hint) -> type | None:
+    """The dataclass a field's type hint holds (`X`, `X | None`), or None for a plain value."""
+    return next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
 
 
 def compose_checked(command: str, overrides: list[str]):
     """The command's config composed with `overrides`; hydra's multi-line composition errors (a value of
     the wrong type, a config group option that does not exist) as one line naming the override."""
     from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
     with initialize_config_module("robodistill.configs", version_base="1.3"):
         try:
             return compose(command, overrides=overrides)
+        except OverrideParseException as err:
+            raise UserError(f"{err.override}: {str(err).splitlines()[0]}") from None
         except MissingConfigException as err:
             group, _, option = (err.missing_cfg_file or "").rpartition("/")
             if not group or err.options is None:
                 raise UserError(str(err).splitlines()[0]) from None
-            hint = f"; any other registered ManiSkill task: env.task={option}" if group == "env" else ""
+            hint = f"; any other registered ManiSkill task: env.task={option or '<id>'}" if group == "env" else ""
             raise UserError(f"{group}={option}: there is no such {group} config. Choose one of: "
                             f"{', '.join(err.options)}{hint}") from None
         except HydraException as err:

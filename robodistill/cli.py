@@ -66,7 +66,7 @@ def _command_help(command: str, overrides: list[str]) -> str:
 
     from omegaconf import OmegaConf
 
-    cfg = compose_checked(command, [o for o in overrides if o not in ("-h", "--help")])
+    cfg = compose_checked(command, precheckable(overrides) or [])
     lines = [f"usage: robodistill {command} [key=value ...]  (hydra overrides; `robodistill --help` lists the commands)",
              COMMANDS[command][1], ""]
     if "env" in cfg:
@@ -76,6 +76,18 @@ def _command_help(command: str, overrides: list[str]) -> str:
     lines += ["Config, with defaults:", OmegaConf.to_yaml(cfg).rstrip(), "",
               "Runs go to runs/<command>/<time>-<name>/ with the resolved config in .hydra/config.yaml."]
     return "\n".join(lines)
+
+
+# Flags after which the package's configs alone do not compose what hydra will: another config source, or sweeps.
+NOT_PRECHECKED = ("-m", "--multirun", "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "hydra.mode")
+
+
+def precheckable(args: list[str]) -> list[str] | None:
+    """The overrides among `args` (not hydra's flags such as `--cfg job`, nor the launcher's keys) when the
+    package's configs compose the run as hydra will; None when they do not (see NOT_PRECHECKED)."""
+    if any(a.split("=", 1)[0] in NOT_PRECHECKED for a in args):
+        return None
+    return [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-") and a.split("=", 1)[0] not in LAUNCH_KEYS]
 
 
 def _guarded(task_fn, command: str = ""):
@@ -110,10 +122,12 @@ def _drop_empty_run_dir() -> None:
     """A run stopped before it wrote anything holds only hydra's own files: remove it, so that `summary`
     and `resume=true` never take it for a run."""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
-    if not HydraConfig.initialized():
+    output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None) if HydraConfig.initialized() else None
+    if output_dir is None:  # before hydra made one, or `--cfg job`, which makes none
         return
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(output_dir)
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "cli.log"}:
         shutil.rmtree(run_dir)
 
@@ -143,9 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in ARGV_COMMANDS:
         _guarded(lambda args: check_overrides(command, args))(overrides)
         register_schemas(command)
-        if not {"-m", "--multirun", "-h", "--help"} & set(overrides):  # hydra would say the same in many lines
-            plain = [o for o in overrides  # overrides only: not hydra's flags (`--cfg job`) or the launcher's keys
-                     if ("=" in o or o.startswith("~")) and not o.startswith("-") and o.split("=", 1)[0] not in LAUNCH_KEYS]
+        plain = precheckable(overrides)
+        if plain is not None and not {"-h", "--help"} & set(overrides):  # hydra would say the same in many lines
             _guarded(lambda args: compose_checked(command, args))(plain)
     _guarded(lambda args: launch(command, args))(overrides)  # launcher=torchrun: re-run on N ranks
     module = importlib.import_module(COMMANDS[command][0])

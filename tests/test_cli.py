@@ -83,6 +83,19 @@ def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
     assert "Traceback" not in err, err[-2000:]
 
 
+def test_the_precheck_leaves_to_hydra_what_only_hydra_composes(cli_here, tmp_path):
+    from robodistill.cli import precheckable
+
+    assert precheckable(["episodes=2", "--cfg", "job", "~video", "launcher=torchrun", "nproc=2", "hydra.run.dir=x"]) == [
+        "episodes=2", "~video", "hydra.run.dir=x"]
+    for args in (["-m", "seed=1,2"], ["hydra.mode=MULTIRUN", "seed=1,2"], ["--config-dir", "cd", "env=mine"], ["--config-dir=cd"]):
+        assert precheckable(args) is None, args
+    (tmp_path / "cd" / "env").mkdir(parents=True)  # a user's own env config, found only through --config-dir
+    (tmp_path / "cd" / "env" / "mine.yaml").write_text("task: PullCube-v1\n")
+    r = cli_here("eval", "--config-dir", str(tmp_path / "cd"), "env=mine", "--cfg", "job")
+    assert r.returncode == 0 and "task: PullCube-v1" in r.stdout, r.stdout + r.stderr
+
+
 def test_an_interrupt_that_a_binding_reports_as_another_error_still_ends_as_interrupted(monkeypatch, capsys):
     from robodistill import cli as entry
 

@@ -133,16 +133,16 @@ def test_teacher_bad_input(cli_here, pushcube_demos):
     assert mode.returncode == 2 and "recorded with control_mode=pd_ee_delta_pos, but pd_joint_delta_pos" in mode.stderr
     # PullCube's states have PushCube's 35 dims: only the file's env_id tells them apart
     task = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "env=PullCube-v1", "iterations=2")
-    assert task.returncode == 2 and "was recorded in PushCube-v1, but the env is PullCube-v1: give env=PushCube-v1" in task.stderr
+    assert task.returncode == 2 and "was recorded in PushCube-v1, not in PullCube-v1, the task it would train for" in task.stderr
     missing = cli_here("train-teacher", "dataset=nowhere.h5", "iterations=2")
     assert missing.returncode == 2 and "'nowhere.h5' does not exist" in missing.stderr
     resume = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "resume=true", "name=fresh")
     assert resume.returncode == 2 and "no earlier run named 'fresh'" in resume.stderr
     for args, message in {("iterations=0",): "iterations=0 and batch_size=64 must be >= 1",
                           ("minutes=-1",): "minutes=-1.0 must be > 0",
-                          ("num_demos=50",): "holds 3 episodes: give 1 to 3",
+                          ("num_demos=50",): "holds 3 episodes: give 1 to 3 (0 or unset: all)",
                           ("policy.act_horizon=32",): "1 <= act_horizon <= pred_horizon - obs_horizon + 1 = 15",
-                          ("device=gpu",): "device=gpu is not a torch device: auto, cpu, cuda or cuda:<index>",
+                          ("device=gpu",): "device=gpu: robodistill trains on auto, cpu, cuda or cuda:<index>",
                           ("device=cuda:99",): "device=cuda:99"}.items():
         r = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])

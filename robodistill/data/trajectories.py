@@ -172,8 +172,8 @@ def load_episodes(
     files = [open_trajectory(p) for p in paths]
     for f in files:
         if task is not None and f.env_id != task:
-            raise UserError(f"'{f.path}' was recorded in {f.env_id}, but the env is {task}: give env={f.env_id} "
-                            f"(or env.task=), or demonstrations of {task}")
+            raise UserError(f"'{f.path}' was recorded in {f.env_id}, not in {task}, the task it would train for: use "
+                            f"demonstrations of {task}, or train for {f.env_id} (env={f.env_id}, where the command has env)")
         if control_mode is not None and f.control_mode != control_mode:
             raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: set "
                             f"env.control_mode={f.control_mode}, or convert the raw plans `robodistill demos` keeps beside it "

@@ -235,7 +235,8 @@ def main(cfg: DictConfig) -> None:
             if task.done():
                 await task  # it failed to bind: raise why
             await asyncio.sleep(0.02)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a clean stop between batches, with the counts printed
+            asyncio.get_running_loop().add_signal_handler(sig, server.stop)
         m = bundle.metadata
         print(f"serving {cfg.bundle} ({m['env']['task']}, {m['policy']['sampler']} {m['policy']['steps']} step(s)) "
               f"on {server.url}  health: http://{server.host}:{server.port}/healthz"

@@ -78,6 +78,8 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
             raise UserError(f"ckpt={ckpt} is not a diffusion checkpoint; bench-latency compares its samplers")
         if any(name == "consistency" for name, _ in parsed) and policy.consistency is None:
             raise UserError(f"ckpt={ckpt} has no consistency head: distill one (`robodistill distill teacher={ckpt}`) or drop the consistency samplers")
+        for name, steps in parsed:  # each sampler's steps checked against this checkpoint before any is measured
+            policy.set_sampler(name, steps, rti if name == "rti" else None)
         first = env.reset(seed=[seed] * env.num_envs)
         obs = {k: v[:1].unsqueeze(1).repeat_interleave(policy.obs_horizon, dim=1) for k, v in first.items()}
         cond = policy.condition(obs)

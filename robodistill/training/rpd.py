@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
@@ -518,9 +519,10 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"distill_coef={cfg.distill_coef} must be >= 0")
     if cfg.total_steps < 1 or cfg.n_steps < 1 or cfg.batch_size < 2:
         raise UserError("total_steps and n_steps must be >= 1 and batch_size >= 2")
-    if cfg.total_steps < cfg.n_steps * cfg.env.num_envs:  # SB3 would run a whole rollout anyway, past the budget
-        raise UserError(f"total_steps={cfg.total_steps} is less than one rollout (n_steps * env.num_envs = "
-                        f"{cfg.n_steps * cfg.env.num_envs} env steps): raise total_steps or lower n_steps")
+    rollout = cfg.n_steps * cfg.env.num_envs * int(os.environ.get("WORLD_SIZE", 1))  # every rank's envs count
+    if cfg.total_steps < rollout:  # SB3 would run a whole rollout anyway, past the budget
+        raise UserError(f"total_steps={cfg.total_steps} is less than one rollout (n_steps * env.num_envs * ranks = "
+                        f"{rollout} env steps): raise total_steps or lower n_steps")
     if cfg.warm_start_steps < 0:
         raise UserError(f"warm_start_steps={cfg.warm_start_steps} must be >= 0 (0: no warm start)")
     if cfg.warm_start_epochs < 1:

@@ -73,7 +73,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     episodes = load_episodes(cfg.dataset.split(","), control_mode=cfg.env.control_mode, obs_mode=cfg.env.obs_mode, task=cfg.env.task)
     if cfg.num_demos is not None and not 0 <= cfg.num_demos <= len(episodes):
         raise UserError(f"num_demos={cfg.num_demos}, but dataset={cfg.dataset} holds {len(episodes)} episodes: give 1 to "
-                        f"{len(episodes)} (unset: all), or make more with `robodistill demos n=`")
+                        f"{len(episodes)} (0 or unset: all), or make more with `robodistill demos n=`")
     episodes = episodes[: cfg.num_demos] if cfg.num_demos else episodes
     train_ids, val_ids = split_episodes(len(episodes), cfg.val_fraction, cfg.seed)
     train_eps, val_eps = [episodes[i] for i in train_ids], [episodes[i] for i in val_ids]
