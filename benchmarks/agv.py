@@ -131,7 +131,8 @@ def main() -> None:
                 if (run_dir / "policy.pt").is_file() and (run_dir / "history.json").is_file():  # finished earlier
                     history = json.loads((run_dir / "history.json").read_text())
                     out = {"history": history, "policy": run_dir / "policy.pt", "step": history[-1]["step"]}
-                else:
+                else:  # a run killed part way continues from its last checkpoint
+                    cfg.resume_from = str(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
                     out = train(cfg, run_dir)
                 runs.append(out["history"])
                 run_eps = final_eval(out["policy"], scene, args.eval_episodes, seed=2_000_000 + 1000 * seed)

@@ -81,11 +81,14 @@ def load_policy(spec: str, env, seed: int = 0) -> Policy:
 
 def check_policy_spec(spec: str, flag: str = "policy") -> None:
     """Says at once, before a command builds its env, when `spec` (given as `flag=`) is nothing load_policy opens."""
-    from robodistill.policies.bundle import is_bundle
+    from robodistill.policies.bundle import METADATA, is_bundle
     from robodistill.policies.vla.hf import is_hf_model
 
     if spec in ("random", "scripted") or is_bundle(spec) or is_hf_model(spec) or Path(spec).is_file():
         return
+    if Path(spec).is_dir():
+        raise UserError(f"{flag} '{spec}' is a folder, but neither an export bundle (with {METADATA}) nor a Hugging Face "
+                        "VLA (with config.json): give one of those, or a checkpoint file in it (e.g. checkpoints/last.pt)")
     raise UserError(f"{flag} '{spec}' is neither 'random', 'scripted', a bundle directory nor an existing checkpoint file")
 
 

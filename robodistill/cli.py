@@ -38,11 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "summary": ("robodistill.summary", "`summary [--runs runs] [--name NAME]`: one table, the newest run of each command and every eval"),
 }
 ARGV_COMMANDS = {"dataset", "summary"}
-RESUME_HINTS = {  # what continues an interrupted training run
-    **dict.fromkeys(("train-teacher", "train-vla", "distill", "rpd"), "the same command with resume=true"),
-    "rl100": "resume_from=<run dir>",
-    "agv-train": "run_dir=<run dir> resume=true",
-}
+TRAINING = ("train-teacher", "train-vla", "distill", "rpd", "rl100", "agv-train")  # each continues with resume=true
 
 USAGE = """usage: robodistill <command> [key=value ...] [--help]
 
@@ -94,9 +90,9 @@ def _guarded(task_fn, command: str = ""):
     """Bad input ends in one clear line, not a traceback through hydra; so does Ctrl-C."""
 
     def interrupted():
-        hint = RESUME_HINTS.get(command)
-        print("interrupted" + (f": the run keeps its last checkpoint; {hint} continues it" if hint else ""), file=sys.stderr)
-        _drop_empty_run_dir()
+        hint = ": the run keeps its last checkpoint; the same command with resume=true continues it" if command in TRAINING else ""
+        print("interrupted" + hint, file=sys.stderr)
+        drop_empty_run_dir()
         sys.exit(130)
 
     def run(cfg: DictConfig):
@@ -104,7 +100,7 @@ def _guarded(task_fn, command: str = ""):
             return task_fn(cfg)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
-            _drop_empty_run_dir()
+            drop_empty_run_dir()
             sys.exit(2)
         except KeyboardInterrupt:
             interrupted()
@@ -118,9 +114,9 @@ def _guarded(task_fn, command: str = ""):
     return run
 
 
-def _drop_empty_run_dir() -> None:
-    """A run stopped before it wrote anything holds only hydra's own files: remove it, so that `summary`
-    and `resume=true` never take it for a run."""
+def drop_empty_run_dir() -> None:
+    """A run that wrote nothing (stopped first, or one that went on in an earlier run's directory) holds only
+    hydra's own files: remove it, so that `summary` and `resume=true` never take it for a run."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 

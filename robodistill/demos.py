@@ -85,7 +85,7 @@ def _plan_worker(task: str, seeds: list[int], quota: int, max_failures: int, out
 def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
     from mani_skill.trajectory.merge_trajectory import merge_trajectories
 
-    workers = max(1, min(cfg.workers, cfg.n))
+    workers = min(cfg.workers, cfg.n)
     quotas = [cfg.n // workers + (w < cfg.n % workers) for w in range(workers)]
     max_failures = int(cfg.max_failure_rate * cfg.n / (1 - cfg.max_failure_rate)) + 2
     seed_lists = [[cfg.seed + w + k * workers for k in range(quotas[w] + max_failures + 1)] for w in range(workers)]
@@ -122,7 +122,7 @@ def _convert(cfg: DemosConfig, plans: Path) -> Path:
     cmd = [
         sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(plans),
         "--use-first-env-state", "-c", cfg.env.control_mode, "-o", obs_mode, "--save-traj",
-        "-b", "physx_cpu", "--num-envs", str(max(1, cfg.workers)),
+        "-b", "physx_cpu", "--num-envs", str(cfg.workers),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -138,6 +138,8 @@ def generate(cfg: DemosConfig) -> dict:
         raise UserError(f"no motion-planning solution for {cfg.env.task}; tasks with one: {', '.join(sorted(solutions()))}")
     if cfg.n < 1:
         raise UserError(f"n must be >= 1, got {cfg.n}")
+    if cfg.workers < 1:
+        raise UserError(f"workers={cfg.workers} must be >= 1 (planning processes; at most n are used)")
     if cfg.env.control_mode is None:
         raise UserError("env.control_mode must be set for demos (e.g. pd_ee_delta_pos)")
     out_dir = Path(cfg.out or Path("datasets") / cfg.env.task)

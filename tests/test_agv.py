@@ -125,7 +125,7 @@ def test_reaching_goal_gives_success_and_reward():
 
 def tiny(tmp_path, **kw):
     base = dict(scene="simple_dynamic", num_envs=4, num_steps=32, total_steps=256, eval_episodes=4,
-                eval_every=0, obs_norm_init_steps=5, progress=False, run_dir=str(tmp_path))
+                eval_every=0, obs_norm_init_steps=5, progress=False)
     return AGVTrainConfig(**{**base, **kw})
 
 
@@ -147,7 +147,7 @@ def test_resume_continues_at_the_same_step(tmp_path):
     first = train(tiny(tmp_path, algo="ppo", total_steps=2 * batch, checkpoint_every=1, eval_every=1), tmp_path)
     assert first["step"] == 2 * batch
     saved = checkpoints.load(first["checkpoint"])
-    second = train(tiny(tmp_path, algo="ppo", total_steps=3 * batch, checkpoint_every=1, eval_every=1, resume=True), tmp_path)
+    second = train(tiny(tmp_path, algo="ppo", total_steps=3 * batch, checkpoint_every=1, eval_every=1, resume_from=str(tmp_path)), tmp_path)
     assert second["step"] == 3 * batch
     assert [h["step"] for h in second["history"]] == [0, batch, 2 * batch, 3 * batch]
     resumed = checkpoints.load(second["checkpoint"])
@@ -182,15 +182,20 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     bad = cli("agv-train", "algo=sac")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: unknown algo 'sac'. Valid: ppo, ppo_rnd"]
     out = cli("agv-train", "scene=simple_static", "num_envs=4", "num_steps=32", "total_steps=128", "eval_episodes=2",
-              "obs_norm_init_steps=2", "progress=false", f"run_dir={tmp_path / 'run'}")
+              "obs_norm_init_steps=2", "progress=false", "name=nav")
     assert out.returncode == 0, out.stderr
-    # Resumed as the README says: the run's own scene and settings carry on; only total_steps is given.
-    more = cli("agv-train", f"run_dir={tmp_path / 'run'}", "resume=true", "total_steps=256", "progress=false")
+    # Resumed as the README says, as every training command resumes: the newest run of this name, whose own
+    # scene and settings carry on; only total_steps is given. It goes on in a run directory of its own.
+    more = cli("agv-train", "resume=true", "name=nav", "total_steps=256", "progress=false")
     assert more.returncode == 0 and "ppo_rnd on simple_static: 256 env steps" in more.stdout, more.stderr[-2000:]
-    assert checkpoints.load(tmp_path / "run" / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
-    other = cli("agv-train", f"run_dir={tmp_path / 'run'}", "resume=true", "total_steps=384", "scene=complex_static")
+    first, run = sorted((tmp_path / "runs" / "agv-train").iterdir())
+    assert checkpoints.load(run / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
+    assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [0, 128, 256]
+    other = cli("agv-train", f"resume_from={first}", "total_steps=384", "scene=complex_static")
     assert other.returncode == 2 and "is a run of algo=ppo_rnd scene=simple_static" in other.stderr, other.stderr[-2000:]
-    ev = cli("eval", f"policy={tmp_path / 'run' / 'policy.pt'}", "env=agv", "env.num_envs=2",
+    none = cli("agv-train", "resume=true", "name=elsewhere")
+    assert none.returncode == 2 and "resume=true: no earlier run named 'elsewhere'" in none.stderr, none.stderr[-2000:]
+    ev = cli("eval", f"policy={run / 'policy.pt'}", "env=agv", "env.num_envs=2",
              "episodes=2", "video=true", "video_episodes=1")
     assert ev.returncode == 0, ev.stderr
     (run,) = (tmp_path / "runs" / "eval").iterdir()

@@ -121,6 +121,8 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, tmp_path, pushcu
     assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
     bad = cli("bench-latency", "ckpt=nothing.pt")
     assert bad.returncode == 2 and "ckpt 'nothing.pt' is neither" in bad.stderr, bad.stderr
+    bad = cli("bench-latency", f"ckpt={out}")  # a run's folder, not the checkpoint in it
+    assert bad.returncode == 2 and "is a folder, but neither an export bundle" in bad.stderr, bad.stderr
     with pytest.raises(UserError, match="'foo' is not name"):  # said before the first sampler's minutes, not after
         measure(str(heads["regression"]), EnvConfig(), ["ddim:2", "foo"], RTIConfig(), calls=2, episodes=1)
     with pytest.raises(UserError, match="steps=1, 2 or 3"):

@@ -130,7 +130,7 @@ def test_rl100_runs_every_stage_and_reports_gates(rl100_run):
 def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl100_run, pushcube_demos, cli, tmp_path):
     run, _ = rl100_run
     init = run / "imitation" / "checkpoints" / "last.pt"
-    out = tmp_path / "gated"
+    out = tmp_path / "runs" / "rl100" / "2026-01-01_00-00-00-gated"  # where `name=gated` would have put it
     small = [a for a in SMALL if not a.startswith("env.max_episode_steps=")]
     args = ["rl100", "env=PushCube-v1", f"dataset={pushcube_demos}", *small, "env.max_episode_steps=30", "stages=[offline]",
             f"init={init}", "offline.gate_margin=-1e9", f"hydra.run.dir={out}"]
@@ -148,9 +148,11 @@ def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl1
     (out / "offline" / "policy.pt").unlink()
     del report["stages"]["offline"]
     (out / "report.json").write_text(json.dumps(report))
-    # Resumed without its episode limit: the run goes on in the env it trained in (30), not init='s (40).
-    r = cli(*[a for a in args[:-1] if not a.startswith("env.max_episode_steps=")], "offline.iterations=2", f"resume_from={out}")
+    # Resumed without its episode limit: the run goes on in the env it trained in (30), not init='s (40); and in
+    # its own directory (`resume=true` finds it by name), so the new one it was given is gone.
+    r = cli(*[a for a in args[:-1] if not a.startswith("env.max_episode_steps=")], "offline.iterations=2", "name=gated", "resume=true")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
     assert "offline: resumed after iteration 1" in r.stdout + r.stderr
     assert "as the resumed run was trained: env.max_episode_steps=30" in r.stdout
     report = json.loads((out / "report.json").read_text())

@@ -34,6 +34,7 @@ from robodistill.envs.agv.env import REWARD_MODES
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
+from robodistill.training.runs import find_resume
 
 ALGOS = ("ppo", "ppo_rnd")
 COMBINES = ("advantages", "sum")
@@ -74,8 +75,8 @@ class AGVTrainConfig:
     checkpoint_every: int = 10  # updates
     eval_every: int = 10  # updates; 0: only at the end
     eval_episodes: int = 32
-    resume: bool = False  # continue from <run_dir>/checkpoints/last.pt
-    run_dir: str = ""  # empty: the new hydra run directory; set it (to an earlier run) to resume
+    resume: bool = False  # continue from the newest checkpoints/last.pt of a run with this name
+    resume_from: str | None = None  # or from this run directory / checkpoint file
     progress: bool = True
     name: str = "agv"
 
@@ -161,14 +162,14 @@ def gae(rewards, values, next_value, nonterminal, gamma, lam):
 
 
 def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
-    """Train; returns the eval history and the paths written. Resumable from <run_dir>/checkpoints/last.pt."""
+    """Train into `run_dir`; returns the eval history and the paths written. `resume`/`resume_from` continue
+    an earlier run's checkpoints/last.pt (`resume_from=run_dir`: in place)."""
     from torch.utils.tensorboard import SummaryWriter
 
     check(cfg)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    if cfg.resume and not ckpt_path.is_file():
-        raise UserError(f"resume=true but there is no {ckpt_path}; set run_dir to the run to continue")
+    resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     env_cfg = EnvConfig(task=TASK, scene=cfg.scene, num_envs=cfg.num_envs, reward_mode=cfg.reward_mode, control_mode=None,
@@ -189,12 +190,12 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
     num_updates = cfg.total_steps // batch
     update, history = 0, []
 
-    if cfg.resume:
-        ck = checkpoints.load(ckpt_path)
+    if resume_path is not None:
+        ck = checkpoints.load(resume_path)
         if ck.get("kind") != "agv_trainer":
-            raise UserError(f"{ckpt_path} holds a '{ck.get('kind')}', not an agv-train run's state")
+            raise UserError(f"{resume_path} holds a '{ck.get('kind')}', not an agv-train run's state")
         if (ck["config"]["algo"], ck["config"]["scene"]) != (cfg.algo, cfg.scene):
-            raise UserError(f"{ckpt_path} is a run of algo={ck['config']['algo']} scene={ck['config']['scene']}, not "
+            raise UserError(f"{resume_path} is a run of algo={ck['config']['algo']} scene={ck['config']['scene']}, not "
                             f"algo={cfg.algo} scene={cfg.scene}: drop algo=/scene= to continue it as it was")
         agent.load_state_dict(ck["agent"])
         rnd.load_state_dict(ck["rnd"])
@@ -206,7 +207,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         checkpoints.set_rng_state(ck["rng"])
     # A resumed run starts fresh episodes: seeding by the update keeps it reproducible.
     obs = env.reset(seed=cfg.seed * 100_003 + update * 1_009)["state"]
-    if not cfg.resume:
+    if resume_path is None:
         for _ in range(cfg.obs_norm_init_steps):
             obs_rms.update(obs)
             obs = env.step(torch.rand(cfg.num_envs, act_dim) * 2 - 1)[0]["state"]
@@ -231,7 +232,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         for k in ("success", "collision", "mean_return"):
             writer.add_scalar(f"eval/{k}", row[k], step)
 
-    if not cfg.resume and cfg.eval_every:
+    if resume_path is None and cfg.eval_every:
         evaluate_now(0)
     while update < num_updates:
         for g in optimizer.param_groups:
@@ -347,13 +348,14 @@ def main(cfg) -> dict:
     from robodistill.configs import given_fields
 
     conf = AGVTrainConfig(**OmegaConf.to_container(cfg, resolve=True))
-    run_dir = Path(conf.run_dir or HydraConfig.get().runtime.output_dir)
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    if conf.resume and ckpt_path.is_file():
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume_path = find_resume(conf.resume, conf.resume_from, conf.name, run_dir)
+    if resume_path is not None:
         # A resumed run keeps its own settings (scene, algo, evaluation, ...); only what is given now changes.
         given = given_fields()
-        saved = checkpoints.load(ckpt_path).get("config") or {}
-        conf = AGVTrainConfig(**{**asdict(conf), **{k: v for k, v in saved.items() if k not in given and k not in ("resume", "run_dir")}})
+        saved = checkpoints.load(resume_path).get("config") or {}
+        kept = {k: v for k, v in saved.items() if k in AGVTrainConfig.__dataclass_fields__ and k not in given and k not in ("resume", "resume_from", "name")}
+        conf = AGVTrainConfig(**{**asdict(conf), **kept, "resume": False, "resume_from": str(resume_path)})
     result = train(conf, run_dir)
     last = result["history"][-1]
     lo, hi = last["success_ci95"]

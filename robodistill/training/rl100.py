@@ -52,6 +52,7 @@ from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
+from robodistill.training.runs import latest_run
 
 STAGES = ("imitation", "offline", "online", "distill")
 GATES = {"amq": ("amq",), "fqe": ("fqe",), "both": ("amq", "fqe")}  # the estimators whose verdicts must all be "no worse"
@@ -131,7 +132,8 @@ class RL100Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     gamma: float = 0.99  # per env step
     eval_episodes: int = 200  # each stage's policy, fixed seeds
-    resume_from: str | None = None  # an earlier rl100 run directory: finished stages are kept, the rest continue there
+    resume: bool = False  # continue the newest run with this name: finished stages are kept, the rest continue there
+    resume_from: str | None = None  # or this rl100 run directory
     threads: int = 1
     seed: int = 0
     name: str = "rl100"
@@ -143,7 +145,7 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"stages={cfg.stages}: each must be one of {', '.join(STAGES)}")
     if cfg.env.obs_mode != "state":
         raise UserError(f"rl100 takes env.obs_mode=state (its critics and dynamics model read states), got {cfg.env.obs_mode}")
-    if cfg.init is None and "imitation" not in cfg.stages and not cfg.resume_from:
+    if cfg.init is None and "imitation" not in cfg.stages and not (cfg.resume or cfg.resume_from):
         raise UserError("without the imitation stage, give init=<a train-teacher or rl100 checkpoint> to start from")
     if cfg.init is not None and "imitation" in cfg.stages:
         raise UserError(f"init={cfg.init} and the imitation stage both give the starting policy: drop init= or "
@@ -711,16 +713,25 @@ def main(cfg: DictConfig) -> dict:
         env=EnvConfig.from_mapping(container.pop("env")), imitation=ImitationConfig(**container.pop("imitation")),
         chain=ChainConfig(**container.pop("chain")), offline=OfflineConfig(**container.pop("offline")),
         online=OnlineConfig(**container.pop("online")), head=HeadConfig(**container.pop("head")), **container)
-    run_dir = Path(config.resume_from) if config.resume_from else Path(HydraConfig.get().runtime.output_dir)
-    if config.resume_from and not (run_dir / "report.json").is_file() and not (run_dir / "imitation").is_dir():
-        raise UserError(f"resume_from={config.resume_from}: not an rl100 run directory (no report.json)")
-    recorded = Run(run_dir).report.get("env") if config.resume_from else None  # runs before 2026-12-04 did not record it
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if config.resume_from:
+        run_dir = Path(config.resume_from)
+        if not (run_dir / "report.json").is_file() and not (run_dir / "imitation").is_dir():
+            raise UserError(f"resume_from={config.resume_from}: not an rl100 run directory (no report.json)")
+    elif config.resume:  # the new run directory stays empty, and goes when the command ends
+        run_dir = latest_run(config.name, run_dir, "report.json")
+    resuming = bool(config.resume or config.resume_from)
+    recorded = Run(run_dir).report.get("env") if resuming else None  # runs before 2026-12-04 did not record it
     if recorded:
         config.env = take_env(config.env, recorded, given_fields(), ("task", *TRAINED_FIELDS), who="the resumed run")
     elif config.init:  # the starting policy's own env (what it sees, how it acts, its episode limit) unless told otherwise
         config.env = env_for_policy(config.env, config.init, given_fields(),
                                     ("obs_mode", "control_mode", "max_episode_steps", "image_size"), who="the init= policy")
     report = run_stages(config, run_dir)
+    if resuming:  # it went on in the earlier run's directory; the one hydra made for it holds nothing
+        from robodistill.cli import drop_empty_run_dir
+
+        drop_empty_run_dir()
     print((run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else "")
     print(f"report: {run_dir / 'report.md'} (json: report.json, OPE scatter: ope.png, online curves: online.png)")
     return report

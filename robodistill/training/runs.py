@@ -51,10 +51,16 @@ def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path,
         return path
     if not resume:
         return None
-    runs = sorted(p for p in run_dir.parent.glob(f"*-{name}") if p != run_dir and (p / "checkpoints" / filename).is_file())
+    return latest_run(name, run_dir, f"checkpoints/{filename}") / "checkpoints" / filename
+
+
+def latest_run(name: str, run_dir: Path, holding: str) -> Path:
+    """`resume=true`: the newest earlier run of this command (beside `run_dir`, the new one) named `name`
+    that holds `holding`."""
+    runs = sorted(p for p in run_dir.parent.glob(f"*-{name}") if p != run_dir and (p / holding).is_file())
     if not runs:
-        raise UserError(f"resume=true: no earlier run named '{name}' with checkpoints/{filename} under {run_dir.parent}")
-    return runs[-1] / "checkpoints" / filename
+        raise UserError(f"resume=true: no earlier run named '{name}' with {holding} under {run_dir.parent}")
+    return runs[-1]
 
 
 def resumed_env(env_cfg: EnvConfig, path: Path | None, given: set[str]) -> EnvConfig:
