@@ -35,9 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "control": ("robodistill.deploy.controller", "closed loop at a fixed rate through a policy server (bundle= or server=ws://...): success, jitter, deadline misses, latency"),
     "agv-train": ("robodistill.training.ppo_rnd", "PPO or PPO + RND on the AGV warehouse (scene=, algo=ppo_rnd|ppo, total_steps=); policy.pt for eval"),
     "dataset": ("robodistill.data.info", "`dataset info PATH`: episodes, lengths, success, shapes, modes, a PNG of action ranges"),
+    "plot": ("robodistill.curves", "`plot RUN [RUN ...] [--out PNG]`: training runs' success curves (95% bands) side by side"),
     "summary": ("robodistill.summary", "`summary [--runs runs] [--name NAME]`: one table, the newest run of each command and every eval"),
 }
-ARGV_COMMANDS = {"dataset", "summary"}
+ARGV_COMMANDS = {"dataset", "summary", "plot"}
 TRAINING = ("train-teacher", "train-vla", "distill", "rpd", "rl100", "agv-train")  # each continues with resume=true
 
 USAGE = """usage: robodistill <command> [key=value ...] [--help]

@@ -102,7 +102,7 @@ READERS = {"demos": _demos, "train-teacher": _teacher, "train-vla": _vla, "eval"
            "bench-latency": _latency, "rpd": _rpd, "rl100": _rl100, "agv-train": _agv, "export": _export, "control": _control}
 
 
-def _jobs(run: Path) -> list[tuple[str, Path]]:
+def jobs(run: Path) -> list[tuple[str, Path]]:
     """A sweep's directory (`-m`) holds one job per numbered folder; a plain run is one job."""
     if (run / ".hydra").is_dir():
         return [(run.name, run)]
@@ -119,7 +119,7 @@ def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]
             found = [p for p in found if p.name.endswith(f"-{name}") or f"-{name}-" in p.name]
         # Every eval run of the name (e.g. the teacher's and the scripted expert's), else the newest.
         chosen = found if command == "eval" else found[-1:]
-        for label, run in (job for run in chosen for job in _jobs(run)):
+        for label, run in (job for run in chosen for job in jobs(run)):
             try:
                 lines = read(run)
             except (OSError, KeyError, json.JSONDecodeError, IndexError, TypeError, ValueError):  # a run that died, or a foreign file

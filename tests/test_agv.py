@@ -191,6 +191,15 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     first, run = sorted((tmp_path / "runs" / "agv-train").iterdir())
     assert checkpoints.load(run / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [0, 128, 256]
+    assert f"curves: {run / 'curves.png'}" in more.stdout and (run / "curves.png").stat().st_size > 10_000
+    # Both runs' success curves in one PNG; runs that share a name keep their time stamps apart.
+    from robodistill.curves import series
+
+    assert series(run, "nav")[1]["nav"][-1][:2] == (256, json.loads((run / "history.json").read_text())[-1]["success"])
+    both = cli("plot", str(first), str(run), "--out", str(tmp_path / "both.png"))
+    assert both.returncode == 0 and (tmp_path / "both.png").stat().st_size > 10_000, both.stderr[-2000:]
+    lost = cli("plot", str(tmp_path / "runs"))
+    assert lost.returncode == 2 and "is not the run directory of a training command" in lost.stderr, lost.stderr[-2000:]
     other = cli("agv-train", f"resume_from={first}", "total_steps=384", "scene=complex_static")
     assert other.returncode == 2 and "is a run of algo=ppo_rnd scene=simple_static" in other.stderr, other.stderr[-2000:]
     none = cli("agv-train", "resume=true", "name=elsewhere")

@@ -158,6 +158,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     assert len(list((first_run / "tb").rglob("events.*"))) == 1 and list((run / "tb").rglob("events.*"))
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
+    assert (run / "curves.png").stat().st_size > 10_000  # success and return at 100, 200 and 400 env steps
     table = cli("summary", "--name", "r")
     assert table.returncode == 0 and any(line.startswith("rpd") and run.name in line and "400 env steps, success_once" in line
                                          for line in table.stdout.splitlines()), table.stdout

@@ -109,6 +109,7 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
     assert train.returncode == 0, train.stderr[-3000:]
     rows = [json.loads(l) for l in (run_dir(tmp_path, "t") / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 20 and 0 <= rows[-1]["success_once"] <= 1 and rows[-1]["val_loss"] is not None
+    assert (run_dir(tmp_path, "t") / "curves.png").stat().st_size > 10_000  # its one evaluation, and the loss
     ckpt = run_dir(tmp_path, "t") / "checkpoints" / "best.pt"
     # Rated as trained (20-step episodes, not PushCube's 50) unless the command line says otherwise.
     for sampler, steps, limit in (("ddpm", 5, []), ("ddim", 3, ["env.max_episode_steps=15"])):

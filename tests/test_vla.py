@@ -60,6 +60,10 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli):
     assert "| PushCube-v1 |" in vla_run["stdout"] and "| PickCube-v1 |" in vla_run["stdout"]
     (row,) = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert set(row["tasks"]) == {"PushCube-v1", "PickCube-v1"} and 0 <= row["mean_success_once"] <= 1
+    from robodistill.curves import series
+
+    assert set(series(root / "run", "vla")[1]) == {"vla PushCube-v1", "vla PickCube-v1"}  # a curve per task
+    assert (root / "run" / "curves.png").stat().st_size > 10_000
 
     # Resumed without its tasks, camera size and episode limit: it goes on in the envs it trained in.
     envs = ("tasks=", "image_size=", "max_episode_steps=")

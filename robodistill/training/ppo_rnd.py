@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from robodistill import checkpoints
+from robodistill.curves import write_run_curves
 from robodistill.envs import EnvConfig, make_env
 from robodistill.envs.agv import SCENES, TASK
 from robodistill.envs.agv.env import REWARD_MODES
@@ -363,4 +364,5 @@ def main(cfg) -> dict:
           f"over {conf.eval_episodes} episodes, collision {last['collision']:.1%}")
     print(f"policy: {result['policy']}  (robodistill eval policy={result['policy']} env=agv)")
     print(f"run: {run_dir}")
+    write_run_curves(run_dir)
     return result

@@ -61,6 +61,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from robodistill import checkpoints
+from robodistill.curves import write_run_curves
 from robodistill.envs import EnvConfig, SB3View, VecEnv, make_env
 from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
@@ -651,4 +652,5 @@ def main(cfg: DictConfig) -> dict:
     print(f"{config.env.task}: {last['step']} env steps, success_once {last['success_once']:.0%} [{lo:.0%}, {hi:.0%}] "
           f"over {last['episodes']} episodes; {last['train_steps_per_second']:.0f} training env steps/s")
     print(f"student: {result['student']}  (stable_baselines3.PPO.load opens it; robodistill eval policy=... evaluates it)")
+    write_run_curves(run_dir)
     return result

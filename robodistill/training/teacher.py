@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from robodistill import checkpoints
+from robodistill.curves import write_run_curves
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches, split_episodes
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
@@ -252,4 +253,5 @@ def main(cfg: DictConfig) -> dict:
     print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s ({result['samples_per_second']:.0f} samples/s)"
           + (f"; best success_once {best:.1%}" if best >= 0 else "; not evaluated (eval_episodes=0)") + schedule_note(result["step"], config.iterations, config.warmup))
     print(f"checkpoints: {run_dir / 'checkpoints'}")
+    write_run_curves(run_dir)
     return result

@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from robodistill import checkpoints
+from robodistill.curves import write_run_curves
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
@@ -263,4 +264,5 @@ def main(cfg: DictConfig) -> dict:
             print(f"| {task} | {s['success_once']:.0%} [{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}] |")
     print(f"checkpoints: {run_dir / 'checkpoints'}  (robodistill eval policy=<it> env=<task> env.obs_mode=rgb "
           f"env.control_mode={config.control_mode} env.image_size={config.image_size})")
+    write_run_curves(run_dir)
     return result

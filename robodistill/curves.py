@@ -1,0 +1,126 @@
+"""`robodistill plot RUN [RUN ...] [--out curves.png]`: training curves of runs side by side.
+
+Success (with its 95% Wilson interval as a band) against training progress, one line per run (a VLA run: one
+per task), above the loss (train-teacher, train-vla) or the evaluation return (rpd, agv-train). Reads what
+the runs wrote (metrics.jsonl, history.json) at any time, so a run still training plots as far as it got;
+a sweep's directory (`-m`) stands for its jobs. Every training run with evaluations also writes its own
+curves.png when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from robodistill.errors import UserError
+from robodistill.summary import jobs
+
+# the file a command's run records its evaluations in, and what its x axis counts
+SOURCES = {"train-teacher": ("metrics.jsonl", "iterations"), "train-vla": ("metrics.jsonl", "iterations"),
+           "rpd": ("history.json", "env steps"), "agv-train": ("history.json", "env steps")}
+STAMP = r"^\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-"  # hydra's run directory: <time>-<name>
+
+
+def _command(run: Path) -> str:
+    """The command that made `run`: runs/<command>/<run> (or <run>/<job> of a sweep), else its files' config."""
+    for part in (run.parent.name, run.parent.parent.name):
+        if part in SOURCES:
+            return part
+    config = run / ".hydra" / "hydra.yaml"
+    found = re.search(r"config_name: (\S+)", config.read_text()) if config.is_file() else None
+    if found and found.group(1) in SOURCES:
+        return found.group(1)
+    raise UserError(f"{run} is not the run directory of a training command with evaluations "
+                    f"({', '.join(SOURCES)}): give runs/<command>/<run>")
+
+
+def _rows(run: Path, command: str) -> list[dict]:
+    path = run / SOURCES[command][0]
+    if not path.is_file():
+        raise UserError(f"{run} has no {path.name} yet: it has not evaluated (eval_every=0 and not finished?)")
+    text = path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+
+
+def series(run: Path, label: str) -> tuple[str, dict[str, list[tuple[int, float, float, float]]], list[tuple[int, float]], str]:
+    """(command, {label: [(x, success, ci low, ci high)]}, [(x, lower panel's value)], lower panel's name) of one
+    run, labelled `label`."""
+    command = _command(run)
+    rows = _rows(run, command)
+    success: dict[str, list] = {}
+    for r in rows:
+        if command == "train-vla":
+            for task, t in r.get("tasks", {}).items():
+                success.setdefault(f"{label} {task}", []).append((r["step"], t["success_once"], *t["ci95"]))
+        elif command == "agv-train":
+            success.setdefault(label, []).append((r["step"], r["success"], *r["success_ci95"]))
+        elif "success_once" in r:
+            success.setdefault(label, []).append((r["step"], r["success_once"], *r["ci95"]))
+    lower_key, lower_name = ("loss", "training loss") if command in ("train-teacher", "train-vla") else (
+        ("mean_return", "evaluation return") if command == "agv-train" else ("return", "evaluation return"))
+    lower = [(r["step"], r[lower_key]) for r in rows if r.get(lower_key) is not None]
+    return command, success, lower, lower_name
+
+
+def plot(runs: list[Path], out: Path) -> Path:
+    """One PNG of the runs' curves; the runs must count progress alike (iterations or env steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for run in runs:
+        if not run.is_dir():
+            raise UserError(f"{run} is not a directory: give run directories, e.g. runs/rpd/<run>")
+    found = [job for given in runs for job in jobs(given)]
+    names = [re.sub(STAMP, "", label) for label, _ in found]  # the run's name, unless two runs share it
+    curves = [(run, *series(run, name if names.count(name) == 1 else label)) for (label, run), name in zip(found, names)]
+    units = {SOURCES[c][1] for _, c, *_ in curves}
+    if len(units) > 1:
+        raise UserError(f"these runs count progress in {' and '.join(sorted(units))}: plot runs of one kind together "
+                        "(train-teacher and train-vla; or rpd and agv-train)")
+    if not any(s for _, _, s, _, _ in curves):
+        raise UserError(f"no evaluations in {', '.join(str(r) for r in runs)} yet (eval_episodes=0, or not evaluated so far)")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    colour = 0
+    for _, _, success, lower, lower_name in curves:
+        first = colour
+        for label, points in success.items():
+            x, y, lo, hi = zip(*points)
+            top.plot(x, y, "o-", ms=3, color=f"C{colour % 10}", label=label)
+            top.fill_between(x, lo, hi, color=f"C{colour % 10}", alpha=0.15, lw=0)
+            colour += 1
+        if lower:
+            bottom.plot(*zip(*lower), color=f"C{first % 10}", lw=1)
+        bottom.set_ylabel(lower_name)
+    top.set_ylabel("success (95% interval)")
+    top.set_title(", ".join(sorted({c for _, c, *_ in curves})) + ": evaluation during training", fontsize=10)
+    top.set_ylim(-0.02, 1.02)
+    top.legend(fontsize=7, loc="best")
+    bottom.set_xlabel(units.pop())
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_run_curves(run_dir: Path) -> None:
+    """A training run's own curves.png when it has evaluations; it says where."""
+    try:
+        path = plot([run_dir], run_dir / "curves.png")
+    except UserError:  # no evaluations to draw (eval_episodes=0)
+        return
+    print(f"curves: {path}")
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="robodistill plot", description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories: runs/<command>/<run> (a sweep's: its jobs)")
+    ap.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write (default: curves.png)")
+    a = ap.parse_args(argv)
+    print(f"wrote {plot(a.runs, a.out)}")
