@@ -20,3 +20,29 @@ def test_the_readme_has_python_examples():
 def test_readme_python_example_runs(code, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """(command, its key=value words) of every `robodistill <command> ...` line in the README's shell blocks."""
+    from robodistill.cli import ARGV_COMMANDS, COMMANDS
+
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", (Path(__file__).parents[1] / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = line.split("#")[0].split()
+            while words and words[0] != "robodistill" and not words[0].endswith("/robodistill"):
+                words = words[1:]  # e.g. `.venv/bin/robodistill`, `timeout 60 robodistill`
+            if len(words) > 1 and words[1] in COMMANDS and words[1] not in ARGV_COMMANDS:
+                optional = [w[1:].removesuffix("]") if w.startswith("[") else w for w in words[2:]]  # `[key=value]`
+                found.append((words[1], [w for w in optional if "=" in w and not w.startswith("-")]))
+    return found
+
+
+def test_every_field_the_readme_sets_exists():
+    """A renamed or removed field must not live on in the README's commands."""
+    from robodistill.configs import check_overrides
+
+    commands = _readme_commands()
+    assert len(commands) >= 20
+    for command, args in commands:
+        check_overrides(command, args)
