@@ -42,7 +42,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def run(cmd: list, log: Path, core: int | None = None) -> subprocess.Popen:
     prefix = ["taskset", "-c", str(core)] if core is not None else []
     log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(prefix + [str(c) for c in cmd], stdout=log.open("w"), stderr=subprocess.STDOUT, env=ONE_THREAD, cwd=ROOT)
+    return subprocess.Popen(prefix + [str(c) for c in cmd], stdout=log.open("a"), stderr=subprocess.STDOUT, env=ONE_THREAD, cwd=ROOT)
 
 
 def wait(proc: subprocess.Popen, log: Path) -> None:
@@ -52,7 +52,8 @@ def wait(proc: subprocess.Popen, log: Path) -> None:
 
 def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
     """`robodistill rpd` jobs (key, run dir, command), one at a time on each core, pinned; a job whose
-    run dir already holds student.zip is reused, not rerun. `on_done(key, run_dir)` after each."""
+    run dir already holds student.zip is reused, not rerun, and one killed part way continues from its
+    last checkpoint. `on_done(key, run_dir)` after each."""
     pending = list(jobs)
     running: dict[int, tuple] = {}
     while pending or running:
@@ -62,6 +63,8 @@ def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
                 if (run_dir / "student.zip").is_file():  # finished earlier: reuse
                     on_done(key, run_dir)
                     continue
+                if (run_dir / "checkpoints" / "last.zip").is_file():
+                    cmd = [*cmd, f"resume_from={run_dir}"]
                 running[core] = (key, run_dir, run(cmd, run_dir / "run.log", core))
                 print(f"[{time.strftime('%H:%M:%S')}] start {key} on core {core}", flush=True)
         for core, (key, run_dir, proc) in list(running.items()):
