@@ -15,12 +15,11 @@ import re
 from pathlib import Path
 
 from robodistill.errors import UserError
-from robodistill.summary import jobs
+from robodistill.summary import RUN_STAMP, jobs
 
 # the file a command's run records its evaluations in, and what its x axis counts
 SOURCES = {"train-teacher": ("metrics.jsonl", "iterations"), "train-vla": ("metrics.jsonl", "iterations"),
            "rpd": ("history.json", "env steps"), "agv-train": ("history.json", "env steps")}
-STAMP = r"^\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-"  # hydra's run directory: <time>-<name>
 
 
 def _command(run: Path) -> str:
@@ -38,16 +37,16 @@ def _command(run: Path) -> str:
 
 def _rows(run: Path, command: str) -> list[dict]:
     path = run / SOURCES[command][0]
-    if not path.is_file():
-        raise UserError(f"{run} has no {path.name} yet: it has not evaluated (eval_every=0 and not finished?)")
+    if not path.is_file():  # not evaluated yet
+        return []
     text = path.read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
 
 
-def series(run: Path, label: str) -> tuple[str, dict[str, list[tuple[int, float, float, float]]], list[tuple[int, float]], str]:
+def series(run: Path, label: str, command: str | None = None) -> tuple[str, dict[str, list[tuple[int, float, float, float]]], list[tuple[int, float]], str]:
     """(command, {label: [(x, success, ci low, ci high)]}, [(x, lower panel's value)], lower panel's name) of one
-    run, labelled `label`."""
-    command = _command(run)
+    run of `command` (None: found from the run), labelled `label`."""
+    command = command or _command(run)
     rows = _rows(run, command)
     success: dict[str, list] = {}
     for r in rows:
@@ -64,8 +63,9 @@ def series(run: Path, label: str) -> tuple[str, dict[str, list[tuple[int, float,
     return command, success, lower, lower_name
 
 
-def plot(runs: list[Path], out: Path) -> Path:
-    """One PNG of the runs' curves; the runs must count progress alike (iterations or env steps)."""
+def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
+    """One PNG of the runs' curves; the runs must count progress alike (iterations or env steps).
+    `command`: the one that made them all (None: found from each run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,13 +75,16 @@ def plot(runs: list[Path], out: Path) -> Path:
         if not run.is_dir():
             raise UserError(f"{run} is not a directory: give run directories, e.g. runs/rpd/<run>")
     found = [job for given in runs for job in jobs(given)]
-    names = [re.sub(STAMP, "", label) for label, _ in found]  # the run's name, unless two runs share it
-    curves = [(run, *series(run, name if names.count(name) == 1 else label)) for (label, run), name in zip(found, names)]
+    names = [re.sub("^" + RUN_STAMP, "", label) for label, _ in found]  # the run's name, unless two runs share it
+    curves = [(run, *series(run, name if names.count(name) == 1 else label, command)) for (label, run), name in zip(found, names)]
     units = {SOURCES[c][1] for _, c, *_ in curves}
     if len(units) > 1:
         raise UserError(f"these runs count progress in {' and '.join(sorted(units))}: plot runs of one kind together "
                         "(train-teacher and train-vla; or rpd and agv-train)")
-    if not any(s for _, _, s, _, _ in curves):
+    for run in (run for run, _, s, _, _ in curves if not s):
+        print(f"{run}: no evaluations yet, left out")
+    curves = [c for c in curves if c[2]]
+    if not curves:
         raise UserError(f"no evaluations in {', '.join(str(r) for r in runs)} yet (eval_episodes=0, or not evaluated so far)")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     colour = 0
@@ -109,13 +112,10 @@ def plot(runs: list[Path], out: Path) -> Path:
     return out
 
 
-def write_run_curves(run_dir: Path) -> None:
+def write_run_curves(run_dir: Path, command: str) -> None:
     """A training run's own curves.png when it has evaluations; it says where."""
-    try:
-        path = plot([run_dir], run_dir / "curves.png")
-    except UserError:  # no evaluations to draw (eval_episodes=0)
-        return
-    print(f"curves: {path}")
+    if any(series(run_dir, run_dir.name, command)[1].values()):  # none with eval_episodes=0
+        print(f"curves: {plot([run_dir], run_dir / 'curves.png', command)}")
 
 
 def main(argv: list[str]) -> None:

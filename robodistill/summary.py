@@ -16,6 +16,8 @@ from pathlib import Path
 
 from robodistill.errors import UserError
 
+RUN_STAMP = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-"  # a run directory is <time>-<name> (configs/common.yaml)
+
 
 def _rate(s: dict, key: str = "success_once") -> str:
     r = s[key]

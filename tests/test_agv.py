@@ -196,8 +196,11 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     from robodistill.curves import series
 
     assert series(run, "nav")[1]["nav"][-1][:2] == (256, json.loads((run / "history.json").read_text())[-1]["success"])
-    both = cli("plot", str(first), str(run), "--out", str(tmp_path / "both.png"))
+    pending = tmp_path / "runs" / "agv-train" / "2099-01-01_00-00-00-pending"  # one that has not evaluated yet
+    pending.mkdir()
+    both = cli("plot", str(first), str(run), str(pending), "--out", str(tmp_path / "both.png"))
     assert both.returncode == 0 and (tmp_path / "both.png").stat().st_size > 10_000, both.stderr[-2000:]
+    assert f"{pending}: no evaluations yet, left out" in both.stdout
     lost = cli("plot", str(tmp_path / "runs"))
     assert lost.returncode == 2 and "is not the run directory of a training command" in lost.stderr, lost.stderr[-2000:]
     other = cli("agv-train", f"resume_from={first}", "total_steps=384", "scene=complex_static")

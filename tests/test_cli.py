@@ -127,3 +127,21 @@ def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
     table = cli("summary")
     assert table.returncode == 0 and f"{sweep.name}/0" in table.stdout and f"{sweep.name}/1" in table.stdout, table.stdout
     assert "incomplete" not in table.stdout
+
+
+def test_resume_true_finds_the_newest_run_of_exactly_that_name(tmp_path):
+    from robodistill.errors import UserError
+    from robodistill.training.runs import latest_run
+
+    runs = tmp_path / "runs" / "rpd"
+    for name in ("2026-01-01_00-00-00-robodistill-AGVWarehouse-v0", "2026-01-02_00-00-00-agv",
+                 "2026-01-03_00-00-00-ppo-agv", "2026-01-04_00-00-00-agv"):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.zip").write_bytes(b"")
+    (runs / "2026-01-04_00-00-00-agv" / "checkpoints" / "last.zip").unlink()  # killed before its first checkpoint
+    new = runs / "2026-01-05_00-00-00-agv"  # the run that resumes
+    # the name as its directory spells it (a task id's "/" as "-"), and not a longer name that ends with it
+    assert latest_run("robodistill/AGVWarehouse-v0", new, "checkpoints/last.zip").name == "2026-01-01_00-00-00-robodistill-AGVWarehouse-v0"
+    assert latest_run("agv", new, "checkpoints/last.zip").name == "2026-01-02_00-00-00-agv"
+    with pytest.raises(UserError, match="no earlier run named 'gv'"):
+        latest_run("gv", new, "checkpoints/last.zip")

@@ -99,6 +99,9 @@ def test_killed_run_resumes_exactly_where_it_would_have_been(cli, tmp_path, push
     ends = [checkpoints.load(run_dir(tmp_path, "straight") / "checkpoints" / "last.pt"),
             checkpoints.load(killed_runs[-1] / "checkpoints" / "last.pt")]
     assert ends[0]["step"] == ends[1]["step"] == 600 and ends[1]["env"]["max_episode_steps"] == 20
+    # Its metrics (and curves) go back to the start: the killed run's rows to its checkpoint, then its own.
+    rows = [json.loads(line) for line in (killed_runs[-1] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [100, 200, 300, 400, 500, 600]
     for key in ("model", "ema"):
         for name, tensor in ends[0][key].items():
             torch.testing.assert_close(tensor, ends[1][key][name], rtol=0, atol=0, msg=f"{key}.{name}")

@@ -230,6 +230,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         row = {"step": step, "success": s["success_once"]["rate"], "success_ci95": s["success_once"]["ci95"],
                "collision": s["collision"]["rate"], "mean_return": s["mean_return"]}
         history.append(row)
+        checkpoints.write_json(run_dir / "history.json", history)  # `robodistill plot` reads it while training goes on
         for k in ("success", "collision", "mean_return"):
             writer.add_scalar(f"eval/{k}", row[k], step)
 
@@ -338,7 +339,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
     writer.close()
     policy = payload(agent.actor, obs_rms.mean, obs_rms.var, cfg.hidden, asdict(cfg), asdict(env_cfg), update * batch)
     policy_path = checkpoints.save(run_dir / "policy.pt", policy)
-    (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+    checkpoints.write_json(run_dir / "history.json", history)
     return {"history": history, "policy": policy_path, "checkpoint": ckpt_path, "step": update * batch, "int_rms": int_rms.state()}
 
 
@@ -353,8 +354,10 @@ def main(cfg) -> dict:
     resume_path = find_resume(conf.resume, conf.resume_from, conf.name, run_dir)
     if resume_path is not None:
         # A resumed run keeps its own settings (scene, algo, evaluation, ...); only what is given now changes.
-        given = given_fields()
-        saved = checkpoints.load(resume_path).get("config") or {}
+        given, saved = given_fields(), checkpoints.load(resume_path)
+        if saved.get("kind") != "agv_trainer":  # said before its fields are taken for this run's
+            raise UserError(f"{resume_path} holds a '{saved.get('kind')}', not an agv-train run's state")
+        saved = saved["config"]
         kept = {k: v for k, v in saved.items() if k in AGVTrainConfig.__dataclass_fields__ and k not in given and k not in ("resume", "resume_from", "name")}
         conf = AGVTrainConfig(**{**asdict(conf), **kept, "resume": False, "resume_from": str(resume_path)})
     result = train(conf, run_dir)
@@ -364,5 +367,5 @@ def main(cfg) -> dict:
           f"over {conf.eval_episodes} episodes, collision {last['collision']:.1%}")
     print(f"policy: {result['policy']}  (robodistill eval policy={result['policy']} env=agv)")
     print(f"run: {run_dir}")
-    write_run_curves(run_dir)
+    write_run_curves(run_dir, "agv-train")
     return result

@@ -652,5 +652,5 @@ def main(cfg: DictConfig) -> dict:
     print(f"{config.env.task}: {last['step']} env steps, success_once {last['success_once']:.0%} [{lo:.0%}, {hi:.0%}] "
           f"over {last['episodes']} episodes; {last['train_steps_per_second']:.0f} training env steps/s")
     print(f"student: {result['student']}  (stable_baselines3.PPO.load opens it; robodistill eval policy=... evaluates it)")
-    write_run_curves(run_dir)
+    write_run_curves(run_dir, "rpd")
     return result

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -11,6 +13,7 @@ from robodistill import checkpoints
 from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
 from robodistill.evaluation import TRAINED_FIELDS, env_for_policy
+from robodistill.summary import RUN_STAMP
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,10 +60,21 @@ def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path,
 def latest_run(name: str, run_dir: Path, holding: str) -> Path:
     """`resume=true`: the newest earlier run of this command (beside `run_dir`, the new one) named `name`
     that holds `holding`."""
-    runs = sorted(p for p in run_dir.parent.glob(f"*-{name}") if p != run_dir and (p / holding).is_file())
+    named = re.compile(RUN_STAMP + re.escape(name.replace("/", "-")))  # as configs/common.yaml names run directories
+    runs = sorted(p for p in run_dir.parent.glob("*") if named.fullmatch(p.name) and p != run_dir and (p / holding).is_file())
     if not runs:
         raise UserError(f"resume=true: no earlier run named '{name}' with {holding} under {run_dir.parent}")
     return runs[-1]
+
+
+def carry_metrics(resume_path: Path | None, step: int, run_dir: Path) -> None:
+    """A resumed run's metrics.jsonl begins with its earlier run's rows up to `step`, the checkpoint's (those
+    after it were lost with the kill and come again), so its curves go back to the start."""
+    old = resume_path.parent.parent / "metrics.jsonl" if resume_path is not None else None
+    if old is None or not old.is_file():
+        return
+    kept = [line for line in old.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    checkpoints.write_atomic(run_dir / "metrics.jsonl", lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
 
 def resumed_env(env_cfg: EnvConfig, path: Path | None, given: set[str]) -> EnvConfig:

@@ -28,7 +28,7 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (check_budget, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
+from robodistill.training.runs import (carry_metrics, check_budget, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
                                       training_state)
 
 
@@ -166,6 +166,8 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     if ranks.world > 1:  # each rank its own diffusion noise and timesteps (weights stay identical)
         torch.manual_seed(cfg.seed * 1000 + 100 * ranks.rank + step)
     writer = SummaryWriter(str(run_dir / "tb")) if ranks.main else None
+    if ranks.main:
+        carry_metrics(resume_path, step, run_dir)
     metrics = (run_dir / "metrics.jsonl").open("a") if ranks.main else None
     batches = sample_batches(train_ds, cfg.batch_size, batch_gen, part=(ranks.rank, ranks.world))
     policy.train()
@@ -253,5 +255,5 @@ def main(cfg: DictConfig) -> dict:
     print(f"trained {result['step']} iterations in {result['train_seconds']:.0f}s ({result['samples_per_second']:.0f} samples/s)"
           + (f"; best success_once {best:.1%}" if best >= 0 else "; not evaluated (eval_episodes=0)") + schedule_note(result["step"], config.iterations, config.warmup))
     print(f"checkpoints: {run_dir / 'checkpoints'}")
-    write_run_curves(run_dir)
+    write_run_curves(run_dir, "train-teacher")
     return result

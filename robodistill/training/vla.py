@@ -32,7 +32,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import check_budget, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
+from robodistill.training.runs import carry_metrics, check_budget, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
 
 
 @dataclass
@@ -181,6 +181,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
 
     # ---- optimisation
     writer = SummaryWriter(str(run_dir / "tb"))
+    carry_metrics(resume_path, step, run_dir)
     metrics = (run_dir / "metrics.jsonl").open("a")
     policy.train()
     bar = tqdm(total=cfg.iterations, initial=step, desc="train-vla", unit="it")
@@ -264,5 +265,5 @@ def main(cfg: DictConfig) -> dict:
             print(f"| {task} | {s['success_once']:.0%} [{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}] |")
     print(f"checkpoints: {run_dir / 'checkpoints'}  (robodistill eval policy=<it> env=<task> env.obs_mode=rgb "
           f"env.control_mode={config.control_mode} env.image_size={config.image_size})")
-    write_run_curves(run_dir)
+    write_run_curves(run_dir, "train-vla")
     return result
