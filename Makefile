@@ -16,7 +16,7 @@ setup:
 DEMO_DATA = datasets/PushCube-v1/mp_n30_seed0.state.pd_ee_delta_pos.h5
 LAST = ls -td runs/$(1)/*-demo | head -n1
 demo: setup
-	$(RD) demos env=PushCube-v1 n=30 seed=0
+	$(RD) demos env=PushCube-v1 n=30 seed=0 name=demo
 	$(RD) dataset info $(DEMO_DATA)
 	$(RD) train-teacher env=PushCube-v1 dataset=$(DEMO_DATA) minutes=4 iterations=6000 eval_every=0 eval_episodes=0 name=demo
 	$(RD) eval env=PushCube-v1 env.max_episode_steps=100 policy=$$($(call LAST,train-teacher))/checkpoints/last.pt episodes=20 video=true name=demo-teacher
