@@ -31,8 +31,9 @@ def launch(command: str, overrides: list[str]) -> None:
     if not nproc.isdigit() or int(nproc) < 1:
         raise UserError(f"nproc={nproc} must be a whole number of processes >= 1")
     rest = [o for o in overrides if not o.startswith(("launcher=", "nproc="))]
-    if not any(o.startswith("hydra.run.dir=") for o in rest):  # one directory, not one per rank's clock
-        rest.append(f"hydra.run.dir=runs/{command}/{time.strftime('%Y-%m-%d_%H-%M-%S')}-ddp{nproc}")
+    if not any(o.startswith("hydra.run.dir=") for o in rest):  # one directory, not one per rank's clock; named as
+        # configs/common.yaml names it, so that resume=true and `summary --name` find the run by its name
+        rest.append(f"hydra.run.dir='runs/{command}/{time.strftime('%Y-%m-%d_%H-%M-%S')}-${{slug:${{name}}}}'")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "robodistill.cli", command, *rest]
     sys.exit(_relay(args))

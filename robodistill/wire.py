@@ -32,3 +32,11 @@ def connect(url: str, api_key: str | None = None) -> base_policy.BasePolicy:
         raise UserError(f"the server at {url} refused the connection (HTTP {code}){hint}") from err
     except (OSError, InvalidURI) as err:
         raise UserError(f"no policy server at {url} ({err}): start one with `robodistill serve bundle=<dir>`") from err
+
+
+def served_env(url: str, api_key: str | None = None) -> dict:
+    """The env the policy served at `url` was trained in, as its metadata records it (a robodistill
+    bundle's `env`: task, control mode, episode limit, ...); {} from a server whose metadata has none (openpi's)."""
+    meta = connect(url, api_key).get_server_metadata()
+    env = meta.get("env") if isinstance(meta, dict) else None
+    return env if isinstance(env, dict) else {}

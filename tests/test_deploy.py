@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from stable_baselines3 import PPO
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from robodistill import checkpoints
@@ -314,3 +315,14 @@ def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):
         actions = remote.act(history)
         assert remote.obs_horizon == 2 and remote.act_horizon > 1  # from the bundle's metadata
         assert actions.shape == (3, remote.act_horizon, 4) and actions.abs().max() <= 1
+
+
+def test_rpd_from_a_served_teacher_acts_in_the_env_its_metadata_records(server, cli, tmp_path):
+    # The bundle's policy trained on 30-step episodes (its metadata's env), not PushCube's default 50.
+    r = cli("rpd", f"teacher=ws://127.0.0.1:{server}", "total_steps=40", "n_steps=20", "batch_size=20", "n_epochs=1",
+            "hidden=[16]", "obs_norm_steps=20", "eval_every=0", "eval_episodes=1", "progress=false", "name=ws",
+            env={"ROBODISTILL_API_KEY": "sesame"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "as the teacher was trained: env.max_episode_steps=30" in r.stdout
+    (run,) = (tmp_path / "runs" / "rpd").glob("*-ws")
+    assert PPO.load(run / "student.zip", device="cpu").robodistill_env["max_episode_steps"] == 30

@@ -66,18 +66,20 @@ def test_ranks_stop_together_when_the_time_budget_runs_out(cli, tmp_path, pushcu
 
 def test_ppo_student_on_two_ranks_counts_global_steps_and_resumes_on_one(cli, tmp_path):
     common = ["env.num_envs=1", "n_steps=100", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "obs_norm_steps=100",
-              "eval_episodes=2", "eval_every=400", "checkpoint_every=400", "progress=false", f"hydra.run.dir={tmp_path}"]
+              "eval_episodes=2", "eval_every=400", "checkpoint_every=400", "progress=false", "name=pair"]
     ddp = cli("rpd", "launcher=torchrun", "nproc=2", "total_steps=400", *common)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 ranks (DDP, gradients averaged over shared memory); replicas identical at the end: True" in ddp.stdout
+    (run,) = (tmp_path / "runs" / "rpd").glob("*-pair")  # one directory for both ranks, under the run's name
     # 2 ranks x 1 env x 2 rollouts of 100 steps: 400 env steps in all, counted once, by rank 0.
-    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 400]
-    assert PPO.load(tmp_path / "student.zip").num_timesteps == 200  # SB3's own count: one rank's steps
-    # One process takes over the run: it continues from the global count, not from one rank's.
-    one = cli("rpd", "total_steps=600", f"resume_from={tmp_path}", *common)
+    assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [0, 400]
+    assert PPO.load(run / "student.zip").num_timesteps == 200  # SB3's own count: one rank's steps
+    # One process takes over the run, found by its name: it continues from the global count, not from one rank's.
+    one = cli("rpd", "total_steps=600", "resume=true", *common)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "resumed from" in one.stdout and "at step 400" in one.stdout
-    assert [h["step"] for h in json.loads((tmp_path / "history.json").read_text())] == [0, 400, 600]
+    assert f"{run.name}/checkpoints/last.zip at step 400" in one.stdout
+    resumed = max((tmp_path / "runs" / "rpd").glob("*-pair"))
+    assert [h["step"] for h in json.loads((resumed / "history.json").read_text())] == [0, 400, 600]
 
 
 def test_launcher_bad_input_is_one_clear_line(cli, cli_here, pushcube_demos):

@@ -150,10 +150,12 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))[-1]
     history = json.loads((run / "history.json").read_text())
     (run / "history.json").write_text(json.dumps([*history, {**history[-1], "step": 300}]))
-    # Resumed without the episode limit: the run goes on in the env it trained in, not the task's default.
-    more = cli("rpd", *[a for a in args if a != "env.max_episode_steps=25"], "total_steps=400", "resume=true")
+    # Resumed without the episode limit or the teacher: the run goes on in the env it trained in, not the task's
+    # default, and with its teacher, not as plain PPO.
+    more = cli("rpd", *[a for a in args if a not in ("env.max_episode_steps=25", "teacher=scripted")], "total_steps=400", "resume=true")
     assert more.returncode == 0 and "at step 200" in more.stdout, more.stderr[-3000:]
     assert "as the resumed run was trained: env.max_episode_steps=25" in more.stdout
+    assert "as the resumed run was: teacher=scripted (set them to change)" in more.stdout
     first_run, run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))  # the resumed run logs in a directory of its own
     assert len(list((first_run / "tb").rglob("events.*"))) == 1 and list((run / "tb").rglob("events.*"))
     history = json.loads((run / "history.json").read_text())

@@ -65,12 +65,14 @@ from robodistill.curves import write_run_curves
 from robodistill.envs import EnvConfig, SB3View, VecEnv, make_env
 from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
-from robodistill.evaluation import env_for_policy, evaluate
+from robodistill.evaluation import evaluate, take_env
 from robodistill.inference.chunks import ChunkExecutor
+from robodistill.policies.base import trained_env
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
 from robodistill.training.runs import find_resume, resumed_env
+from robodistill.wire import served_env
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
 SCHEDULES = ("constant", "cosine")
@@ -554,6 +556,25 @@ def resume_checkpoint(cfg: RPDConfig, run_dir: Path) -> Path | None:
     return path
 
 
+# What makes a run RPD rather than PPO, or another RPD: a resumed run keeps its own unless the command line says otherwise.
+DISTILLATION = ("teacher", "teacher_obs_mode", "distill", "distill_coef", "schedule", "anneal_steps", "labels")
+
+
+def resumed_distillation(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None:
+    """Takes the DISTILLATION settings of the run `resume_path` belongs to (its .hydra/config.yaml) that
+    `given` leaves unset and that differ, and says so: `rpd resume=true` after `rpd teacher=X` goes on with
+    teacher X, not as the plain PPO that the default teacher=none is."""
+    saved = resume_path.parent.parent / ".hydra" / "config.yaml"
+    if not saved.is_file():  # a zip kept outside its run directory: the command line says it all
+        return
+    earlier = OmegaConf.to_container(OmegaConf.load(saved))
+    taken = {k: earlier[k] for k in DISTILLATION if k in earlier and k not in given and earlier[k] != getattr(cfg, k)}
+    for key, value in taken.items():
+        setattr(cfg, key, value)
+    if taken and os.environ.get("RANK", "0") == "0":
+        print(f"as the resumed run was: {' '.join(f'{k}={v}' for k, v in taken.items())} (set them to change)")
+
+
 def train(cfg: RPDConfig, run_dir: Path) -> dict:
     check(cfg)
     ranks, device = setup(cfg.device)
@@ -638,10 +659,12 @@ def main(cfg: DictConfig) -> dict:
     resume_path = resume_checkpoint(config, run_dir)
     if resume_path is not None:
         config.env = resumed_env(config.env, resume_path, given_fields())
+        resumed_distillation(config, resume_path, given_fields())
     else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained
         # on 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
-        config.env = env_for_policy(config.env, config.teacher, given_fields(),
-                                    ("control_mode", "max_episode_steps", "image_size"), who="the teacher")
+        served = config.teacher.startswith(("ws://", "wss://"))
+        recorded = served_env(config.teacher, config.api_key) if served else trained_env(config.teacher)
+        config.env = take_env(config.env, recorded, given_fields(), ("control_mode", "max_episode_steps", "image_size"), who="the teacher")
     result = train(config, run_dir)
     if not result["main"]:
         return result
