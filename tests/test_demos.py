@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,23 @@ def test_maniskill_tools_read_and_replay_our_files(pushcube):
     )
     assert replay.returncode == 0, replay.stderr[-2000:]
     assert "3/3=100.00%" in replay.stdout + replay.stderr
+
+
+def test_the_control_mode_error_names_a_conversion_that_works(pushcube, tmp_path):
+    with pytest.raises(UserError, match="recorded with control_mode=pd_ee_delta_pos") as err:
+        load_episodes(pushcube, control_mode="pd_joint_delta_pos", obs_mode="state")
+    command = re.search(r"\((python -m .*)\)", str(err.value)).group(1)
+    plans = tmp_path / "plans.h5"  # a copy: the replay writes beside the file it reads
+    for suffix in (".h5", ".json"):
+        shutil.copy(pushcube.parent / f"mp_n3_seed10.none.pd_joint_pos{suffix}", plans.with_suffix(suffix))
+    argv = [sys.executable if w == "python" else str(plans) if w == "<its" else w
+            for w in command.replace("<its .pd_joint_pos.h5>", "<its").split()]
+    replay = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    (converted,) = tmp_path.glob("plans.*pd_joint_delta_pos*.h5")
+    episodes = load_episodes(converted, control_mode="pd_joint_delta_pos", obs_mode="state", task="PushCube-v1")
+    assert len(episodes) == 3 and episodes[0].obs["state"].shape[1] == 35
 
 
 def test_rgb_demos_match_the_live_rgb_env(pickcube_rgb_demos):

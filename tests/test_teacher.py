@@ -152,7 +152,10 @@ def test_teacher_bad_input(cli_here, pushcube_demos):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
 
 
-def test_rgb_teacher_trains_and_evaluates(cli, tmp_path, pickcube_rgb_demos):
+def test_rgb_teacher_trains_and_evaluates(cli, cli_here, tmp_path, pickcube_rgb_demos):
+    # The 48 px demos against the env's default 128 px camera: said before any training, not saved as a 128 px policy.
+    wrong = cli_here("train-teacher", f"dataset={pickcube_rgb_demos['path']}", *TINY, "env=PickCube-v1", "env.obs_mode=rgb")
+    assert wrong.returncode == 2 and "holds 48x48 px images, but env.image_size=128: set env.image_size=48" in wrong.stderr, wrong.stderr
     r = cli("train-teacher", f"dataset={pickcube_rgb_demos['path']}", *TINY, "env=PickCube-v1", "env.obs_mode=rgb", "env.image_size=48",
             "iterations=6", "batch_size=8", "eval_every=0", "name=rgb")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -178,7 +178,7 @@ def load_episodes(
             raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: set "
                             f"env.control_mode={f.control_mode}, or convert the raw plans `robodistill demos` keeps beside it "
                             f"(python -m mani_skill.trajectory.replay_trajectory --traj-path <its .pd_joint_pos.h5> "
-                            f"--use-first-env-state -c {control_mode} --save-traj)")
+                            f"--use-first-env-state -c {control_mode} -o {obs_mode or _file_obs_mode(f)} --save-traj)")
         if obs_mode is not None and _file_obs_mode(f) != obs_mode:
             raise UserError(f"'{f.path}' holds obs_mode={_file_obs_mode(f)} observations, but obs_mode={obs_mode} was asked for")
     in_memory = sum(_rgb_bytes(f) for f in files) <= max_memory_gb * 2**30

@@ -85,6 +85,10 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         raise UserError(f"policy.obs_horizon={p.obs_horizon}, policy.pred_horizon={p.pred_horizon}, policy.act_horizon={p.act_horizon}: "
                         f"a chunk holds the observed steps and the executed ones, so 1 <= act_horizon <= pred_horizon - "
                         f"obs_horizon + 1 = {p.pred_horizon - p.obs_horizon + 1}") from None
+    rgb = train_eps[0].obs.get("rgb")
+    if rgb is not None and rgb.shape[1:3] != (cfg.env.image_size, cfg.env.image_size):
+        raise UserError(f"dataset={cfg.dataset} holds {rgb.shape[2]}x{rgb.shape[1]} px images, but env.image_size={cfg.env.image_size}: "
+                        f"set env.image_size={rgb.shape[1]}, so the policy is evaluated and saved with the camera it learned from")
     delta = zero_action_holds_still(cfg.env.control_mode)
     train_ds = WindowDataset(train_eps, horizons, delta_actions=delta)
     val_ds = WindowDataset(val_eps, horizons, delta_actions=delta) if val_eps else None
@@ -97,7 +101,6 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     if train_eps[0].obs["state"].shape[1] != state_dim:
         eval_env.close()  # rl100's imitation stage calls train() in its process: leave it no env behind
         raise UserError(f"dataset states have {train_eps[0].obs['state'].shape[1]} dims, the env {env_cfg.task} ({env_cfg.obs_mode}) gives {state_dim}: was it recorded for another task or obs_mode?")
-    rgb = train_eps[0].obs.get("rgb")
     actions = np.concatenate([e.actions for e in train_eps])
     gripper_dims = [d for d in range(actions.shape[1]) if np.isin(actions[:, d], (-1.0, 1.0)).all()]
     policy = DiffusionPolicy(p, state_dim, actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None, gripper_dims)
