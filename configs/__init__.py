@@ -82,8 +82,10 @@ def compose_checked(command: str, overrides: list[str]):
             group, _, option = (err.missing_cfg_file or "").rpartition("/")
             if not group or err.options is None:
                 raise UserError(str(err).splitlines()[0]) from None
-            hint = f"; any other registered ManiSkill task: env.task={option or '<id>'}" if group == "env" else ""
-            raise UserError(f"{group}={option}: there is no such {group} config. Choose one of: "
+            near = difflib.get_close_matches(option, err.options, n=1)
+            guess = f" (did you mean {group}={near[0]}?)" if near else ""
+            hint = f"; any other registered ManiSkill task: env.task={option or '<id>'}" if group == "env" and not near else ""
+            raise UserError(f"{group}={option}: there is no such {group} config{guess}. Choose one of: "
                             f"{', '.join(err.options)}{hint}") from None
         except HydraException as err:
             cause = str(err.__cause__).splitlines()[0] if err.__cause__ else ""

@@ -7,6 +7,7 @@ batched envs in this process. Both come back as the same `VecEnv` (see vector.py
 
 from __future__ import annotations
 
+import difflib
 import functools
 import multiprocessing
 from dataclasses import asdict, dataclass, fields
@@ -90,7 +91,10 @@ def _check(cfg: EnvConfig) -> None:
             raise UserError(f"env.{key} applies to {AGV_TASK} only, not to {cfg.task}: drop env.{key}")
     tasks = _registered_tasks()
     if cfg.task not in tasks:
-        raise UserError(f"unknown task '{cfg.task}' (env.task). Supported tasks: {', '.join(SUPPORTED_TASKS)}")
+        near = difflib.get_close_matches(cfg.task, [*SUPPORTED_TASKS, *tasks], n=1)
+        hint = f"did you mean env.task={near[0]}? " if near else ""
+        raise UserError(f"unknown task '{cfg.task}' (env.task): {hint}Supported tasks: {', '.join(SUPPORTED_TASKS)}; "
+                        f"any other registered ManiSkill task that needs no downloaded assets works too")
     missing = _missing_assets(cfg.task)
     if missing:
         raise UserError(

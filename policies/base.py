@@ -89,6 +89,10 @@ def check_policy_spec(spec: str, flag: str = "policy") -> None:
     if Path(spec).is_dir():
         raise UserError(f"{flag} '{spec}' is a folder, but neither an export bundle (with {METADATA}) nor a Hugging Face "
                         "VLA (with config.json): give one of those, or a checkpoint file in it (e.g. checkpoints/last.pt)")
+    last = Path(spec).with_name("last.pt")
+    if Path(spec).name == "best.pt" and last.is_file():
+        raise UserError(f"{flag} '{spec}' does not exist: a run writes best.pt at its evaluations (eval_episodes > 0), "
+                        f"and this one made none; its final weights are {flag}={last}")
     raise UserError(f"{flag} '{spec}' is neither 'random', 'scripted', a bundle directory nor an existing checkpoint file")
 
 

@@ -82,10 +82,13 @@ def test_consistency_head_keeps_clean_chunks_and_samples_in_its_steps():
     assert consistency_timesteps(1, 100) == [99] and consistency_timesteps(3, 100) == [99, 66, 33]
 
 
-def test_distill_both_variants_then_eval_and_bench_latency(cli, tmp_path, pushcube_demos):
+def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_path, pushcube_demos):
     train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=30", "eval_every=0", "eval_episodes=0", "name=t")
     assert train.returncode == 0, train.stderr[-3000:]
     teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
+    # A run that never evaluated has no best.pt: the error names the checkpoint it has.
+    no_best = cli_here("eval", f"policy={teacher.with_name('best.pt')}")
+    assert no_best.returncode == 2 and f"made none; its final weights are policy={teacher}" in no_best.stderr, no_best.stderr
     no_head = cli("eval", f"policy={teacher}", "env.max_episode_steps=20", "sampler=consistency", "steps=1")
     assert no_head.returncode == 2 and "robodistill distill teacher=" in no_head.stderr
 

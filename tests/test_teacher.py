@@ -140,6 +140,10 @@ def test_teacher_bad_input(cli_here, pushcube_demos):
     assert task.returncode == 2 and "was recorded in PushCube-v1, not in PullCube-v1, the task it would train for" in task.stderr
     missing = cli_here("train-teacher", "dataset=nowhere.h5", "iterations=2")
     assert missing.returncode == 2 and "'nowhere.h5' does not exist" in missing.stderr
+    default = cli_here("train-teacher", "env=PickCube-v1", "iterations=2")  # no dataset=: the default is demos' name for it
+    assert default.returncode == 2 and ("datasets/PickCube-v1/mp_n100_seed0.state.pd_ee_delta_pos.h5' does not exist: make it with "
+                                        "`robodistill demos env=PickCube-v1 n=100 seed=0 env.obs_mode=state "
+                                        "env.control_mode=pd_ee_delta_pos`") in default.stderr, default.stderr
     resume = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "resume=true", "name=fresh")
     assert resume.returncode == 2 and "no earlier run named 'fresh'" in resume.stderr
     for args, message in {("iterations=0",): "iterations=0 and batch_size=64 must be >= 1",

@@ -10,6 +10,7 @@ robodistill's convention: `state` (T+1, D) float32, and `rgb` (T+1, H, W, 3 * ca
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def open_trajectory(path: str | Path) -> TrajectoryFile:
     if path.is_dir():
         raise UserError(f"'{path}' is a folder: give the .h5 trajectory file in it (`ls {path}`)")
     if not path.is_file():
-        raise UserError(f"trajectory file '{path}' does not exist")
+        raise UserError(f"trajectory file '{path}' does not exist{_how_to_make(path)}")
     json_path = path.with_suffix(".json")
     if not json_path.is_file():
         raise UserError(f"'{json_path}' is missing: a ManiSkill trajectory is X.h5 plus X.json with env_info and episodes")
@@ -149,6 +150,19 @@ def open_trajectory(path: str | Path) -> TrajectoryFile:
         h5.close()
         raise UserError(f"'{json_path}' lists episodes {missing[:5]}{'...' if len(missing) > 5 else ''} that '{path}' does not have: the pair does not match (or the .h5 is truncated)")
     return TrajectoryFile(path, meta, h5)
+
+
+def _how_to_make(path: Path) -> str:
+    """The `robodistill demos` command that writes `path`, where its name is one that command gives (as
+    the commands' default dataset= is), e.g. datasets/PushCube-v1/mp_n100_seed0.state.pd_ee_delta_pos.h5."""
+    named = re.fullmatch(r"mp_n(\d+)_seed(\d+)\.(\w+)\.(\w+)\.h5", path.name)
+    if named is None:
+        return ""
+    n, seed, obs_mode, control_mode = named.groups()
+    task = path.parent.name if path.parent.parent.name == "datasets" else "<task>"
+    out = "" if task != "<task>" else f" out={path.parent}"
+    return (f": make it with `robodistill demos env={task} n={n} seed={seed} env.obs_mode={obs_mode} "
+            f"env.control_mode={control_mode}{out}`, or give dataset=<your .h5>")
 
 
 def load_episodes(
