@@ -179,10 +179,10 @@ def configure_sampler(policy: Policy, sampler: str | None, steps: int | None, rt
     policy.set_sampler(sampler or policy.sampler.name, steps, rti)
 
 
-def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str], fields: tuple[str, ...] = TRAINED_FIELDS,
+def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str] = frozenset(), fields: tuple[str, ...] = TRAINED_FIELDS,
                    who: str = "the policy") -> EnvConfig:
-    """`env_cfg` with the `fields` the policy file `spec` records and the command line (`given`) leaves
-    unset; says which it took, naming the policy as `who`. Unchanged when the policy trained on another
+    """`env_cfg` with the `fields` the policy file `spec` records and the command line (`given`, as
+    `env.<field>`) leaves unset; says which it took, naming the policy as `who`. Unchanged when the policy trained on another
     task: its loader names the mismatch."""
     return take_env(env_cfg, trained_env(spec), given, fields, who)
 
