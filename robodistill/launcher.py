@@ -7,6 +7,7 @@ that the commands that never launch (`summary`, `dataset`) do not pay for torch 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,10 @@ LAUNCHABLE = ("train-teacher", "distill", "rpd")  # commands whose training loop
 def launch(command: str, overrides: list[str]) -> None:
     """`launcher=torchrun nproc=N` among the overrides: run the command on N ranks under torchrun
     (without those two overrides, with one shared run directory) and exit with its status.
-    Otherwise return."""
+    Otherwise return (having checked that a Slurm launcher has Slurm to submit to)."""
+    if "hydra/launcher=submitit_slurm" in overrides and shutil.which("srun") is None:  # else submitit's traceback, after a sweep dir
+        raise UserError("hydra/launcher=submitit_slurm submits the jobs to Slurm, but this machine has no `srun`: run it where "
+                        "Slurm is (a login node), or use hydra/launcher=submitit_local to run the same jobs here")
     launcher = next((o.split("=", 1)[1] for o in overrides if o.startswith("launcher=")), None)
     if launcher is None or "WORLD_SIZE" in os.environ:
         return

@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -129,6 +130,13 @@ def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
     table = cli("summary")
     assert table.returncode == 0 and f"{sweep.name}/0" in table.stdout and f"{sweep.name}/1" in table.stdout, table.stdout
     assert "incomplete" not in table.stdout
+
+
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm: the sweep would be submitted")
+def test_a_slurm_sweep_without_slurm_is_one_clear_line(cli_here, tmp_path):
+    r = cli_here("eval", "-m", "hydra/launcher=submitit_slurm", "seed=0,1", "policy=random", "episodes=1")
+    assert r.returncode == 2 and "this machine has no `srun`" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "runs").exists()  # no sweep directory left behind
 
 
 def test_resume_true_finds_the_newest_run_of_exactly_that_name(tmp_path):
