@@ -120,6 +120,9 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     assert [r["sampler"] for r in rows] == ["ddpm:100", "ddim:10", "rti", "consistency:1", "consistency:3"]
     assert [r["denoiser_calls"] for r in rows] == [100, 10, 3, 1, 3]
     assert all(0 <= r["success_once"] <= 1 and r["p50_ms"] > 0 for r in rows) and (out / "latency.png").stat().st_size > 0
+    # One table, printed row by row as measured, naming the run whole (2026-12-05_19-15-05-regression: 30 characters).
+    table = [line for line in bench.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows) and all(f"| {rows[0]['checkpoint']} |" in line for line in table[1:]), bench.stdout
     bad = cli("distill", "teacher=nothing.pt")
     assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
     bad = cli("bench-latency", "ckpt=nothing.pt")

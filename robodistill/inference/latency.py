@@ -112,13 +112,15 @@ def _run_name(ckpt: Path) -> str:
 
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
-    lines = []
+    """A markdown table; its checkpoint column as wide as the longest name among `rows` (measure's rows, printed
+    one at a time as they come, all name one checkpoint)."""
+    lines, name = [], max(10, *(len(r["checkpoint"]) for r in rows))
     if header:
-        lines.append(f"| {'task':<12} | {'checkpoint':<24} | {'sampler':<15} | calls | act/inf | p50 ms | p99 ms | ms/action | x forward | success_once [95% CI] |")
-        lines.append("|" + "|".join("-" * w for w in (14, 26, 17, 7, 9, 8, 8, 11, 11, 23)) + "|")
+        lines.append(f"| {'task':<12} | {'checkpoint':<{name}} | {'sampler':<15} | calls | act/inf | p50 ms | p99 ms | ms/action | x forward | success_once [95% CI] |")
+        lines.append("|" + "|".join("-" * w for w in (14, name + 2, 17, 7, 9, 8, 8, 11, 11, 23)) + "|")
     for r in rows:
         success = f"{r['success_once']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}]" if "success_once" in r else "-"
-        lines.append(f"| {r['task']:<12} | {r['checkpoint'][-24:]:<24} | {r['sampler']:<15} | {r['denoiser_calls']:>5} | {r['actions_per_inference']:>7} "
+        lines.append(f"| {r['task']:<12} | {r['checkpoint']:<{name}} | {r['sampler']:<15} | {r['denoiser_calls']:>5} | {r['actions_per_inference']:>7} "
                      f"| {r['p50_ms']:>6.2f} | {r['p99_ms']:>6.2f} | {r['ms_per_action']:>9.3f} | {r['p50_over_forward']:>9.1f} | {success:<21} |")
     return "\n".join(lines)
 
@@ -173,7 +175,6 @@ def main(cfg: DictConfig) -> list[dict]:
     rows = measure(str(cfg.ckpt), env_cfg, list(cfg.samplers), rti, int(cfg.calls), int(cfg.episodes), int(cfg.seed))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "latency.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, run_dir / "latency.png")
-    print(format_rows(rows))
+    plot(rows, run_dir / "latency.png")  # the table was printed row by row as measured
     print(f"run: {run_dir}")
     return rows
