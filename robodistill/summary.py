@@ -39,12 +39,22 @@ def _teacher(run: Path) -> list[str]:
     return [f"{last['step']} iterations in {last['train_seconds'] / 60:.1f} min, loss {last['loss']:.4f}"]
 
 
+def _policy(spec: str) -> str:
+    """A policy as the table names it: a file under runs/ by its command and run (runs/rpd/<run>/student.zip ->
+    rpd/<run>/student.zip, checkpoints/ left out), anything else as given."""
+    parts = Path(spec).parts
+    if "runs" not in parts:
+        return spec
+    return "/".join(p for p in parts[len(parts) - parts[::-1].index("runs"):] if p != "checkpoints")
+
+
 def _eval(run: Path) -> list[str]:
     e = json.loads((run / "eval.json").read_text())
     s, sampler = e["summary"], e.get("sampler")
     # the rates an env reports: ManiSkill's success_at_end, the AGV's collision
     rates = ", ".join(f"{k} {_rate(s, k)}" for k in ("success_once", "success_at_end", "collision") if k in s)
-    return [f"{rates} ({sampler['name']} {sampler['steps']} step(s))" if sampler else rates]
+    used = f", {sampler['name']} {sampler['steps']} step(s)" if sampler else ""
+    return [f"{rates} ({_policy(str(e['policy']))}{used})"]
 
 
 def _vla(run: Path) -> list[str]:

@@ -129,7 +129,7 @@ def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
     assert seeds == [0, 1]
     table = cli("summary")
     assert table.returncode == 0 and f"{sweep.name}/0" in table.stdout and f"{sweep.name}/1" in table.stdout, table.stdout
-    assert "incomplete" not in table.stdout
+    assert "incomplete" not in table.stdout and table.stdout.count("/1) (random)") == 2  # each names its policy
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm: the sweep would be submitted")
