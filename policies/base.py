@@ -87,8 +87,12 @@ def check_policy_spec(spec: str, flag: str = "policy") -> None:
     if spec in ("random", "scripted") or is_bundle(spec) or is_hf_model(spec) or Path(spec).is_file():
         return
     if Path(spec).is_dir():
+        # what the commands' run directories hold: export's bundle, rpd's student, agv-train's policy, a checkpoint
+        inside = [p for p in (Path(spec) / n for n in ("bundle", "student.zip", "policy.pt", "checkpoints/best.pt",
+                                                        "checkpoints/last.pt")) if is_bundle(str(p)) or p.is_file()]
+        hint = f"; this one holds {flag}={inside[0]}" if inside else ", or a checkpoint file in it (e.g. checkpoints/last.pt)"
         raise UserError(f"{flag} '{spec}' is a folder, but neither an export bundle (with {METADATA}) nor a Hugging Face "
-                        "VLA (with config.json): give one of those, or a checkpoint file in it (e.g. checkpoints/last.pt)")
+                        f"VLA (with config.json): give one of those{hint}")
     last = Path(spec).with_name("last.pt")
     if Path(spec).name == "best.pt" and last.is_file():
         raise UserError(f"{flag} '{spec}' does not exist: a run writes best.pt at its evaluations (eval_episodes > 0), "

@@ -129,6 +129,8 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     assert bad.returncode == 2 and "ckpt 'nothing.pt' is neither" in bad.stderr, bad.stderr
     bad = cli("bench-latency", f"ckpt={out}")  # a run's folder, not the checkpoint in it
     assert bad.returncode == 2 and "is a folder, but neither an export bundle" in bad.stderr, bad.stderr
+    bad = cli("eval", f"policy={heads['regression'].parent.parent}")  # a distill run: its checkpoint is named
+    assert bad.returncode == 2 and f"this one holds policy={heads['regression']}" in bad.stderr, bad.stderr
     with pytest.raises(UserError, match="'foo' is not name"):  # said before the first sampler's minutes, not after
         measure(str(heads["regression"]), EnvConfig(), ["ddim:2", "foo"], RTIConfig(), calls=2, episodes=1)
     with pytest.raises(UserError, match="steps=1, 2 or 3"):
