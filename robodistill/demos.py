@@ -7,8 +7,8 @@
 3. Convert to the requested obs and control mode with ManiSkill's `replay_trajectory`
    (`--use-first-env-state`), which keeps only episodes that still succeed.
 Everything is written in a temp folder next to the output and renamed into place at the end, so
-an interrupted run leaves nothing half-written. Output: `<out>/<name>.h5/.json` (converted) and
-`<out>/<name>.none.pd_joint_pos.h5/.json` (the plans, to convert to other modes later).
+an interrupted run leaves nothing half-written. Output (named by `robodistill.data.trajectories.demos_file`): `<out>/mp_n<n>_seed<seed>.<obs_mode>.<control_mode>.h5/.json`
+(converted) and `<out>/mp_n<n>_seed<seed>.none.pd_joint_pos.h5/.json` (the plans, to convert to other modes later).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from robodistill.data.trajectories import demos_file
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 
@@ -148,7 +149,6 @@ def generate(cfg: DemosConfig) -> dict:
     with make_env(replace(cfg.env, num_envs=1)):  # every env field checked now, not after minutes of planning
         pass
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"mp_n{cfg.n}_seed{cfg.seed}.{cfg.env.obs_mode}.{cfg.env.control_mode}"
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".demos-", dir=out_dir) as tmp:
         plans, plan_report = _plan(cfg, Path(tmp))
@@ -164,8 +164,8 @@ def generate(cfg: DemosConfig) -> dict:
         if kept == 0:
             raise UserError(f"none of the {cfg.n} plans replayed successfully under env.control_mode={cfg.env.control_mode}: "
                             "nothing was written; try another control mode (pd_joint_pos replays plans exactly)")
-        final = out_dir / f"{name}.h5"
-        raw = out_dir / f"mp_n{cfg.n}_seed{cfg.seed}.none.pd_joint_pos.h5"
+        final = out_dir / demos_file(cfg.n, cfg.seed, cfg.env.obs_mode, cfg.env.control_mode)
+        raw = out_dir / demos_file(cfg.n, cfg.seed, "none", "pd_joint_pos")
         for src, dst in ((plans, raw), (converted, final)):
             os.replace(src.with_suffix(".json"), dst.with_suffix(".json"))
             os.replace(src, dst)

@@ -152,10 +152,18 @@ def open_trajectory(path: str | Path) -> TrajectoryFile:
     return TrajectoryFile(path, meta, h5)
 
 
+def demos_file(n: int, seed: int, obs_mode: str, control_mode: str) -> str:
+    """The name `robodistill demos` gives its files (and the commands' default dataset= expects), e.g.
+    mp_n100_seed0.state.pd_ee_delta_pos.h5; DEMOS_FILE reads it back."""
+    return f"mp_n{n}_seed{seed}.{obs_mode}.{control_mode}.h5"
+
+
+DEMOS_FILE = re.compile(r"mp_n(\d+)_seed(\d+)\.(\w+)\.(\w+)\.h5")
+
+
 def _how_to_make(path: Path) -> str:
-    """The `robodistill demos` command that writes `path`, where its name is one that command gives (as
-    the commands' default dataset= is), e.g. datasets/PushCube-v1/mp_n100_seed0.state.pd_ee_delta_pos.h5."""
-    named = re.fullmatch(r"mp_n(\d+)_seed(\d+)\.(\w+)\.(\w+)\.h5", path.name)
+    """The `robodistill demos` command that writes `path`, where its name is one that command gives."""
+    named = DEMOS_FILE.fullmatch(path.name)
     if named is None:
         return ""
     n, seed, obs_mode, control_mode = named.groups()

@@ -114,7 +114,7 @@ def _run_name(ckpt: Path) -> str:
 def format_rows(rows: list[dict], header: bool = True) -> str:
     """A markdown table; its checkpoint column as wide as the longest name among `rows` (measure's rows, printed
     one at a time as they come, all name one checkpoint)."""
-    lines, name = [], max(10, *(len(r["checkpoint"]) for r in rows))
+    lines, name = [], max([10, *(len(r["checkpoint"]) for r in rows)])
     if header:
         lines.append(f"| {'task':<12} | {'checkpoint':<{name}} | {'sampler':<15} | calls | act/inf | p50 ms | p99 ms | ms/action | x forward | success_once [95% CI] |")
         lines.append("|" + "|".join("-" * w for w in (14, name + 2, 17, 7, 9, 8, 8, 11, 11, 23)) + "|")

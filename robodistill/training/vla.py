@@ -25,6 +25,7 @@ from tqdm import tqdm
 from robodistill import checkpoints
 from robodistill.curves import write_run_curves
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches
+from robodistill.data.trajectories import demos_file
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
@@ -75,7 +76,7 @@ def demos_for(cfg: TrainVLAConfig, task: str) -> Path:
     """The task's demonstrations, made now by `robodistill demos` if they are not on disk."""
     from robodistill.demos import DemosConfig, generate
 
-    path = Path(cfg.datasets) / task / f"mp_n{cfg.demos}_seed{cfg.demo_seed}.rgb.{cfg.control_mode}.h5"
+    path = Path(cfg.datasets) / task / demos_file(cfg.demos, cfg.demo_seed, "rgb", cfg.control_mode)
     if not path.is_file():
         print(f"making {cfg.demos} {task} demos ({cfg.image_size}px RGB, {cfg.control_mode}) in {path.parent}")
         generate(DemosConfig(env=task_env(cfg, task), n=cfg.demos, seed=cfg.demo_seed, workers=cfg.workers, out=str(path.parent)))
