@@ -185,9 +185,9 @@ def main(cfg: DictConfig) -> dict:
     (run_dir / "demos.json").write_text(json.dumps(report, indent=2))
     print(
         f"{report['task']}: {report['converted']}/{report['requested']} demonstrations in {report['path']}\n"
-        f"  planning {report['plan_seconds']}s ({report['failed_plans']} failed plans retried with new seeds), "
+        f"  planning {report['plan_seconds']}s (failed plans, retried with new seeds: {report['failed_plans']}), "
         f"conversion to {config.env.obs_mode}/{config.env.control_mode} {report['convert_seconds']}s"
     )
     if report["converted"] < report["requested"]:
-        print(f"  {report['requested'] - report['converted']} plans did not replay successfully in {config.env.control_mode} and were dropped")
+        print(f"  plans that did not replay successfully in {config.env.control_mode}, dropped: {report['requested'] - report['converted']}")
     return report

@@ -30,7 +30,7 @@ def _ci(rate: float, ci: list[float]) -> str:
 
 def _demos(run: Path) -> list[str]:
     d = json.loads((run / "demos.json").read_text())
-    return [f"{d['converted']}/{d['requested']} {d['task']} demonstrations ({d['failed_plans']} failed plans): {d['path']}"]
+    return [f"{d['converted']}/{d['requested']} {d['task']} demonstrations (failed plans: {d['failed_plans']}): {d['path']}"]
 
 
 def _teacher(run: Path) -> list[str]:

@@ -74,7 +74,7 @@ def pushcube_demos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pushcube")
     r = run_cli("demos", "env=PushCube-v1", "n=3", "seed=10", f"out={root / 'ds'}", cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "3/3 demonstrations" in r.stdout
+    assert "3/3 demonstrations" in r.stdout and "failed plans, retried with new seeds: 0)" in r.stdout
     return root / "ds" / "mp_n3_seed10.state.pd_ee_delta_pos.h5"
 
 
