@@ -112,6 +112,8 @@ def register_schemas(command: str) -> None:
 
     if not OmegaConf.has_resolver("slug"):  # a run's name may be a task id such as robodistill/AGVWarehouse-v0
         OmegaConf.register_new_resolver("slug", lambda text: str(text).replace("/", "-"))
+    if not OmegaConf.has_resolver("join"):  # a run's name from the fields given, e.g. export's sampler and format
+        OmegaConf.register_new_resolver("join", lambda *parts: "-".join(str(p) for p in parts if p is not None))
     store = ConfigStore.instance()
     store.store(group="schema", name="env", node=EnvConfig)
     store.store(group="schema", name=command.replace("agv-train", "agv_train"), node=schema(command))

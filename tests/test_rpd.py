@@ -1,6 +1,7 @@
 """RPD: the teacher-guided PPO student (robodistill rpd) and the teacher interface."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -171,9 +172,11 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     ev = cli("eval", f"policy={run / 'student.zip'}", "episodes=2", "env.max_episode_steps=10", "name=zip")
     assert ev.returncode == 0 and "success_once" in ev.stdout, ev.stderr[-2000:]
     # The student exports like a teacher: the bundle's actions are the zip's mean actions.
-    ex = cli("export", f"ckpt={run / 'student.zip'}", "name=s")
+    ex = cli("export", f"ckpt={run / 'student.zip'}")
     assert ex.returncode == 0 and "mean 1 step(s)" in ex.stdout, ex.stderr[-2000:]
-    (bundle,) = (tmp_path / "runs" / "export").glob("*-s")
+    assert re.search(r"\(onnx, [1-9]\d* kB\)", ex.stdout), ex.stdout  # a small MLP's size, not "0.0 MB"
+    (bundle,) = (tmp_path / "runs" / "export").iterdir()
+    assert bundle.name.endswith("-onnx") and "consistency" not in bundle.name  # no sampler: the run is named by its format
     ev2 = cli("eval", f"policy={bundle / 'bundle'}", "episodes=2", "env.max_episode_steps=10", "name=bundle")
     assert ev2.returncode == 0, ev2.stderr[-2000:]
     returns = [[e["return"] for e in json.loads(next((tmp_path / "runs" / "eval").glob(f"*-{n}")).joinpath("eval.json").read_text())["episodes"]]

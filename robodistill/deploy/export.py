@@ -55,7 +55,8 @@ class ExportConfig:
     ckpt: str = ""  # a diffusion checkpoint (for sampler=consistency: one made by `robodistill distill`), a VLA checkpoint,
     # an RPD student .zip or an AGV policy.pt
     task: str | None = None  # a VLA checkpoint: the task the bundle drives (default: its first)
-    sampler: str = "consistency"  # consistency | ddim (diffusion checkpoints; a student exports its mean action)
+    sampler: str | None = None  # consistency (default) | ddim: diffusion and VLA checkpoints; a student and an AGV
+    # policy export their mean action and take no sampler
     steps: int | None = None  # consistency: 1 (default), 2 or 3 head calls; ddim: the checkpoint's sampler_steps
     format: str = "onnx"  # onnx | torchscript
     out: str | None = None  # the bundle directory; default <run dir>/bundle
@@ -175,11 +176,11 @@ def agv_graph(payload: dict) -> MeanActionGraph:
                            stop=list(STOP_ACTION))
 
 
-def load_source(path: str, sampler: str, steps: int | None, task: str | None = None) -> tuple[nn.Module, EnvConfig]:
+def load_source(path: str, sampler: str | None, steps: int | None, task: str | None = None) -> tuple[nn.Module, EnvConfig]:
     """The graph to export and the env it drives, from a diffusion, VLA or AGV checkpoint or a student zip."""
 
     def mean_action_only(what: str, env: dict) -> None:  # a student and an AGV policy export their mean action
-        if sampler != "consistency" or steps is not None:
+        if sampler is not None or steps is not None:
             raise UserError(f"sampler/steps apply to diffusion and VLA checkpoints; {path} is {what}, whose bundle is its "
                             "mean action: drop sampler= and steps=")
         if task is not None and task != env["task"]:
@@ -213,10 +214,11 @@ def load_source(path: str, sampler: str, steps: int | None, task: str | None = N
     return build_graph(payload, sampler, steps, env["task"]), EnvConfig.from_mapping(env)
 
 
-def build_graph(payload: dict, sampler: str, steps: int | None, task: str | None = None) -> ChunkGraph:
+def build_graph(payload: dict, sampler: str | None, steps: int | None, task: str | None = None) -> ChunkGraph:
     if payload.get("kind") not in (KIND, vla.KIND):
         raise UserError(f"ckpt holds a '{payload.get('kind')}'; export takes Diffusion Policy, VLA and AGV checkpoints "
                         "and RPD students (.zip)")
+    sampler = sampler or "consistency"
     if sampler not in EXPORT_SAMPLERS:
         why = {"rti": "it keeps a chunk per stream between calls", "ddpm": "it draws fresh noise inside every step"}
         reason = f" ({why[sampler]})" if sampler in why else ""
@@ -362,9 +364,9 @@ def main(cfg: DictConfig) -> Path:
     path, meta = export(config, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "export.json").write_text(json.dumps({"bundle": str(path.resolve()), "metadata": meta}, indent=2))
-    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    size = sum(f.stat().st_size for f in path.iterdir())
     p, e = meta["policy"], meta["env"]
-    print(f"bundle: {path}  ({meta['graph']['format']}, {size:.1f} MB)")
+    print(f"bundle: {path}  ({meta['graph']['format']}, {f'{size / 1e6:.1f} MB' if size >= 1e6 else f'{size / 1e3:.0f} kB'})")
     drives = f"scene {e['scene']}" if "scene" in e else f"{e['obs_mode']}/{e['control_mode']}"
     print(f"  {e['task']} {drives} at {e['control_freq']} Hz; {p['sampler']} {p['steps']} step(s); "
           f"{meta['action']['chunk_length']} actions per inference")
