@@ -35,6 +35,14 @@ from robodistill.policies.base import check_policy_spec, trained_env
 # line's (env=), so that a run is named for what it rates and a mismatch is an error, not a silent switch.
 TRAINED_FIELDS = ("obs_mode", "control_mode", "max_episode_steps", "image_size", "reward_mode", "scene", "collision_penalty")
 
+# Evaluations inside training runs start at seed HELD_OUT_SEEDS + the run's seed: past the seeds `robodistill demos`
+# plans from (0 on), so they rate initial states the demonstrations did not show.
+HELD_OUT_SEEDS = 10_000
+
+
+def episode_count(n: int) -> str:
+    return f"{n} episode{'' if n == 1 else 's'}"
+
 
 @dataclass
 class EvalConfig:
@@ -226,6 +234,6 @@ def main(cfg: DictConfig) -> EvalReport:
         used = {"name": policy.sampler.name, "steps": policy.sampler.steps} if hasattr(policy, "set_sampler") else None
     report.save(run_dir / "eval.json", env=env_cfg.__dict__, policy=str(cfg.policy), seed=int(cfg.seed), sampler=used)
     with_sampler = f", sampler {used['name']} {used['steps']} step(s)" if used else ""
-    print(report.table(f"{cfg.policy}{with_sampler} on {env_cfg.task} ({report.summary['episodes']} episodes, seed {cfg.seed})"))
+    print(report.table(f"{cfg.policy}{with_sampler} on {env_cfg.task} ({episode_count(report.summary['episodes'])}, seed {cfg.seed})"))
     print(f"run: {run_dir}")
     return report

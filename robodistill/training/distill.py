@@ -34,7 +34,7 @@ from robodistill import checkpoints
 from robodistill.data import Horizons, WindowDataset, load_episodes, sample_batches
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import evaluate
+from robodistill.evaluation import HELD_OUT_SEEDS, episode_count, evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
@@ -231,9 +231,9 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         teacher.consistency = head.eval()
         teacher.set_sampler("consistency", 1)
         with make_env(env_cfg, ignore_terminations=True) as env:
-            report = evaluate(teacher, env, cfg.eval_episodes, seed=10_000 + cfg.seed)
+            report = evaluate(teacher, env, cfg.eval_episodes, seed=HELD_OUT_SEEDS + cfg.seed)
         result["consistency_1"] = report.summary
-        print(report.table(f"consistency head, 1 step, on {env_cfg.task}"))
+        print(report.table(f"consistency head, 1 step, on {env_cfg.task} ({episode_count(cfg.eval_episodes)}, seed {HELD_OUT_SEEDS + cfg.seed})"))
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return {**result, "main": True}
 

@@ -47,7 +47,7 @@ from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import TRAINED_FIELDS, env_for_policy, evaluate, take_env, wilson_interval
+from robodistill.evaluation import HELD_OUT_SEEDS, TRAINED_FIELDS, env_for_policy, episode_count, evaluate, take_env, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
@@ -549,7 +549,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         actor.load_state_dict(best["weights"])
         run.report["online_evals"] = evals
         run.report["online_kept"] = {k: best[k] for k in ("env_steps", "success_once")}
-        print(f"online: kept the policy at {best['env_steps']} env steps ({best['success_once']:.1%} over {o.eval_episodes} episodes)")
+        print(f"online: kept the policy at {best['env_steps']} env steps ({best['success_once']:.1%} over {episode_count(o.eval_episodes)})")
     path = out / "policy.pt"
     save_policy(path, base, actor, env_cfg, rl100={"stage": "online", "value": value.state_dict()})
     return path
@@ -670,7 +670,7 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     if policy_path is not None and "imitation" not in cfg.stages and "init" not in run.report["stages"]:
         _, policy = load(policy_path, cfg.chain.steps)  # the starting point's success: the line to beat
         with make_env(env_cfg, ignore_terminations=True) as env:
-            run.report["stages"]["init"] = {**success(policy, env, cfg.eval_episodes, 10_000 + cfg.seed), "policy": str(policy_path)}
+            run.report["stages"]["init"] = {**success(policy, env, cfg.eval_episodes, HELD_OUT_SEEDS + cfg.seed), "policy": str(policy_path)}
         run.save_report()
     for stage in STAGES:
         if run.done(stage):
@@ -695,11 +695,11 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
         else:
             _, policy = load(policy_path, cfg.chain.steps)
         with make_env(env_cfg, ignore_terminations=True) as env:
-            result = success(policy, env, cfg.eval_episodes, 10_000 + cfg.seed)
+            result = success(policy, env, cfg.eval_episodes, HELD_OUT_SEEDS + cfg.seed)
         run.report["stages"][stage] = {**result, "policy": str(policy_path), "seconds": round(time.perf_counter() - tick, 1)}
         run.save_report()
         print(f"{stage}: success_once {result['success_once']:.1%} [{result['ci95'][0]:.1%}, {result['ci95'][1]:.1%}] "
-              f"over {cfg.eval_episodes} episodes ({policy_path})")
+              f"over {episode_count(cfg.eval_episodes)} ({policy_path})")
     return run.report
 
 

@@ -65,7 +65,7 @@ from robodistill.curves import write_run_curves
 from robodistill.envs import EnvConfig, SB3View, VecEnv, make_env
 from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
-from robodistill.evaluation import evaluate, take_env
+from robodistill.evaluation import HELD_OUT_SEEDS, episode_count, evaluate, take_env
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.base import trained_env
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
@@ -481,7 +481,7 @@ class RunCallback(BaseCallback):
 
     def evaluate(self) -> dict:
         start = time.perf_counter()
-        report = evaluate(GaussianStudent(self.model), self.eval_env, self.cfg.eval_episodes, seed=10_000 + self.cfg.seed, progress=False)
+        report = evaluate(GaussianStudent(self.model), self.eval_env, self.cfg.eval_episodes, seed=HELD_OUT_SEEDS + self.cfg.seed, progress=False)
         self.eval_seconds += time.perf_counter() - start
         s = report.summary
         train_seconds = time.perf_counter() - self.start - self.eval_seconds
@@ -673,7 +673,7 @@ def main(cfg: DictConfig) -> dict:
     last = result["history"][-1]
     lo, hi = last["ci95"]
     print(f"{config.env.task}: {last['step']} env steps, success_once {last['success_once']:.0%} [{lo:.0%}, {hi:.0%}] "
-          f"over {last['episodes']} episodes; {last['train_steps_per_second']:.0f} training env steps/s")
+          f"over {episode_count(last['episodes'])}; {last['train_steps_per_second']:.0f} training env steps/s")
     print(f"student: {result['student']}  (stable_baselines3.PPO.load opens it; robodistill eval policy=... evaluates it)")
     write_run_curves(run_dir, "rpd")
     return result

@@ -24,7 +24,7 @@ from robodistill.curves import write_run_curves
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches, split_episodes
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import evaluate
+from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
@@ -147,7 +147,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     def run_eval(ema) -> dict:
         ema_policy.load_state_dict(ema_weights(ema, policy))
         ema_policy.eval()
-        report = evaluate(ema_policy, eval_env, cfg.eval_episodes, seed=10_000 + cfg.seed, progress=False)
+        report = evaluate(ema_policy, eval_env, cfg.eval_episodes, seed=HELD_OUT_SEEDS + cfg.seed, progress=False)
         return report.summary
 
     @torch.no_grad()

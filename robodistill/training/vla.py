@@ -28,7 +28,7 @@ from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_epis
 from robodistill.data.trajectories import demos_file
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import evaluate
+from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
@@ -167,7 +167,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
         out = {}
         for task, env in eval_envs.items():
             ema_policy.prompt = prompts[task][0]
-            out[task] = evaluate(ema_policy, env, cfg.eval_episodes, seed=10_000 + cfg.seed, progress=False).summary
+            out[task] = evaluate(ema_policy, env, cfg.eval_episodes, seed=HELD_OUT_SEEDS + cfg.seed, progress=False).summary
         return out
 
     shares = [cfg.batch_size // len(cfg.tasks) + (i < cfg.batch_size % len(cfg.tasks)) for i in range(len(cfg.tasks))]
