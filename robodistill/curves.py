@@ -63,6 +63,35 @@ def series(run: Path, label: str, command: str | None = None) -> tuple[str, dict
     return command, success, lower, lower_name
 
 
+# overrides that do not change what a run learns, left out of the labels that tell runs of one name apart
+UNLABELLED = ("name", "resume", "resume_from", "progress", "threads", "hydra")
+
+
+def _given(run: Path) -> list[str]:
+    """The overrides a run's command line gave (its .hydra/overrides.yaml), in order."""
+    import yaml
+
+    path = run / ".hydra" / "overrides.yaml"
+    given = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return [str(o) for o in given or [] if str(o).split("=", 1)[0].lstrip("+~").split(".")[0] not in UNLABELLED]
+
+
+def labels(found: list[tuple[str, Path]]) -> list[str]:
+    """A legend label per (directory label, run): the run's name, and where runs share it, the overrides they
+    differ in (teacher=none vs teacher=x.pt; a sweep's seed=1), else (runs alike) their directory labels."""
+    names = [re.sub("^" + RUN_STAMP, "", label).split("/")[0].removesuffix("multirun") for label, _ in found]
+    out = []
+    for (label, run), name in zip(found, names):
+        twins = [r for (_, r), n in zip(found, names) if n == name]
+        if len(twins) == 1:
+            out.append(name)
+            continue
+        shared = set.intersection(*(set(_given(r)) for r in twins))
+        own = [o for o in _given(run) if o not in shared]
+        out.append(" ".join(([name] if name else []) + own) if own else label)
+    return [mine if out.count(mine) == 1 else label for mine, (label, _) in zip(out, found)]
+
+
 def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
     """One PNG of the runs' curves; the runs must count progress alike (iterations or env steps).
     `command`: the one that made them all (None: found from each run)."""
@@ -75,8 +104,7 @@ def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
         if not run.is_dir():
             raise UserError(f"{run} is not a directory: give run directories, e.g. runs/rpd/<run>")
     found = [job for given in runs for job in jobs(given)]
-    names = [re.sub("^" + RUN_STAMP, "", label) for label, _ in found]  # the run's name, unless two runs share it
-    curves = [(run, *series(run, name if names.count(name) == 1 else label, command)) for (label, run), name in zip(found, names)]
+    curves = [(run, *series(run, label, command)) for (_, run), label in zip(found, labels(found))]
     units = {SOURCES[c][1] for _, c, *_ in curves}
     if len(units) > 1:
         raise UserError(f"these runs count progress in {' and '.join(sorted(units))}: plot runs of one kind together "

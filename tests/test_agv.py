@@ -192,10 +192,13 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     assert checkpoints.load(run / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [0, 128, 256]
     assert f"curves: {run / 'curves.png'}" in more.stdout and (run / "curves.png").stat().st_size > 10_000
-    # Both runs' success curves in one PNG; runs that share a name keep their time stamps apart.
-    from robodistill.curves import series
+    # Both runs' success curves in one PNG; runs that share a name are told apart by the overrides they differ in.
+    from robodistill.curves import labels, series
 
     assert series(run, "nav")[1]["nav"][-1][:2] == (256, json.loads((run / "history.json").read_text())[-1]["success"])
+    assert labels([(first.name, first), (run.name, run)]) == [
+        "nav scene=simple_static num_envs=4 num_steps=32 total_steps=128 eval_episodes=2 obs_norm_init_steps=2",
+        "nav total_steps=256"]
     pending = tmp_path / "runs" / "agv-train" / "2099-01-01_00-00-00-pending"  # one that has not evaluated yet
     pending.mkdir()
     both = cli("plot", str(first), str(run), str(pending), "--out", str(tmp_path / "both.png"))

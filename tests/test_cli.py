@@ -130,6 +130,10 @@ def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
     table = cli("summary")
     assert table.returncode == 0 and f"{sweep.name}/0" in table.stdout and f"{sweep.name}/1" in table.stdout, table.stdout
     assert "incomplete" not in table.stdout and table.stdout.count("/1) (random)") == 2  # each names its policy
+    from robodistill.curves import labels
+    from robodistill.summary import jobs
+
+    assert labels(jobs(sweep)) == ["seed=0", "seed=1"]  # a plot's legend: what the jobs differ in
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm: the sweep would be submitted")
