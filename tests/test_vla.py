@@ -74,7 +74,9 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli):
     assert "as the resumed run was trained: tasks=[PushCube-v1,PickCube-v1] image_size=48 max_episode_steps=20" in again.stdout
     assert checkpoints.load(root / "run2" / "checkpoints" / "last.pt")["train"]["max_episode_steps"] == 20
 
-    # One of its tasks is rated in the env it was trained in (camera, size, episode limit) without restating it.
+    # One of its tasks is rated in the env it was trained in (camera, size, episode limit) without restating it,
+    # with the command the run printed.
+    assert f"(robodistill eval policy={vla_run['ckpt']} env=<PushCube-v1|PickCube-v1>)" in vla_run["stdout"], vla_run["stdout"]
     rated = cli("eval", f"policy={vla_run['ckpt']}", "env=PickCube-v1", "episodes=1")
     assert rated.returncode == 0, rated.stderr[-2000:]
     assert "as the policy was trained: env.obs_mode=rgb env.max_episode_steps=20 env.image_size=48" in rated.stdout, rated.stdout

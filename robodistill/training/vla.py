@@ -264,7 +264,8 @@ def main(cfg: DictConfig) -> dict:
         print("| task | success_once [95% CI] |\n|---|---|")
         for task, s in final["tasks"].items():
             print(f"| {task} | {s['success_once']:.0%} [{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}] |")
-    print(f"checkpoints: {run_dir / 'checkpoints'}  (robodistill eval policy=<it> env=<task> env.obs_mode=rgb "
-          f"env.control_mode={config.control_mode} env.image_size={config.image_size})")
+    # eval takes the camera, control mode and episode limit from the checkpoint: only the task is to choose
+    print(f"checkpoints: {run_dir / 'checkpoints'}  (robodistill eval policy={run_dir / 'checkpoints' / 'last.pt'} "
+          f"env=<{'|'.join(config.tasks)}>)")
     write_run_curves(run_dir, "train-vla")
     return result
