@@ -158,6 +158,8 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     assert "as the resumed run was trained: env.max_episode_steps=25" in more.stdout
     assert "as the resumed run was: teacher=scripted (set them to change)" in more.stdout
     first_run, run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))  # the resumed run logs in a directory of its own
+    # ...whose config records the teacher it went on with, so resuming it again keeps the teacher too
+    assert "teacher: scripted" in (run / ".hydra" / "config.yaml").read_text().splitlines()
     assert len(list((first_run / "tb").rglob("events.*"))) == 1 and list((run / "tb").rglob("events.*"))
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
