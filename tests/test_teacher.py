@@ -148,6 +148,7 @@ def test_teacher_bad_input(cli_here, pushcube_demos):
     assert resume.returncode == 2 and "no earlier run named 'fresh'" in resume.stderr
     for args, message in {("iterations=0",): "iterations=0 and batch_size=64 must be >= 1",
                           ("minutes=-1",): "minutes=-1.0 must be > 0",
+                          ("checkpoint_every=0",): "checkpoint_every=0 must be >= 1",
                           ("num_demos=50",): "holds 3 episodes: give 1 to 3 (0 or unset: all)",
                           ("policy.act_horizon=32",): "1 <= act_horizon <= pred_horizon - obs_horizon + 1 = 15",
                           ("device=gpu",): "device=gpu: robodistill trains on auto, cpu, cuda or cuda:<index>",

@@ -80,7 +80,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     torch.set_num_threads(max(1, cfg.threads // ranks.world))
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_budget(cfg.iterations, cfg.batch_size, cfg.minutes)
+    check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
     if cfg.batch_size % ranks.world:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
     if cfg.variant not in VARIANTS:

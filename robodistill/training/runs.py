@@ -35,10 +35,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def check_budget(iterations: int, batch_size: int, minutes: float | None) -> None:
+def check_budget(iterations: int, batch_size: int, minutes: float | None, checkpoint_every: int) -> None:
     """The imitation trainers' budget: a run that would train on nothing is an error, not an empty run."""
     if iterations < 1 or batch_size < 1:
         raise UserError(f"iterations={iterations} and batch_size={batch_size} must be >= 1")
+    if checkpoint_every < 1:
+        raise UserError(f"checkpoint_every={checkpoint_every} must be >= 1 (iterations between checkpoints)")
     if minutes is not None and minutes <= 0:
         raise UserError(f"minutes={minutes} must be > 0 (or null: no time limit)")
 

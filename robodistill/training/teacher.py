@@ -64,7 +64,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     torch.set_num_threads(max(1, cfg.threads // ranks.world))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_budget(cfg.iterations, cfg.batch_size, cfg.minutes)
+    check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
     if cfg.batch_size % ranks.world:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
 
