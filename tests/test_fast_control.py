@@ -108,6 +108,11 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     more = cli("distill", f"teacher={teacher}", "variant=regression", "iterations=30", "batch_size=16",
                "eval_episodes=0", "threads=1", "name=regression", "resume=true")
     assert more.returncode == 0 and "at iteration 20" in more.stdout, more.stderr[-3000:]
+    runs = set((tmp_path / "runs" / "distill").iterdir())
+    done = cli("distill", f"teacher={teacher}", "variant=regression", "iterations=30", "batch_size=16",
+               "eval_episodes=0", "threads=1", "name=regression", "resume=true")  # a finished run: nothing to do
+    assert done.returncode == 2 and "at iteration 30: the run already trained iterations=30" in done.stderr, done.stderr[-2000:]
+    assert set((tmp_path / "runs" / "distill").iterdir()) == runs  # and no empty run directory
 
     for sampler in ("sampler=consistency steps=3", "sampler=rti rti.timesteps=[2,0]"):
         r = cli("eval", f"policy={heads['consistency']}", "env.max_episode_steps=20", "episodes=2", *sampler.split())

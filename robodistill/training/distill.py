@@ -38,7 +38,7 @@ from robodistill.evaluation import HELD_OUT_SEEDS, episode_count, evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_budget, find_resume, schedule_note
+from robodistill.training.runs import check_budget, check_unfinished, find_resume, schedule_note
 
 
 @dataclass
@@ -132,6 +132,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         step, train_seconds = done["step"], done["train_seconds"]
         checkpoints.set_rng_state(done["rng"])
         batch_gen.set_state(done["batch_rng"])
+        check_unfinished(resume_path, step, cfg.iterations)
         print(f"resumed from {resume_path} at iteration {step}")
 
     def save(name: str) -> None:

@@ -28,7 +28,7 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (carry_metrics, check_budget, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
+from robodistill.training.runs import (carry_metrics, check_budget, check_unfinished, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
                                       training_state)
 
 
@@ -132,6 +132,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
             raise UserError(f"{resume_path} was written for another model config: {state['policy']} vs {policy.spec()}")
         restore_training(replicas.local(state), policy, optimizer, lr_schedule, ema, batch_gen)
         step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
+        check_unfinished(resume_path, step, cfg.iterations)
         print(f"resumed from {resume_path} at iteration {step}")
 
     def save(name: str, optimizer, ema) -> None:

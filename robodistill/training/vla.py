@@ -33,7 +33,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import carry_metrics, check_budget, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
+from robodistill.training.runs import carry_metrics, check_budget, check_unfinished, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
 
 
 @dataclass
@@ -152,6 +152,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
             raise UserError(f"{resume_path} was written for another VLA config or task set: start a new run (another name=)")
         restore_training(state, policy, optimizer, lr_schedule, ema, batch_gen)
         step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
+        check_unfinished(resume_path, step, cfg.iterations)
         print(f"resumed from {resume_path} at iteration {step}")
 
     def save(name: str) -> None:
