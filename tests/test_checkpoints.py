@@ -44,6 +44,10 @@ def test_truncated_and_foreign_files_are_named_in_the_error(tmp_path):
     cut.write_bytes(good.read_bytes()[:200])
     with pytest.raises(UserError, match="cut.pt.*cannot be read"):
         checkpoints.load(cut)
+    other = tmp_path / "demos.h5"  # another kind of file: one line, no torch unpickler text
+    other.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(4000))
+    with pytest.raises(UserError, match=r"^checkpoint '.*demos.h5' cannot be read: it is not a torch checkpoint, or it is truncated$"):
+        checkpoints.load(other)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(1)}, foreign)
     with pytest.raises(UserError, match="foreign.pt' is not a robodistill checkpoint"):
