@@ -59,11 +59,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        if zipfile.is_zipfile(path) and "policy.pth" in zipfile.ZipFile(path).namelist():
-            raise UserError(f"'{path}' is a stable-baselines3 zip (an rpd student), not a robodistill checkpoint: "
-                            "it goes to eval policy=, export ckpt= or rpd resume_from=") from err
         if not zipfile.is_zipfile(path):  # torch.save writes zip archives: this is another kind of file, or cut short
             raise UserError(f"checkpoint '{path}' cannot be read: it is not a torch checkpoint, or it is truncated") from err
+        if "policy.pth" in zipfile.ZipFile(path).namelist():
+            raise UserError(f"'{path}' is a stable-baselines3 zip (an rpd student), not a robodistill checkpoint: "
+                            "it goes to eval policy=, export ckpt= or rpd resume_from=") from err
         first = (str(err).strip().splitlines() or [""])[0]  # torch's own text runs on for lines
         raise UserError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {first}); is it truncated or not a torch file?") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

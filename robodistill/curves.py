@@ -80,14 +80,14 @@ def labels(found: list[tuple[str, Path]]) -> list[str]:
     """A legend label per (directory label, run): the run's name, and where runs share it, the overrides they
     differ in (teacher=none vs teacher=x.pt; a sweep's seed=1), else (runs alike) their directory labels."""
     names = [re.sub("^" + RUN_STAMP, "", label).split("/")[0].removesuffix("multirun") for label, _ in found]
+    given = [_given(run) for _, run in found]
     out = []
-    for (label, run), name in zip(found, names):
-        twins = [r for (_, r), n in zip(found, names) if n == name]
+    for (label, _), name, mine in zip(found, names, given):
+        twins = [set(g) for g, n in zip(given, names) if n == name]
         if len(twins) == 1:
             out.append(name)
             continue
-        shared = set.intersection(*(set(_given(r)) for r in twins))
-        own = [o for o in _given(run) if o not in shared]
+        own = [o for o in mine if o not in set.intersection(*twins)]
         out.append(" ".join(([name] if name else []) + own) if own else label)
     return [mine if out.count(mine) == 1 else label for mine, (label, _) in zip(out, found)]
 
