@@ -150,6 +150,10 @@ def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_pa
 
     with pytest.raises(UserError, match="is a folder: give the .h5 trajectory file in it"):
         load_episodes(tmp_path)
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save({"kind": "diffusion"}, checkpoint)
+    with pytest.raises(UserError, match="teacher.pt' is a torch checkpoint \\(a zip archive\\), not a ManiSkill trajectory"):
+        describe(checkpoint)  # `dataset info`; train-teacher dataset= opens files the same way
     with pytest.raises(UserError, match="obs_mode=none files only hold actions"):
         load_episodes(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")
     raw, _ = describe(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")  # `dataset info` reads what demos writes

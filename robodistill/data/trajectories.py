@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,10 @@ def open_trajectory(path: str | Path) -> TrajectoryFile:
         raise UserError(f"'{path}' is a folder: give the .h5 trajectory file in it (`ls {path}`)")
     if not path.is_file():
         raise UserError(f"trajectory file '{path}' does not exist{_how_to_make(path)}")
+    if path.suffix != ".h5":
+        what = "a torch checkpoint (a zip archive)" if zipfile.is_zipfile(path) else f"a {path.suffix or 'suffix-less'} file"
+        raise UserError(f"'{path}' is {what}, not a ManiSkill trajectory: give an .h5 file with its .json beside it, "
+                        f"as `robodistill demos` writes them")
     json_path = path.with_suffix(".json")
     if not json_path.is_file():
         raise UserError(f"'{json_path}' is missing: a ManiSkill trajectory is X.h5 plus X.json with env_info and episodes")
