@@ -188,6 +188,7 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     # scene and settings carry on; only total_steps is given. It goes on in a run directory of its own.
     more = cli("agv-train", "resume=true", "name=nav", "total_steps=256", "progress=false")
     assert more.returncode == 0 and "ppo_rnd on simple_static: 256 env steps" in more.stdout, more.stderr[-2000:]
+    assert "checkpoints/last.pt at env step 128" in more.stdout, more.stdout
     first, run = sorted((tmp_path / "runs" / "agv-train").iterdir())
     assert checkpoints.load(run / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [0, 128, 256]
@@ -208,6 +209,8 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     assert lost.returncode == 2 and "is not the run directory of a training command" in lost.stderr, lost.stderr[-2000:]
     other = cli("agv-train", f"resume_from={first}", "total_steps=384", "scene=complex_static")
     assert other.returncode == 2 and "is a run of algo=ppo_rnd scene=simple_static" in other.stderr, other.stderr[-2000:]
+    done = cli("agv-train", f"resume_from={run}")
+    assert done.returncode == 2 and "at env step 256: the run already trained total_steps=256" in done.stderr, done.stderr[-2000:]
     none = cli("agv-train", "resume=true", "name=elsewhere")
     assert none.returncode == 2 and "resume=true: no earlier run named 'elsewhere'" in none.stderr, none.stderr[-2000:]
     ev = cli("eval", f"policy={run / 'policy.pt'}", "env=agv", "env.num_envs=2",

@@ -191,6 +191,8 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
                          "n_steps=300": "total_steps=200 is less than one rollout (n_steps * env.num_envs * ranks = 300"}.items():
         r = cli("rpd", bad, "total_steps=200")
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    done = cli("rpd", f"resume_from={run}", "total_steps=400")  # nothing left to train: not a run without its history
+    assert done.returncode == 2 and "at env step 400: the run already trained total_steps=400" in done.stderr, done.stderr[-2000:]
 
 
 class RecordingTeacher(PolicyTeacher):

@@ -54,7 +54,7 @@ def vla_run(tmp_path_factory, pickcube_rgb_demos):
     return {"root": root, "common": common, "stdout": r.stdout, "ckpt": root / "run" / "checkpoints" / "last.pt"}
 
 
-def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli):
+def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cli_here, tmp_path):
     root = vla_run["root"]
     assert (root / "datasets" / "PushCube-v1" / "mp_n2_seed0.rgb.pd_ee_delta_pos.h5").is_file()
     assert "| PushCube-v1 |" in vla_run["stdout"] and "| PickCube-v1 |" in vla_run["stdout"]
@@ -73,6 +73,13 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli):
     assert "at iteration 10" in again.stdout and "trained 12 iterations" in again.stdout
     assert "as the resumed run was trained: tasks=[PushCube-v1,PickCube-v1] image_size=48 max_episode_steps=20" in again.stdout
     assert checkpoints.load(root / "run2" / "checkpoints" / "last.pt")["train"]["max_episode_steps"] == 20
+    # A checkpoint it cannot go on from is refused before any demos are made (minutes per task).
+    finished = cli_here("train-vla", "iterations=12", f"resume_from={root / 'run2'}")
+    assert finished.returncode == 2 and "is at iteration 12: the run already trained iterations=12" in finished.stderr, finished.stderr
+    checkpoints.save(tmp_path / "agv.pt", {"kind": "agv_trainer"})  # what agv-train's checkpoints say they are
+    foreign = cli_here("train-vla", f"resume_from={tmp_path / 'agv.pt'}")
+    assert foreign.returncode == 2 and "holds a 'agv_trainer' checkpoint, not a train-vla run's state" in foreign.stderr, foreign.stderr
+    assert not (tmp_path / "datasets").exists()
 
     # One of its tasks is rated in the env it was trained in (camera, size, episode limit) without restating it,
     # with the command the run printed.

@@ -35,7 +35,7 @@ from robodistill.envs.agv.env import REWARD_MODES
 from robodistill.errors import UserError
 from robodistill.evaluation import episode_count, evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
-from robodistill.training.runs import find_resume
+from robodistill.training.runs import check_unfinished, find_resume
 
 ALGOS = ("ppo", "ppo_rnd")
 COMBINES = ("advantages", "sum")
@@ -206,6 +206,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         int_filter = ck["int_filter"]
         update, history = ck["update"], json.loads(ck["history"])
         checkpoints.set_rng_state(ck["rng"])
+        print(f"resumed from {resume_path} at env step {ck['step']}")
     # A resumed run starts fresh episodes: seeding by the update keeps it reproducible.
     obs = env.reset(seed=cfg.seed * 100_003 + update * 1_009)["state"]
     if resume_path is None:
@@ -357,9 +358,11 @@ def main(cfg) -> dict:
         given, saved = given_fields(), checkpoints.load(resume_path)
         if saved.get("kind") != "agv_trainer":  # said before its fields are taken for this run's
             raise UserError(f"{resume_path} holds a '{saved.get('kind')}', not an agv-train run's state")
-        saved = saved["config"]
-        kept = {k: v for k, v in saved.items() if k in AGVTrainConfig.__dataclass_fields__ and k not in given and k not in ("resume", "resume_from", "name")}
+        kept = {k: v for k, v in saved["config"].items() if k in AGVTrainConfig.__dataclass_fields__ and k not in given and k not in ("resume", "resume_from", "name")}
         conf = AGVTrainConfig(**{**asdict(conf), **kept, "resume": False, "resume_from": str(resume_path)})
+        # The budget as train() counts it: whole updates of num_envs * num_steps env steps.
+        batch = conf.num_envs * conf.num_steps
+        check_unfinished(resume_path, saved["step"], conf.total_steps // batch * batch, "total_steps", "env step")
     result = train(conf, run_dir)
     last = result["history"][-1]
     lo, hi = last["success_ci95"]

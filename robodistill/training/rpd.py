@@ -71,7 +71,7 @@ from robodistill.policies.base import trained_env
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
-from robodistill.training.runs import find_resume, resumed_env
+from robodistill.training.runs import check_unfinished, find_resume, resumed_env
 from robodistill.wire import served_env
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
@@ -556,6 +556,14 @@ def resume_checkpoint(cfg: RPDConfig, run_dir: Path) -> Path | None:
     return path
 
 
+def trained_steps(path: Path) -> int:
+    """The env steps (all ranks together) a student zip has trained, read without building its envs."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    data = load_from_zip_file(path, load_data=True, device="cpu")[0]
+    return data["num_timesteps"] * data.get("robodistill_ranks", 1)
+
+
 # What makes a run RPD rather than PPO, or another RPD: a resumed run keeps its own unless the command line says otherwise.
 DISTILLATION = ("teacher", "teacher_obs_mode", "distill", "distill_coef", "schedule", "anneal_steps", "labels")
 
@@ -664,6 +672,7 @@ def main(cfg: DictConfig) -> dict:
     if resume_path is not None:
         config.env = resumed_env(config.env, resume_path, given_fields())
         resumed_distillation(config, resume_path, given_fields(), run_dir)
+        check_unfinished(resume_path, trained_steps(resume_path), config.total_steps, "total_steps", "env step")
     else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained
         # on 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
         served = config.teacher.startswith(("ws://", "wss://"))

@@ -45,11 +45,12 @@ def check_budget(iterations: int, batch_size: int, minutes: float | None, checkp
         raise UserError(f"minutes={minutes} must be > 0 (or null: no time limit)")
 
 
-def check_unfinished(resume_path: Path, step: int, iterations: int) -> None:
-    """Resuming a run that already trained its iterations would make a new run directory with nothing in it."""
-    if step >= iterations:
-        raise UserError(f"{resume_path} is at iteration {step}: the run already trained iterations={iterations}; "
-                        f"raise iterations= to train it further, or use that checkpoint as it is")
+def check_unfinished(resume_path: Path, step: int, budget: int, field: str = "iterations", unit: str = "iteration") -> None:
+    """Resuming a run that already trained its budget (`field`=, counted in `unit`s) would make a new run
+    directory with nothing new in it."""
+    if step >= budget:
+        raise UserError(f"{resume_path} is at {unit} {step}: the run already trained {field}={budget}; "
+                        f"raise {field}= to train it further, or use that checkpoint as it is")
 
 
 def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path, filename: str = "last.pt") -> Path | None:

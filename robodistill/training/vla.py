@@ -148,11 +148,10 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
 
     if resume_path is not None:
         state = checkpoints.load(resume_path, map_location=device)
-        if state.get("kind") != KIND or state["policy"] != policy.spec():
+        if state["policy"] != policy.spec():  # its kind and step were checked before the demos (resumed_config)
             raise UserError(f"{resume_path} was written for another VLA config or task set: start a new run (another name=)")
         restore_training(state, policy, optimizer, lr_schedule, ema, batch_gen)
         step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
-        check_unfinished(resume_path, step, cfg.iterations)
         print(f"resumed from {resume_path} at iteration {step}")
 
     def save(name: str) -> None:
@@ -238,8 +237,14 @@ ENV_FIELDS = ("tasks", "control_mode", "image_size", "max_episode_steps")  # tra
 
 def resumed_config(cfg: TrainVLAConfig, path: Path, given: set[str]) -> TrainVLAConfig:
     """A resumed run goes on in the envs it trained in: its checkpoint's ENV_FIELDS fill those the
-    command line (`given`) leaves unset."""
-    trained = checkpoints.load(path).get("train", {})
+    command line (`given`) leaves unset. A checkpoint it cannot go on from is refused here, before
+    minutes of making demos."""
+    state = checkpoints.load(path)
+    if state.get("kind") != KIND or "optimizer" not in state:
+        raise UserError(f"{path} holds a '{state.get('kind')}' checkpoint, not a train-vla run's state: resume from "
+                        "runs/train-vla/<run>/checkpoints/last.pt")
+    check_unfinished(path, state["step"], cfg.iterations)
+    trained = state["train"]
     taken = {k: trained[k] for k in ENV_FIELDS if k in trained and k not in given and trained[k] != getattr(cfg, k)}
     if taken:
         said = {k: f"[{','.join(v)}]" if isinstance(v, list) else v for k, v in taken.items()}  # as the command line writes it
