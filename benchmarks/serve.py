@@ -25,6 +25,7 @@ import numpy as np
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
 from robodistill.policies.bundle import Bundle
+from robodistill.summary import sampler_words
 
 
 def observation(bundle: Bundle, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -110,7 +111,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     m = bundle.metadata
-    print(f"{m['env']['task']} bundle ({m['graph']['format']}, {m['policy']['sampler']} {m['policy']['steps']} step(s)), loopback\n")
+    print(f"{m['env']['task']} bundle ({m['graph']['format']}, {sampler_words(m['policy']['sampler'], m['policy']['steps'])}), loopback\n")
     print("| path | clients | requests | requests/s | p50 ms | p99 ms | dropped |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, n, r in rows:

@@ -29,6 +29,7 @@ from robodistill.inference.chunks import ChunkExecutor
 from robodistill.inference.samplers import RTIConfig
 from robodistill.policies import Policy, load_policy
 from robodistill.policies.base import check_policy_spec, trained_env
+from robodistill.summary import counted, sampler_words
 
 # What a policy file records of the env it was trained in, and `eval` takes from it unless the command line sets
 # env.<field>: the episode limit it learnt to finish in, what it sees and how it acts. The task stays the command
@@ -40,8 +41,11 @@ TRAINED_FIELDS = ("obs_mode", "control_mode", "max_episode_steps", "image_size",
 HELD_OUT_SEEDS = 10_000
 
 
+UNITS = {"path_length": "m", "time_to_goal": "s"}  # of the metrics an env records per episode (the AGV's)
+
+
 def episode_count(n: int) -> str:
-    return f"{n} episode{'' if n == 1 else 's'}"
+    return counted(n, "episode")
 
 
 @dataclass
@@ -103,7 +107,8 @@ class EvalReport:
             if isinstance(r, dict):
                 lines.append(f"{key:<16} {r['rate']:>8.1%}   [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]   ({r['count']}/{s['episodes']})")
         for key in (k[len("mean_"):] for k in s if k.startswith("mean_")):
-            lines.append(f"{key.replace('_', ' '):<16} {s['mean_' + key]:>8.3f}   (std {s['std_' + key]:.3f})")
+            label = key.replace("_", " ") + (f" ({UNITS[key]})" if key in UNITS else "")
+            lines.append(f"{label:<16} {s['mean_' + key]:>8.3f}   (std {s['std_' + key]:.3f})")
         lines.append(f"{'wall time':<16} {s['seconds']:>7.1f}s   ({s['env_steps_per_second']:.0f} env steps/s)")
         return "\n".join(lines)
 
@@ -233,7 +238,7 @@ def main(cfg: DictConfig) -> EvalReport:
         # what a diffusion policy sampled with, its checkpoint's default included: one checkpoint is rated per sampler
         used = {"name": policy.sampler.name, "steps": policy.sampler.steps} if hasattr(policy, "set_sampler") else None
     report.save(run_dir / "eval.json", env=env_cfg.__dict__, policy=str(cfg.policy), seed=int(cfg.seed), sampler=used)
-    with_sampler = f", sampler {used['name']} {used['steps']} step(s)" if used else ""
+    with_sampler = f", sampler {sampler_words(used['name'], used['steps'])}" if used else ""
     print(report.table(f"{cfg.policy}{with_sampler} on {env_cfg.task} ({episode_count(report.summary['episodes'])}, seed {cfg.seed})"))
     print(f"run: {run_dir}")
     return report

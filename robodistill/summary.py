@@ -19,6 +19,17 @@ from robodistill.errors import UserError
 RUN_STAMP = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-"  # a run directory is <time>-<name> (configs/common.yaml)
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 episode`, `2 episodes`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def sampler_words(name: str, steps: int) -> str:
+    """How a policy makes its actions: `ddim 10 steps`, `consistency 1 step`, or `mean action` (a Gaussian
+    student's or AGV policy's, which has no sampler)."""
+    return "mean action" if name == "mean" else f"{name} {counted(steps, 'step')}"
+
+
 def _rate(s: dict, key: str = "success_once") -> str:
     r = s[key]
     return f"{r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}] ({r['count']}/{s['episodes']})"
@@ -53,7 +64,7 @@ def _eval(run: Path) -> list[str]:
     s, sampler = e["summary"], e.get("sampler")
     # the rates an env reports: ManiSkill's success_at_end, the AGV's collision
     rates = ", ".join(f"{k} {_rate(s, k)}" for k in ("success_once", "success_at_end", "collision") if k in s)
-    used = f", {sampler['name']} {sampler['steps']} step(s)" if sampler else ""
+    used = f", {sampler_words(sampler['name'], sampler['steps'])}" if sampler else ""
     return [f"{rates} ({_policy(str(e['policy']))}{used})"]
 
 
@@ -97,7 +108,7 @@ def _latency(run: Path) -> list[str]:
 def _export(run: Path) -> list[str]:
     e = json.loads((run / "export.json").read_text())
     m = e["metadata"]
-    return [f"{m['graph']['format']} bundle, {m['policy']['sampler']} {m['policy']['steps']} step(s), "
+    return [f"{m['graph']['format']} bundle, {sampler_words(m['policy']['sampler'], m['policy']['steps'])}, "
             f"parity {m['parity']['max_abs_diff']:.1e}: {e['bundle']}"]
 
 

@@ -216,6 +216,7 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     ev = cli("eval", f"policy={run / 'policy.pt'}", "env=agv", "env.num_envs=2",
              "episodes=2", "video=true", "video_episodes=1")
     assert ev.returncode == 0, ev.stderr
+    assert "path length (m)" in ev.stdout and "time to goal (s)" in ev.stdout, ev.stdout
     (run,) = (tmp_path / "runs" / "eval").iterdir()
     assert run.name.endswith("-robodistill-AGVWarehouse-v0")  # the task id's "/" does not nest the run directory
     rated = json.loads((run / "eval.json").read_text())

@@ -175,7 +175,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     assert ev.returncode == 0 and "success_once" in ev.stdout, ev.stderr[-2000:]
     # The student exports like a teacher: the bundle's actions are the zip's mean actions.
     ex = cli("export", f"ckpt={run / 'student.zip'}")
-    assert ex.returncode == 0 and "mean 1 step(s)" in ex.stdout, ex.stderr[-2000:]
+    assert ex.returncode == 0 and "mean action; 1 action per inference" in ex.stdout, ex.stderr[-2000:]
     assert re.search(r"\(onnx, [1-9]\d* kB\)", ex.stdout), ex.stdout  # a small MLP's size, not "0.0 MB"
     (bundle,) = (tmp_path / "runs" / "export").iterdir()
     assert bundle.name.endswith("-onnx") and "consistency" not in bundle.name  # no sampler: the run is named by its format

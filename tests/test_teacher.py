@@ -123,7 +123,7 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
         rated = json.loads(run_dir(tmp_path, sampler, "eval").joinpath("eval.json").read_text())
         assert rated["env"]["max_episode_steps"] == (15 if limit else 20)
         assert rated["episodes"][0]["episode_len"] == (15 if limit else 20)
-        assert rated["sampler"] == {"name": sampler, "steps": steps} and f"sampler {sampler} {steps} step(s)" in r.stdout
+        assert rated["sampler"] == {"name": sampler, "steps": steps} and f"sampler {sampler} {steps} steps" in r.stdout
     wrong_env = cli("eval", f"policy={ckpt}", "env=PickCube-v1", "episodes=1")
     assert wrong_env.returncode == 2 and "trained on {'task': 'PushCube-v1'" in wrong_env.stderr and "PickCube-v1" in wrong_env.stderr
     zero = cli("eval", f"policy={ckpt}", "episodes=1", "sampler=ddim", "steps=0")

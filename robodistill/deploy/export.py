@@ -44,6 +44,7 @@ from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, m
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.policies.student import NormalizedState
 from robodistill.policies.vla import policy as vla
+from robodistill.summary import counted, sampler_words
 
 EXPORT_SAMPLERS = ("consistency", "ddim")
 
@@ -368,8 +369,8 @@ def main(cfg: DictConfig) -> Path:
     p, e = meta["policy"], meta["env"]
     print(f"bundle: {path}  ({meta['graph']['format']}, {f'{size / 1e6:.1f} MB' if size >= 1e6 else f'{size / 1e3:.0f} kB'})")
     drives = f"scene {e['scene']}" if "scene" in e else f"{e['obs_mode']}/{e['control_mode']}"
-    print(f"  {e['task']} {drives} at {e['control_freq']} Hz; {p['sampler']} {p['steps']} step(s); "
-          f"{meta['action']['chunk_length']} actions per inference")
+    print(f"  {e['task']} {drives} at {e['control_freq']} Hz; {sampler_words(p['sampler'], p['steps'])}; "
+          f"{counted(meta['action']['chunk_length'], 'action')} per inference")
     print(f"  parity vs PyTorch: max abs diff {meta['parity']['max_abs_diff']:.2e} (tolerance {meta['parity']['tolerance']:.0e}, "
           f"{meta['parity']['batch']} observations)")
     print(f"serve it: robodistill serve bundle={path}")

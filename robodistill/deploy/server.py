@@ -45,6 +45,7 @@ from websockets.exceptions import ConnectionClosed
 import robodistill
 from robodistill.errors import UserError
 from robodistill.policies.bundle import Bundle, check_observation
+from robodistill.summary import counted, sampler_words
 from robodistill.wire import API_KEY_ENV
 
 
@@ -238,7 +239,7 @@ def main(cfg: DictConfig) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):  # a clean stop between batches, with the counts printed
             asyncio.get_running_loop().add_signal_handler(sig, server.stop)
         m = bundle.metadata
-        print(f"serving {cfg.bundle} ({m['env']['task']}, {m['policy']['sampler']} {m['policy']['steps']} step(s)) "
+        print(f"serving {cfg.bundle} ({m['env']['task']}, {sampler_words(m['policy']['sampler'], m['policy']['steps'])}) "
               f"on {server.url}  health: http://{server.host}:{server.port}/healthz"
               f"{'  (API key required)' if api_key else ''}", flush=True)
         await task
@@ -250,4 +251,5 @@ def main(cfg: DictConfig) -> None:
     except OSError as err:
         raise _listen_error(cfg.host, cfg.port, err) from err
     s = server.stats
-    print(f"served {s['requests']} requests in {s['batches']} graph calls to {s['connections']} connections; {s['errors']} errors")
+    print(f"served {counted(s['requests'], 'request')} in {counted(s['batches'], 'graph call')} to "
+          f"{counted(s['connections'], 'connection')}; {counted(s['errors'], 'error')}")
