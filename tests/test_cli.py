@@ -34,6 +34,7 @@ def test_eval_writes_run_dir_eval_json_and_video(cli, tmp_path):
     assert 0.3 < lo < 0.4 and hi == 1.0
     assert (run / "videos" / "episode_000.mp4").stat().st_size > 1000
     assert "policy: scripted" in (run / ".hydra" / "config.yaml").read_text()
+    assert not list(run.glob("*.log"))  # log records go to the console, not also to an (empty) file per run
 
 
 def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
