@@ -100,7 +100,7 @@ def _distill(run: Path) -> list[str]:
 
 
 def _latency(run: Path) -> list[str]:
-    return [f"{r['sampler']:<14} {r['denoiser_calls']:>3} calls, p50 {r['p50_ms']:7.2f} ms, "
+    return [f"{r['sampler']:<14} {counted(r['denoiser_calls'], 'call'):>9}, p50 {r['p50_ms']:7.2f} ms, "
             f"success_once {r['success_once']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}] ({r['episodes']} ep)"
             for r in json.loads((run / "latency.json").read_text())]
 

@@ -13,6 +13,7 @@ from robodistill.inference.latency import measure
 from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_timesteps, make_training_scheduler
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
+from robodistill.summary import summarize
 from tests.test_teacher import TINY, run_dir
 
 
@@ -128,6 +129,8 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     # One table, printed row by row as measured, naming the run whole (2026-12-05_19-15-05-regression: 30 characters).
     table = [line for line in bench.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows) and all(f"| {rows[0]['checkpoint']} |" in line for line in table[1:]), bench.stdout
+    listed = [result for command, _, result in summarize(tmp_path / "runs") if command == "bench-latency"]
+    assert [line.split(",")[0].split()[-2:] for line in listed] == [["100", "calls"], ["10", "calls"], ["3", "calls"], ["1", "call"], ["3", "calls"]], listed
     bad = cli("distill", "teacher=nothing.pt")
     assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
     bad = cli("bench-latency", "ckpt=nothing.pt")
