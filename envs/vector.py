@@ -91,8 +91,13 @@ class VecEnv:
         self.max_episode_steps: int = cfg.max_episode_steps or _task_max_steps(cfg.task)
         self.control_freq: int = int(vec.base_env.control_freq if self.batched else vec.get_attr("control_freq")[0])
 
-    def reset(self, seed: int | list[int] | None = None) -> Obs:
-        obs, _ = self._vec.reset(seed=seed)
+    def reset(self, seed: int | list[int] | None = None, rebuild: bool = False) -> Obs:
+        """`rebuild`: build the scene anew first. CPU PhysX carries solver state from one episode into the next,
+        so an episode's outcome depends on what the env ran before as well as on its seed; after a rebuild, only
+        on what follows (the same as in a fresh env). On physx_cuda it is skipped: rebuilding every parallel
+        scene is slow there, and its determinism is not checked here."""
+        rebuild = rebuild and self.cfg.sim_backend == "physx_cpu"
+        obs, _ = self._vec.reset(seed=seed, options={"reconfigure": True} if rebuild else None)
         return obs if self.batched else _to_torch(obs, self.device)
 
     def step(self, action: torch.Tensor | np.ndarray):

@@ -157,7 +157,8 @@ def evaluate(
     with torch.random.fork_rng():
         for wave_start in range(0, episodes, n_envs):
             seeds = [seed + wave_start + i for i in range(n_envs)]
-            obs = env.reset(seed=seeds)
+            # Rebuilt once per call: a periodic evaluation (or one after resuming) rates as in a fresh env.
+            obs = env.reset(seed=seeds, rebuild=wave_start == 0)
             executor = ChunkExecutor(policy, n_envs)
             executor.observe(obs)
             finished: dict[int, dict] = {}

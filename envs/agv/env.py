@@ -90,7 +90,8 @@ class AGVVecEnv:
         self._render = render
         self.batch.reset(np.arange(self.num_envs))
 
-    def reset(self, seed: int | list[int] | None = None) -> dict[str, torch.Tensor]:
+    def reset(self, seed: int | list[int] | None = None, rebuild: bool = False) -> dict[str, torch.Tensor]:
+        """`rebuild` is VecEnv's; nothing here carries from one episode into the next, so there is nothing to rebuild."""
         if isinstance(seed, int):
             seed = [seed + i for i in range(self.num_envs)]
         self.batch.reset(np.arange(self.num_envs), seed)
