@@ -113,12 +113,12 @@ def from_checkpoint(payload: dict) -> VLAPolicy:
 def load_vla(payload: dict, env) -> VLAPolicy:
     """The EMA VLA of a `train-vla` checkpoint, told the env task's first instruction."""
     policy = from_checkpoint(payload)
+    if env.cfg.task not in policy.tasks:  # first: for one of its tasks, eval takes the fields below from the checkpoint
+        raise UserError(f"the VLA was trained on {', '.join(policy.tasks)}, not {env.cfg.task}")
     trained = payload["env"]
     here = {k: getattr(env.cfg, k) for k in ("obs_mode", "control_mode", "image_size")}
     theirs = {k: trained.get(k) for k in here}
     if here != theirs:
         raise UserError(f"the VLA was trained with {theirs}, but the env has {here}: set env.obs_mode/control_mode/image_size to match")
-    if env.cfg.task not in policy.tasks:
-        raise UserError(f"the VLA was trained on {', '.join(policy.tasks)}, not {env.cfg.task}")
     policy.prompt = policy.prompts[env.cfg.task][0]
     return policy.to(env.device)
