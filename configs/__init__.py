@@ -103,6 +103,26 @@ def given_fields() -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
 
 
+def record_taken(values: dict) -> None:
+    """Write the fields a command took from elsewhere (a checkpoint, a teacher; dotted keys such as
+    `env.max_episode_steps`) into its run's .hydra/config.yaml, so that the config a run keeps is the one it ran
+    with, and a later `resume=true` of it finds them. Outside a hydra run, and on ranks other than 0, nothing."""
+    import os
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not values or not HydraConfig.initialized() or os.environ.get("RANK", "0") != "0":
+        return
+    saved = Path(HydraConfig.get().runtime.output_dir) / ".hydra" / "config.yaml"
+    if saved.is_file():
+        config = OmegaConf.load(saved)
+        for key, value in values.items():
+            OmegaConf.update(config, key, value, merge=False)
+        OmegaConf.save(config, saved)
+
+
 def register_schemas(command: str) -> None:
     """The typed schemas `command`'s yaml builds on (its own and env's), so a misspelled or mistyped
     field is an error. Only these are imported: every other command's module stays unloaded."""

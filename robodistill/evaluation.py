@@ -204,14 +204,17 @@ def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str] = frozenset(),
 def take_env(env_cfg: EnvConfig, recorded: dict, given: set[str], fields: tuple[str, ...] = TRAINED_FIELDS,
              who: str = "the policy") -> EnvConfig:
     """`env_cfg` with the `fields` of a `recorded` env (EnvConfig fields; a VLA's adds its `tasks`) that
-    the command line (`given`) leaves unset, printed; unchanged when `recorded` is of another task (that
-    of `env_cfg`, or the recorded one where `fields` holds "task" and `given` no task)."""
+    the command line (`given`) leaves unset, printed and recorded in the run's config; unchanged when `recorded`
+    is of another task (that of `env_cfg`, or the recorded one where `fields` holds "task" and `given` no task)."""
+    from robodistill.configs import record_taken
+
     given = (given | {"env.task"}) if "env" in given else given  # env=<task> sets the task
     taken = {k: recorded[k] for k in fields if k in recorded and f"env.{k}" not in given and recorded[k] != getattr(env_cfg, k)}
     if taken.get("task", env_cfg.task) not in recorded.get("tasks", [recorded.get("task")]):
         return env_cfg
     if taken and os.environ.get("RANK", "0") == "0":  # under torchrun every rank takes it; one says so
         print(f"as {who} was trained: {' '.join(f'env.{k}={v}' for k, v in taken.items())} (set env.<field>= to change)")
+    record_taken({f"env.{k}": v for k, v in taken.items()})
     return replace(env_cfg, **taken)
 
 

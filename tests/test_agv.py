@@ -7,6 +7,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
@@ -191,6 +192,8 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     assert "checkpoints/last.pt at env step 128" in more.stdout, more.stdout
     first, run = sorted((tmp_path / "runs" / "agv-train").iterdir())
     assert checkpoints.load(run / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
+    kept = OmegaConf.load(run / ".hydra" / "config.yaml")  # the run's config says the settings it kept, as it ran
+    assert (kept.scene, kept.num_envs, kept.total_steps) == ("simple_static", 4, 256)
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [0, 128, 256]
     assert f"curves: {run / 'curves.png'}" in more.stdout and (run / "curves.png").stat().st_size > 10_000
     # Both runs' success curves in one PNG; runs that share a name are told apart by the overrides they differ in.

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import explained_variance
 
@@ -160,6 +161,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     first_run, run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))  # the resumed run logs in a directory of its own
     # ...whose config records the teacher it went on with, so resuming it again keeps the teacher too
     assert "teacher: scripted" in (run / ".hydra" / "config.yaml").read_text().splitlines()
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").env.max_episode_steps == 25  # and the env it took, as it ran
     assert len(list((first_run / "tb").rglob("events.*"))) == 1 and list((run / "tb").rglob("events.*"))
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from robodistill import checkpoints
 from robodistill.data import Normalizer
@@ -122,6 +123,7 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
         assert ("as the policy was trained: env.max_episode_steps=20" in r.stdout) == (not limit), r.stdout
         rated = json.loads(run_dir(tmp_path, sampler, "eval").joinpath("eval.json").read_text())
         assert rated["env"]["max_episode_steps"] == (15 if limit else 20)
+        assert OmegaConf.load(run_dir(tmp_path, sampler, "eval") / ".hydra" / "config.yaml").env.max_episode_steps == (15 if limit else 20)
         assert rated["episodes"][0]["episode_len"] == (15 if limit else 20)
         assert rated["sampler"] == {"name": sampler, "steps": steps} and f"sampler {sampler} {steps} steps" in r.stdout
     wrong_env = cli("eval", f"policy={ckpt}", "env=PickCube-v1", "episodes=1")

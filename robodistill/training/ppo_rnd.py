@@ -348,7 +348,7 @@ def main(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from robodistill.configs import given_fields
+    from robodistill.configs import given_fields, record_taken
 
     conf = AGVTrainConfig(**OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -359,6 +359,7 @@ def main(cfg) -> dict:
         if saved.get("kind") != "agv_trainer":  # said before its fields are taken for this run's
             raise UserError(f"{resume_path} holds a '{saved.get('kind')}', not an agv-train run's state")
         kept = {k: v for k, v in saved["config"].items() if k in AGVTrainConfig.__dataclass_fields__ and k not in given and k not in ("resume", "resume_from", "name")}
+        record_taken({k: v for k, v in kept.items() if v != getattr(conf, k)})
         conf = AGVTrainConfig(**{**asdict(conf), **kept, "resume": False, "resume_from": str(resume_path)})
         # The budget as train() counts it: whole updates of num_envs * num_steps env steps.
         batch = conf.num_envs * conf.num_steps

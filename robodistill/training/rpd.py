@@ -568,11 +568,13 @@ def trained_steps(path: Path) -> int:
 DISTILLATION = ("teacher", "teacher_obs_mode", "distill", "distill_coef", "schedule", "anneal_steps", "labels")
 
 
-def resumed_distillation(cfg: RPDConfig, resume_path: Path, given: set[str], run_dir: Path) -> None:
+def resumed_distillation(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None:
     """Takes the DISTILLATION settings of the run `resume_path` belongs to (its .hydra/config.yaml) that
     `given` leaves unset and that differ, and says so: `rpd resume=true` after `rpd teacher=X` goes on with
-    teacher X, not as the plain PPO that the default teacher=none is. They are written into `run_dir`'s
+    teacher X, not as the plain PPO that the default teacher=none is. They are written into this run's
     .hydra/config.yaml too, so that resuming this run again keeps them."""
+    from robodistill.configs import record_taken
+
     saved = resume_path.parent.parent / ".hydra" / "config.yaml"
     if not saved.is_file():  # a zip kept outside its run directory: the command line says it all
         return
@@ -582,9 +584,7 @@ def resumed_distillation(cfg: RPDConfig, resume_path: Path, given: set[str], run
         setattr(cfg, key, value)
     if taken and os.environ.get("RANK", "0") == "0":
         print(f"as the resumed run was: {' '.join(f'{k}={v}' for k, v in taken.items())} (set them to change)")
-        mine = run_dir / ".hydra" / "config.yaml"
-        if mine.is_file():
-            OmegaConf.save(OmegaConf.merge(OmegaConf.load(mine), taken), mine)
+    record_taken(taken)
 
 
 def train(cfg: RPDConfig, run_dir: Path) -> dict:
@@ -671,7 +671,7 @@ def main(cfg: DictConfig) -> dict:
     resume_path = resume_checkpoint(config, run_dir)
     if resume_path is not None:
         config.env = resumed_env(config.env, resume_path, given_fields())
-        resumed_distillation(config, resume_path, given_fields(), run_dir)
+        resumed_distillation(config, resume_path, given_fields())
         check_unfinished(resume_path, trained_steps(resume_path), config.total_steps, "total_steps", "env step")
     else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained
         # on 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.

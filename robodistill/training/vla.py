@@ -239,6 +239,8 @@ def resumed_config(cfg: TrainVLAConfig, path: Path, given: set[str]) -> TrainVLA
     """A resumed run goes on in the envs it trained in: its checkpoint's ENV_FIELDS fill those the
     command line (`given`) leaves unset. A checkpoint it cannot go on from is refused here, before
     minutes of making demos."""
+    from robodistill.configs import record_taken
+
     state = checkpoints.load(path)
     if state.get("kind") != KIND or "optimizer" not in state:
         raise UserError(f"{path} holds a '{state.get('kind')}' checkpoint, not a train-vla run's state: resume from "
@@ -249,6 +251,7 @@ def resumed_config(cfg: TrainVLAConfig, path: Path, given: set[str]) -> TrainVLA
     if taken:
         said = {k: f"[{','.join(v)}]" if isinstance(v, list) else v for k, v in taken.items()}  # as the command line writes it
         print(f"as the resumed run was trained: {' '.join(f'{k}={v}' for k, v in said.items())} (set <field>= to change)")
+    record_taken(taken)
     return replace(cfg, **taken)
 
 
