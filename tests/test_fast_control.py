@@ -113,6 +113,9 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     done = cli("distill", f"teacher={teacher}", "variant=regression", "iterations=30", "batch_size=16",
                "eval_episodes=0", "threads=1", "name=regression", "resume=true")  # a finished run: nothing to do
     assert done.returncode == 2 and "at iteration 30: the run already trained iterations=30" in done.stderr, done.stderr[-2000:]
+    spent = cli_here("distill", f"teacher={teacher}", "variant=regression", "iterations=40", "batch_size=16",
+                     "eval_episodes=0", "threads=1", "name=regression", "resume=true", "minutes=0.0001")  # its time used up
+    assert spent.returncode == 2 and "the run already used minutes=0.0001 (training time adds up" in spent.stderr, spent.stderr[-2000:]
     assert set((tmp_path / "runs" / "distill").iterdir()) == runs  # and no empty run directory
 
     for sampler in ("sampler=consistency steps=3", "sampler=rti rti.timesteps=[2,0]"):

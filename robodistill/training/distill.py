@@ -132,7 +132,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         step, train_seconds = done["step"], done["train_seconds"]
         checkpoints.set_rng_state(done["rng"])
         batch_gen.set_state(done["batch_rng"])
-        check_unfinished(resume_path, step, cfg.iterations)
+        check_unfinished(resume_path, step, cfg.iterations, seconds=train_seconds, minutes=cfg.minutes)
         print(f"resumed from {resume_path} at iteration {step}")
 
     def save(name: str) -> None:

@@ -132,7 +132,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
             raise UserError(f"{resume_path} was written for another model config: {state['policy']} vs {policy.spec()}")
         restore_training(replicas.local(state), policy, optimizer, lr_schedule, ema, batch_gen)
         step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
-        check_unfinished(resume_path, step, cfg.iterations)
+        check_unfinished(resume_path, step, cfg.iterations, seconds=train_seconds, minutes=cfg.minutes)
         print(f"resumed from {resume_path} at iteration {step}")
 
     def save(name: str, optimizer, ema) -> None:

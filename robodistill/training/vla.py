@@ -245,7 +245,7 @@ def resumed_config(cfg: TrainVLAConfig, path: Path, given: set[str]) -> TrainVLA
     if state.get("kind") != KIND or "optimizer" not in state:
         raise UserError(f"{path} holds a '{state.get('kind')}' checkpoint, not a train-vla run's state: resume from "
                         "runs/train-vla/<run>/checkpoints/last.pt")
-    check_unfinished(path, state["step"], cfg.iterations)
+    check_unfinished(path, state["step"], cfg.iterations, seconds=state["train_seconds"], minutes=cfg.minutes)
     trained = state["train"]
     taken = {k: trained[k] for k in ENV_FIELDS if k in trained and k not in given and trained[k] != getattr(cfg, k)}
     if taken:
