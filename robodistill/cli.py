@@ -8,6 +8,7 @@ there (`.hydra/config.yaml`). Every hydra flag works (`--cfg job`, `-m` sweeps, 
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 import signal
 import sys
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from robodistill.configs import LAUNCH_KEYS, check_overrides, compose_checked, register_schemas
 from robodistill.errors import UserError
+from robodistill.summary import RUN_STAMP
 
 # command -> (module with main(cfg), one-line summary); ARGV_COMMANDS take plain arguments, no hydra.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -92,6 +94,7 @@ def _guarded(task_fn, command: str = ""):
 
     def interrupted():
         hint = ": the run keeps its last checkpoint; the same command with resume=true continues it" if command in TRAINING else ""
+        end_progress_bars()
         print("interrupted" + hint, file=sys.stderr)
         drop_empty_run_dir()
         sys.exit(130)
@@ -100,6 +103,7 @@ def _guarded(task_fn, command: str = ""):
         try:
             return task_fn(cfg)
         except UserError as err:
+            end_progress_bars()
             print(f"error: {err}", file=sys.stderr)
             drop_empty_run_dir()
             sys.exit(2)
@@ -115,6 +119,14 @@ def _guarded(task_fn, command: str = ""):
     return run
 
 
+def end_progress_bars() -> None:
+    """Close the progress bars still open, so that the line said next starts a line of its own, not the end of a bar's."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def drop_empty_run_dir() -> None:
     """A run that wrote nothing (stopped first, or one that went on in an earlier run's directory) holds only
     hydra's own files: remove it, so that `summary` and `resume=true` never take it for a run."""
@@ -125,8 +137,11 @@ def drop_empty_run_dir() -> None:
     if output_dir is None:  # before hydra made one, or `--cfg job`, which makes none
         return
     run_dir = Path(output_dir)
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "cli.log"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(run_dir)
+        command_dir = run_dir.parent  # runs/<command>, where the run has the default layout's name: hydra made it for the run
+        if re.match(RUN_STAMP, run_dir.name) and not any(command_dir.iterdir()):
+            command_dir.rmdir()
 
 
 _signals: list[int] = []  # those received (a list: submitit's launcher pickles what a command's function refers to)

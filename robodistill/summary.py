@@ -161,7 +161,7 @@ def main(argv: list[str]) -> None:
     rows = summarize(a.runs, a.name)
     if not rows:
         raise UserError(f"no runs{' named ' + a.name if a.name else ''} under {a.runs}")
-    w1, w2 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    w1, w2 = max(len(r[0]) for r in [("command", "run"), *rows]), max(len(r[1]) for r in [("command", "run"), *rows])
     print(f"{'command':<{w1}}  {'run':<{w2}}  result")
     print(f"{'-' * w1}  {'-' * w2}  {'-' * 6}")
     for command, run, line in rows:

@@ -64,13 +64,14 @@ def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
     assert r.returncode == 2 and "unknown command 'evaluate'" in r.stderr
     r = cli("eval", "episodes=1", "env.tsk=PushCube-v1")
     assert r.returncode == 2 and r.stderr.startswith("error: env.tsk=PushCube-v1:") and r.stderr.count("\n") == 1, r.stderr
-    assert not (tmp_path / "runs" / "eval").exists() or not list((tmp_path / "runs" / "eval").iterdir())  # no empty runs left
+    assert not (tmp_path / "runs" / "eval").exists()  # no empty runs left, nor the folder made for them
     # summary over a runs folder with a stray file and a run whose JSON is not what the command writes
     (tmp_path / "runs" / "demos" / "x").mkdir(parents=True)
     (tmp_path / "runs" / "demos" / "x" / "demos.json").write_text("[1]")
     (tmp_path / "runs" / "demos" / "notes.txt").write_text("")
     r = cli_here("summary")
     assert r.returncode == 0 and r.stdout.splitlines()[-1].split() == ["demos", "x", "(incomplete", "run)"], r.stdout + r.stderr
+    assert r.stdout.splitlines()[:2] == ["command  run  result", "-------  ---  ------"], r.stdout  # columns as wide as their names
 
 
 def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
@@ -112,6 +113,18 @@ def test_an_interrupt_that_a_binding_reports_as_another_error_still_ends_as_inte
     with pytest.raises(SystemExit) as stop:
         entry._guarded(interrupted_in_a_binding, "eval")(None)
     assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+    def interrupted_in_training(cfg):
+        from tqdm import tqdm
+
+        bar = tqdm(total=10, desc="train")  # left open, as training leaves it when stopped
+        bar.update(5)
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit):
+        entry._guarded(interrupted_in_training, "eval")(None)
+    said = capsys.readouterr().err
+    assert said.splitlines()[-1] == "interrupted" and "train:  50%" in said, said  # a line of its own, not glued to the bar
 
 
 def test_missing_vulkan_device_names_the_fix(cli):
