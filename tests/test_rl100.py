@@ -1,6 +1,7 @@
 """RL-100: the denoising chain as a policy, chunk-level transitions and critics, and the staged CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -125,6 +126,24 @@ def test_rl100_runs_every_stage_and_reports_gates(rl100_run):
     assert checkpoints.load(run / "online" / "policy.pt")["kind"] == "diffusion"
     (line,) = READERS["rl100"](run)  # `robodistill summary`'s row: every stage's success with its interval
     assert all(f"{stage} " in line for stage in ("imitation", "offline", "online", "distill")) and "[" in line
+
+
+def test_rl100_killed_while_rating_a_finished_stage_resumes_to_its_rating(rl100_run, pushcube_demos, cli, tmp_path):
+    """Stopped after imitation (or the head) trained to its end but before the stage's success was reported: the
+    resumed run rates that checkpoint; it does not refuse it as a finished training run."""
+    run, _ = rl100_run
+    copy = tmp_path / "runs" / "rl100" / "2026-01-01_00-00-00-copy"
+    shutil.copytree(run, copy)
+    report = json.loads((copy / "report.json").read_text())
+    for stage in ("imitation", "distill"):
+        del report["stages"][stage]
+    (copy / "report.json").write_text(json.dumps(report))
+    trained = {stage: (copy / stage / "checkpoints" / "last.pt").stat().st_mtime_ns for stage in ("imitation", "distill")}
+    r = cli("rl100", f"dataset={pushcube_demos}", *SMALL, "stages=[imitation,distill]", f"resume_from={copy}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((copy / "report.json").read_text())
+    assert all(report["stages"][stage]["episodes"] == 2 for stage in ("imitation", "distill"))
+    assert trained == {stage: (copy / stage / "checkpoints" / "last.pt").stat().st_mtime_ns for stage in trained}  # not trained again
 
 
 def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl100_run, pushcube_demos, cli, tmp_path):

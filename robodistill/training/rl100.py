@@ -52,7 +52,7 @@ from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
-from robodistill.training.runs import latest_run
+from robodistill.training.runs import budget_spent, latest_run
 
 STAGES = ("imitation", "offline", "online", "distill")
 GATES = {"amq": ("amq",), "fqe": ("fqe",), "both": ("amq", "fqe")}  # the estimators whose verdicts must all be "no worse"
@@ -284,6 +284,10 @@ def imitation(cfg: RL100Config, run: Run) -> Path:
 
     out = run.dir / "imitation"
     last = out / "checkpoints" / "last.pt"
+    if last.is_file():  # killed while the finished stage was rated: there is nothing left to train
+        state = checkpoints.load(last)
+        if budget_spent(state["step"], cfg.imitation.iterations, state["train_seconds"], cfg.imitation.minutes):
+            return last
     train(TrainTeacherConfig(
         env=cfg.env, dataset=cfg.dataset, iterations=cfg.imitation.iterations, minutes=cfg.imitation.minutes,
         batch_size=cfg.imitation.batch_size, eval_every=0, eval_episodes=0, threads=cfg.threads, device="cpu",
@@ -560,6 +564,10 @@ def distill(cfg: RL100Config, run: Run, start: Path) -> Path:
 
     out = run.dir / "distill"
     last = out / "checkpoints" / "last.pt"
+    if last.is_file():  # as in imitation()
+        head = checkpoints.load(last)["consistency"]
+        if budget_spent(head["step"], cfg.head.iterations, head["train_seconds"], cfg.head.minutes):
+            return last
     train(DistillConfig(teacher=str(start), variant="regression", dataset=cfg.dataset or None, teacher_steps=cfg.chain.steps,
                         iterations=cfg.head.iterations, minutes=cfg.head.minutes, eval_episodes=0, threads=cfg.threads,
                         device="cpu", seed=cfg.seed, name=cfg.name, resume_from=str(last) if last.is_file() else None), out)

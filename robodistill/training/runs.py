@@ -45,16 +45,22 @@ def check_budget(iterations: int, batch_size: int, minutes: float | None, checkp
         raise UserError(f"minutes={minutes} must be > 0 (or null: no time limit)")
 
 
+def budget_spent(step: int, budget: int, seconds: float = 0.0, minutes: float | None = None) -> bool:
+    """Whether a run at `step` after `seconds` of training has trained its `budget` of steps or its `minutes`."""
+    return step >= budget or (minutes is not None and seconds >= minutes * 60)
+
+
 def check_unfinished(resume_path: Path, step: int, budget: int, field: str = "iterations", unit: str = "iteration", *,
                      seconds: float = 0.0, minutes: float | None = None) -> None:
     """Resuming a run that already trained its budget (`field`=, counted in `unit`s, or `minutes`= of training
     time, which add up across resumes) would make a new run directory with nothing new in it."""
+    if not budget_spent(step, budget, seconds, minutes):
+        return
     if step >= budget:
         raise UserError(f"{resume_path} is at {unit} {step}: the run already trained {field}={budget}; "
                         f"raise {field}= to train it further, or use that checkpoint as it is")
-    if minutes is not None and seconds >= minutes * 60:
-        raise UserError(f"{resume_path} has trained for {seconds / 60:.1f} min: the run already used minutes={minutes:g} "
-                        f"(training time adds up across resumes); raise minutes=, or set minutes=null, to train it further")
+    raise UserError(f"{resume_path} has trained for {seconds / 60:.1f} min: the run already used minutes={minutes:g} "
+                    f"(training time adds up across resumes); raise minutes=, or set minutes=null, to train it further")
 
 
 def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path, filename: str = "last.pt") -> Path | None:
