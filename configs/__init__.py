@@ -115,8 +115,9 @@ def record_taken(values: dict) -> None:
 
     if not values or not HydraConfig.initialized() or os.environ.get("RANK", "0") != "0":
         return
-    saved = Path(HydraConfig.get().runtime.output_dir) / ".hydra" / "config.yaml"
-    if saved.is_file():
+    output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)  # none under `--cfg job`
+    saved = Path(output_dir or "") / ".hydra" / "config.yaml"
+    if output_dir and saved.is_file():
         config = OmegaConf.load(saved)
         for key, value in values.items():
             OmegaConf.update(config, key, value, merge=False)
