@@ -156,6 +156,10 @@ def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_pa
         describe(checkpoint)  # `dataset info`; train-teacher dataset= opens files the same way
     with pytest.raises(UserError, match="obs_mode=none files only hold actions"):
         load_episodes(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")
+    replayed = copy_pair(pushcube, tmp_path, "replayed")  # replay_trajectory's output records no source_type
+    meta = json.loads(replayed.with_suffix(".json").read_text())
+    replayed.with_suffix(".json").write_text(json.dumps({**meta, "source_type": None}))
+    assert "source=not recorded" in format_summary(describe(replayed)[0])
     raw, _ = describe(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")  # `dataset info` reads what demos writes
     assert raw["episodes"] == 3 and raw["observations"] == {} and raw["actions"]["shape"] == [8] and "actions only" in format_summary(raw)
 

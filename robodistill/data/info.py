@@ -60,7 +60,7 @@ def format_summary(s: dict) -> str:
         "none: actions only (raw plans; replay_trajectory converts them, see the README's demonstrations)")
     return "\n".join([
         f"file          {s['file']}",
-        f"env           {s['env_id']}   control_mode={s['control_mode']}   obs_mode={s['obs_mode']}   source={s['source']}",
+        f"env           {s['env_id']}   control_mode={s['control_mode']}   obs_mode={s['obs_mode']}   source={s['source'] or 'not recorded'}",
         f"episodes      {s['episodes']}, {ok}",
         f"length        mean {s['length']['mean']:.1f}, min {s['length']['min']}, max {s['length']['max']}, {s['length']['total']} steps in all",
         f"observations  {obs}",
