@@ -44,10 +44,6 @@ HELD_OUT_SEEDS = 10_000
 UNITS = {"path_length": "m", "time_to_goal": "s"}  # of the metrics an env records per episode (the AGV's)
 
 
-def episode_count(n: int) -> str:
-    return counted(n, "episode")
-
-
 @dataclass
 class EvalConfig:
     """`robodistill eval` (configs/eval.yaml)."""
@@ -243,6 +239,6 @@ def main(cfg: DictConfig) -> EvalReport:
         used = {"name": policy.sampler.name, "steps": policy.sampler.steps} if hasattr(policy, "set_sampler") else None
     report.save(run_dir / "eval.json", env=env_cfg.__dict__, policy=str(cfg.policy), seed=int(cfg.seed), sampler=used)
     with_sampler = f", sampler {sampler_words(used['name'], used['steps'])}" if used else ""
-    print(report.table(f"{cfg.policy}{with_sampler} on {env_cfg.task} ({episode_count(report.summary['episodes'])}, seed {cfg.seed})"))
+    print(report.table(f"{cfg.policy}{with_sampler} on {env_cfg.task} ({counted(report.summary['episodes'], 'episode')}, seed {cfg.seed})"))
     print(f"run: {run_dir}")
     return report

@@ -58,7 +58,8 @@ from openpi_client.runtime.runtime import Runtime
 
 from robodistill.envs import EnvConfig, VecEnv, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import EvalReport, episode_count, episode_metrics
+from robodistill.evaluation import EvalReport, episode_metrics
+from robodistill.summary import counted
 from robodistill.wire import API_KEY_ENV, connect
 
 ON_LATE = ("hold", "stop")
@@ -389,7 +390,7 @@ def main(cfg: DictConfig) -> EvalReport:
         writer.writerows(agent.records)
     report.save(run_dir / "control.json", env=env_cfg.__dict__, server=url, bundle=cfg.bundle,
                 controller=asdict(controller), timing=timing, requests=agent.requests)
-    print(report.table(f"{e['task']} through {url} at {controller.hz:g} Hz ({episode_count(report.summary['episodes'])}, seed {cfg.seed})"))
+    print(report.table(f"{e['task']} through {url} at {controller.hz:g} Hz ({counted(report.summary['episodes'], 'episode')}, seed {cfg.seed})"))
     print(timing_table(timing))
     print(f"run: {run_dir}")
     return report

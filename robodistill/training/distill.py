@@ -34,9 +34,10 @@ from robodistill import checkpoints
 from robodistill.data import Horizons, WindowDataset, load_episodes, sample_batches
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import HELD_OUT_SEEDS, episode_count, evaluate
+from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
+from robodistill.summary import counted
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
 from robodistill.training.runs import check_budget, check_unfinished, find_resume, schedule_note
 
@@ -234,7 +235,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         with make_env(env_cfg, ignore_terminations=True) as env:
             report = evaluate(teacher, env, cfg.eval_episodes, seed=HELD_OUT_SEEDS + cfg.seed)
         result["consistency_1"] = report.summary
-        print(report.table(f"consistency head, 1 step, on {env_cfg.task} ({episode_count(cfg.eval_episodes)}, seed {HELD_OUT_SEEDS + cfg.seed})"))
+        print(report.table(f"consistency head, 1 step, on {env_cfg.task} ({counted(cfg.eval_episodes, 'episode')}, seed {HELD_OUT_SEEDS + cfg.seed})"))
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return {**result, "main": True}
 

@@ -33,8 +33,9 @@ from robodistill.envs import EnvConfig, make_env
 from robodistill.envs.agv import SCENES, TASK
 from robodistill.envs.agv.env import REWARD_MODES
 from robodistill.errors import UserError
-from robodistill.evaluation import episode_count, evaluate
+from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
+from robodistill.summary import counted
 from robodistill.training.runs import check_unfinished, find_resume
 
 ALGOS = ("ppo", "ppo_rnd")
@@ -368,7 +369,7 @@ def main(cfg) -> dict:
     last = result["history"][-1]
     lo, hi = last["success_ci95"]
     print(f"{conf.algo} on {conf.scene}: {result['step']} env steps, eval success {last['success']:.1%} [{lo:.1%}, {hi:.1%}] "
-          f"over {episode_count(conf.eval_episodes)}, collision {last['collision']:.1%}")
+          f"over {counted(conf.eval_episodes, 'episode')}, collision {last['collision']:.1%}")
     print(f"policy: {result['policy']}  (robodistill eval policy={result['policy']} env=agv)")
     print(f"run: {run_dir}")
     write_run_curves(run_dir, "agv-train")

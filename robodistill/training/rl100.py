@@ -47,10 +47,11 @@ from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import HELD_OUT_SEEDS, TRAINED_FIELDS, env_for_policy, episode_count, evaluate, take_env, wilson_interval
+from robodistill.evaluation import HELD_OUT_SEEDS, TRAINED_FIELDS, env_for_policy, evaluate, take_env, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
+from robodistill.summary import counted
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
 from robodistill.training.runs import budget_spent, latest_run
 
@@ -553,7 +554,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         actor.load_state_dict(best["weights"])
         run.report["online_evals"] = evals
         run.report["online_kept"] = {k: best[k] for k in ("env_steps", "success_once")}
-        print(f"online: kept the policy at {best['env_steps']} env steps ({best['success_once']:.1%} over {episode_count(o.eval_episodes)})")
+        print(f"online: kept the policy at {best['env_steps']} env steps ({best['success_once']:.1%} over {counted(o.eval_episodes, 'episode')})")
     path = out / "policy.pt"
     save_policy(path, base, actor, env_cfg, rl100={"stage": "online", "value": value.state_dict()})
     return path
@@ -707,7 +708,7 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
         run.report["stages"][stage] = {**result, "policy": str(policy_path), "seconds": round(time.perf_counter() - tick, 1)}
         run.save_report()
         print(f"{stage}: success_once {result['success_once']:.1%} [{result['ci95'][0]:.1%}, {result['ci95'][1]:.1%}] "
-              f"over {episode_count(cfg.eval_episodes)} ({policy_path})")
+              f"over {counted(cfg.eval_episodes, 'episode')} ({policy_path})")
     return run.report
 
 

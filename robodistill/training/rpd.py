@@ -65,11 +65,12 @@ from robodistill.curves import write_run_curves
 from robodistill.envs import EnvConfig, SB3View, VecEnv, make_env
 from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
-from robodistill.evaluation import HELD_OUT_SEEDS, episode_count, evaluate, take_env
+from robodistill.evaluation import HELD_OUT_SEEDS, evaluate, take_env
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.base import trained_env
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
+from robodistill.summary import counted
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
 from robodistill.training.runs import check_unfinished, find_resume, resumed_env
 from robodistill.wire import served_env
@@ -686,7 +687,7 @@ def main(cfg: DictConfig) -> dict:
     last = result["history"][-1]
     lo, hi = last["ci95"]
     print(f"{config.env.task}: {last['step']} env steps, success_once {last['success_once']:.0%} [{lo:.0%}, {hi:.0%}] "
-          f"over {episode_count(last['episodes'])}; {last['train_steps_per_second']:.0f} training env steps/s")
+          f"over {counted(last['episodes'], 'episode')}; {last['train_steps_per_second']:.0f} training env steps/s")
     print(f"student: {result['student']}  (stable_baselines3.PPO.load opens it; robodistill eval policy=... evaluates it)")
     write_run_curves(run_dir, "rpd")
     return result
