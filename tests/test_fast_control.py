@@ -106,6 +106,13 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
         moved = [k for k, v in saved["consistency"]["weights"].items() if not torch.equal(v, saved["ema"]["denoiser." + k.removeprefix("network.")])]
         assert moved  # the head was trained away from its warm start
 
+    # A one-step chain has no state inside it to learn from: its head learns from the start of the chain alone.
+    one = cli("distill", f"teacher={teacher}", "teacher_steps=1", "iterations=2", "batch_size=16", "eval_episodes=0",
+              "threads=1", "name=one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    zero = cli_here("distill", f"teacher={teacher}", "teacher_steps=0", "name=zero")
+    assert zero.returncode == 2 and "teacher_steps=0 must be between 1 and the teacher's 100 training timesteps" in zero.stderr, zero.stderr
+
     more = cli("distill", f"teacher={teacher}", "variant=regression", "iterations=30", "batch_size=16",
                "eval_episodes=0", "threads=1", "name=regression", "resume=true")
     assert more.returncode == 0 and "at iteration 20" in more.stdout, more.stderr[-3000:]

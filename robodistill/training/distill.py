@@ -98,6 +98,8 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     n_train = teacher.cfg.num_train_timesteps
     if cfg.variant == "consistency" and not 1 <= cfg.skip < n_train:
         raise UserError(f"skip={cfg.skip} must be between 1 and {n_train - 1}")
+    if cfg.variant == "regression" and not 1 <= cfg.teacher_steps <= n_train:
+        raise UserError(f"teacher_steps={cfg.teacher_steps} must be between 1 and the teacher's {n_train} training timesteps")
 
     # ---- data: the teacher's own observations (windows with its horizons)
     env_cfg = EnvConfig.from_mapping(payload["env"])
@@ -160,12 +162,13 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
                 states.append(x)
                 times.append((t - stride).clamp(min=0).expand(shape[0]))  # where the step landed
             end = x.clamp(-1, 1)
-            pick = torch.randint(1, len(states) - 1, (shape[0],), device=device)
-            mid = torch.stack(states[:-1], 1)[torch.arange(shape[0], device=device), pick]
-            mid_t = torch.stack(times[:-1], 1)[torch.arange(shape[0], device=device), pick]
-        x_in = torch.cat([states[0], mid])
-        t_in = torch.cat([times[0], mid_t]).long()
-        return F.mse_loss(model(x_in, t_in, torch.cat([cond, cond])), torch.cat([end, end]))
+            x_in, t_in = [states[0]], [times[0]]
+            if len(states) > 2:  # a one-step chain has no state inside it
+                pick = torch.randint(1, len(states) - 1, (shape[0],), device=device)
+                x_in.append(torch.stack(states[:-1], 1)[torch.arange(shape[0], device=device), pick])
+                t_in.append(torch.stack(times[:-1], 1)[torch.arange(shape[0], device=device), pick])
+        n = len(x_in)
+        return F.mse_loss(model(torch.cat(x_in), torch.cat(t_in).long(), torch.cat([cond] * n)), torch.cat([end] * n))
 
     def consistency_loss(cond: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Head at t (noised demo chunk) -> target copy at t - skip after one teacher DDIM step."""
