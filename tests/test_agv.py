@@ -16,7 +16,7 @@ from robodistill.envs.agv.batch import GOAL_RADIUS, RAY_RANGE, RAYS, ray_box_dis
 from robodistill.envs.agv.scenes import FAR, walls
 from robodistill.errors import UserError
 from robodistill.summary import summarize
-from robodistill.training.ppo_rnd import Agent, AGVTrainConfig, check, train
+from robodistill.training.ppo_rnd import RND, Agent, AGVTrainConfig, check, train
 from tests.conftest import SlowPolicy
 
 
@@ -141,6 +141,15 @@ def test_ppo_rnd_updates_change_parameters_and_intrinsic_normalizer(tmp_path):
     assert ck["int_rms"]["count"] > 1 and ck["int_rms"]["var"].item() != 1.0
     assert ck["obs_rms"]["count"] > 1
     assert (tmp_path / "policy.pt").is_file() and any((tmp_path / "tb").iterdir())
+
+
+def test_rnd_predictor_loss_is_the_canonical_mean_over_features():
+    """PPO and the predictor share one gradient-norm clip: a loss summed over RND's 64 output features made the
+    predictor's gradient ~20x the policy's at the start, so the clip shrank the first policy updates ~40-fold."""
+    rnd = RND(obs_dim=21, hidden=64, out=64)
+    obs = torch.randn(32, 21)
+    expected = torch.nn.functional.mse_loss(rnd.predictor(obs), rnd.target(obs), reduction="none").mean(-1)
+    torch.testing.assert_close(rnd.error(obs), expected)
 
 
 def test_resume_continues_at_the_same_step(tmp_path):
