@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -42,10 +43,11 @@ def register_loader(kind: str):
     return add
 
 
-def load_policy(spec: str, env, seed: int = 0) -> Policy:
+def load_policy(spec: str | os.PathLike, env, seed: int = 0) -> Policy:
     """`random`, `scripted` (PushCube-v1 only), a bundle directory (`robodistill export`), a VLA in
     Hugging Face format (a directory with config.json), an RL student's SB3 zip (`robodistill rpd`),
     or the path of a checkpoint of a registered policy kind."""
+    spec = os.fspath(spec)
     check_policy_spec(spec)
     if spec == "random":
         from robodistill.policies.random import RandomPolicy

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -263,7 +264,7 @@ def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, 
         obs = env.reset(seed=[3, 4])
         for _ in range(5):
             obs = env.step(random_actions(1, 2)[0])[0]
-        native, exported = load_policy(str(trained["policy"]), env), load_bundle_policy(str(bundle), env)
+        native, exported = load_policy(Path(trained["policy"]), env), load_bundle_policy(str(bundle), env)
         x = {"state": obs["state"][:, None]}
         torch.testing.assert_close(exported.predict_chunk(x), native.predict_chunk(x), atol=1e-5, rtol=0)
         here = evaluate(exported, env, 2, seed=0, progress=False).episodes

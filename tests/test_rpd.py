@@ -232,7 +232,7 @@ def test_rgb_student_cnn_is_pulled_toward_a_teacher_that_sees_images(pickcube_rg
     assert gap[1] < 0.5 * gap[0], gap
     model.save(tmp_path / "student.zip")
     with make_env(env_cfg, ignore_terminations=True) as env:
-        student = load_policy(str(tmp_path / "student.zip"), env)
+        student = load_policy(tmp_path / "student.zip", env)  # a Path, as the Python API takes
         assert evaluate(student, env, 1, progress=False).summary["episodes"] == 1
 
 
