@@ -102,6 +102,14 @@ def check_policy_spec(spec: str, flag: str = "policy") -> None:
     raise UserError(f"{flag} '{spec}' is neither 'random', 'scripted', a bundle directory nor an existing checkpoint file")
 
 
+def check_trained_on(what: str, trained_on: dict, env) -> None:
+    """Refuses an env whose task, observation or control mode differ from those `what` was trained on."""
+    theirs = {k: trained_on.get(k) for k in ("task", "obs_mode", "control_mode")}
+    here = {k: getattr(env.cfg, k) for k in theirs}
+    if here != theirs:
+        raise UserError(f"{what} was trained on {theirs}, but the env is {here}: set env=... to match")
+
+
 def trained_env(spec: str) -> dict:
     """The env a policy file records from its training (EnvConfig fields; a VLA adds its `tasks`): a
     bundle's metadata, an RPD student zip, or a diffusion, VLA or AGV checkpoint. {} for `random`,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from robodistill.errors import UserError
+from robodistill.policies.base import check_trained_on
 
 FORMAT = "robodistill-bundle-v1"
 METADATA = "metadata.json"
@@ -226,8 +227,5 @@ def is_bundle(spec: str) -> bool:
 def load_bundle_policy(spec: str, env, seed: int = 0) -> BundlePolicy:
     """A bundle directory as a policy for `env`, which must be the env it was exported for."""
     bundle = Bundle.load(spec)
-    theirs = {k: bundle.metadata["env"][k] for k in ("task", "obs_mode", "control_mode")}
-    here = {k: getattr(env.cfg, k) for k in theirs}
-    if here != theirs:
-        raise UserError(f"bundle '{spec}' drives {theirs}, but the env is {here}: set env=... to match")
+    check_trained_on(f"bundle '{spec}'", bundle.metadata["env"], env)
     return BundlePolicy(bundle, seed)

@@ -17,7 +17,7 @@ from gymnasium import spaces
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, NatureCNN
 
 from robodistill.errors import UserError
-from robodistill.policies.base import Obs
+from robodistill.policies.base import Obs, check_trained_on
 
 
 class NormalizedState(BaseFeaturesExtractor):
@@ -75,14 +75,22 @@ class GaussianStudent:
         return torch.as_tensor(actions, dtype=torch.float32, device=state.device)[:, None]
 
 
-def load_student(path: str, env) -> GaussianStudent:
-    """An SB3 zip for `env`: its observation and action sizes must match."""
+def open_student(path: str):
+    """The SB3 PPO model in a zip, or a one-line error naming the file."""
     from stable_baselines3 import PPO
 
     try:
-        model = PPO.load(path, device="cpu")
+        return PPO.load(path, device="cpu")
     except Exception as err:  # SB3 raises several types for foreign or truncated zips
         raise UserError(f"'{path}' is not a stable-baselines3 PPO zip ({type(err).__name__}: {err})") from err
+
+
+def load_student(path: str, env) -> GaussianStudent:
+    """An SB3 zip for `env`: the task and modes it records (students of `robodistill rpd` do) and its
+    observation and action sizes must match."""
+    model = open_student(path)
+    if getattr(model, "robodistill_env", None) is not None:  # PushCube and PullCube share their sizes: the task tells
+        check_trained_on(f"'{path}'", model.robodistill_env, env)
     space = env.single_observation_space
     if isinstance(model.observation_space, spaces.Dict):
         rgb = space.spaces.get("rgb")

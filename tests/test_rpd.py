@@ -186,6 +186,14 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     returns = [[e["return"] for e in json.loads(next((tmp_path / "runs" / "eval").glob(f"*-{n}")).joinpath("eval.json").read_text())["episodes"]]
                for n in ("zip", "bundle")]
     np.testing.assert_allclose(returns[0], returns[1], atol=1e-3)
+    # PullCube-v1 gives the same 35-d state and 4-d action as PushCube-v1: only the task the zip records tells them apart.
+    other = cli("eval", f"policy={run / 'student.zip'}", "env=PullCube-v1", "episodes=1")
+    assert other.returncode == 2 and "was trained on {'task': 'PushCube-v1'" in other.stderr, other.stderr[-2000:]
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes((run / "student.zip").read_bytes()[:5000])
+    ex = cli("export", f"ckpt={truncated}")
+    assert ex.returncode == 2 and "truncated.zip' is not a stable-baselines3 PPO zip" in ex.stderr, ex.stderr[-2000:]
+    assert list((tmp_path / "runs" / "export").iterdir()) == [bundle]  # and no run directory left behind
     for bad, message in {"distill=kl": "distill='kl' is not one of mse, l1, bc",
                          "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9",
                          "teacher=missing.pt": "teacher=missing.pt: policy 'missing.pt' is neither",

@@ -17,7 +17,7 @@ from robodistill.errors import UserError
 from robodistill.inference.samplers import (
     SAMPLERS, ConsistencySampler, RTIConfig, RTISampler, Sampler, make_sampler, make_training_scheduler,
 )
-from robodistill.policies.base import register_loader
+from robodistill.policies.base import check_trained_on, register_loader
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.consistency import ConsistencyHead
 from robodistill.policies.diffusion.denoisers import ConditionalUnet1D, MlpDenoiser
@@ -190,9 +190,5 @@ def from_checkpoint(payload: dict) -> DiffusionPolicy:
 @register_loader(KIND)
 def load_diffusion(payload: dict, env) -> DiffusionPolicy:
     """Rebuild the EMA policy of a teacher checkpoint and check it fits `env`."""
-    trained_on = payload["env"]
-    here = {k: getattr(env.cfg, k) for k in ("task", "obs_mode", "control_mode")}
-    theirs = {k: trained_on.get(k) for k in here}
-    if here != theirs:
-        raise UserError(f"the checkpoint was trained on {theirs}, but the env is {here}: set env=... to match")
+    check_trained_on("the checkpoint", payload["env"], env)
     return from_checkpoint(payload).to(env.device)

@@ -42,7 +42,7 @@ from robodistill.inference.samplers import consistency_timesteps
 from robodistill.policies import agv
 from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
-from robodistill.policies.student import NormalizedState
+from robodistill.policies.student import NormalizedState, open_student
 from robodistill.policies.vla import policy as vla
 from robodistill.summary import counted, sampler_words
 
@@ -188,9 +188,7 @@ def load_source(path: str, sampler: str | None, steps: int | None, task: str | N
             raise UserError(f"task={task}: {path} drives {env['task']} (task= picks one of a VLA's tasks)")
 
     if path.endswith(".zip"):
-        from stable_baselines3 import PPO
-
-        model = PPO.load(path, device="cpu")
+        model = open_student(path)
         if not isinstance(model.policy.features_extractor, NormalizedState):
             raise UserError(f"{path} is an RGB student: export takes state students (and diffusion checkpoints, RGB included) for now; "
                             "evaluate it with `robodistill eval policy=...`")
