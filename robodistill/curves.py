@@ -151,4 +151,6 @@ def main(argv: list[str]) -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="run directories: runs/<command>/<run> (a sweep's: its jobs)")
     ap.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write (default: curves.png)")
     a = ap.parse_args(argv)
+    if a.out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out {a.out}: give a .png, .pdf or .svg file")
     print(f"wrote {plot(a.runs, a.out)}")

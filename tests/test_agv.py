@@ -189,7 +189,7 @@ def test_bad_env_input_is_a_user_error():
         make_env(EnvConfig(task=TASK, obs_mode="rgb"))
 
 
-def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
+def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, cli_here, tmp_path):
     bad = cli("agv-train", "algo=sac")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: unknown algo 'sac'. Valid: ppo, ppo_rnd"]
     out = cli("agv-train", "scene=simple_static", "num_envs=4", "num_steps=32", "total_steps=128", "eval_episodes=2",
@@ -218,6 +218,8 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, tmp_path):
     both = cli("plot", str(first), str(run), str(pending), "--out", str(tmp_path / "both.png"))
     assert both.returncode == 0 and (tmp_path / "both.png").stat().st_size > 10_000, both.stderr[-2000:]
     assert f"{pending}: no evaluations yet, left out" in both.stdout
+    text = cli_here("plot", str(run), "--out", str(tmp_path / "curves.txt"))
+    assert text.returncode == 2 and "curves.txt: give a .png, .pdf or .svg file" in text.stderr, text.stderr[-2000:]
     lost = cli("plot", str(tmp_path / "runs"))
     assert lost.returncode == 2 and "is not the run directory of a training command" in lost.stderr, lost.stderr[-2000:]
     other = cli("agv-train", f"resume_from={first}", "total_steps=384", "scene=complex_static")
