@@ -84,6 +84,8 @@ def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_p
         export(ExportConfig(ckpt=str(checkpoint), sampler="rti"), tmp_path / "x")
     with pytest.raises(UserError, match="exists and is not empty"):
         export(ExportConfig(ckpt=str(checkpoint)), bundle)
+    with pytest.raises(UserError, match="parity_batch=0 must be >= 1"):
+        export(ExportConfig(ckpt=str(checkpoint), parity_batch=0), tmp_path / "x")
     with pytest.raises(UserError, match="task=PickCube-v1: .* drives PushCube-v1"):
         export(ExportConfig(ckpt=str(checkpoint), task="PickCube-v1"), tmp_path / "x")
     payload = checkpoints.load(checkpoint)

@@ -287,6 +287,8 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
     """Write the bundle to `out` (atomically: a temp directory renamed at the end); returns its metadata."""
     if cfg.format not in GRAPH_FILES:
         raise UserError(f"format='{cfg.format}' is not one of {', '.join(GRAPH_FILES)}")
+    if cfg.parity_batch < 1:
+        raise UserError(f"parity_batch={cfg.parity_batch} must be >= 1: the observations the parity check compares on")
     if not cfg.ckpt or not Path(cfg.ckpt).is_file():
         raise UserError(f"ckpt={cfg.ckpt!r}: give the path of a checkpoint (runs/distill/<run>/checkpoints/last.pt)")
     if out.exists() and not out.is_dir():
