@@ -170,7 +170,8 @@ def test_resume_continues_at_the_same_step(tmp_path):
                                                    ("combine", "max", "unknown combine"),
                                                    ("reward_mode", "shaped", "unknown reward_mode 'shaped'. Valid: sparse, dense"), ("total_steps", 10, "less than one update"),
                                                    ("collision_penalty", -1.0, "collision_penalty must be >= 0"),
-                                                   ("num_envs", 0, "num_envs=0 must be >= 1")])
+                                                   ("num_envs", 0, "num_envs=0 must be >= 1"),
+                                                   ("eval_episodes", 0, "eval_episodes=0 must be >= 1 \\(the run rates its final policy")])
 def test_bad_training_input_is_a_user_error(field, value, message):
     with pytest.raises(UserError, match=message):
         check(AGVTrainConfig(**{field: value}))

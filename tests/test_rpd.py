@@ -195,6 +195,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     assert ex.returncode == 2 and "truncated.zip' is not a stable-baselines3 PPO zip" in ex.stderr, ex.stderr[-2000:]
     assert list((tmp_path / "runs" / "export").iterdir()) == [bundle]  # and no run directory left behind
     for bad, message in {"distill=kl": "distill='kl' is not one of mse, l1, bc",
+                         "eval_episodes=0": "eval_episodes=0 must be >= 1 (the run rates its final policy on them)",
                          "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9",
                          "teacher=missing.pt": "teacher=missing.pt: policy 'missing.pt' is neither",
                          "warm_start_steps=5": "warm_start_steps=5 needs a teacher",

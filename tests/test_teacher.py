@@ -157,6 +157,9 @@ def test_teacher_bad_input(cli_here, pushcube_demos):
                           ("device=cuda:99",): "device=cuda:99"}.items():
         r = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
+    negative = cli_here("train-teacher", f"dataset={pushcube_demos}", *[a for a in TINY if not a.startswith("eval_episodes")],
+                        "eval_episodes=-1")  # said before training, not as a KeyError at its first evaluation
+    assert negative.returncode == 2 and "eval_episodes=-1 must be >= 0 (0 turns evaluation off)" in negative.stderr, negative.stderr[-2000:]
 
 
 def test_rgb_teacher_trains_and_evaluates(cli, cli_here, tmp_path, pickcube_rgb_demos):

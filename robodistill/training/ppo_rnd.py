@@ -36,7 +36,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
 from robodistill.summary import counted
-from robodistill.training.runs import check_unfinished, find_resume
+from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume
 
 ALGOS = ("ppo", "ppo_rnd")
 COMBINES = ("advantages", "sum")
@@ -144,6 +144,7 @@ def check(cfg: AGVTrainConfig) -> None:
         raise UserError(f"unknown combine '{cfg.combine}'. Valid: {', '.join(COMBINES)}")
     if cfg.collision_penalty is not None and not cfg.collision_penalty >= 0:
         raise UserError(f"collision_penalty must be >= 0 (a collision's reward is minus it), got {cfg.collision_penalty}")
+    check_eval_episodes(cfg.eval_episodes, least=1)
     for key in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "checkpoint_every"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be >= 1")

@@ -72,7 +72,7 @@ from robodistill.policies.student import GaussianStudent, NormalizedState, State
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.summary import counted
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_unfinished, find_resume, resumed_env
+from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_env
 from robodistill.wire import served_env
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
@@ -521,6 +521,7 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"labels='{cfg.labels}' is not one of {', '.join(LABELS)}")
     if cfg.distill_coef < 0:
         raise UserError(f"distill_coef={cfg.distill_coef} must be >= 0")
+    check_eval_episodes(cfg.eval_episodes, least=1)
     if cfg.total_steps < 1 or cfg.n_steps < 1 or cfg.batch_size < 2:
         raise UserError("total_steps and n_steps must be >= 1 and batch_size >= 2")
     rollout = cfg.n_steps * cfg.env.num_envs * int(os.environ.get("WORLD_SIZE", 1))  # every rank's envs count

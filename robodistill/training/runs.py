@@ -45,6 +45,13 @@ def check_budget(iterations: int, batch_size: int, minutes: float | None, checkp
         raise UserError(f"minutes={minutes} must be > 0 (or null: no time limit)")
 
 
+def check_eval_episodes(episodes: int, least: int = 0) -> None:
+    """`least`=0 where eval_episodes=0 turns evaluation off; 1 where the run always rates its final policy."""
+    if episodes < least:
+        why = "0 turns evaluation off" if least == 0 else "the run rates its final policy on them"
+        raise UserError(f"eval_episodes={episodes} must be >= {least} ({why})")
+
+
 def budget_spent(step: int, budget: int, seconds: float = 0.0, minutes: float | None = None) -> bool:
     """Whether a run at `step` after `seconds` of training has trained its `budget` of steps or its `minutes`."""
     return step >= budget or (minutes is not None and seconds >= minutes * 60)
