@@ -19,7 +19,7 @@ def connect(url: str, api_key: str | None = None) -> base_policy.BasePolicy:
     """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line.
     `api_key` defaults to the ROBODISTILL_API_KEY env var."""
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
-    from websockets.exceptions import InvalidStatus, InvalidURI
+    from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
     if not url.startswith(("ws://", "wss://")):
         raise UserError(f"{url!r} is not a websocket URL: use e.g. ws://127.0.0.1:8000")
@@ -30,6 +30,9 @@ def connect(url: str, api_key: str | None = None) -> base_policy.BasePolicy:
         code = err.response.status_code
         hint = f": set api_key= (or {API_KEY_ENV}) to the server's key" if code == 401 else ""
         raise UserError(f"the server at {url} refused the connection (HTTP {code}){hint}") from err
+    except InvalidHandshake as err:  # something answers there, but not in websocket (e.g. a plain HTTP server)
+        raise UserError(f"{url} is not a websocket policy server ({err}): check the port, or start one with "
+                        "`robodistill serve bundle=<dir>`") from err
     except (OSError, InvalidURI) as err:
         raise UserError(f"no policy server at {url} ({err}): start one with `robodistill serve bundle=<dir>`") from err
 

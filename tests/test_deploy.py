@@ -1,5 +1,6 @@
 """Deploy: export bundles, the openpi-protocol server, the fixed-rate controller."""
 
+import http.server
 import json
 import re
 import subprocess
@@ -241,6 +242,18 @@ def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bun
     assert other.returncode == 2 and "task=PickCube-v1, but the policy drives PushCube-v1" in other.stderr
     nobody = cli("control", "server=ws://127.0.0.1:9", "episodes=1")
     assert nobody.returncode == 2 and "no policy server at ws://127.0.0.1:9" in nobody.stderr
+
+
+def test_a_port_that_is_not_a_policy_server_is_one_line(cli_here):
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    url = f"ws://127.0.0.1:{plain.server_port}"
+    try:
+        for args in (("control", f"server={url}", "episodes=1"), ("rpd", f"teacher={url}", "total_steps=400")):
+            r = cli_here(*args)
+            assert r.returncode == 2 and f"error: {url} is not a websocket policy server" in r.stderr, r.stderr[-2000:]
+    finally:
+        plain.shutdown()
 
 
 @pytest.mark.parametrize("on_late", ["hold", "stop"])
