@@ -15,7 +15,29 @@ from robodistill.errors import UserError
 API_KEY_ENV = "ROBODISTILL_API_KEY"
 
 
-def connect(url: str, api_key: str | None = None) -> base_policy.BasePolicy:
+class ServedPolicy(base_policy.BasePolicy):
+    """openpi's `WebsocketClientPolicy` for the server at `url`, whose going away mid-run (killed,
+    stopped, restarted) is one line naming it, not websockets' traceback from deep in the caller's loop."""
+
+    def __init__(self, client: base_policy.BasePolicy, url: str):
+        self.client, self.url = client, url
+
+    def get_server_metadata(self) -> dict:
+        return self.client.get_server_metadata()
+
+    def infer(self, obs: dict) -> dict:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            return self.client.infer(obs)
+        except ConnectionClosed as err:
+            raise UserError(f"the policy server at {self.url} closed the connection ({err})") from err
+
+    def reset(self) -> None:
+        self.client.reset()
+
+
+def connect(url: str, api_key: str | None = None) -> ServedPolicy:
     """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line.
     `api_key` defaults to the ROBODISTILL_API_KEY env var."""
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
@@ -25,7 +47,7 @@ def connect(url: str, api_key: str | None = None) -> base_policy.BasePolicy:
         raise UserError(f"{url!r} is not a websocket URL: use e.g. ws://127.0.0.1:8000")
     api_key = api_key or os.environ.get(API_KEY_ENV)
     try:
-        return WebsocketClientPolicy(url, api_key=api_key)
+        return ServedPolicy(WebsocketClientPolicy(url, api_key=api_key), url)
     except InvalidStatus as err:
         code = err.response.status_code
         hint = f": set api_key= (or {API_KEY_ENV}) to the server's key" if code == 401 else ""

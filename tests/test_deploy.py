@@ -26,6 +26,7 @@ from robodistill.deploy.server import PolicyServer
 from robodistill.policies.bundle import Bundle, BundleError, metadata_checksum
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
+from robodistill.wire import connect
 from tests.conftest import ROBODISTILL, SlowPolicy
 
 ENV = EnvConfig(task="PushCube-v1", max_episode_steps=30)
@@ -315,6 +316,32 @@ def test_a_server_that_stops_answering_stops_the_robot_and_ends_the_run(bundle):
         ChunkAgent(hung, loaded.metadata, ControllerConfig(), prompt="push the cube")
     with pytest.raises(UserError, match=r"timeout_ms=20 must be longer than the deadline \(25 ms\)"):
         ControllerConfig(hz=20, timeout_ms=20).check(4)
+
+
+def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bundle, cli_here):
+    loaded = Bundle.load(bundle)
+    server = PolicyServer(loaded, port=0).start()
+    agent = ChunkAgent(connect(server.url), loaded.metadata, ControllerConfig(hz=20, deadline_ms=20, on_late="hold"))
+    agent.reset()
+    frame = {"state": np.zeros(loaded.metadata["observation"]["state"]["shape"][1], np.float32)}
+    actions = [agent.get_action(frame)["actions"]]
+    server.stop()
+    with pytest.raises(UserError, match=f"the policy server at {server.url} closed the connection"):
+        for _ in range(100):
+            actions.append(agent.get_action(frame)["actions"])
+    np.testing.assert_array_equal(actions[-1], np.where(agent.stop_zeroes, 0.0, actions[-2]))  # the stop action went out
+
+    server = PolicyServer(loaded, port=0).start()
+
+    def stop_in_the_second_episode() -> None:  # 8 requests an episode: 30 steps, 4 actions a chunk
+        while server.stats["requests"] < 10:
+            time.sleep(0.005)
+        server.stop()
+
+    threading.Thread(target=stop_in_the_second_episode, daemon=True).start()
+    r = cli_here("control", f"server={server.url}", "episodes=3", "hz=0", "max_episode_steps=30", "name=gone")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1].startswith(f"error: inference failed: the policy server at {server.url} closed the connection")
 
 
 def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):

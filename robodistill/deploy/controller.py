@@ -19,9 +19,10 @@ never blocks on the network for longer than its deadline.
      standstill command, where it has one). Under position control without `action.stop` the
      first step of an episode has no target to hold yet, so it waits for the first chunk up to `timeout_ms`;
   5. clamps the action to the bounds in the bundle's metadata.
-A request unanswered for `timeout_ms` (a hung or vanished server) ends the run: that step sends the stop
-action (as `on_late=stop`), and the next step, or the next reset, fails with one line. Requests run on
-daemon threads, so a server that never answers cannot keep the process alive, nor Ctrl-C from ending it.
+A request unanswered for `timeout_ms` (a hung or vanished server), or one that fails (a server that closed
+the connection), ends the run: that step sends the stop action (as `on_late=stop`), and the next step, or the
+next reset, fails with one line. Requests run on daemon threads, so a server that never answers cannot keep
+the process alive, nor Ctrl-C from ending it.
 With `replan_below=0` and no late steps, the loop executes exactly what `robodistill eval` does.
 
 A robot is anything with openpi's `Environment` methods: `reset()`, `get_observation()` (one
@@ -172,8 +173,10 @@ class ChunkAgent(openpi_agent.Agent):
         self._pending = None
         try:
             chunk, rtt, server_ms = future.result()
-        except Exception as err:
-            raise UserError(f"inference failed: {err}") from err
+        except Exception as err:  # a server gone or failing ends the run as a hung one does
+            self.chunk = None  # nothing more of it: this step sends the stop action
+            self._failure = f"inference failed: {err}; the robot was sent its stop action; check the server"
+            return
         skipped = min(self.step - obs_step, len(chunk))
         self.chunk, self.chunk_step = chunk, obs_step
         self.requests.append({"episode": self.episode, "step": obs_step, "round_trip_ms": rtt, "server_ms": server_ms, "skipped": skipped})
@@ -191,22 +194,23 @@ class ChunkAgent(openpi_agent.Agent):
             self.history.append(frame)
         if self._pending is not None and self._pending[0].done():
             self._adopt()
-        if self._pending is None and self._left() <= self.cfg.replan_below:
+        if self._pending is None and self._failure is None and self._left() <= self.cfg.replan_below:
             obs = {k: np.stack([f[k] for f in self.history]) for k in self.keys}
             if self.prompt is not None:
                 obs["prompt"] = self.prompt
             self._pending = (self._submit(obs), self.step, time.perf_counter())
+        guess = self.last is None and self.stop_action is None and not self.stop_zeroes.any()  # see the module doc
         if self._left() == 0 and self._pending is not None:
-            guess = self.last is None and self.stop_action is None and not self.stop_zeroes.any()  # see the module doc
             deadline = max(0.0, self.cfg.deadline_s() - (time.perf_counter() - start))
             try:
-                self._pending[0].result(timeout=self._timeout_left() if guess else min(deadline, self._timeout_left()))
+                # a failed request is _adopt's to report: the robot gets its stop action first
+                self._pending[0].exception(timeout=self._timeout_left() if guess else min(deadline, self._timeout_left()))
                 self._adopt()
             except FutureTimeout:
                 if self._timeout_left() == 0:
                     self._hung()
-                if guess and self._failure:
-                    self._raise_failure()  # nothing sent yet, and no stop action to send
+        if guess and self._failure:
+            self._raise_failure()  # nothing sent yet, and no stop action to send
         late = self._left() == 0
         stop = self._failure is not None or self.cfg.on_late == "stop"
         if not late:
