@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from robodistill.configs import LAUNCH_KEYS, check_overrides, compose_checked, register_schemas
-from robodistill.errors import UserError
+from robodistill.errors import CutShort, UserError
 from robodistill.summary import RUN_STAMP
 
 # command -> (module with main(cfg), one-line summary); ARGV_COMMANDS take plain arguments, no hydra.
@@ -92,10 +92,11 @@ def precheckable(args: list[str]) -> list[str] | None:
 def _guarded(task_fn, command: str = ""):
     """Bad input ends in one clear line, not a traceback through hydra; so does Ctrl-C."""
 
+    resumable = ": the run keeps its last checkpoint; the same command with resume=true continues it" if command in TRAINING else ""
+
     def interrupted():
-        hint = ": the run keeps its last checkpoint; the same command with resume=true continues it" if command in TRAINING else ""
         end_progress_bars()
-        print("interrupted" + hint, file=sys.stderr)
+        print("interrupted" + resumable, file=sys.stderr)
         drop_empty_run_dir()
         sys.exit(130)
 
@@ -104,7 +105,7 @@ def _guarded(task_fn, command: str = ""):
             return task_fn(cfg)
         except UserError as err:
             end_progress_bars()
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}{resumable if isinstance(err, CutShort) else ''}", file=sys.stderr)
             drop_empty_run_dir()
             sys.exit(2)
         except KeyboardInterrupt:

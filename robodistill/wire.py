@@ -10,7 +10,7 @@ import os
 
 from openpi_client import base_policy
 
-from robodistill.errors import UserError
+from robodistill.errors import CutShort, UserError
 
 API_KEY_ENV = "ROBODISTILL_API_KEY"
 
@@ -31,7 +31,7 @@ class ServedPolicy(base_policy.BasePolicy):
         try:
             return self.client.infer(obs)
         except ConnectionClosed as err:
-            raise UserError(f"the policy server at {self.url} closed the connection ({err})") from err
+            raise CutShort(f"the policy server at {self.url} closed the connection ({err})") from err
 
     def reset(self) -> None:
         self.client.reset()

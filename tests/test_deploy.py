@@ -368,3 +368,20 @@ def test_rpd_from_a_served_teacher_acts_in_the_env_its_metadata_records(server, 
     assert "as the teacher was trained: env.max_episode_steps=30" in r.stdout
     (run,) = (tmp_path / "runs" / "rpd").glob("*-ws")
     assert PPO.load(run / "student.zip", device="cpu").robodistill_env["max_episode_steps"] == 30
+
+
+def test_rpd_whose_served_teacher_goes_away_says_how_to_continue_in_one_line(bundle, cli_here):
+    server = PolicyServer(Bundle.load(bundle), port=0).start()
+
+    def stop_at_the_first_labels() -> None:
+        while server.stats["requests"] < 1:
+            time.sleep(0.005)
+        server.stop()
+
+    threading.Thread(target=stop_at_the_first_labels, daemon=True).start()
+    r = cli_here("rpd", f"teacher={server.url}", "total_steps=4000", "n_steps=20", "batch_size=20", "n_epochs=1", "hidden=[16]",
+                 "obs_norm_steps=20", "eval_every=0", "eval_episodes=1", "progress=false", "name=gone")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = r.stderr.splitlines()[-1]
+    assert line.startswith(f"error: the policy server at {server.url} closed the connection"), line
+    assert line.endswith("the same command with resume=true continues it"), line
