@@ -116,7 +116,8 @@ def _control(run: Path) -> list[str]:
     c = json.loads((run / "control.json").read_text())
     t = c["timing"]
     jitter = f"jitter p99 {t['jitter_ms_p50_p99_max'][1]:.1f} ms, " if "jitter_ms_p50_p99_max" in t else ""
-    return [f"success_once {_rate(c['summary'])} through the server at {t['hz']:g} Hz",
+    stopped = ", stopped early" if c.get("stopped") else ""
+    return [f"success_once {_rate(c['summary'])} through the server at {t['hz']:g} Hz{stopped}",
             f"{jitter}{t['late_steps']}/{t['steps']} deadline misses, round trip p50 {t['round_trip_ms_p50_p99'][0]:.1f} ms"]
 
 

@@ -318,7 +318,7 @@ def test_a_server_that_stops_answering_stops_the_robot_and_ends_the_run(bundle):
         ControllerConfig(hz=20, timeout_ms=20).check(4)
 
 
-def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bundle, cli_here):
+def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bundle, cli_here, tmp_path):
     loaded = Bundle.load(bundle)
     server = PolicyServer(loaded, port=0).start()
     agent = ChunkAgent(connect(server.url), loaded.metadata, ControllerConfig(hz=20, deadline_ms=20, on_late="hold"))
@@ -342,6 +342,14 @@ def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bu
     r = cli_here("control", f"server={server.url}", "episodes=3", "hz=0", "max_episode_steps=30", "name=gone")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.splitlines()[-1].startswith(f"error: inference failed: the policy server at {server.url} closed the connection")
+    # What ran until then is kept, marked as stopped: the telemetry that shows what went wrong.
+    (run,) = (tmp_path / "runs" / "control").glob("*-gone")
+    assert r.stderr.splitlines()[-1].endswith(f"the run up to it is saved in {run}")
+    c = json.loads((run / "control.json").read_text())
+    assert "closed the connection" in c["stopped"] and 1 <= len(c["episodes"]) < 3 and c["timing"]["steps"] > 30 * len(c["episodes"])
+    assert (run / "telemetry.csv").read_text().count("\n") == 1 + c["timing"]["steps"]
+    table = cli_here("summary", "--name", "gone")
+    assert "through the server at 0 Hz, stopped early" in table.stdout, table.stdout + table.stderr
 
 
 def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):

@@ -379,10 +379,14 @@ def main(cfg: DictConfig) -> EvalReport:
                         scene=e.get("scene"))
     agent = ChunkAgent(policy, meta, controller, cfg.prompt)
     start = time.perf_counter()
+    stopped = None
     with make_env(env_cfg, ignore_terminations=True) as env:
         robot = ManiSkillRobot(env, seed=int(cfg.seed))
         progress = EpisodeProgress(int(cfg.episodes))
-        Runtime(robot, agent, [progress], max_hz=controller.hz, num_episodes=int(cfg.episodes)).run()
+        try:
+            Runtime(robot, agent, [progress], max_hz=controller.hz, num_episodes=int(cfg.episodes)).run()
+        except UserError as err:  # a server hung or gone: the steps up to it are what diagnose it, so they are saved
+            stopped = err
         progress.bar.close()
     if server is not None:
         server.stop()
@@ -393,7 +397,10 @@ def main(cfg: DictConfig) -> EvalReport:
         writer.writeheader()
         writer.writerows(agent.records)
     report.save(run_dir / "control.json", env=env_cfg.__dict__, server=url, bundle=cfg.bundle,
-                controller=asdict(controller), timing=timing, requests=agent.requests)
+                controller=asdict(controller), timing=timing, requests=agent.requests,
+                stopped=None if stopped is None else str(stopped))
+    if stopped is not None:
+        raise UserError(f"{stopped}; the run up to it is saved in {run_dir}") from stopped
     print(report.table(f"{e['task']} through {url} at {controller.hz:g} Hz ({counted(report.summary['episodes'], 'episode')}, seed {cfg.seed})"))
     print(timing_table(timing))
     print(f"run: {run_dir}")
