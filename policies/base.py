@@ -89,10 +89,8 @@ def check_policy_spec(spec: str, flag: str = "policy") -> None:
     if spec in ("random", "scripted") or is_bundle(spec) or is_hf_model(spec) or Path(spec).is_file():
         return
     if Path(spec).is_dir():
-        # what the commands' run directories hold: export's bundle, rpd's student, agv-train's policy, a checkpoint
-        inside = [p for p in (Path(spec) / n for n in ("bundle", "student.zip", "policy.pt", "checkpoints/best.pt",
-                                                        "checkpoints/last.pt")) if is_bundle(str(p)) or p.is_file()]
-        hint = f"; this one holds {flag}={inside[0]}" if inside else ", or a checkpoint file in it (e.g. checkpoints/last.pt)"
+        inside = run_output(spec)
+        hint = f"; this one holds {flag}={inside}" if inside else ", or a checkpoint file in it (e.g. checkpoints/last.pt)"
         raise UserError(f"{flag} '{spec}' is a folder, but neither an export bundle (with {METADATA}) nor a Hugging Face "
                         f"VLA (with config.json): give one of those{hint}")
     last = Path(spec).with_name("last.pt")
@@ -108,6 +106,15 @@ def check_trained_on(what: str, trained_on: dict, env) -> None:
     here = {k: getattr(env.cfg, k) for k in theirs}
     if here != theirs:
         raise UserError(f"{what} was trained on {theirs}, but the env is {here}: set env=... to match")
+
+
+def run_output(run: str | Path) -> Path | None:
+    """The policy a command's run directory holds (export's bundle, rpd's student, agv-train's policy, a
+    checkpoint), for a flag given the directory instead; None where it holds none."""
+    from robodistill.policies.bundle import is_bundle
+
+    held = (Path(run) / n for n in ("bundle", "student.zip", "policy.pt", "checkpoints/best.pt", "checkpoints/last.pt"))
+    return next((p for p in held if is_bundle(str(p)) or p.is_file()), None)
 
 
 def trained_env(spec: str) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from robodistill.errors import UserError
-from robodistill.policies.base import check_trained_on
+from robodistill.policies.base import check_trained_on, run_output
 
 FORMAT = "robodistill-bundle-v1"
 METADATA = "metadata.json"
@@ -131,7 +131,10 @@ class Bundle:
         path = Path(path)
         meta_file = path / METADATA
         if not meta_file.is_file():
-            raise BundleError(f"'{path}' is not a bundle: it has no {METADATA} (make one with `robodistill export ckpt=...`)")
+            inside = run_output(path)
+            if inside is not None and is_bundle(str(inside)):
+                raise BundleError(f"'{path}' is an export run, not a bundle: give bundle={inside}")
+            raise BundleError(f"'{path}' is not a bundle: it has no {METADATA} (make one with `robodistill export ckpt={inside or '...'}`)")
         try:
             metadata = json.loads(meta_file.read_text())
         except json.JSONDecodeError as err:

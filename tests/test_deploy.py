@@ -245,6 +245,17 @@ def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bun
     assert nobody.returncode == 2 and "no policy server at ws://127.0.0.1:9" in nobody.stderr
 
 
+def test_serve_and_control_given_a_run_directory_name_the_bundle_or_the_export_to_run(bundle, checkpoint, cli_here, tmp_path):
+    for command in ("serve", "control"):  # an export's run directory: its bundle is in bundle/
+        r = cli_here(command, f"bundle={bundle.parent}")
+        assert r.returncode == 2 and f"'{bundle.parent}' is an export run, not a bundle: give bundle={bundle}" in r.stderr, r.stderr[-2000:]
+    run = tmp_path / "teacher"  # a training run: its checkpoint exports to a bundle
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(checkpoint.read_bytes())
+    with pytest.raises(BundleError, match=re.escape(f"make one with `robodistill export ckpt={run / 'checkpoints' / 'last.pt'}`")):
+        Bundle.load(run)
+
+
 def test_a_port_that_is_not_a_policy_server_is_one_line(cli_here):
     plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=plain.serve_forever, daemon=True).start()
