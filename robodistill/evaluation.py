@@ -159,6 +159,7 @@ def evaluate(
             executor.observe(obs)
             finished: dict[int, dict] = {}
             frames: list[np.ndarray] = []
+            filmed: dict[int, int] = {}  # env -> frames of its episode: an env that ends early steps on into others
             film = min(n_envs, video_episodes - wave_start, episodes - wave_start) if record else 0
             while len(finished) < n_envs:
                 if film > 0:
@@ -169,13 +170,14 @@ def evaluate(
                 for i in done.nonzero().flatten().tolist():
                     if i not in finished:
                         finished[i] = episode_metrics(info, i)
+                        filmed[i] = len(frames)
                 executor.observe(obs, done)
             for i in range(min(n_envs, episodes - wave_start)):
                 rows.append({"episode": wave_start + i, "seed": seeds[i], **finished[i]})
             bar.update(min(n_envs, episodes - wave_start))
             if film > 0:
                 for i, clip in enumerate(np.stack(frames, axis=1)):  # (film, T, H, W, 3)
-                    _write_video(list(clip), Path(video_dir) / f"episode_{wave_start + i:03d}.mp4", env.control_freq)
+                    _write_video(list(clip[:filmed[i]]), Path(video_dir) / f"episode_{wave_start + i:03d}.mp4", env.control_freq)
     bar.close()
     return EvalReport(rows, time.perf_counter() - start, steps)
 

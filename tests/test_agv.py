@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import gymnasium as gym
+import imageio
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,8 @@ from robodistill.envs.agv import SCENES, TASK
 from robodistill.envs.agv.batch import GOAL_RADIUS, RAY_RANGE, RAYS, ray_box_distances, ray_circle_distances
 from robodistill.envs.agv.scenes import FAR, walls
 from robodistill.errors import UserError
+from robodistill.evaluation import evaluate
+from robodistill.policies.random import RandomPolicy
 from robodistill.summary import summarize
 from robodistill.training.ppo_rnd import RND, Agent, AGVTrainConfig, check, train
 from tests.conftest import SlowPolicy
@@ -151,6 +154,16 @@ def test_rnd_predictor_loss_is_the_canonical_mean_over_features():
     obs = torch.randn(32, 21)
     expected = torch.nn.functional.mse_loss(rnd.predictor(obs), rnd.target(obs), reduction="none").mean(-1)
     torch.testing.assert_close(rnd.error(obs), expected)
+
+
+def test_each_video_ends_with_its_episode(tmp_path):
+    """AGV episodes end at a collision or the goal, each at its own step, and the env then starts another."""
+    with make_env(EnvConfig(task=TASK, scene="complex_static", num_envs=2, control_mode=None, max_episode_steps=60), render=True) as env:
+        report = evaluate(RandomPolicy(env.action_low, env.action_high, seed=3), env, episodes=2, seed=0, progress=False,
+                          video_dir=tmp_path, video_episodes=2)
+    lengths = [e["episode_len"] for e in report.episodes]
+    assert len(set(lengths)) == 2, lengths  # one ended before the other: the case to check
+    assert [len(imageio.mimread(tmp_path / f"episode_{k:03d}.mp4")) for k in range(2)] == lengths
 
 
 def test_resume_continues_at_the_same_step(tmp_path):
