@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 from robodistill.errors import UserError
 
 RUN_STAMP = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-"  # a run directory is <time>-<name> (configs/common.yaml)
@@ -134,16 +136,28 @@ def jobs(run: Path) -> list[tuple[str, Path]]:
     return [(f"{run.name}/{q.name}", q) for q in jobs] or [(run.name, run)]
 
 
+def named(job: Path, name: str) -> bool:
+    """A run's directory ends -NAME (eval's may go on: -NAME-<task>); a sweep's job, <time>-multirun/<n>, is named by
+    the config it ran with."""
+    if job.name.endswith(f"-{name}") or f"-{name}-" in job.name:
+        return True
+    config = job / ".hydra" / "config.yaml"
+    try:
+        return config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("name") == name
+    except (yaml.YAMLError, AttributeError):  # not a config of ours
+        return False
+
+
 def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]:
     """(command, run directory name, one line of result) rows, newest run of each command."""
     rows = []
     for command, read in READERS.items():
         found = sorted(p for p in (runs / command).glob("*") if p.is_dir()) if (runs / command).is_dir() else []
         if name:
-            found = [p for p in found if p.name.endswith(f"-{name}") or f"-{name}-" in p.name]
+            found = [p for p in found if any(named(job, name) for _, job in jobs(p))]
         # Every eval run of the name (e.g. the teacher's and the scripted expert's), else the newest.
         chosen = found if command == "eval" else found[-1:]
-        for label, run in (job for run in chosen for job in jobs(run)):
+        for label, run in (job for run in chosen for job in jobs(run) if not name or named(job[1], name)):
             try:
                 lines = read(run)
             except (OSError, KeyError, json.JSONDecodeError, IndexError, TypeError, ValueError):  # a run that died, or a foreign file
@@ -155,7 +169,8 @@ def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="robodistill summary", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=Path, default=Path("runs"), help="the runs directory (default: runs)")
-    ap.add_argument("--name", help="only runs named NAME (directory ending -NAME or containing -NAME-)")
+    ap.add_argument("--name", help="only runs named NAME (name=NAME: a directory ending -NAME or containing -NAME-, "
+                                   "a sweep's jobs by their config)")
     a = ap.parse_args(argv)
     if not a.runs.is_dir():
         raise UserError(f"--runs {a.runs} is not a directory: run a command first, or point --runs at its runs/")
