@@ -8,6 +8,7 @@ there (`.hydra/config.yaml`). Every hydra flag works (`--cfg job`, `-m` sweeps, 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shutil
 import signal
@@ -181,9 +182,20 @@ def main(argv: list[str] | None = None) -> None:
         print(_guarded(lambda args: _command_help(command, args))(overrides))
         return
     sys.argv = [f"robodistill {command}", *overrides]
-    hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(
-        _guarded(module.main, command)
-    )()
+    entry = hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(_guarded(module.main, command))
+    if not any(o.startswith("hydra/launcher=submitit") for o in overrides):
+        return entry()
+    # A submitit job runs in a process of its own: its one line reaches this one inside the launcher's exception,
+    # which hydra would print as a traceback. HYDRA_FULL_ERROR lets the exception through, to say the job's line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        entry()
+    except Exception as err:
+        said = list(dict.fromkeys(line.strip() for line in str(err).splitlines() if line.strip().startswith("error: ")))
+        if not type(err).__module__.startswith("submitit") or not said:
+            raise
+        print("\n".join(said), file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,11 @@ def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
     assert labels(jobs(sweep)) == ["seed=0", "seed=1"]  # a plot's legend: what the jobs differ in
 
 
+def test_a_submitit_job_that_stops_on_bad_input_is_its_one_line(cli, tmp_path):
+    r = cli("eval", "-m", "hydra/launcher=submitit_local", "seed=0,1", "policy=nothing.pt")
+    assert r.returncode == 2 and r.stderr.startswith("error: policy 'nothing.pt' is neither") and r.stderr.count("\n") == 1, r.stderr
+
+
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm: the sweep would be submitted")
 def test_a_slurm_sweep_without_slurm_is_one_clear_line(cli_here, tmp_path):
     r = cli_here("eval", "-m", "hydra/launcher=submitit_slurm", "seed=0,1", "policy=random", "episodes=1")
