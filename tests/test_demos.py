@@ -156,6 +156,9 @@ def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_pa
         describe(checkpoint)  # `dataset info`; train-teacher dataset= opens files the same way
     with pytest.raises(UserError, match="obs_mode=none files only hold actions"):
         load_episodes(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5")
+    # as train-teacher opens it: the plans' control mode would not help, their conversion would
+    with pytest.raises(UserError, match=f"holds actions and no observations .*: give dataset={pushcube} \\(its conversion"):
+        load_episodes(pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5", control_mode="pd_ee_delta_pos", obs_mode="state")
     replayed = copy_pair(pushcube, tmp_path, "replayed")  # replay_trajectory's output records no source_type
     meta = json.loads(replayed.with_suffix(".json").read_text())
     replayed.with_suffix(".json").write_text(json.dumps({**meta, "source_type": None}))

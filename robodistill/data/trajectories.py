@@ -201,6 +201,14 @@ def load_episodes(
         if task is not None and f.env_id != task:
             raise UserError(f"'{f.path}' was recorded in {f.env_id}, not in {task}, the task it would train for: use "
                             f"demonstrations of {task}, or train for {f.env_id} (env={f.env_id}, where the command has env)")
+        if obs_mode is not None and _file_obs_mode(f) == "none":  # said first: setting the control mode cannot help it
+            mode = control_mode or f.control_mode
+            named = DEMOS_FILE.fullmatch(Path(f.path).name)
+            converted = Path(f.path).with_name(demos_file(int(named[1]), int(named[2]), obs_mode, mode)) if named else None
+            use = f"give dataset={converted} (its conversion, beside it), or " if converted and converted.is_file() else ""
+            raise UserError(f"'{f.path}' holds actions and no observations (ManiSkill's raw motion plans): {use}convert it "
+                            f"(python -m mani_skill.trajectory.replay_trajectory --traj-path {f.path} --use-first-env-state "
+                            f"-c {mode} -o {obs_mode} --save-traj)")
         if control_mode is not None and f.control_mode != control_mode:
             raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: set "
                             f"env.control_mode={f.control_mode}, or convert the raw plans `robodistill demos` keeps beside it "
