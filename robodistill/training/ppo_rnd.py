@@ -129,7 +129,7 @@ class RND(nn.Module):
         """Per-sample mean squared error over the output features: the intrinsic reward (the spec's 1/2 ||f^(s) - f(s)||^2
         up to a constant factor, which the running-std normalisation removes) and, masked, the predictor loss. A mean,
         as in the canonical recipe: the predictor's gradient shares one norm clip with PPO's, and a sum over 64 features
-        made it ~20x PPO's at the start, shrinking the policy's first updates ~40-fold."""
+        made its norm ~16x PPO's at the start (20 vs 1.2 on complex_static), shrinking the first policy updates ~15-fold."""
         return (self.predictor(obs) - self.target(obs)).pow(2).mean(-1)
 
 
