@@ -141,6 +141,9 @@ def drop_empty_run_dir() -> None:
     run_dir = Path(output_dir)
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(run_dir)
+        if {p.name for p in run_dir.parent.iterdir()} == {"multirun.yaml"}:  # a sweep that stopped in its first job
+            run_dir = run_dir.parent
+            shutil.rmtree(run_dir)
         command_dir = run_dir.parent  # runs/<command>, where the run has the default layout's name: hydra made it for the run
         if re.match(RUN_STAMP, run_dir.name) and not any(command_dir.iterdir()):
             command_dir.rmdir()

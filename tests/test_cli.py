@@ -152,6 +152,12 @@ def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
     assert labels(jobs(sweep)) == ["seed=0", "seed=1"]  # a plot's legend: what the jobs differ in
 
 
+def test_a_sweep_that_stops_in_its_first_job_leaves_no_directory(cli, tmp_path):
+    r = cli("eval", "-m", "seed=0,1", "policy=nothing.pt")
+    assert r.returncode == 2 and "policy 'nothing.pt' is neither" in r.stderr, r.stderr
+    assert not (tmp_path / "runs" / "eval").exists()  # no sweep directory holding only its multirun.yaml
+
+
 def test_a_submitit_job_that_stops_on_bad_input_is_its_one_line(cli, tmp_path):
     r = cli("eval", "-m", "hydra/launcher=submitit_local", "seed=0,1", "policy=nothing.pt")
     assert r.returncode == 2 and r.stderr.startswith("error: policy 'nothing.pt' is neither") and r.stderr.count("\n") == 1, r.stderr
