@@ -286,7 +286,9 @@ def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, 
         here = evaluate(exported, env, 2, seed=0, progress=False).episodes
 
     # The same bundle behind the openpi-protocol server, driven by the controller: the same episodes.
-    loop = cli("control", f"bundle={bundle}", "episodes=2", "seed=0", "max_episode_steps=40", "name=agv")
+    # At 10 Hz in real time, with a deadline no stall of a loaded test machine reaches: a late step would hold the last
+    # action, and the episodes must match eval's step for step (a CI run once stalled 65 ms past the default 50 ms).
+    loop = cli("control", f"bundle={bundle}", "episodes=2", "seed=0", "max_episode_steps=40", "deadline_ms=1000", "name=agv")
     assert loop.returncode == 0, loop.stderr[-3000:]
     (run,) = (tmp_path / "runs" / "control").iterdir()
     report = json.loads((run / "control.json").read_text())
