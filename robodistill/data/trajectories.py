@@ -74,7 +74,7 @@ class TrajectoryFile:
         where = f"{self.path}, episode {name}"
         has_obs = "obs" in group and len(group["obs"]) > 0
         if "actions" not in group or need_obs and not has_obs:
-            raise UserError(f"{where}: has no 'actions' or no 'obs' (obs_mode=none files only hold actions; convert them with python -m mani_skill.trajectory.replay_trajectory --traj-path <file> --use-first-env-state -o state -c <control mode> --save-traj)")
+            raise UserError(f"{where}: has no 'actions' or no 'obs' (obs_mode=none files only hold actions; convert them with {replay_command('<file>', '<control mode>', 'state')})")
         actions = np.asarray(group["actions"][:], dtype=np.float32)
         if actions.ndim != 2:
             raise UserError(f"{where}: actions have shape {actions.shape}, expected (T, action_dim)")
@@ -203,17 +203,15 @@ def load_episodes(
                             f"demonstrations of {task}, or train for {f.env_id} (env={f.env_id}, where the command has env)")
         if obs_mode is not None and _file_obs_mode(f) == "none":  # said first: setting the control mode cannot help it
             mode = control_mode or f.control_mode
-            named = DEMOS_FILE.fullmatch(Path(f.path).name)
-            converted = Path(f.path).with_name(demos_file(int(named[1]), int(named[2]), obs_mode, mode)) if named else None
+            named = DEMOS_FILE.fullmatch(f.path.name)
+            converted = f.path.with_name(demos_file(int(named[1]), int(named[2]), obs_mode, mode)) if named else None
             use = f"give dataset={converted} (its conversion, beside it), or " if converted and converted.is_file() else ""
             raise UserError(f"'{f.path}' holds actions and no observations (ManiSkill's raw motion plans): {use}convert it "
-                            f"(python -m mani_skill.trajectory.replay_trajectory --traj-path {f.path} --use-first-env-state "
-                            f"-c {mode} -o {obs_mode} --save-traj)")
+                            f"({replay_command(f.path, mode, obs_mode)})")
         if control_mode is not None and f.control_mode != control_mode:
             raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: set "
                             f"env.control_mode={f.control_mode}, or convert the raw plans `robodistill demos` keeps beside it "
-                            f"(python -m mani_skill.trajectory.replay_trajectory --traj-path <its .pd_joint_pos.h5> "
-                            f"--use-first-env-state -c {control_mode} -o {obs_mode or _file_obs_mode(f)} --save-traj)")
+                            f"({replay_command('<its .pd_joint_pos.h5>', control_mode, obs_mode or _file_obs_mode(f))})")
         if obs_mode is not None and _file_obs_mode(f) != obs_mode:
             raise UserError(f"'{f.path}' holds obs_mode={_file_obs_mode(f)} observations, but obs_mode={obs_mode} was asked for")
     in_memory = sum(_rgb_bytes(f) for f in files) <= max_memory_gb * 2**30
@@ -223,6 +221,12 @@ def load_episodes(
         episodes += f.episodes(ids, in_memory=in_memory)
     _check_consistent(episodes)
     return episodes
+
+
+def replay_command(traj: str | Path, control_mode: str, obs_mode: str) -> str:
+    """ManiSkill's command that converts raw plans `traj` to the modes asked for, as the errors suggest it."""
+    return (f"python -m mani_skill.trajectory.replay_trajectory --traj-path {traj} --use-first-env-state "
+            f"-c {control_mode} -o {obs_mode} --save-traj")
 
 
 def _file_obs_mode(f: TrajectoryFile) -> str:
