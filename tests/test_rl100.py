@@ -66,15 +66,19 @@ def test_chain_scores_its_own_draws_unclamped_at_any_exploration_std(std):
 def test_transitions_reward_first_success_and_iql_values_near_the_goal_higher(pushcube_demos):
     episodes = load_episodes([pushcube_demos])
     policy = _policy(state_dim=episodes[0].obs["state"].shape[1])
-    data = Transitions.from_episodes(episodes, DenoisingChain(policy), delta_actions=True)
+    data = Transitions.from_episodes(episodes, DenoisingChain(policy), delta_actions=True, gamma=0.9)
     solved_at = [int(e.step_success.argmax()) + 1 for e in episodes]  # every demo succeeds
     assert len(data) == sum(solved_at) and int(data.first.sum()) == len(episodes)
-    # Transitions whose chunk reaches the first success (8 decision points per episode) end with reward 1.
-    assert int(data.done.sum()) == int(data.reward.sum()) == sum(min(8, n) for n in solved_at)
+    # The chunks that reach the first success (8 decision points per episode) end the episode; each is
+    # rewarded gamma ** (its env steps before the solving one), and spans only the steps up to it.
+    done = data.done.bool()
+    assert int(done.sum()) == sum(min(8, n) for n in solved_at)
+    assert torch.allclose(data.reward[done].sort().values, torch.tensor(sorted(0.9**j for n in solved_at for j in range(min(8, n)))))
+    assert torch.allclose(data.discount[done], 0.9 * data.reward[done]) and not data.reward[~done].any()
+    assert torch.allclose(data.discount[~done], torch.tensor(0.9**8))
     assert data.action.shape[1] == 8 * 4 and data.state.shape[1] == 2 * policy.dims["state_dim"]
 
-    gamma = 0.99 ** 8
-    iql = IQL(data.state.shape[1], data.action.shape[1], gamma)
+    iql = IQL(data.state.shape[1], data.action.shape[1])
     iql.fit(data, steps=300, batch_size=128, gen=torch.Generator().manual_seed(0))
     with torch.no_grad():
         near, start = iql.value(data.state[data.done.bool()]).mean(), iql.value(data.state[data.first]).mean()
@@ -87,6 +91,34 @@ def test_transitions_reward_first_success_and_iql_values_near_the_goal_higher(pu
     seen = dynamics.step(data.state, data.action, gen)[2].mean()
     unseen = dynamics.step(data.state, data.action + 3.0, gen)[2].mean()
     assert unseen > 2 * seen
+
+
+@pytest.mark.parametrize("max_episode_steps", [100, 50])
+def test_online_chunk_reward_is_discounted_to_the_chunk_start(pushcube_demos, max_episode_steps):
+    """A demo replayed in chunks of 8: with 100 steps it is solved mid-chunk (reward gamma ** j at
+    its j-th step); with PushCube's 50 it times out mid-chunk first and bootstraps V gamma ** (j + 1)."""
+    from robodistill.envs import EnvConfig, make_env
+    from robodistill.training.rl100 import play_chunk
+
+    episode, h, gamma = load_episodes([pushcube_demos])[0], 8, 0.9
+    end = min(int(episode.step_success.argmax()), max_episode_steps - 1)  # the env step that ends the episode
+    actions = torch.as_tensor(episode.actions[: (end // h + 1) * h])
+    seen = []
+    value_of = lambda hist: seen.append(hist) or torch.full((len(hist),), 5.0)  # noqa: E731
+    with make_env(EnvConfig(task="PushCube-v1", reward_mode="sparse", max_episode_steps=max_episode_steps)) as env:
+        obs = env.reset(seed=[episode.seed])
+        hist = obs["state"].cpu().unsqueeze(1).repeat(1, 2, 1)
+        for c in range(end // h + 1):
+            reward, ended, hist, outcomes = play_chunk(env, actions[None, c * h: (c + 1) * h], hist, torch.zeros(4), gamma, value_of)
+            assert bool(ended) == (c == end // h)
+    j = end % h
+    assert j > 0  # the episode ends mid-chunk, so a wrong discount shows
+    if max_episode_steps == 100:
+        assert outcomes == [True] and torch.allclose(reward, torch.tensor([gamma**j])) and not seen
+    else:
+        assert outcomes == [False] and torch.allclose(reward, torch.tensor([5.0 * gamma ** (j + 1)]))
+        # V is asked about the observations the episode ended on, not the reset's
+        assert torch.allclose(seen[0][0, -1], torch.as_tensor(episode.obs["state"][end + 1]), atol=1e-2)
 
 
 SMALL = ["env.max_episode_steps=40", "imitation.iterations=40", "imitation.batch_size=32", "offline.iterations=1",

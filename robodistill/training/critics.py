@@ -4,9 +4,10 @@ estimators (AM-Q and FQE).
 The decision process is the one the policy acts in: a state is the normalised observation history
 (obs_horizon frames, flattened), an action is the executed part of a chunk in the policy's
 normalised action space (act_horizon x A, flattened), a transition spans the chunk's env steps.
-The reward is sparse, 1 on the transition in which the task is first solved (which also ends the
-episode), so a Q value is the discounted chance of success and gamma applies per env step
-(gamma ** act_horizon per transition).
+The reward is sparse: gamma ** j on the transition whose j-th env step (from 0) first solves the
+task, which also ends the episode. gamma applies per env step, so a transition's `discount` is
+gamma to the number of env steps it spans (act_horizon, fewer where an episode ends mid-chunk) and a
+Q value is the chance of success discounted by the env steps it takes, what `gate_truth` measures.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Transitions:
     state: torch.Tensor  # (N, S) normalised observation history
     action: torch.Tensor  # (N, act_horizon * A) normalised executed chunk
     reward: torch.Tensor  # (N,)
+    discount: torch.Tensor  # (N,) gamma ** (env steps the transition spans): what V(next_state) is worth
     next_state: torch.Tensor  # (N, S)
     done: torch.Tensor  # (N,) 1 where the task was solved (no bootstrap)
     first: torch.Tensor  # (N,) bool: the episode's first decision (OPE start states)
@@ -45,12 +47,12 @@ class Transitions:
         return len(self.reward)
 
     @classmethod
-    def from_episodes(cls, episodes: list[Episode], chain: DenoisingChain, delta_actions: bool) -> "Transitions":
+    def from_episodes(cls, episodes: list[Episode], chain: DenoisingChain, delta_actions: bool, gamma: float) -> "Transitions":
         """Every env step of every episode as a decision point (overlapping chunks: more data),
         episodes cut at their first success. Needs per-step success (`Episode.step_success`)."""
         policy = chain.policy
         h, oh = policy.cfg.act_horizon, policy.obs_horizon
-        rows: dict[str, list] = {k: [] for k in ("state", "action", "reward", "next_state", "done", "first")}
+        rows: dict[str, list] = {k: [] for k in ("state", "action", "reward", "discount", "next_state", "done", "first")}
         for ep in episodes:
             if ep.step_success is None:
                 raise ValueError(f"{ep.source}, episode {ep.episode_id}: no per-step 'success' recorded; RL-100 needs it for the reward")
@@ -66,7 +68,8 @@ class Transitions:
                 rows["action"].append(take_padded(acts, t, t + h, pad_after=hold if delta_actions else None))
                 rows["next_state"].append(take_padded(states, stop - oh + 1, stop + 1))
                 hit = bool(len(solved)) and stop == end
-                rows["reward"].append(float(hit))
+                rows["reward"].append(gamma ** (stop - t - 1) if hit else 0.0)
+                rows["discount"].append(gamma ** (stop - t))
                 rows["done"].append(float(hit))
                 rows["first"].append(t == 0)
         with torch.no_grad():
@@ -75,7 +78,8 @@ class Transitions:
             state = norm_s(torch.as_tensor(np.stack(rows["state"]))).flatten(1)
             next_state = norm_s(torch.as_tensor(np.stack(rows["next_state"]))).flatten(1)
             action = norm_a(torch.as_tensor(np.stack(rows["action"]))).flatten(1)
-        return cls(state, action, torch.tensor(rows["reward"]), next_state, torch.tensor(rows["done"]), torch.tensor(rows["first"]))
+        return cls(state, action, *(torch.tensor(rows[k], dtype=torch.float32) for k in ("reward", "discount")), next_state,
+                   torch.tensor(rows["done"]), torch.tensor(rows["first"]))
 
     def cat(self, other: "Transitions") -> "Transitions":
         return Transitions(*(torch.cat([getattr(self, k), getattr(other, k)]) for k in self.__dataclass_fields__))
@@ -92,13 +96,13 @@ class IQL(nn.Module):
     """Implicit Q-learning critics (Kostrikov et al.): twin Q(s, a) and V(s), V fitted to an upper
     expectile of Q so no out-of-data action is ever queried."""
 
-    def __init__(self, state_dim: int, action_dim: int, gamma: float, expectile: float = 0.7, tau: float = 0.005,
+    def __init__(self, state_dim: int, action_dim: int, expectile: float = 0.7, tau: float = 0.005,
                  hidden: tuple[int, ...] = (256, 256)):
         super().__init__()
         self.q1, self.q2 = mlp(state_dim + action_dim, 1, hidden), mlp(state_dim + action_dim, 1, hidden)
         self.v = mlp(state_dim, 1, hidden)
         self.target = copy.deepcopy(nn.ModuleList([self.q1, self.q2])).requires_grad_(False)
-        self.gamma, self.expectile, self.tau = gamma, expectile, tau
+        self.expectile, self.tau = expectile, tau
         self.opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters(), *self.v.parameters()], lr=3e-4)
 
     def q(self, s: torch.Tensor, a: torch.Tensor, target: bool = True) -> torch.Tensor:
@@ -114,7 +118,7 @@ class IQL(nn.Module):
             b = data.batch(batch_size, gen)
             with torch.no_grad():
                 q_target = self.q(b.state, b.action)
-                backup = b.reward + self.gamma * (1 - b.done) * self.value(b.next_state)
+                backup = b.reward + b.discount * (1 - b.done) * self.value(b.next_state)
             diff = q_target - self.value(b.state)
             weight = torch.where(diff > 0, self.expectile, 1 - self.expectile)
             v_loss = (weight * diff**2).mean()
@@ -196,8 +200,7 @@ def am_q(chain: DenoisingChain, iql: IQL, dynamics: DynamicsEnsemble, starts: to
     return q_sum / max(count, 1.0), u_sum / max(count, 1.0)
 
 
-def fqe(chain: DenoisingChain, data: Transitions, starts: torch.Tensor, gamma: float, steps: int, batch_size: int,
-        seed: int) -> float:
+def fqe(chain: DenoisingChain, data: Transitions, starts: torch.Tensor, steps: int, batch_size: int, seed: int) -> float:
     """Fitted Q evaluation: Q^pi regressed on the buffer's transitions with pi's own next actions,
     then averaged over episode start states."""
     gen = torch.Generator().manual_seed(seed)
@@ -214,7 +217,7 @@ def fqe(chain: DenoisingChain, data: Transitions, starts: torch.Tensor, gamma: f
         idx = torch.randint(len(data), (batch_size,), generator=gen)
         with torch.no_grad():
             nxt = target(torch.cat([data.next_state[idx], next_actions[idx]], -1)).squeeze(-1)
-            backup = data.reward[idx] + gamma * (1 - data.done[idx]) * nxt
+            backup = data.reward[idx] + data.discount[idx] * (1 - data.done[idx]) * nxt
         loss = F.mse_loss(q(torch.cat([data.state[idx], data.action[idx]], -1)).squeeze(-1), backup)
         opt.zero_grad(set_to_none=True)
         loss.backward()

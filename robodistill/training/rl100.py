@@ -15,8 +15,8 @@ Stages, in order (`stages=`), each resumable and runnable alone from a checkpoin
    only if the gate's estimate is no worse than the reference's (`gate_margin`).
    Both estimates and the candidate's true success in simulation are logged for every decision.
 3. online: PPO on the same per-step objective with env-level GAE in the simulator (sparse reward,
-   gamma per env step, so gamma ** act_horizon per chunk; truncation bootstraps from V). With
-   `online.eval_every`, the mean path is evaluated from the start on and the best one is the stage's policy.
+   gamma per env step, within a chunk too, so gamma ** act_horizon between decisions; truncation
+   bootstraps from V). With `online.eval_every`, the mean path is evaluated from the start on and the best one is the stage's policy.
 4. distill: RL-100's same-noise one-step head (`robodistill distill variant=regression`) of the
    final policy.
 
@@ -236,11 +236,11 @@ def success(policy: DiffusionPolicy, env, episodes: int, seed: int) -> dict:
 
 def gate_truth(policy: DiffusionPolicy, env, episodes: int, seed: int, gamma: float) -> dict:
     """What the OPE estimators estimate, measured in simulation for the gate's log: success and the
-    discounted success (reward 1 at the first success, gamma per env step) over `episodes` rollouts
+    discounted success (gamma ** the env steps before the one that solves the task) over `episodes` rollouts
     of the training env. The same seeds and sampling noise for every policy (common random numbers),
     so two candidates differ by their policies, not their draws."""
     torch.manual_seed(seed)
-    steps = np.array([np.argmax(e.step_success) + 1 if e.success else np.inf for e in collect(policy, env, episodes, seed)])
+    steps = np.array([np.argmax(e.step_success) if e.success else np.inf for e in collect(policy, env, episodes, seed)])
     wins = int(np.isfinite(steps).sum())
     return {"success_once": wins / episodes, "ci95": wilson_interval(wins, episodes), "discounted": float(np.mean(gamma**steps)),
             "episodes": episodes}
@@ -306,12 +306,11 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
     delta = zero_action_holds_still(env_cfg.control_mode)
     demos = load_episodes(cfg.dataset.split(","), control_mode=env_cfg.control_mode, obs_mode="state", task=env_cfg.task)
     try:
-        buffer = Transitions.from_episodes(demos, actor_chain, delta)
+        buffer = Transitions.from_episodes(demos, actor_chain, delta, cfg.gamma)
     except ValueError as err:
         raise UserError(str(err)) from err
     s_dim, a_dim = buffer.state.shape[1], buffer.action.shape[1]
-    gamma_chunk = cfg.gamma ** actor.cfg.act_horizon
-    iql = IQL(s_dim, a_dim, gamma_chunk, o.expectile)
+    iql = IQL(s_dim, a_dim, o.expectile)
     dynamics = DynamicsEnsemble(s_dim, a_dim, o.ensemble)
     optimizer = torch.optim.Adam(actor.denoiser.parameters(), lr=o.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -343,7 +342,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
             torch.manual_seed(cfg.seed * 1000 + iteration)
             rollouts = collect(reference, train_env, o.collect_episodes, seed=30_000 + 1000 * iteration + cfg.seed)
             reference.set_sampler("ddim", cfg.chain.steps)
-            buffer = buffer.cat(Transitions.from_episodes(rollouts, ref_chain, delta))
+            buffer = buffer.cat(Transitions.from_episodes(rollouts, ref_chain, delta, cfg.gamma))
             # 2. critics and the model
             losses = {**iql.fit(buffer, o.critic_steps, o.batch_size, gen), **dynamics.fit(buffer, o.dynamics_steps, o.batch_size, gen)}
             starts = buffer.state[buffer.first]
@@ -351,7 +350,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
             def score(chain: DenoisingChain, policy_seed: int) -> dict:
                 q, disagreement = am_q(chain, iql, dynamics, starts, o.amq_horizon, policy_seed)
                 return {"amq": q - o.amq_penalty * disagreement, "amq_q": q, "amq_disagreement": disagreement,
-                        "fqe": fqe(chain, buffer, starts, gamma_chunk, o.fqe_steps, o.batch_size, policy_seed)}
+                        "fqe": fqe(chain, buffer, starts, o.fqe_steps, o.batch_size, policy_seed)}
 
             ref_score = score(ref_chain, cfg.seed)  # the critics changed: rescore the reference
             # 3. PPO over the chain from the reference, gated. A candidate the gate rejected is not
@@ -419,6 +418,36 @@ def clip_schedule(last: float, noisiest: float | None, steps: int) -> torch.Tens
     return noisiest + (last - noisiest) * (torch.exp(3 * t) - 1) / (np.exp(3) - 1)
 
 
+def play_chunk(env, actions: torch.Tensor, hist: torch.Tensor, hold: torch.Tensor, gamma: float, value_of
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
+    """Executes one chunk (n, h, A) in every env; an env whose episode ends mid-chunk holds still
+    (`hold`) until the chunk is over, and its auto-reset state starts the new history.
+
+    Returns the chunk's reward discounted to its first step (gamma ** j for a success at its j-th
+    env step; a time-out after it bootstraps gamma ** (j + 1) * value_of(the history it stopped in)),
+    which envs' episodes ended, the (n, obs_horizon, S) history to decide from next, and whether
+    each episode that ended was solved."""
+    n = actions.shape[0]
+    reward, ended, outcomes = torch.zeros(n), torch.zeros(n, dtype=torch.bool), []
+    for j in range(actions.shape[1]):
+        obs, _, terminated, truncated, info = env.step(torch.where(ended[:, None], hold, actions[:, j]))
+        step_done = (terminated | truncated).cpu()
+        solved = info["success"].cpu().clone()
+        if "final_info" in info:
+            solved[step_done] = info["final_info"]["success"].cpu()[step_done]
+        new = step_done & ~ended
+        reward[new & solved] += gamma**j
+        cut = new & ~terminated.cpu()
+        if cut.any():
+            last = torch.cat([hist[:, 1:], info["final_observation"]["state"].cpu().unsqueeze(1)], 1)
+            reward[cut] += gamma ** (j + 1) * value_of(last[cut])
+        outcomes += [bool(solved[i]) for i in new.nonzero().flatten().tolist()]
+        fresh = obs["state"].cpu().unsqueeze(1).repeat(1, hist.shape[1], 1)
+        hist = torch.where(step_done[:, None, None], fresh, torch.cat([hist[:, 1:], obs["state"].cpu().unsqueeze(1)], 1))
+        ended |= step_done
+    return reward, ended, hist, outcomes
+
+
 def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
     o, out = cfg.online, run.dir / "online"
     base, actor = load(start, cfg.chain.steps)
@@ -460,6 +489,10 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
 
     if o.eval_every and not evals:
         evaluate_and_keep()
+
+    @torch.no_grad()
+    def value_of(hist: torch.Tensor) -> torch.Tensor:
+        return value(state_of(hist)).squeeze(-1)
     hold = torch.zeros(actor.dims["action_dim"])
     if actor.dims["gripper_dims"]:
         hold[actor.dims["gripper_dims"]] = 1.0
@@ -477,25 +510,9 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                     x, logp = chain.sample(actor.encoder({"state": s.view(n, oh, -1)}), gen)
                     actions = actor.to_actions(x[:, -1]).cpu()
                     v = value(s).squeeze(-1)
-                reward, ended = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
-                for j in range(h):  # envs whose episode ended mid-chunk hold still until the chunk is over
-                    obs, _, terminated, truncated, info = env.step(torch.where(ended[:, None], hold, actions[:, j]))
-                    env_steps += n
-                    step_done = (terminated | truncated).cpu()
-                    solved = info["success"].cpu().clone()
-                    if "final_info" in info:
-                        solved[step_done] = info["final_info"]["success"].cpu()[step_done]
-                    new = step_done & ~ended
-                    reward += (solved & ~ended).float()
-                    cut = new & ~terminated.cpu()  # time-outs bootstrap from the value of where they stopped
-                    if cut.any():
-                        last = torch.cat([hist[:, 1:], info["final_observation"]["state"].cpu().unsqueeze(1)], 1)
-                        with torch.no_grad():
-                            reward[cut] += gamma_chunk * value(state_of(last[cut])).squeeze(-1)
-                    finished += [bool(solved[i]) for i in new.nonzero().flatten().tolist()]
-                    fresh = obs["state"].cpu().unsqueeze(1).repeat(1, oh, 1)
-                    hist = torch.where(step_done[:, None, None], fresh, torch.cat([hist[:, 1:], obs["state"].cpu().unsqueeze(1)], 1))
-                    ended |= step_done
+                reward, ended, hist, outcomes = play_chunk(env, actions, hist, hold, cfg.gamma, value_of)
+                env_steps += n * h
+                finished += outcomes
                 for k, val in zip(rows, (s, x, logp, reward, ended, v)):
                     rows[k].append(val)
             batch = {k: torch.stack(v) for k, v in rows.items()}  # (D, n, ...)
