@@ -14,7 +14,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 from robodistill.summary import READERS
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions
-from robodistill.training.rl100 import clip_schedule
+from robodistill.training.rl100 import chain_ppo_loss, clip_schedule
 
 
 def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
@@ -279,6 +279,24 @@ def test_online_clip_schedule_tightens_toward_the_noisiest_step():
     assert clip_schedule(0.01, 0.001, 1).tolist() == pytest.approx([0.01])  # one fine-tuned step: the last step's clip
 
 
+def test_chain_ppo_loss_weights_the_shared_advantage_by_the_denoising_discount():
+    adv = torch.tensor([1.0, -2.0, 0.5])
+
+    def grad(**kw) -> torch.Tensor:
+        log_ratio = torch.zeros(3, 4, requires_grad=True)  # at the reference: every ratio 1, none clipped
+        chain_ppo_loss(log_ratio, adv, clip_schedule(0.2, 0.01, 4), **kw)[0].backward()
+        return log_ratio.grad
+
+    equal = grad()
+    assert torch.allclose(equal, -adv[:, None].expand(3, 4) / 12)  # RL-100: every step the same advantage
+    dppo = grad(denoise_discount=0.9)
+    assert torch.allclose(dppo, equal * torch.tensor([0.9**3, 0.9**2, 0.9, 1.0]))  # the noisiest step (first) least
+    # Past the clip the surrogate is flat: a ratio far above 1 with a positive advantage gets no gradient.
+    log_ratio = torch.full((1, 4), 0.5, requires_grad=True)
+    chain_ppo_loss(log_ratio, torch.ones(1), 0.2)[0].backward()
+    assert not log_ratio.grad.any()
+
+
 def test_rl100_bad_input_is_one_clear_line(cli_here, tmp_path):
     for args, message in {
         ("stages=[offline]",): "give init=",
@@ -292,6 +310,7 @@ def test_rl100_bad_input_is_one_clear_line(cli_here, tmp_path):
         ("online.critic_warmup=-1", "dataset=x.h5"): "online.critic_warmup=-1 must be >= 0",
         ("online.clip_noisiest=0", "dataset=x.h5"): "online.clip_noisiest=0.0 must be > 0",
         ("online.eval_every=-1", "dataset=x.h5"): "online.eval_every=-1 must be >= 0",
+        ("online.denoise_discount=0", "dataset=x.h5"): "online.denoise_discount=0.0 must be in (0, 1]",
         ("env.control_mode=pd_ee_pose", "dataset=x.h5"): "env.control_mode=pd_ee_pose: the online stage holds",
         ("dataset=x.h5",): "dataset=x.h5: no such file x.h5",
     }.items():

@@ -107,6 +107,7 @@ class OnlineConfig:
     clip: float = 0.2  # PPO ratio clip at the last denoising step
     clip_noisiest: float | None = None  # clip at the noisiest fine-tuned step, rising exponentially to `clip` (DPPO: 0.001 -> 0.01); None: `clip` at every step
     gae_lambda: float = 0.95
+    denoise_discount: float = 1.0  # DPPO's gamma_denoise (0.99 there): fine-tuned step j's advantage x this ** (K' - 1 - j), the noisiest step least; 1: RL-100's equal weights
     critic_warmup: int = 0  # first updates that train only the critic (DPPO's n_critic_warmup_itr): no actor step on a fresh V's advantages
     eval_every: int = 0  # updates between evaluations of the mean path; > 0 keeps the best evaluated policy (the start included) as the stage's policy
     eval_episodes: int = 50  # per evaluation, fixed seeds apart from the stage's final evaluation
@@ -176,6 +177,8 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"online.eval_episodes={cfg.online.eval_episodes} must be >= 1")
     if cfg.online.critic_warmup < 0:
         raise UserError(f"online.critic_warmup={cfg.online.critic_warmup} must be >= 0 (updates that train only the critic)")
+    if not 0 < cfg.online.denoise_discount <= 1:
+        raise UserError(f"online.denoise_discount={cfg.online.denoise_discount} must be in (0, 1] (DPPO's gamma_denoise, 0.99; 1: no discount)")
     if cfg.offline.amq_penalty < 0:
         raise UserError(f"offline.amq_penalty={cfg.offline.amq_penalty}: must be >= 0 (a negative one rewards leaving the data; 0 is RL-100's plain AM-Q)")
     missing = [p for p in (cfg.dataset or "").split(",") if p and not Path(p).is_file()]
@@ -371,9 +374,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                     a0 = ref_chain.executed(chain[:, -1])
                     adv = iql.q(b.state, a0) - iql.value(b.state)
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                ratio = (actor_chain.log_prob(cond, chain) - logp_old).exp()
-                adv = adv[:, None]
-                loss = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+                loss, ratio = chain_ppo_loss(actor_chain.log_prob(cond, chain) - logp_old, adv, clip)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(actor.denoiser.parameters(), 1.0)
@@ -446,6 +447,18 @@ def play_chunk(env, actions: torch.Tensor, hist: torch.Tensor, hold: torch.Tenso
         hist = torch.where(step_done[:, None, None], fresh, torch.cat([hist[:, 1:], obs["state"].cpu().unsqueeze(1)], 1))
         ended |= step_done
     return reward, ended, hist, outcomes
+
+
+def chain_ppo_loss(log_ratio: torch.Tensor, adv: torch.Tensor, clip: float | torch.Tensor, denoise_discount: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate over the denoising chain, offline and online: every fine-tuned step
+    (log_ratio's columns, noisiest first) is its own PPO ratio with the env-level advantage `adv`
+    (B,) shared, times denoise_discount ** (K' - 1 - j) at step j (DPPO's gamma_denoise: the noisiest
+    steps, furthest from the action, move least). Returns the loss and the ratios."""
+    ratio = log_ratio.exp()
+    k = log_ratio.shape[1]
+    a = adv[:, None] * denoise_discount ** torch.arange(k - 1, -1, -1, dtype=adv.dtype)
+    return -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a).mean(), ratio
 
 
 def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
@@ -535,12 +548,11 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                 for idx in torch.randperm(total, generator=gen).split(o.minibatch):
                     s = flat["state"][idx]
                     a = flat["adv"][idx]
-                    a = ((a - a.mean()) / (a.std() + 1e-8))[:, None] if len(idx) > 1 else a[:, None]
+                    a = (a - a.mean()) / (a.std() + 1e-8) if len(idx) > 1 else a
                     pi_loss = torch.zeros(())
                     if train_actor:  # the chain's likelihoods are most of an update's cost: none while V warms up
                         log_ratio = chain.log_prob(actor.encoder({"state": s.view(len(idx), oh, -1)}), flat["chain"][idx]) - flat["logp"][idx]
-                        ratio = log_ratio.exp()
-                        pi_loss = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a).mean()
+                        pi_loss, ratio = chain_ppo_loss(log_ratio, a, clip, o.denoise_discount)
                         with torch.no_grad():  # as SB3's PPO logs them: how far each update moved the chain
                             stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
                             stats["clip_frac"].append(((ratio - 1).abs() > clip).float().mean().item())
