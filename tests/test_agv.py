@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
 from robodistill.envs.agv import SCENES, TASK
-from robodistill.envs.agv.batch import GOAL_RADIUS, RAY_RANGE, RAYS, ray_box_distances, ray_circle_distances
+from robodistill.envs.agv.batch import GOAL_RADIUS, OBS_DIM, RAY_RANGE, RAYS, ray_box_distances, ray_circle_distances
 from robodistill.envs.agv.scenes import FAR, walls
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
@@ -70,6 +70,28 @@ def test_vectorized_equals_single_env_stepping():
                 o, _ = single.reset()  # the batch auto-resets the same way: the robot's generator continues
             np.testing.assert_array_equal(o, obs[t + 1, i].numpy())
     assert dones.any()
+
+
+def test_gym_make_after_importing_robodistill_envs_and_bad_actions_are_refused():
+    import subprocess
+    import sys
+
+    # A fresh interpreter: this test module has imported the AGV package already, which registered it then.
+    code = ("import gymnasium as gym, robodistill.envs; "
+            f"env = gym.make('{TASK}', scene='simple_static'); print(env.reset(seed=0)[0].shape)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"({OBS_DIM},)", r.stderr[-2000:]
+
+    single = gym.make(TASK, scene="simple_static")
+    single.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(2,\).*got \(3,\)"):
+        single.step(np.zeros(3))
+    with pytest.raises(ValueError, match="must be finite"):
+        single.step([np.nan, 0.0])
+    env = agv("simple_static", 2)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(2, 2\).*got \(2, 3\)"):
+        env.step(torch.zeros(2, 3))
 
 
 def test_lidar_hits_known_walls_and_movers_at_known_distances():

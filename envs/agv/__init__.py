@@ -4,12 +4,7 @@
 scene=..., num_envs=B))` gives B robots stepped together in numpy behind the `VecEnv` convention.
 """
 
-import gymnasium as gym
-
 from robodistill.envs.agv.env import TASK, AGVVecEnv, AGVWarehouseEnv
 from robodistill.envs.agv.scenes import SCENES
-
-if TASK not in gym.registry:
-    gym.register(id=TASK, entry_point="robodistill.envs.agv.env:AGVWarehouseEnv")
 
 __all__ = ["SCENES", "TASK", "AGVVecEnv", "AGVWarehouseEnv"]

@@ -124,6 +124,10 @@ class AGVBatch:
     def step(self, action: np.ndarray):
         """Advance every robot by DT. Returns reward, terminated, truncated and the episode metrics
         of every robot (meaningful for the finished ones), before any reset."""
+        if action.shape != (self.num, 2):
+            raise ValueError(f"AGV actions have shape ({self.num}, 2), a linear and an angular command in [-1, 1] per robot; got {action.shape}")
+        if not np.isfinite(action).all():  # a NaN would become the robot's pose and reward without a word
+            raise ValueError(f"AGV actions must be finite, got {action[~np.isfinite(action).all(1)][0]}")
         a = np.clip(action, -1.0, 1.0)
         v_cmd = V_REVERSE + (a[:, 0] + 1.0) * 0.5 * (V_MAX - V_REVERSE)
         self.v += np.clip(v_cmd - self.v, -A_MAX * DT, A_MAX * DT)

@@ -61,7 +61,10 @@ class AGVWarehouseEnv(gym.Env):
         return self.batch.observe()[0], {}
 
     def step(self, action):
-        reward, terminated, truncated, episode = self.batch.step(np.asarray(action, dtype=np.float64)[None])
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (2,):
+            raise ValueError(f"the AGV's action has shape (2,), a linear and an angular command in [-1, 1]; got {action.shape}")
+        reward, terminated, truncated, episode = self.batch.step(action[None])
         info = {"episode": {k: v[0] for k, v in episode.items()}} if terminated[0] or truncated[0] else {}
         return self.batch.observe()[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
 
