@@ -166,28 +166,34 @@ class Bundle:
         obs = dict(obs)
         prompt = obs.pop("prompt", None)
         if "instruction" in obs:
+            if prompt is not None:
+                raise ObservationError("the observation has both 'prompt' (text) and 'instruction' (its embedding): send one")
             return obs
         prompt = self.prompt["default"] if prompt is None else prompt
         if isinstance(prompt, bytes):
             prompt = prompt.decode()
         if not isinstance(prompt, str):
             raise ObservationError(f"observation['prompt'] must be text (the instruction), got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ObservationError("observation['prompt'] is empty: send the instruction's text, or no prompt for the exported task's")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ObservationError(f"observation['prompt'] has {len(prompt)} characters; an instruction has at most {MAX_PROMPT_CHARS}")
         known = self.prompt["known"]
-        if prompt in known:
-            vector = np.asarray(known[prompt], np.float32)
-        else:
-            if self._text is None:
-                from robodistill.policies.vla.text import TextEncoder
-
-                self._text = TextEncoder()
-            vector = self._text([prompt])[0].numpy()
+        vector = np.asarray(known[prompt], np.float32) if prompt in known else self.text_encoder()([prompt])[0].numpy()
         if batched:
             batch = next(iter(obs.values())).shape[0] if obs else 1
             vector = np.repeat(vector[None], batch, axis=0)
         obs["instruction"] = vector
         return obs
+
+    def text_encoder(self):
+        """The sentence encoder for prompts the export did not embed, loaded on the first call: a server
+        calls it at start, so no request waits seconds for it."""
+        if self._text is None:
+            from robodistill.policies.vla.text import TextEncoder
+
+            self._text = TextEncoder().load()
+        return self._text
 
     @property
     def chunk_length(self) -> int:

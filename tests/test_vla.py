@@ -118,9 +118,15 @@ def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, 
         out, meta = export(ExportConfig(ckpt=ckpt, task="PickCube-v1", sampler="ddim", steps=2), tmp_path / "bundle")
         assert meta["env"]["task"] == "PickCube-v1" and meta["observation"]["instruction"]["shape"] == [384]
         assert meta["prompt"]["default"] == phrasings("PickCube-v1")[0]
-        with pytest.raises(ObservationError, match="1001 characters; an instruction has at most 1000"):
-            Bundle.load(out).instruct({"prompt": "x" * 1001}, batched=False)
-        server = PolicyServer(Bundle.load(out), port=0).start()
+        bundle = Bundle.load(out)
+        for obs, message in (({"prompt": "x" * 1001}, "1001 characters; an instruction has at most 1000"),
+                             ({"prompt": "  "}, "observation\\['prompt'\\] is empty"),
+                             ({"prompt": "lift it", "instruction": np.zeros(384, np.float32)}, "both 'prompt' .* and 'instruction'")):
+            with pytest.raises(ObservationError, match=message):
+                bundle.instruct(obs, batched=False)
+        assert bundle._text is None  # a bundle used with its exported prompts never loads the sentence encoder
+        server = PolicyServer(bundle, port=0).start()
+        assert bundle._text is not None  # a server loads it at start: no client's first new prompt waits seconds for it
         try:
             row = {k: v[0].numpy() for k, v in history.items()}
 

@@ -101,6 +101,8 @@ class PolicyServer:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
         # A VLA bundle embeds a new prompt's text (milliseconds to seconds): off the event loop, or every client waits.
         self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="prompts") if bundle.prompt is not None else None
+        if bundle.prompt is not None:  # seconds to load: now, not inside a client's first request and its deadline
+            bundle.text_encoder()
         self._error: BaseException | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._ready = threading.Event()
