@@ -124,17 +124,22 @@ def record_taken(values: dict) -> None:
         OmegaConf.save(config, saved)
 
 
-def register_schemas(command: str) -> None:
-    """The typed schemas `command`'s yaml builds on (its own and env's), so a misspelled or mistyped
-    field is an error. Only these are imported: every other command's module stays unloaded."""
+def register_resolvers() -> None:
+    """The interpolations our configs use beyond OmegaConf's own (also to resolve a saved run's config)."""
     from omegaconf import OmegaConf
-
-    from robodistill.envs.factory import EnvConfig
 
     if not OmegaConf.has_resolver("slug"):  # a run's name may be a task id such as robodistill/AGVWarehouse-v0
         OmegaConf.register_new_resolver("slug", lambda text: str(text).replace("/", "-"))
     if not OmegaConf.has_resolver("join"):  # a run's name from the fields given, e.g. export's sampler and format
         OmegaConf.register_new_resolver("join", lambda *parts: "-".join(str(p) for p in parts if p is not None))
+
+
+def register_schemas(command: str) -> None:
+    """The typed schemas `command`'s yaml builds on (its own and env's), so a misspelled or mistyped
+    field is an error. Only these are imported: every other command's module stays unloaded."""
+    from robodistill.envs.factory import EnvConfig
+
+    register_resolvers()
     store = ConfigStore.instance()
     store.store(group="schema", name="env", node=EnvConfig)
     store.store(group="schema", name=command.replace("agv-train", "agv_train"), node=schema(command))

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from robodistill.errors import UserError
 
@@ -118,9 +120,10 @@ def _control(run: Path) -> list[str]:
     c = json.loads((run / "control.json").read_text())
     t = c["timing"]
     jitter = f"jitter p99 {t['jitter_ms_p50_p99_max'][1]:.1f} ms, " if "jitter_ms_p50_p99_max" in t else ""
-    stopped = ", stopped early" if c.get("stopped") else ""
-    return [f"success_once {_rate(c['summary'])} through the server at {t['hz']:g} Hz{stopped}",
-            f"{jitter}{t['late_steps']}/{t['steps']} deadline misses, round trip p50 {t['round_trip_ms_p50_p99'][0]:.1f} ms"]
+    outcome = f"success_once {_rate(c['summary'])}" if c["summary"]["episodes"] else "no episode finished"
+    lines = [f"{outcome} through the server at {t['hz']:g} Hz",
+             f"{jitter}{t['late_steps']}/{t['steps']} deadline misses, round trip p50 {t['round_trip_ms_p50_p99'][0]:.1f} ms"]
+    return lines + ([f"stopped early: {c['stopped']}"] if c.get("stopped") else [])
 
 
 # command -> what its run directory says, in pipeline order
@@ -136,15 +139,30 @@ def jobs(run: Path) -> list[tuple[str, Path]]:
     return [(f"{run.name}/{q.name}", q) for q in jobs] or [(run.name, run)]
 
 
+def sweep_labelled(run: Path) -> list[tuple[str, Path]]:
+    """`jobs`, a sweep's labelled with the overrides its jobs differ in (`<time>-multirun/1 seed=1 algo=ppo`), as `plot` labels them."""
+    from robodistill.curves import labels
+
+    found = jobs(run)
+    if len(found) < 2:
+        return found
+    return [(label if mine == label else f"{label} {mine}", job) for (label, job), mine in zip(found, labels(found))]
+
+
 def named(job: Path, name: str) -> bool:
     """A run's directory ends -NAME (eval's may go on: -NAME-<task>); a sweep's job, <time>-multirun/<n>, is named by
-    the config it ran with."""
+    the config it ran with (resolved: a default name is an interpolation such as ${algo}-${scene})."""
     if job.name.endswith(f"-{name}") or f"-{name}-" in job.name:
         return True
     config = job / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return False
+    from robodistill.configs import register_resolvers
+
+    register_resolvers()
     try:
-        return config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("name") == name
-    except (yaml.YAMLError, AttributeError):  # not a config of ours
+        return OmegaConf.select(OmegaConf.load(config), "name", default=None) == name
+    except (yaml.YAMLError, OmegaConfBaseException):  # not a config of ours, or a name needing hydra's own resolvers
         return False
 
 
@@ -157,7 +175,7 @@ def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]
             found = [p for p in found if any(named(job, name) for _, job in jobs(p))]
         # Every eval run of the name (e.g. the teacher's and the scripted expert's), else the newest.
         chosen = found if command == "eval" else found[-1:]
-        for label, run in (job for run in chosen for job in jobs(run) if not name or named(job[1], name)):
+        for label, run in (job for run in chosen for job in sweep_labelled(run) if not name or named(job[1], name)):
             try:
                 lines = read(run)
             except (OSError, KeyError, json.JSONDecodeError, IndexError, TypeError, ValueError):  # a run that died, or a foreign file

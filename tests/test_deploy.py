@@ -3,6 +3,7 @@
 import http.server
 import json
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -360,7 +361,13 @@ def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bu
     assert "closed the connection" in c["stopped"] and 1 <= len(c["episodes"]) < 3 and c["timing"]["steps"] > 30 * len(c["episodes"])
     assert (run / "telemetry.csv").read_text().count("\n") == 1 + c["timing"]["steps"]
     table = cli_here("summary", "--name", "gone")
-    assert "through the server at 0 Hz, stopped early" in table.stdout, table.stdout + table.stderr
+    assert "through the server at 0 Hz" in table.stdout and "stopped early: inference failed: the policy server" in table.stdout, table.stdout
+    # Stopped before any episode ended (control writes that as no episodes): still what stopped it, not "(incomplete run)".
+    first = run.with_name(run.name.replace("-gone", "-gone-first"))
+    shutil.copytree(run, first)
+    (first / "control.json").write_text(json.dumps({**c, "summary": {"episodes": 0}, "episodes": []}))
+    table = cli_here("summary", "--name", "gone").stdout
+    assert f"{first.name}  no episode finished through the server at 0 Hz" in table and "stopped early: inference failed" in table, table
 
 
 def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):
