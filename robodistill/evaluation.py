@@ -4,8 +4,9 @@ Whatever an env reports in `final_info["episode"]` is kept per episode: booleans
 success_at_end, fail_once, ...) become rates with intervals, numbers (return, episode_len, ...) get
 mean and std.
 
-Episodes run in waves of `env.num_envs`; episode k is reset with seed `seed + k`, so a result does
-not depend on how many envs ran it. Every episode runs to the time limit (ignore_terminations), so
+Episodes run in waves of `env.num_envs`; episode k is reset with seed `seed + k`, so its initial state
+does not depend on how many envs ran it (nor does a deterministic policy's result; a sampler's noise is
+drawn per wave). Every episode runs to the time limit (ignore_terminations), so
 both success_once (ever succeeded) and success_at_end (succeeded at the last step) are defined.
 """
 
