@@ -506,6 +506,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
     @torch.no_grad()
     def value_of(hist: torch.Tensor) -> torch.Tensor:
         return value(state_of(hist)).squeeze(-1)
+
     hold = torch.zeros(actor.dims["action_dim"])
     if actor.dims["gripper_dims"]:
         hold[actor.dims["gripper_dims"]] = 1.0
