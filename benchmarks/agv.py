@@ -34,6 +34,8 @@ from robodistill.evaluation import evaluate, wilson_interval
 from robodistill.policies import load_policy
 from robodistill.training.ppo_rnd import AGVTrainConfig, train
 
+from common import absolute
+
 ALGOS = ("ppo", "ppo_rnd")
 TARGET_SPS, TARGET_GAIN = 5000, 0.30
 
@@ -105,7 +107,7 @@ def main() -> None:
     parser.add_argument("--curve-points", type=int, default=32, help="periodic evaluations per training run")
     parser.add_argument("--throughput-steps", type=int, default=16_000)
     parser.add_argument("--collision-penalty", type=float, default=None, help="env.collision_penalty for training (default: 1)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-agv"))
+    parser.add_argument("--out", type=absolute, default="runs/bench-agv")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import absolute  # noqa: E402
 from rpd import RD, run, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,13 +37,13 @@ KINDS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", type=Path, required=True, help="an RGB teacher checkpoint (train-teacher env.obs_mode=rgb, or train-vla)")
+    ap.add_argument("--teacher", type=absolute, required=True, help="an RGB teacher checkpoint (train-teacher env.obs_mode=rgb, or train-vla)")
     ap.add_argument("--task", default="PushCube-v1")
     ap.add_argument("--control-mode", default="pd_ee_delta_pose", help="the teacher's")
     ap.add_argument("--image-size", type=int, default=64, help="the teacher's")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--core", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-camera-teacher" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-camera-teacher" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
     if not a.teacher.is_file():
         sys.exit(f"--teacher {a.teacher}: no such checkpoint")

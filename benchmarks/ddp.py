@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import absolute
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ("teacher-mlp", "teacher-unet", "distill", "rpd")
 UNIT = {"rpd": "env steps/s"}
@@ -67,7 +69,7 @@ def run(job: str, a: argparse.Namespace, nproc: int | None, out: Path, teacher: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", type=Path, required=True, help="PushCube-v1 demos (state, pd_ee_delta_pos)")
+    ap.add_argument("--dataset", type=absolute, required=True, help="PushCube-v1 demos (state, pd_ee_delta_pos)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=1500, help="teacher-mlp iterations (distill: a fifth)")
     ap.add_argument("--batch", type=int, default=256, help="global batch (each rank takes batch / nproc)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -25,6 +24,8 @@ from robodistill import checkpoints
 from robodistill.envs import EnvConfig
 from robodistill.inference.latency import format_rows, measure, plot
 from robodistill.inference.samplers import RTIConfig
+
+from common import absolute
 
 TEACHER_SAMPLERS = ["ddpm:100", "ddim:10", "rti"]
 HEAD_SAMPLERS = ["consistency:1", "consistency:3"]
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--max-episode-steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/benchmarks/latency")
+    ap.add_argument("--out", type=absolute, default="runs/benchmarks/latency")
     args = ap.parse_args()
     if not args.task:
         ap.error("give at least one --task TASK=CKPT")
@@ -72,7 +73,7 @@ def main() -> None:
         env = EnvConfig(task=task, max_episode_steps=args.max_episode_steps)
         rows += measure(path, env, ["ddpm:100", "rti"], rti, args.calls, args.episodes, args.seed, label="gripper-scaled")
 
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "latency.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "latency.png")

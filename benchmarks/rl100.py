@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import absolute
+
 ROOT = Path(__file__).resolve().parent.parent
 RD = [sys.executable, "-m", "robodistill.cli"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -117,14 +119,14 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=200, help="evaluation episodes per stage")
     ap.add_argument("--gate-episodes", type=int, default=50, help="true success of every gate candidate (logged, never used to decide)")
     ap.add_argument("--online-steps", type=int, default=60_000)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-rl100")
+    ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-rl100")
     ap.add_argument("overrides", nargs="*", help="more `robodistill rl100` overrides, after --")
     a = ap.parse_args()
     for flag in ("dataset", "init"):
         pairs = getattr(a, flag)
         if any("=" not in kv for kv in pairs):
             ap.error(f"--{flag} takes TASK=PATH pairs, e.g. --{flag} PickCube-v1=runs/x/{'demos.h5' if flag == 'dataset' else 'last.pt'}")
-        setattr(a, flag, dict(kv.split("=", 1) for kv in pairs))
+        setattr(a, flag, {task: str(absolute(path)) for task, path in (kv.split("=", 1) for kv in pairs)})
         missing = [f"{task}={path}" for task, path in getattr(a, flag).items() if not Path(path).is_file()]
         if missing:
             ap.error(f"--{flag} {' '.join(missing)}: no such file")

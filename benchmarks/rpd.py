@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import absolute
+
 ROOT = Path(__file__).resolve().parent.parent
 RD = [sys.executable, "-m", "robodistill.cli"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -168,7 +170,7 @@ def main() -> None:
     ap.add_argument("--rpd", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for the RPD runs only, e.g. distill_coef=0.1 schedule=cosine (PPO runs keep teacher=none)")
     ap.add_argument("--teachers-only", action="store_true", help="make and evaluate the teachers, then stop")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
     teachers, ckpts = {}, {}
     for task in a.tasks:

@@ -27,6 +27,8 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from robodistill.policies.bundle import Bundle
 from robodistill.summary import sampler_words
 
+from common import absolute
+
 
 def observation(bundle: Bundle, rng: np.random.Generator) -> dict[str, np.ndarray]:
     obs = {}
@@ -94,7 +96,7 @@ def in_process(bundle: Bundle, requests: int, obs: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", type=Path, required=True, help="a bundle directory (robodistill export; make demo writes one)")
+    ap.add_argument("--bundle", type=absolute, required=True, help="a bundle directory (robodistill export; make demo writes one)")
     ap.add_argument("--requests", type=int, default=200, help="requests per client")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     a = ap.parse_args()

@@ -49,6 +49,8 @@ import torch
 from robodistill.evaluation import wilson_interval
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 
+from common import absolute
+
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM = "https://github.com/haosulab/ManiSkill"
 BASELINE = "examples/baselines/diffusion_policy"
@@ -201,8 +203,8 @@ def main() -> None:
     ap.add_argument("--baseline-batches", type=int, nargs="+", default=[64, 1024])
     ap.add_argument("--skip-teacher", action="store_true", help="run only the baseline rows (e.g. to add a batch size)")
     ap.add_argument("--maniskill-repo", default=UPSTREAM, help="ManiSkill git dir, checkout or URL")
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/robodistill/benchmarks/maniskill_dp")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-teacher" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    ap.add_argument("--cache", type=absolute, default=Path.home() / ".cache/robodistill/benchmarks/maniskill_dp")
+    ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-teacher" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     src, python = prepare_baseline(a.maniskill_repo, a.cache)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import absolute  # noqa: E402
 from rpd import RD, run, run_on_cores, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--cores", type=int, nargs="+", default=[0, 1], help="one RPD run at a time on each")
     ap.add_argument("--rpd", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every RPD run, e.g. distill_coef=1.0")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-vla-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-vla-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,42 @@
+"""The benchmark scripts as a user runs them: in their own process, from any directory, with tiny budgets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def bench(script: str, *args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def fake_pushcube_demos(path: Path, episodes: int = 2, steps: int = 20) -> Path:
+    """Random PushCube-v1 trajectories in the demos' format: enough to time training on, in milliseconds."""
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for i in range(episodes):
+            f[f"traj_{i}/obs"] = rng.standard_normal((steps + 1, 35)).astype(np.float32)
+            f[f"traj_{i}/actions"] = rng.uniform(-1, 1, (steps, 4)).astype(np.float32)
+            for key in ("success", "terminated", "truncated"):
+                f[f"traj_{i}/{key}"] = np.zeros(steps, bool)
+    env_kwargs = {"obs_mode": "state", "control_mode": "pd_ee_delta_pos", "sim_backend": "physx_cpu", "num_envs": 1}
+    episode = {"control_mode": "pd_ee_delta_pos", "elapsed_steps": steps, "success": False}
+    path.with_suffix(".json").write_text(json.dumps({
+        "env_info": {"env_id": "PushCube-v1", "env_kwargs": env_kwargs, "max_episode_steps": 50},
+        "episodes": [{"episode_id": i, "episode_seed": i, "reset_kwargs": {"seed": i}, **episode} for i in range(episodes)]}))
+    return path
+
+
+def test_relative_paths_mean_the_users_directory(tmp_path):
+    fake_pushcube_demos(tmp_path / "demos.h5")
+    r = bench("ddp.py", "--dataset", "demos.h5", "--jobs", "teacher-mlp", "--iterations", "2", "--batch", "8",
+              "--repeats", "1", "--nproc", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| teacher-mlp (samples/s) |" in r.stdout
