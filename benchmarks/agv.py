@@ -34,7 +34,7 @@ from robodistill.evaluation import evaluate, wilson_interval
 from robodistill.policies import load_policy
 from robodistill.training.ppo_rnd import AGVTrainConfig, train
 
-from common import absolute
+from common import absolute, at_least, counts, guarded
 
 ALGOS = ("ppo", "ppo_rnd")
 TARGET_SPS, TARGET_GAIN = 5000, 0.30
@@ -109,6 +109,10 @@ def main() -> None:
     parser.add_argument("--collision-penalty", type=float, default=None, help="env.collision_penalty for training (default: 1)")
     parser.add_argument("--out", type=absolute, default="runs/bench-agv")
     args = parser.parse_args()
+    at_least("--budget", args.budget, AGVTrainConfig.num_envs * AGVTrainConfig.num_steps)  # one PPO update
+    counts(args, "--eval-episodes", "--curve-episodes", "--curve-points", "--throughput-steps")
+    if args.collision_penalty is not None:
+        at_least("--collision-penalty", args.collision_penalty, 0)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -172,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

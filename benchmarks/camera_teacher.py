@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import absolute  # noqa: E402
+from common import absolute, check_tasks, counts, guarded  # noqa: E402
+from robodistill.errors import UserError  # noqa: E402
 from rpd import RD, run, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,9 @@ def main() -> None:
     ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-camera-teacher" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
     if not a.teacher.is_file():
-        sys.exit(f"--teacher {a.teacher}: no such checkpoint")
+        raise UserError(f"--teacher {a.teacher}: no such checkpoint")
+    check_tasks("--task", [a.task])
+    counts(a, "--image-size", "--steps")
     common = [f"env={a.task}", f"env.control_mode={a.control_mode}", f"env.image_size={a.image_size}", f"teacher={a.teacher}",
               f"total_steps={a.steps}", "eval_every=0", "eval_episodes=1", f"checkpoint_every={a.steps}", "progress=false"]
     speed = {}
@@ -65,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -1,11 +1,43 @@
-"""What the benchmark scripts share."""
+"""What the benchmark scripts share: their flags' checks, and bad input said in one line, as the CLI says it."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
+from typing import Callable
+
+from robodistill.envs.factory import check_task
+from robodistill.errors import UserError
 
 
 def absolute(path: str) -> Path:
     """argparse type of every path flag: the scripts' `robodistill` children run in the repository root, so a
     path relative to the user's directory would name another file there."""
     return Path(path).expanduser().resolve()
+
+
+def guarded(main: Callable[[], None]) -> None:
+    """Run a benchmark's main: a mistake the user can fix ends in one line and status 2, not a traceback."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(flag: str, value: float, least: float = 1) -> None:
+    if value < least:
+        raise UserError(f"{flag} must be >= {least}, got {value}")
+
+
+def counts(args: argparse.Namespace, *flags: str) -> None:
+    """Flags that count something (steps, episodes, repeats): each >= 1."""
+    for flag in flags:
+        at_least(flag, getattr(args, flag[2:].replace("-", "_")))
+
+
+def check_tasks(flag: str, tasks: list[str]) -> None:
+    """Before any work: the check `robodistill` makes of env.task, naming the script's flag."""
+    for task in tasks:
+        check_task(task, flag)

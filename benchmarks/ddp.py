@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import absolute
+from common import absolute, counts, guarded
+from robodistill.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ("teacher-mlp", "teacher-unet", "distill", "rpd")
@@ -77,12 +78,15 @@ def main() -> None:
     ap.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
+    if not a.dataset.is_file():
+        raise UserError(f"--dataset {a.dataset}: no such file (make one with `robodistill demos env=PushCube-v1`)")
+    counts(a, "--iterations", "--batch", "--rpd-steps", "--repeats")
     rows = ["| job | one process, {c} threads | {n} ranks x 1 thread | ranks / one |".format(c=os.cpu_count(), n=a.nproc),
             "|---|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         teacher = Path(tmp) / "teacher-mlp-one-0" / "checkpoints" / "last.pt"
         if "distill" in a.jobs and "teacher-mlp" not in a.jobs:
-            raise SystemExit("--jobs distill needs teacher-mlp before it (its teacher)")
+            raise UserError("--jobs distill needs teacher-mlp before it (its teacher)")
         for job in a.jobs:
             one, ddp = [], []
             for i in range(a.repeats):
@@ -96,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

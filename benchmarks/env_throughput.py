@@ -20,6 +20,8 @@ import torch
 from robodistill.envs import EnvConfig, make_env
 from robodistill.envs.factory import gym_kwargs
 
+from common import check_tasks, counts, guarded
+
 
 def actions(n: int, dim: int, batch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
@@ -50,6 +52,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=["PushCube-v1", "PickCube-v1", "PushT-v1"])
     args = parser.parse_args()
+    counts(args, "--steps", "--repeats")
+    check_tasks("--tasks", args.tasks)
     torch.set_num_threads(1)
 
     rows = []
@@ -78,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -22,10 +22,11 @@ import torch
 
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig
+from robodistill.errors import UserError
 from robodistill.inference.latency import format_rows, measure, plot
 from robodistill.inference.samplers import RTIConfig
 
-from common import absolute
+from common import absolute, check_tasks, counts, guarded
 
 TEACHER_SAMPLERS = ["ddpm:100", "ddim:10", "rti"]
 HEAD_SAMPLERS = ["consistency:1", "consistency:3"]
@@ -36,9 +37,16 @@ def _pairs(values: list[str], flag: str) -> list[tuple[str, list[str]]]:
     for value in values:
         task, _, paths = value.partition("=")
         if not paths:
-            raise SystemExit(f"{flag} {value}: expected TASK=CKPT[,CKPT...]")
+            raise UserError(f"{flag} {value}: expected TASK=CKPT[,CKPT...]")
         out.append((task, paths.split(",")))
     return out
+
+
+def _load(flag: str, task: str, path: str) -> dict:
+    try:
+        return checkpoints.load(path)
+    except UserError as err:
+        raise UserError(f"{flag} {task}={path}: {err}") from None
 
 
 def main() -> None:
@@ -54,6 +62,16 @@ def main() -> None:
     args = ap.parse_args()
     if not args.task:
         ap.error("give at least one --task TASK=CKPT")
+    counts(args, "--episodes", "--calls", "--max-episode-steps")
+    for flag, values in (("--task", args.task), ("--rti-scaled", args.rti_scaled)):
+        check_tasks(flag, [task for task, _ in _pairs(values, flag)])
+    for task, paths in _pairs(args.task, "--task"):
+        for path in paths:
+            if _load("--task", task, path).get("consistency") is None:
+                raise UserError(f"--task {task}={path} has no consistency head: give `robodistill distill` outputs "
+                                f"(runs/distill/<run>/checkpoints/last.pt); a teacher trained with gripper_scale goes to --rti-scaled")
+    for task, (path, *_) in _pairs(args.rti_scaled, "--rti-scaled"):
+        _load("--rti-scaled", task, path)
     torch.set_num_threads(1)
     rti = RTIConfig(timesteps=[int(t) for t in args.rti_timesteps.split(",")])
 
@@ -83,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import absolute
+from common import absolute, check_tasks, counts, guarded
 
 ROOT = Path(__file__).resolve().parent.parent
 RD = [sys.executable, "-m", "robodistill.cli"]
@@ -130,6 +130,8 @@ def main() -> None:
         missing = [f"{task}={path}" for task, path in getattr(a, flag).items() if not Path(path).is_file()]
         if missing:
             ap.error(f"--{flag} {' '.join(missing)}: no such file")
+    check_tasks("--tasks", a.tasks)
+    counts(a, "--demos", "--max-episode-steps", "--episodes", "--online-steps")
     free = queue.Queue()
     for core in a.cores:
         free.put(core)
@@ -152,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import absolute
+from robodistill.training.rpd import RPDConfig
+
+from common import absolute, at_least, check_tasks, counts, guarded
 
 ROOT = Path(__file__).resolve().parent.parent
 RD = [sys.executable, "-m", "robodistill.cli"]
@@ -172,6 +174,11 @@ def main() -> None:
     ap.add_argument("--teachers-only", action="store_true", help="make and evaluate the teachers, then stop")
     ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
+    check_tasks("--tasks", a.tasks)
+    at_least("--steps", a.steps, RPDConfig.n_steps)  # one rollout of the PPO runs, which take no --rpd overrides
+    at_least("--eval-every", a.eval_every, 0)
+    counts(a, "--eval-episodes", "--max-episode-steps", "--teacher-demos")
+    at_least("--teacher-minutes", a.teacher_minutes, 0)
     teachers, ckpts = {}, {}
     for task in a.tasks:
         ckpts[task], teachers[task] = make_teacher(task, a, a.out)
@@ -205,4 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

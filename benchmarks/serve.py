@@ -27,7 +27,7 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from robodistill.policies.bundle import Bundle
 from robodistill.summary import sampler_words
 
-from common import absolute
+from common import absolute, at_least, guarded
 
 
 def observation(bundle: Bundle, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200, help="requests per client")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     a = ap.parse_args()
+    at_least("--requests", a.requests)
+    at_least("--clients", min(a.clients))
     bundle = Bundle.load(a.bundle)
     obs = observation(bundle, np.random.default_rng(0))
     rows = [("in-process Bundle.infer", 1, in_process(bundle, a.requests, obs))]
@@ -123,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

@@ -49,7 +49,7 @@ import torch
 from robodistill.evaluation import wilson_interval
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 
-from common import absolute
+from common import absolute, check_tasks, counts, guarded
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM = "https://github.com/haosulab/ManiSkill"
@@ -206,6 +206,8 @@ def main() -> None:
     ap.add_argument("--cache", type=absolute, default=Path.home() / ".cache/robodistill/benchmarks/maniskill_dp")
     ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-teacher" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
+    check_tasks("--tasks", a.tasks)
+    counts(a, "--episodes")
     torch.set_num_threads(1)
     src, python = prepare_baseline(a.maniskill_repo, a.cache)
     datasets = dict(zip(a.tasks, a.datasets or [ROOT / "datasets" / t / DEMOS for t in a.tasks]))
@@ -234,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

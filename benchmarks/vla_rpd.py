@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import absolute  # noqa: E402
+from common import absolute, check_tasks, counts, guarded  # noqa: E402
 from rpd import RD, run, run_on_cores, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--rpd", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every RPD run, e.g. distill_coef=1.0")
     ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-vla-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
+    check_tasks("--tasks", a.tasks)
+    counts(a, "--demos", "--image-size", "--max-episode-steps", "--vla-iterations", "--eval-episodes", "--rpd-steps")
     a.out.mkdir(parents=True, exist_ok=True)
 
     vla_dir = a.out / "vla"
@@ -129,4 +131,4 @@ def plot(tasks: list[str], vla: dict, students: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guarded(main)

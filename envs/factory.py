@@ -84,23 +84,30 @@ def _missing_assets(task: str) -> list[str]:
     return [i for i in ids if not assets.is_data_source_downloaded(i)]
 
 
+def check_task(task: str, flag: str = "env.task") -> None:
+    """A registered ManiSkill task with its assets here; the error names `flag`, where the task was given
+    (the benchmark scripts take tasks by flags of their own)."""
+    tasks = _registered_tasks()
+    if task not in tasks:
+        near = difflib.get_close_matches(task, [*SUPPORTED_TASKS, *tasks], n=1)
+        hint = f"did you mean {flag}={near[0]}? " if near else ""
+        raise UserError(f"unknown task '{task}' ({flag}): {hint}Supported tasks: {', '.join(SUPPORTED_TASKS)}; "
+                        f"any other registered ManiSkill task that needs no downloaded assets works too")
+    missing = _missing_assets(task)
+    if missing:
+        raise UserError(
+            f"task '{task}' needs downloaded assets ({', '.join(missing)}), and downloads are not available "
+            f"here. Use a task that needs none: {', '.join(SUPPORTED_TASKS)}"
+        )
+
+
 def _check(cfg: EnvConfig) -> None:
     """Fail early, before SAPIEN starts, with an error that names the field and the choices."""
     for key in ("scene", "collision_penalty"):
         if getattr(cfg, key) is not None:
             raise UserError(f"env.{key} applies to {AGV_TASK} only, not to {cfg.task}: drop env.{key}")
+    check_task(cfg.task)
     tasks = _registered_tasks()
-    if cfg.task not in tasks:
-        near = difflib.get_close_matches(cfg.task, [*SUPPORTED_TASKS, *tasks], n=1)
-        hint = f"did you mean env.task={near[0]}? " if near else ""
-        raise UserError(f"unknown task '{cfg.task}' (env.task): {hint}Supported tasks: {', '.join(SUPPORTED_TASKS)}; "
-                        f"any other registered ManiSkill task that needs no downloaded assets works too")
-    missing = _missing_assets(cfg.task)
-    if missing:
-        raise UserError(
-            f"task '{cfg.task}' needs downloaded assets ({', '.join(missing)}), and downloads are not available "
-            f"here. Use a task that needs none: {', '.join(SUPPORTED_TASKS)}"
-        )
     reward_modes = tasks[cfg.task].cls.SUPPORTED_REWARD_MODES
     if cfg.reward_mode is not None and cfg.reward_mode not in reward_modes:
         raise UserError(f"reward_mode '{cfg.reward_mode}' is not valid for {cfg.task} (env.reward_mode). Valid: {', '.join(reward_modes)}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -40,3 +41,30 @@ def test_relative_paths_mean_the_users_directory(tmp_path):
               "--repeats", "1", "--nproc", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| teacher-mlp (samples/s) |" in r.stdout
+
+
+BAD_INPUT = {
+    ("env_throughput.py", "--steps", "0"): "--steps must be >= 1, got 0",
+    ("env_throughput.py", "--repeats", "0"): "--repeats must be >= 1, got 0",
+    ("env_throughput.py", "--tasks", "PushCub-v1"): "unknown task 'PushCub-v1' (--tasks): did you mean --tasks=PushCube-v1?",
+    ("agv.py", "--budget", "0", "--out", "out"): "--budget must be >= 2048, got 0",
+    ("agv.py", "--eval-episodes", "0", "--out", "out"): "--eval-episodes must be >= 1, got 0",
+    ("latency.py", "--task", "PushCube-v1=nope.pt"): "--task PushCube-v1=nope.pt: checkpoint 'nope.pt' does not exist",
+    ("latency.py", "--task", "PushCube-v1=teacher.pt"): "has no consistency head: give `robodistill distill` outputs",
+    ("serve.py", "--bundle", "nope"): "is not a bundle: it has no metadata.json",
+    ("serve.py", "--bundle", "nope", "--requests", "0"): "--requests must be >= 1, got 0",
+    ("rpd.py", "--tasks", "Nope-v1", "--out", "out"): "unknown task 'Nope-v1' (--tasks)",
+    ("rpd.py", "--steps", "-5", "--out", "out"): "--steps must be >= 200, got -5",
+}
+
+
+@pytest.mark.parametrize("args", list(BAD_INPUT), ids=" ".join)
+def test_bad_input_is_one_line_before_any_work(tmp_path, args):
+    from robodistill import checkpoints
+
+    checkpoints.save(tmp_path / "teacher.pt", {"policy": {}})  # a train-teacher output: no consistency head
+    r = bench(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert BAD_INPUT[args] in r.stderr
+    assert not (tmp_path / "out").exists()
