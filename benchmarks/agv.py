@@ -7,7 +7,8 @@
    Success is pooled over seeds with a 95% Wilson interval; path length and time to goal are means
    over the successful episodes. The PNG shows the periodic evaluations during training.
    A run whose directory already holds policy.pt and history.json is reused, so the grid can be
-   split over cores (one process per `--scenes`, same `--out`) and summarized by a last call.
+   split over cores (one process per `--scenes`, same `--out`) and summarized by a last call; one
+   made with another --budget, --curve-episodes, --curve-points or --collision-penalty stops it.
 
     taskset -c 1 .venv/bin/python benchmarks/agv.py [--budget 1048576] [--seeds 0 1 2] [--out runs/bench-agv]
 
@@ -34,7 +35,7 @@ from robodistill.evaluation import evaluate, wilson_interval
 from robodistill.policies import load_policy
 from robodistill.training.ppo_rnd import AGVTrainConfig, train
 
-from common import absolute, at_least, counts, guarded
+from common import absolute, at_least, counts, guarded, same_settings
 
 ALGOS = ("ppo", "ppo_rnd")
 TARGET_SPS, TARGET_GAIN = 5000, 0.30
@@ -83,8 +84,10 @@ def plot(curves: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(scenes), figsize=(4.2 * len(scenes), 3.6), squeeze=False)
     for ax, scene in zip(axes[0], scenes):
         for algo, runs in curves[scene].items():
-            steps = np.array([h["step"] for h in runs[0]])
-            success = np.array([[h["success"] for h in run] for run in runs])
+            # Each run's evaluations at their own steps, where every seed has one: no run's x axis stands for the others'.
+            by_step = [{h["step"]: h["success"] for h in run} for run in runs]
+            steps = sorted(set.intersection(*map(set, by_step)))
+            success = np.array([[run[s] for s in steps] for run in by_step])
             line, = ax.plot(steps, success.mean(0), label=f"{algo} (mean of {len(runs)} seeds)")
             ax.fill_between(steps, success.min(0), success.max(0), color=line.get_color(), alpha=0.2)
         ax.set_title(scene)
@@ -115,6 +118,11 @@ def main() -> None:
         at_least("--collision-penalty", args.collision_penalty, 0)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    run_dirs = {(scene, algo, seed): args.out / scene / algo / f"seed{seed}" for scene in args.scenes for algo in args.algos for seed in args.seeds}
+    settings = {"--budget": args.budget, "--curve-episodes": args.curve_episodes, "--curve-points": args.curve_points,
+                "--collision-penalty": args.collision_penalty}
+    for run_dir in run_dirs.values():
+        same_settings(run_dir, settings, made=(run_dir / "policy.pt").is_file() or (run_dir / "checkpoints" / "last.pt").is_file())
     began = time.perf_counter()
 
     print("env steps/s on one core (random actions, auto-resets included)")
@@ -134,8 +142,9 @@ def main() -> None:
                                      eval_episodes=args.curve_episodes, name=f"{algo}-{scene}-{seed}",
                                      collision_penalty=args.collision_penalty)
                 cfg.eval_every = max(1, args.budget // (cfg.num_envs * cfg.num_steps * args.curve_points))
-                run_dir = args.out / scene / algo / f"seed{seed}"
+                run_dir = run_dirs[scene, algo, seed]
                 if (run_dir / "policy.pt").is_file() and (run_dir / "history.json").is_file():  # finished earlier
+                    print(f"  reusing {run_dir}", flush=True)
                     history = json.loads((run_dir / "history.json").read_text())
                     out = {"history": history, "policy": run_dir / "policy.pt", "step": history[-1]["step"]}
                 else:  # a run killed part way continues from its last checkpoint

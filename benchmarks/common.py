@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,24 @@ def counts(args: argparse.Namespace, *flags: str) -> None:
     """Flags that count something (steps, episodes, repeats): each >= 1."""
     for flag in flags:
         at_least(flag, getattr(args, flag[2:].replace("-", "_")))
+
+
+def same_settings(run_dir: Path, settings: dict, made: bool) -> None:
+    """A run is reused or continued only with the settings it was made with, which the tables then claim:
+    a run about to be made records them in run_dir/bench-settings.json, a made one is checked against them."""
+    path = run_dir / "bench-settings.json"
+    settings = json.loads(json.dumps(settings))  # as they read back (tuples as lists)
+    if not made:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
+        return
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds a run made without recorded settings: use another --out (or delete {run_dir})")
+    recorded = json.loads(path.read_text())
+    for key in {**recorded, **settings}:
+        if recorded.get(key) != settings.get(key):
+            raise UserError(f"{run_dir} holds a run made with {key}={recorded.get(key)}, not {key}={settings.get(key)}: "
+                            f"use another --out (or delete {run_dir})")
 
 
 def check_tasks(flag: str, tasks: list[str]) -> None:

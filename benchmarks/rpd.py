@@ -36,7 +36,7 @@ import numpy as np
 
 from robodistill.training.rpd import RPDConfig
 
-from common import absolute, at_least, check_tasks, counts, guarded
+from common import absolute, at_least, check_tasks, counts, guarded, same_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RD = [sys.executable, "-m", "robodistill.cli"]
@@ -49,6 +49,12 @@ def run(cmd: list, log: Path, core: int | None = None) -> subprocess.Popen:
     return subprocess.Popen(prefix + [str(c) for c in cmd], stdout=log.open("a"), stderr=subprocess.STDOUT, env=ONE_THREAD, cwd=ROOT)
 
 
+def settings(cmd: list) -> dict:
+    """What makes a `robodistill` run: its command's overrides, less where it goes and how it continues."""
+    pairs = (str(c).split("=", 1) for c in cmd[len(RD) + 1:])
+    return {key: value for key, value in pairs if key not in ("hydra.run.dir", "resume_from")}
+
+
 def wait(proc: subprocess.Popen, log: Path) -> None:
     if proc.wait() != 0:
         raise RuntimeError(f"failed: {' '.join(map(str, proc.args))}\n{log.read_text()[-3000:]}")
@@ -57,7 +63,9 @@ def wait(proc: subprocess.Popen, log: Path) -> None:
 def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
     """`robodistill rpd` jobs (key, run dir, command), one at a time on each core, pinned; a job whose
     run dir already holds student.zip is reused, not rerun, and one killed part way continues from its
-    last checkpoint. `on_done(key, run_dir)` after each."""
+    last checkpoint, both only if made with the same command. `on_done(key, run_dir)` after each."""
+    for _, run_dir, cmd in jobs:
+        same_settings(run_dir, settings(cmd), made=(run_dir / "student.zip").is_file() or (run_dir / "checkpoints" / "last.zip").is_file())
     pending = list(jobs)
     running: dict[int, tuple] = {}
     while pending or running:
@@ -65,6 +73,7 @@ def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
             if core not in running and pending:
                 key, run_dir, cmd = pending.pop(0)
                 if (run_dir / "student.zip").is_file():  # finished earlier: reuse
+                    print(f"reusing {run_dir}", flush=True)
                     on_done(key, run_dir)
                     continue
                 if (run_dir / "checkpoints" / "last.zip").is_file():
@@ -84,22 +93,25 @@ def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
 def make_teacher(task: str, a: argparse.Namespace, out: Path) -> tuple[Path, dict]:
     """Few demos, a short training: a teacher that is useful but far from perfect (on the last core)."""
     core = a.cores[-1]
-    ds_dir = out / "teachers" / task / "demos"
+    root = out / "teachers" / task
+    ds_dir, train_dir, eval_dir = root / "demos", root / "train", root / "eval"
     dataset = ds_dir / f"mp_n{a.teacher_demos}_seed0.state.pd_ee_delta_pos.h5"
+    ckpt = train_dir / "checkpoints" / "last.pt"
+    train = [*RD, "train-teacher", f"env={task}", f"dataset={dataset}", f"minutes={a.teacher_minutes}", "iterations=100000",
+             "eval_every=0", "eval_episodes=0", "val_fraction=0", "threads=1", f"hydra.run.dir={train_dir}"]
+    # The student's env (episode length included), so the line is comparable.
+    evaluate = [*RD, "eval", f"env={task}", f"env.max_episode_steps={a.max_episode_steps}", f"policy={ckpt}", "episodes=100",
+                "seed=10000", f"hydra.run.dir={eval_dir}"]
+    made = {train_dir: ckpt.is_file(), eval_dir: (eval_dir / "eval.json").is_file()}
+    same_settings(train_dir, settings(train), made[train_dir])
+    same_settings(eval_dir, {"teacher": settings(train), **settings(evaluate)}, made[eval_dir])
     if not dataset.is_file():
         wait(run([*RD, "demos", f"env={task}", f"n={a.teacher_demos}", "seed=0", "workers=1", f"out={ds_dir}"], ds_dir / "demos.log", core), ds_dir / "demos.log")
-    train_dir = out / "teachers" / task / "train"
-    ckpt = train_dir / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        log = out / "teachers" / task / "train.log"
-        wait(run([*RD, "train-teacher", f"env={task}", f"dataset={dataset}", f"minutes={a.teacher_minutes}", "iterations=100000",
-                  "eval_every=0", "eval_episodes=0", "val_fraction=0", "threads=1", f"hydra.run.dir={train_dir}"], log, core), log)
-    eval_dir = out / "teachers" / task / "eval"
-    if not (eval_dir / "eval.json").is_file():
-        # The student's env (episode length included), so the line is comparable.
-        log = out / "teachers" / task / "eval.log"
-        wait(run([*RD, "eval", f"env={task}", f"env.max_episode_steps={a.max_episode_steps}", f"policy={ckpt}", "episodes=100",
-                  "seed=10000", f"hydra.run.dir={eval_dir}"], log, core), log)
+    for run_dir, cmd in ((train_dir, train), (eval_dir, evaluate)):
+        if made[run_dir]:
+            print(f"reusing {run_dir}", flush=True)
+        else:
+            wait(run(cmd, root / f"{run_dir.name}.log", core), root / f"{run_dir.name}.log")
     return ckpt, json.loads((eval_dir / "eval.json").read_text())["summary"]["success_once"]
 
 

@@ -68,3 +68,18 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, args):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-3000:]
     assert BAD_INPUT[args] in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_is_reused_only_with_the_settings_it_was_made_with(tmp_path):
+    tiny = ["--seeds", "0", "--scenes", "simple_static", "--algos", "ppo", "--eval-episodes", "2", "--curve-episodes", "2",
+            "--curve-points", "1", "--throughput-steps", "16", "--out", "out"]
+    first = bench("agv.py", "--budget", "4096", *tiny, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "out" / "simple_static" / "ppo" / "seed0"
+    other = bench("agv.py", "--budget", "8192", *tiny, cwd=tmp_path)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr[-3000:]
+    assert f"error: {run_dir} holds a run made with --budget=4096, not --budget=8192: use another --out" in other.stderr
+    same = bench("agv.py", "--budget", "4096", *tiny, cwd=tmp_path)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert f"reusing {run_dir}" in same.stdout
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["budget"] == 4096
