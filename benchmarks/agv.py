@@ -35,9 +35,10 @@ from robodistill.evaluation import evaluate, wilson_interval
 from robodistill.policies import load_policy
 from robodistill.training.ppo_rnd import AGVTrainConfig, train
 
-from common import absolute, at_least, counts, guarded, same_settings
+from common import absolute, at_least, counts, distinct, guarded, same_settings
 
 ALGOS = ("ppo", "ppo_rnd")
+NAMES = {"ppo": "PPO", "ppo_rnd": "PPO+RND"}
 TARGET_SPS, TARGET_GAIN = 5000, 0.30
 
 
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--out", type=absolute, default="runs/bench-agv")
     args = parser.parse_args()
     at_least("--budget", args.budget, AGVTrainConfig.num_envs * AGVTrainConfig.num_steps)  # one PPO update
+    for flag in ("--seeds", "--scenes", "--algos"):
+        distinct(flag, getattr(args, flag[2:]))
     counts(args, "--eval-episodes", "--curve-episodes", "--curve-points", "--throughput-steps")
     if args.collision_penalty is not None:
         at_least("--collision-penalty", args.collision_penalty, 0)
@@ -160,7 +163,7 @@ def main() -> None:
             curves.setdefault(scene, {})[algo] = runs
 
     penalty = "" if args.collision_penalty is None else f", collision penalty {args.collision_penalty:g}"
-    print(f"\nPPO vs PPO+RND, {args.budget} env steps per run{penalty}, seeds {args.seeds}, {args.eval_episodes} eval episodes per seed")
+    print(f"\n{' vs '.join(NAMES[algo] for algo in args.algos)}, {args.budget} env steps per run{penalty}, seeds {args.seeds}, {args.eval_episodes} eval episodes per seed")
     print(f"{'scene':<16} {'algo':<8} {'success':>8}  {'95% interval':<15} {'per seed':<18} {'collision':>9} {'path m':>7} {'goal s':>7}")
     for scene, by_algo in results.items():
         for algo, r in by_algo.items():

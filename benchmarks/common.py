@@ -38,6 +38,13 @@ def counts(args: argparse.Namespace, *flags: str) -> None:
         at_least(flag, getattr(args, flag[2:].replace("-", "_")))
 
 
+def distinct(flag: str, values: list) -> None:
+    """Seeds and the like are pooled: one given twice would count its runs twice, a falsely narrow interval."""
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise UserError(f"{flag} gives {', '.join(map(str, repeated))} more than once: give each once")
+
+
 def same_settings(run_dir: Path, settings: dict, made: bool) -> None:
     """A run is reused or continued only with the settings it was made with, which the tables then claim:
     a run about to be made records them in run_dir/bench-settings.json, a made one is checked against them."""

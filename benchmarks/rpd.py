@@ -36,7 +36,7 @@ import numpy as np
 
 from robodistill.training.rpd import RPDConfig
 
-from common import absolute, at_least, check_tasks, counts, guarded, same_settings
+from common import absolute, at_least, check_tasks, counts, distinct, guarded, same_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RD = [sys.executable, "-m", "robodistill.cli"]
@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
     check_tasks("--tasks", a.tasks)
+    for flag in ("--tasks", "--rewards", "--seeds"):
+        distinct(flag, getattr(a, flag[2:]))
     at_least("--steps", a.steps, RPDConfig.n_steps)  # one rollout of the PPO runs, which take no --rpd overrides
     at_least("--eval-every", a.eval_every, 0)
     counts(a, "--eval-episodes", "--max-episode-steps", "--teacher-demos")

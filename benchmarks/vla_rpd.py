@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import absolute, check_tasks, counts, guarded  # noqa: E402
+from common import absolute, check_tasks, counts, distinct, guarded  # noqa: E402
 from rpd import RD, run, run_on_cores, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--out", type=absolute, default=ROOT / "runs" / "bench-vla-rpd" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     a = ap.parse_args()
     check_tasks("--tasks", a.tasks)
+    for flag in ("--tasks", "--seeds"):
+        distinct(flag, getattr(a, flag[2:]))
     counts(a, "--demos", "--image-size", "--max-episode-steps", "--vla-iterations", "--eval-episodes", "--rpd-steps")
     a.out.mkdir(parents=True, exist_ok=True)
 

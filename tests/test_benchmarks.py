@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,16 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def bench(script: str, *args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """The script in a session of its own: a failing test kills the `robodistill` children it started too."""
+    cmd = [sys.executable, str(BENCHMARKS / script), *args]
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def fake_pushcube_demos(path: Path, episodes: int = 2, steps: int = 20) -> Path:
@@ -83,3 +92,15 @@ def test_a_run_is_reused_only_with_the_settings_it_was_made_with(tmp_path):
     assert same.returncode == 0, same.stderr[-3000:]
     assert f"reusing {run_dir}" in same.stdout
     assert json.loads((tmp_path / "out" / "results.json").read_text())["budget"] == 4096
+
+
+def test_a_seed_is_pooled_once_and_the_header_names_what_ran(tmp_path):
+    r = bench("rpd.py", "--seeds", "0", "0", "--out", "out", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: --seeds gives 0 more than once: give each once\n", r.stderr[-3000:]
+    tiny = ["--scenes", "simple_static", "--budget", "2048", "--eval-episodes", "1", "--curve-episodes", "1",
+            "--curve-points", "1", "--throughput-steps", "16", "--out", "out"]
+    r = bench("agv.py", "--seeds", "0", "0", *tiny, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: --seeds gives 0 more than once: give each once\n", r.stderr[-3000:]
+    r = bench("agv.py", "--seeds", "0", "--algos", "ppo", *tiny, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\nPPO, 2048 env steps per run" in r.stdout
