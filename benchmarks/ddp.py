@@ -30,11 +30,12 @@ from robodistill.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ("teacher-mlp", "teacher-unet", "distill", "rpd")
 UNIT = {"rpd": "env steps/s"}
+CORES = len(os.sched_getaffinity(0))  # those this process may run on (taskset), not the machine's
 
 
 def command(job: str, a: argparse.Namespace, nproc: int | None, out: Path, teacher: Path) -> list[str]:
     ranks = nproc or 1
-    threads = f"threads={nproc or os.cpu_count()}"
+    threads = f"threads={nproc or CORES}"
     if job.startswith("teacher"):
         denoiser = job.split("-")[1]
         iterations = a.iterations if denoiser == "mlp" else max(50, a.iterations // 20)  # the U-Net is ~25x slower per step
@@ -71,7 +72,7 @@ def run(job: str, a: argparse.Namespace, nproc: int | None, out: Path, teacher: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", type=absolute, required=True, help="PushCube-v1 demos (state, pd_ee_delta_pos)")
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=2, help="ranks of the torchrun runs (the other run: one process)")
     ap.add_argument("--iterations", type=int, default=1500, help="teacher-mlp iterations (distill: a fifth)")
     ap.add_argument("--batch", type=int, default=256, help="global batch (each rank takes batch / nproc)")
     ap.add_argument("--rpd-steps", type=int, default=16_000, help="env steps of each PPO student run")
@@ -80,8 +81,8 @@ def main() -> None:
     a = ap.parse_args()
     if not a.dataset.is_file():
         raise UserError(f"--dataset {a.dataset}: no such file (make one with `robodistill demos env=PushCube-v1`)")
-    counts(a, "--iterations", "--batch", "--rpd-steps", "--repeats")
-    rows = ["| job | one process, {c} threads | {n} ranks x 1 thread | ranks / one |".format(c=os.cpu_count(), n=a.nproc),
+    counts(a, "--nproc", "--iterations", "--batch", "--rpd-steps", "--repeats")
+    rows = ["| job | one process, {c} threads | {n} ranks x 1 thread | ranks / one |".format(c=CORES, n=a.nproc),
             "|---|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         teacher = Path(tmp) / "teacher-mlp-one-0" / "checkpoints" / "last.pt"

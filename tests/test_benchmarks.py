@@ -14,11 +14,13 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def bench(script: str, *args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    """The script in a session of its own: a failing test kills the `robodistill` children it started too."""
+def bench(script: str, *args: str, cwd: Path, timeout: int = 120, one_core: bool = False) -> subprocess.CompletedProcess:
+    """The script in a session of its own: a failing test kills the `robodistill` children it started too.
+    `one_core`: pinned to one of this process's cores, as by taskset."""
     cmd = [sys.executable, str(BENCHMARKS / script), *args]
+    pin = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if one_core else None
     with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
+                          preexec_fn=pin, env={**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -44,12 +46,13 @@ def fake_pushcube_demos(path: Path, episodes: int = 2, steps: int = 20) -> Path:
     return path
 
 
-def test_relative_paths_mean_the_users_directory(tmp_path):
+def test_ddp_from_another_directory_on_one_core(tmp_path):
     fake_pushcube_demos(tmp_path / "demos.h5")
     r = bench("ddp.py", "--dataset", "demos.h5", "--jobs", "teacher-mlp", "--iterations", "2", "--batch", "8",
-              "--repeats", "1", "--nproc", "1", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+              "--repeats", "1", "--nproc", "1", cwd=tmp_path, one_core=True)
+    assert r.returncode == 0, r.stderr[-3000:]  # the relative --dataset found by its robodistill children
     assert "| teacher-mlp (samples/s) |" in r.stdout
+    assert "| job | one process, 1 threads | 1 ranks x 1 thread |" in r.stdout  # the cores taskset left it
 
 
 BAD_INPUT = {
@@ -64,6 +67,7 @@ BAD_INPUT = {
     ("serve.py", "--bundle", "nope", "--requests", "0"): "--requests must be >= 1, got 0",
     ("rpd.py", "--tasks", "Nope-v1", "--out", "out"): "unknown task 'Nope-v1' (--tasks)",
     ("rpd.py", "--steps", "-5", "--out", "out"): "--steps must be >= 200, got -5",
+    ("ddp.py", "--dataset", "teacher.pt", "--nproc", "0"): "--nproc must be >= 1, got 0",
 }
 
 
