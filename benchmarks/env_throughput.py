@@ -74,11 +74,12 @@ def main() -> None:
         rows.append((task, r, f, f / r, t, t / r))
 
     print(f"\nenv steps/s, physx_cpu, state obs, pd_ee_delta_pos, {args.steps} steps x {args.repeats} repeats (median)")
-    header = f"{'task':<14} {'raw env.step':>13} {'make_env':>10} {'ratio':>7} {'make_env 2 procs':>17} {'ratio':>7}"
+    width = max(map(len, ["task", *args.tasks]))
+    header = f"{'task':<{width}} {'raw env.step':>13} {'make_env':>10} {'ratio':>7} {'make_env 2 procs':>17} {'ratio':>7}"
     print(header)
     print("-" * len(header))
     for task, r, f, fr, t, tr in rows:
-        print(f"{task:<14} {r:>13.0f} {f:>10.0f} {fr:>7.2f} {t:>17.0f} {tr:>7.2f}")
+        print(f"{task:<{width}} {r:>13.0f} {f:>10.0f} {fr:>7.2f} {t:>17.0f} {tr:>7.2f}")
 
 
 if __name__ == "__main__":

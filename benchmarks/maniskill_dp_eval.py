@@ -35,7 +35,7 @@ class SeededWave:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-dir", required=True)
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--env-id", required=True)

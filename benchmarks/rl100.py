@@ -108,7 +108,7 @@ def summarize(task: str, report: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=["PushCube-v1", "PickCube-v1"])
     ap.add_argument("--cores", type=int, nargs="+", default=[0, 1], help="one task at a time on each")
     ap.add_argument("--demos", type=int, default=100)

@@ -17,6 +17,7 @@ import argparse
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,9 +41,9 @@ def observation(bundle: Bundle, rng: np.random.Generator) -> dict[str, np.ndarra
     return obs
 
 
-def start_server(bundle: Path, max_batch: int) -> tuple[subprocess.Popen, int]:
+def start_server(bundle: Path, max_batch: int, run_dir: Path) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "robodistill.cli", "serve", f"bundle={bundle}", "port=0",
-                             f"max_batch={max_batch}", "hydra.run.dir=/tmp/robodistill-bench-serve"],
+                             f"max_batch={max_batch}", f"hydra.run.dir={run_dir}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         found = re.search(r"on ws://127\.0\.0\.1:(\d+)", line)
@@ -105,15 +106,17 @@ def main() -> None:
     bundle = Bundle.load(a.bundle)
     obs = observation(bundle, np.random.default_rng(0))
     rows = [("in-process Bundle.infer", 1, in_process(bundle, a.requests, obs))]
-    for max_batch in (1, 32):
-        proc, port = start_server(a.bundle, max_batch)
-        try:
-            drive(port, 1, 20, obs)  # warm-up
-            for n in a.clients:
-                rows.append((f"serve max_batch={max_batch}", n, drive(port, n, a.requests, obs)))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    # The servers' run dirs hold nothing to keep: one of this run's own, so concurrent runs do not share one.
+    with tempfile.TemporaryDirectory(prefix="robodistill-bench-serve-") as tmp:
+        for max_batch in (1, 32):
+            proc, port = start_server(a.bundle, max_batch, Path(tmp) / f"max_batch{max_batch}")
+            try:
+                drive(port, 1, 20, obs)  # warm-up
+                for n in a.clients:
+                    rows.append((f"serve max_batch={max_batch}", n, drive(port, n, a.requests, obs)))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
     m = bundle.metadata
     print(f"{m['env']['task']} bundle ({m['graph']['format']}, {sampler_words(m['policy']['sampler'], m['policy']['steps'])}), loopback\n")
     print("| path | clients | requests | requests/s | p50 ms | p99 ms | dropped |")

@@ -108,3 +108,44 @@ def test_a_seed_is_pooled_once_and_the_header_names_what_ran(tmp_path):
     r = bench("agv.py", "--seeds", "0", "--algos", "ppo", *tiny, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "\nPPO, 2048 env steps per run" in r.stdout
+
+
+def test_help_describes_the_script(tmp_path):
+    r = bench("rl100.py", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "how often the OPE gate let a worse policy through." in " ".join(r.stdout.split()), r.stdout
+    r = bench("maniskill_dp_eval.py", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "Evaluate one checkpoint of ManiSkill's diffusion-policy baseline" in " ".join(r.stdout.split()), r.stdout
+
+
+def test_env_throughput_table_fits_long_task_names(tmp_path):
+    r = bench("env_throughput.py", "--steps", "2", "--repeats", "1", "--tasks", "LiftPegUpright-v1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    header, rule, row = r.stdout.strip().splitlines()[-3:]
+    assert len(header) == len(rule) == len(row), r.stdout
+
+
+def test_serve_keeps_its_servers_run_dirs_to_itself(tmp_path):
+    from dataclasses import asdict
+
+    import torch
+
+    from robodistill import checkpoints
+    from robodistill.deploy.export import ExportConfig, export
+    from robodistill.envs import EnvConfig
+    from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
+    from robodistill.policies.diffusion.consistency import ConsistencyHead
+
+    policy = DiffusionPolicy(DiffusionConfig(pred_horizon=8, act_horizon=4, mlp_hidden=[16]), 35, 4, -torch.ones(4), torch.ones(4))
+    head = ConsistencyHead.from_denoiser(policy.denoiser)
+    checkpoints.save(tmp_path / "last.pt", {"kind": "diffusion", "policy": policy.spec(), "env": asdict(EnvConfig()),
+                                            "ema": policy.state_dict(), "consistency": {"weights": head.state_dict()}})
+    bundle, _ = export(ExportConfig(ckpt=str(tmp_path / "last.pt"), sampler="consistency", steps=1), tmp_path / "bundle")
+    shared = Path("/tmp/robodistill-bench-serve/.hydra/config.yaml")  # where every run used to put its servers' runs
+    before = shared.stat().st_mtime_ns if shared.exists() else None
+    (tmp_path / "tmp").mkdir()
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "serve.py"), "--bundle", str(bundle), "--requests", "2", "--clients", "1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no request dropped" in r.stdout
+    assert (shared.stat().st_mtime_ns if shared.exists() else None) == before
+    assert not list((tmp_path / "tmp").glob("robodistill-bench-serve*"))  # each run's own, removed
