@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import absolute, check_tasks, counts, guarded  # noqa: E402
+from common import RD, absolute, check_tasks, counts, guarded  # noqa: E402
 from robodistill.errors import UserError  # noqa: E402
-from rpd import RD, run, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
+from rpd import run, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = {

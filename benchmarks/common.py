@@ -12,6 +12,15 @@ from robodistill.envs.factory import check_task
 from robodistill.errors import UserError
 
 
+RD = [sys.executable, "-m", "robodistill.cli"]  # how the scripts run a `robodistill` command as a child
+
+
+def settings(cmd: list) -> dict:
+    """What makes a `robodistill` run ([*RD, command, overrides...]): its overrides, less where it goes and how it continues."""
+    pairs = (str(c).split("=", 1) for c in cmd[len(RD) + 1:])
+    return {key: value for key, value in pairs if key not in ("hydra.run.dir", "resume_from")}
+
+
 def absolute(path: str) -> Path:
     """argparse type of every path flag: the scripts' `robodistill` children run in the repository root, so a
     path relative to the user's directory would name another file there."""

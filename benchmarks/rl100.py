@@ -6,7 +6,7 @@ Per task: `--demos` motion-planning demos and a Diffusion Policy teacher trained
 stages offline, online, distill from that teacher. Tasks run side by side, one pinned core each,
 one thread. A task whose run directory holds a finished report is reused; an unfinished one
 continues (`resume_from`), so a killed benchmark loses at most one offline iteration or online
-checkpoint.
+checkpoint. Either only if made with the same flags (bench-settings.json; another --out otherwise).
 
 Prints, per task, the stage table (success_once with 95% Wilson intervals over `--episodes`
 fixed-seed episodes), the gate's record (candidates accepted, and the worst true drop of an
@@ -30,15 +30,13 @@ import json
 import os
 import queue
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import absolute, check_tasks, counts, guarded
+from common import RD, absolute, check_tasks, counts, guarded, same_settings, settings
 
 ROOT = Path(__file__).resolve().parent.parent
-RD = [sys.executable, "-m", "robodistill.cli"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 FINAL, HEAD_GAP, GATE_DROP = 0.99, 0.02, 0.03
 
@@ -61,9 +59,32 @@ def teacher(task: str, a: argparse.Namespace, out: Path, core: int) -> tuple[Pat
         return dataset, Path(a.init[task])
     ckpt = out / "teacher" / "checkpoints" / "last.pt"
     if not ckpt.is_file():
-        run([*RD, "train-teacher", f"env={task}", f"dataset={dataset}", f"minutes={a.teacher_minutes}", "iterations=1000000",
-             "eval_every=0", "eval_episodes=0", "val_fraction=0", "threads=1", f"hydra.run.dir={out / 'teacher'}"], out / "teacher.log", core)
+        run(teacher_command(task, dataset, a, out), out / "teacher.log", core)
     return dataset, ckpt
+
+
+def teacher_command(task: str, dataset: Path, a: argparse.Namespace, out: Path) -> list:
+    return [*RD, "train-teacher", f"env={task}", f"dataset={dataset}", f"minutes={a.teacher_minutes}", "iterations=1000000",
+            "eval_every=0", "eval_episodes=0", "val_fraction=0", "threads=1", f"hydra.run.dir={out / 'teacher'}"]
+
+
+def rl100_command(task: str, dataset: Path, init: Path, a: argparse.Namespace, run_dir: Path) -> list:
+    return [*RD, "rl100", f"env={task}", f"env.max_episode_steps={a.max_episode_steps}", f"dataset={dataset}", f"init={init}",
+            "stages=[offline,online,distill]", f"eval_episodes={a.episodes}", f"offline.gate_eval_episodes={a.gate_episodes}",
+            f"online.env_steps={a.online_steps}", *a.overrides, f"hydra.run.dir={run_dir}"]
+
+
+def check_reuse(task: str, a: argparse.Namespace) -> None:
+    """Before any work: a teacher or RL-100 run made with other flags would be reported under these."""
+    out = a.out / task
+    dataset = Path(a.dataset[task]) if task in a.dataset else out / "demos" / f"mp_n{a.demos}_seed0.state.pd_ee_delta_pos.h5"
+    init = Path(a.init[task]) if task in a.init else out / "teacher" / "checkpoints" / "last.pt"
+    made = {}
+    if task not in a.init:
+        made["teacher"] = settings(teacher_command(task, dataset, a, out))
+        same_settings(out / "teacher", made["teacher"], init.is_file())
+    run_dir = out / "rl100"
+    same_settings(run_dir, {**made, **settings(rl100_command(task, dataset, init, a, run_dir))}, (run_dir / "report.json").is_file())
 
 
 def rl100(task: str, a: argparse.Namespace, core: int) -> dict:
@@ -75,9 +96,7 @@ def rl100(task: str, a: argparse.Namespace, core: int) -> dict:
     dataset, init = teacher(task, a, out, core)
     print(f"[{time.strftime('%H:%M:%S')}] {task}: rl100 on core {core} from {init}", flush=True)
     place = [f"resume_from={run_dir}"] if report.is_file() else []
-    run([*RD, "rl100", f"env={task}", f"env.max_episode_steps={a.max_episode_steps}", f"dataset={dataset}", f"init={init}",
-         "stages=[offline,online,distill]", f"eval_episodes={a.episodes}", f"offline.gate_eval_episodes={a.gate_episodes}",
-         f"online.env_steps={a.online_steps}", *a.overrides, *place, f"hydra.run.dir={run_dir}"], out / "rl100.log", core)
+    run([*rl100_command(task, dataset, init, a, run_dir), *place], out / "rl100.log", core)
     print(f"[{time.strftime('%H:%M:%S')}] {task}: done", flush=True)
     return json.loads(report.read_text())
 
@@ -132,6 +151,8 @@ def main() -> None:
             ap.error(f"--{flag} {' '.join(missing)}: no such file")
     check_tasks("--tasks", a.tasks)
     counts(a, "--demos", "--max-episode-steps", "--episodes", "--online-steps")
+    for task in a.tasks:
+        check_reuse(task, a)
     free = queue.Queue()
     for core in a.cores:
         free.put(core)

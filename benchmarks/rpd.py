@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,10 +35,9 @@ import numpy as np
 
 from robodistill.training.rpd import RPDConfig
 
-from common import absolute, at_least, check_tasks, counts, distinct, guarded, same_settings
+from common import RD, absolute, at_least, check_tasks, counts, distinct, guarded, same_settings, settings
 
 ROOT = Path(__file__).resolve().parent.parent
-RD = [sys.executable, "-m", "robodistill.cli"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -47,12 +45,6 @@ def run(cmd: list, log: Path, core: int | None = None) -> subprocess.Popen:
     prefix = ["taskset", "-c", str(core)] if core is not None else []
     log.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(prefix + [str(c) for c in cmd], stdout=log.open("a"), stderr=subprocess.STDOUT, env=ONE_THREAD, cwd=ROOT)
-
-
-def settings(cmd: list) -> dict:
-    """What makes a `robodistill` run: its command's overrides, less where it goes and how it continues."""
-    pairs = (str(c).split("=", 1) for c in cmd[len(RD) + 1:])
-    return {key: value for key, value in pairs if key not in ("hydra.run.dir", "resume_from")}
 
 
 def wait(proc: subprocess.Popen, log: Path) -> None:

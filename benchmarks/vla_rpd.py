@@ -19,7 +19,8 @@ Sizing on 2 CPU cores: a camera frame costs ~25 ms here whatever its size (lavap
 simulation runs at ~30 env steps/s and an RGB student trains at 16-25; a state student, whose teacher
 is rendered two frames per eight steps, trains several times faster. The full default grid still
 takes hours here: shrink it (`--demos`, `--vla-minutes`, `--rpd-steps`, `--eval-episodes`) or run it
-on a bigger machine.
+on a bigger machine. A second call with the same `--out` reuses the VLA, its evaluations and the
+students it finds, each only if made with the same flags (bench-settings.json).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import absolute, check_tasks, counts, distinct, guarded  # noqa: E402
-from rpd import RD, run, run_on_cores, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
+from common import RD, absolute, check_tasks, counts, distinct, guarded, same_settings, settings  # noqa: E402
+from rpd import run, run_on_cores, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,12 +72,20 @@ def main() -> None:
 
     vla_dir = a.out / "vla"
     ckpt = vla_dir / "checkpoints" / "last.pt"
+    train = [*RD, "train-vla", f"tasks=[{','.join(a.tasks)}]", f"demos={a.demos}", f"datasets={a.out / 'datasets'}",
+             f"image_size={a.image_size}", f"control_mode={a.control_mode}", f"max_episode_steps={a.max_episode_steps}",
+             f"minutes={a.vla_minutes}", f"iterations={a.vla_iterations}", "eval_every=0", "eval_episodes=0", "threads=1",
+             f"workers={len(a.cores)}", f"hydra.run.dir={vla_dir}"]
+    evals = {task: [*RD, "eval", f"policy={ckpt}", *env_args(task, a), f"episodes={a.eval_episodes}", "seed=10000",
+                    f"hydra.run.dir={a.out / 'eval' / task}"] for task in a.tasks}
+    # A VLA (and its evaluations) made with other flags would be reported under these: checked before any work.
+    same_settings(vla_dir, settings(train), ckpt.is_file())
+    for task, cmd in evals.items():
+        eval_dir = a.out / "eval" / task
+        same_settings(eval_dir, {"vla": settings(train), **settings(cmd)}, (eval_dir / "eval.json").is_file())
     if not ckpt.is_file():
         log = a.out / "vla.log"
-        wait(run([*RD, "train-vla", f"tasks=[{','.join(a.tasks)}]", f"demos={a.demos}", f"datasets={a.out / 'datasets'}",
-                  f"image_size={a.image_size}", f"control_mode={a.control_mode}", f"max_episode_steps={a.max_episode_steps}",
-                  f"minutes={a.vla_minutes}", f"iterations={a.vla_iterations}", "eval_every=0", "eval_episodes=0", "threads=1",
-                  f"workers={len(a.cores)}", f"hydra.run.dir={vla_dir}"], log, a.cores[0]), log)
+        wait(run(train, log, a.cores[0]), log)
     print(f"[{time.strftime('%H:%M:%S')}] VLA: {ckpt}", flush=True)
 
     vla: dict[str, dict] = {}
@@ -84,8 +93,7 @@ def main() -> None:
         eval_dir = a.out / "eval" / task
         if not (eval_dir / "eval.json").is_file():
             log = eval_dir / "eval.log"
-            wait(run([*RD, "eval", f"policy={ckpt}", *env_args(task, a), f"episodes={a.eval_episodes}", "seed=10000",
-                      f"hydra.run.dir={eval_dir}"], log, a.cores[0]), log)
+            wait(run(evals[task], log, a.cores[0]), log)
         vla[task] = json.loads((eval_dir / "eval.json").read_text())["summary"]["success_once"]
         print(f"[{time.strftime('%H:%M:%S')}] VLA on {task}: {vla[task]['rate']:.0%}", flush=True)
 

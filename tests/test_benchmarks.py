@@ -98,6 +98,29 @@ def test_a_run_is_reused_only_with_the_settings_it_was_made_with(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["budget"] == 4096
 
 
+def test_rl100_benchmark_refuses_a_finished_run_made_with_other_flags(tmp_path, monkeypatch):
+    """In process: an RL-100 grid takes hours; what a finished run leaves is its teacher's last.pt and its report.json."""
+    import argparse
+
+    from robodistill.errors import UserError
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from rl100 import check_reuse
+
+    a = argparse.Namespace(demos=100, dataset={}, init={}, teacher_minutes=10.0, max_episode_steps=100, episodes=200,
+                           gate_episodes=50, online_steps=60_000, overrides=["offline.gate=both"], out=tmp_path)
+    check_reuse("PushCube-v1", a)  # nothing made yet: the settings are recorded
+    run = tmp_path / "PushCube-v1"
+    (run / "teacher" / "checkpoints").mkdir(parents=True)
+    (run / "teacher" / "checkpoints" / "last.pt").touch()
+    (run / "rl100" / "report.json").write_text("{}")
+    check_reuse("PushCube-v1", a)  # the same flags: reused
+    with pytest.raises(UserError, match=f"{run / 'rl100'} holds a run made with online.env_steps=60000, not online.env_steps=30000"):
+        check_reuse("PushCube-v1", argparse.Namespace(**{**vars(a), "online_steps": 30_000}))
+    with pytest.raises(UserError, match=f"{run / 'teacher'} holds a run made with minutes=10.0, not minutes=5.0"):
+        check_reuse("PushCube-v1", argparse.Namespace(**{**vars(a), "teacher_minutes": 5.0}))
+
+
 def test_a_seed_is_pooled_once_and_the_header_names_what_ran(tmp_path):
     r = bench("rpd.py", "--seeds", "0", "0", "--out", "out", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr == "error: --seeds gives 0 more than once: give each once\n", r.stderr[-3000:]
