@@ -79,6 +79,8 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cl
     checkpoints.save(tmp_path / "agv.pt", {"kind": "agv_trainer"})  # what agv-train's checkpoints say they are
     foreign = cli_here("train-vla", f"resume_from={tmp_path / 'agv.pt'}")
     assert foreign.returncode == 2 and "holds a 'agv_trainer' checkpoint, not a train-vla run's state" in foreign.stderr, foreign.stderr
+    bad_mode = cli_here("train-vla", "control_mode=bogus")  # an env it cannot make is said before demos are made for it
+    assert bad_mode.returncode == 2 and "control_mode 'bogus' is not valid" in bad_mode.stderr and "making" not in bad_mode.stdout, bad_mode.stdout
     assert not (tmp_path / "datasets").exists()
 
     # One of its tasks is rated in the env it was trained in (camera, size, episode limit) without restating it,

@@ -101,6 +101,9 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)  # before minutes of making demos
     prompts = {task: phrasings(task) for task in cfg.tasks}
 
+    # One env per task for evaluation (and its action bounds); made first, so a bad env field is said before minutes of demos.
+    eval_envs = {task: make_env(task_env(cfg, task), ignore_terminations=True) for task in cfg.tasks}
+
     # ---- data: every task's windows; states zero-padded to the longest task's
     episodes = {}
     for task in cfg.tasks:
@@ -121,8 +124,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     windows = {task: WindowDataset(eps, horizons, delta_actions=delta) for task, eps in episodes.items()}
     every = [ep for eps in episodes.values() for ep in eps]
 
-    # ---- model: one env per task for evaluation (and its action bounds)
-    eval_envs = {task: make_env(task_env(cfg, task), ignore_terminations=True) for task in cfg.tasks}
+    # ---- model
     for task, env in eval_envs.items():
         if env.single_observation_space["state"].shape[0] != state_dims[task]:
             raise UserError(f"{task}: the demos' states have {state_dims[task]} dims, the env's {env.single_observation_space['state'].shape[0]}")
