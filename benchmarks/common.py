@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from robodistill import checkpoints
 from robodistill.envs.factory import check_task
 from robodistill.errors import UserError
+from robodistill.training.runs import budget_spent
 
 
 RD = [sys.executable, "-m", "robodistill.cli"]  # how the scripts run a `robodistill` command as a child
@@ -19,6 +21,15 @@ def settings(cmd: list) -> dict:
     """What makes a `robodistill` run ([*RD, command, overrides...]): its overrides, less where it goes and how it continues."""
     pairs = (str(c).split("=", 1) for c in cmd[len(RD) + 1:])
     return {key: value for key, value in pairs if key not in ("hydra.run.dir", "resume_from")}
+
+
+def trained(ckpt: Path, cmd: list) -> bool:
+    """Whether the training command `cmd` (train-teacher, train-vla) that wrote `ckpt` used up its iterations= or
+    minutes=: a run killed part way leaves a last.pt too, and is continued (resume_from), not reported as finished."""
+    given = settings(cmd)
+    state = checkpoints.load(ckpt)
+    minutes = None if given.get("minutes", "null") == "null" else float(given["minutes"])
+    return budget_spent(state["step"], int(given["iterations"]), state["train_seconds"], minutes)
 
 
 def absolute(path: str) -> Path:

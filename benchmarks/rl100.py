@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import RD, absolute, check_tasks, counts, guarded, same_settings, settings
+from common import RD, absolute, check_tasks, counts, guarded, same_settings, settings, trained
 
 ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -58,8 +58,9 @@ def teacher(task: str, a: argparse.Namespace, out: Path, core: int) -> tuple[Pat
     if task in a.init:
         return dataset, Path(a.init[task])
     ckpt = out / "teacher" / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        run(teacher_command(task, dataset, a, out), out / "teacher.log", core)
+    train = teacher_command(task, dataset, a, out)
+    if not ckpt.is_file() or not trained(ckpt, train):
+        run([*train, *([f"resume_from={ckpt}"] if ckpt.is_file() else [])], out / "teacher.log", core)
     return dataset, ckpt
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from robodistill.training.rpd import RPDConfig
 
-from common import RD, absolute, at_least, check_tasks, counts, distinct, guarded, same_settings, settings
+from common import RD, absolute, at_least, check_tasks, counts, distinct, guarded, same_settings, settings, trained
 
 ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -99,6 +99,8 @@ def make_teacher(task: str, a: argparse.Namespace, out: Path) -> tuple[Path, dic
     same_settings(eval_dir, {"teacher": settings(train), **settings(evaluate)}, made[eval_dir])
     if not dataset.is_file():
         wait(run([*RD, "demos", f"env={task}", f"n={a.teacher_demos}", "seed=0", "workers=1", f"out={ds_dir}"], ds_dir / "demos.log", core), ds_dir / "demos.log")
+    if made[train_dir] and not trained(ckpt, train):
+        made[train_dir], train = False, [*train, f"resume_from={ckpt}"]
     for run_dir, cmd in ((train_dir, train), (eval_dir, evaluate)):
         if made[run_dir]:
             print(f"reusing {run_dir}", flush=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RD, absolute, check_tasks, counts, distinct, guarded, same_settings, settings  # noqa: E402
+from common import RD, absolute, check_tasks, counts, distinct, guarded, same_settings, settings, trained  # noqa: E402
 from rpd import run, run_on_cores, wait  # noqa: E402  (the same way of running pinned, single-thread jobs)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,9 +83,9 @@ def main() -> None:
     for task, cmd in evals.items():
         eval_dir = a.out / "eval" / task
         same_settings(eval_dir, {"vla": settings(train), **settings(cmd)}, (eval_dir / "eval.json").is_file())
-    if not ckpt.is_file():
+    if not ckpt.is_file() or not trained(ckpt, train):
         log = a.out / "vla.log"
-        wait(run(train, log, a.cores[0]), log)
+        wait(run([*train, *([f"resume_from={ckpt}"] if ckpt.is_file() else [])], log, a.cores[0]), log)
     print(f"[{time.strftime('%H:%M:%S')}] VLA: {ckpt}", flush=True)
 
     vla: dict[str, dict] = {}

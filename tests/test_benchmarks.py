@@ -121,6 +121,23 @@ def test_rl100_benchmark_refuses_a_finished_run_made_with_other_flags(tmp_path, 
         check_reuse("PushCube-v1", argparse.Namespace(**{**vars(a), "teacher_minutes": 5.0}))
 
 
+def test_a_teacher_killed_part_way_is_continued_not_reported_as_finished(tmp_path, pushcube_demos, cli, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from common import RD, trained
+
+    run = cli("train-teacher", "env=PushCube-v1", f"dataset={pushcube_demos}", "iterations=20", "minutes=10", "eval_every=0",
+              "eval_episodes=0", "val_fraction=0", f"hydra.run.dir={tmp_path / 'teacher'}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    ckpt = tmp_path / "teacher" / "checkpoints" / "last.pt"
+
+    def command(iterations: int, minutes: str = "10") -> list:
+        return [*RD, "train-teacher", "env=PushCube-v1", f"iterations={iterations}", f"minutes={minutes}", f"hydra.run.dir={tmp_path}"]
+
+    assert trained(ckpt, command(20))
+    assert not trained(ckpt, command(40)) and not trained(ckpt, command(40, "null"))  # as if killed at iteration 20 of 40
+    assert trained(ckpt, command(40, "0.0001"))  # its minutes used up
+
+
 def test_a_seed_is_pooled_once_and_the_header_names_what_ran(tmp_path):
     r = bench("rpd.py", "--seeds", "0", "0", "--out", "out", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr == "error: --seeds gives 0 more than once: give each once\n", r.stderr[-3000:]
