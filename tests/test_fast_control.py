@@ -1,6 +1,7 @@
 """Fast control: the RTI warm-start sampler, the consistency head (`distill`), `bench-latency`."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -155,3 +156,24 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
         policy = _policy()
         policy.consistency = ConsistencyHead.from_denoiser(policy.denoiser)
         policy.set_sampler("consistency", 5)
+
+
+def test_distill_killed_in_its_final_evaluation_resumes_and_evaluates_again(cli, tmp_path, pushcube_demos, monkeypatch):
+    from robodistill.training import distill
+
+    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
+    assert train.returncode == 0, train.stderr[-3000:]
+    cfg = distill.DistillConfig(teacher=str(run_dir(tmp_path, "t") / "checkpoints" / "last.pt"), variant="regression",
+                                iterations=20, checkpoint_every=10, batch_size=16, eval_episodes=1, threads=1, device="cpu")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for the SIGKILL: nothing after the evaluation runs
+
+    monkeypatch.setattr(distill, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        distill.train(cfg, tmp_path / "killed")
+    assert checkpoints.load(tmp_path / "killed" / "checkpoints" / "last.pt")["consistency"]["step"] == 10
+    monkeypatch.undo()
+    resumed = distill.train(replace(cfg, resume_from=str(tmp_path / "killed")), tmp_path / "resumed")
+    assert resumed["step"] == 20 and "consistency_1" in resumed
+    assert checkpoints.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["consistency"]["step"] == 20

@@ -16,7 +16,6 @@ Variants (`variant=`), both on the teacher's frozen observation encoder:
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,17 +138,16 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         check_unfinished(resume_path, step, cfg.iterations, seconds=train_seconds, minutes=cfg.minutes)
         print(f"resumed from {resume_path} at iteration {step}")
 
-    def save(name: str) -> None:
-        if not ranks.main:
-            return
-        checkpoints.save(run_dir / "checkpoints" / f"{name}.pt", {
+    def state() -> dict:
+        return {
             **{k: payload[k] for k in ("kind", "policy", "env", "train", "ema")},
             "consistency": {
                 "weights": head.state_dict(), "config": asdict(cfg), "step": step, "train_seconds": train_seconds,
                 "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                 "target_ema": target_ema.state_dict(), "rng": checkpoints.rng_state(), "batch_rng": batch_gen.get_state(),
             },
-        })
+        }
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
 
     def regression_loss(cond: torch.Tensor, shape: tuple) -> torch.Tensor:
         """Head(x at its timestep) -> the end of the teacher's DDIM chain through x, for x_T and one
@@ -220,8 +218,8 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         tick = now
         out_of_time = ranks.main and cfg.minutes is not None and train_seconds >= cfg.minutes * 60
         last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(out_of_time, ranks))
-        if step % cfg.checkpoint_every == 0 or last:
-            save("last")
+        if step % cfg.checkpoint_every == 0 and not last and ranks.main:
+            checkpoints.save(ckpt_path, state())
             tick = time.perf_counter()
     bar.close()
     in_sync = replicas_identical(head, ranks)
@@ -233,6 +231,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     if not ranks.main:
         return {**result, "main": False}
     writer.close()
+    finished = state()  # before the evaluation draws from the RNGs it holds
     if cfg.eval_episodes:
         teacher.consistency = head.eval()
         teacher.set_sampler("consistency", 1)
@@ -240,7 +239,10 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
             report = evaluate(teacher, env, cfg.eval_episodes, seed=HELD_OUT_SEEDS + cfg.seed)
         result["consistency_1"] = report.summary
         print(report.table(f"consistency head, 1 step, on {env_cfg.task} ({counted(cfg.eval_episodes, 'episode')}, seed {HELD_OUT_SEEDS + cfg.seed})"))
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    checkpoints.write_json(run_dir / "result.json", result)
+    # The finished checkpoint comes after the final evaluation: a run killed during that evaluation resumes from
+    # the checkpoint before and evaluates again, where one at its full budget would be refused as already trained.
+    checkpoints.save(ckpt_path, finished)
     return {**result, "main": True}
 
 
