@@ -206,6 +206,30 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     assert done.returncode == 2 and "at env step 400: the run already trained total_steps=400" in done.stderr, done.stderr[-2000:]
 
 
+def test_rpd_killed_in_its_final_evaluation_resumes_and_finishes(tmp_path, monkeypatch):
+    from robodistill.training import rpd
+
+    cfg = RPDConfig(env=EnvConfig(max_episode_steps=25), teacher="none", total_steps=200, n_steps=100, batch_size=50,
+                    n_epochs=1, hidden=[32, 32], obs_norm_steps=50, eval_every=0, eval_episodes=1, checkpoint_every=100,
+                    progress=False)
+    calls = []
+
+    def killed_at_the_end(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first rates the untrained student
+            raise KeyboardInterrupt  # stands for the SIGKILL: nothing after the final evaluation runs
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(rpd, "evaluate", killed_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        rpd.train(cfg, tmp_path / "killed")
+    assert rpd.trained_steps(tmp_path / "killed" / "checkpoints" / "last.zip") == 100
+    monkeypatch.undo()
+    resumed = rpd.train(replace(cfg, resume_from=str(tmp_path / "killed")), tmp_path / "resumed")
+    assert [row["step"] for row in resumed["history"]] == [0, 200]
+    assert rpd.trained_steps(tmp_path / "resumed" / "student.zip") == rpd.trained_steps(tmp_path / "resumed" / "checkpoints" / "last.zip") == 200
+
+
 class RecordingTeacher(PolicyTeacher):
     """Remembers what it was asked with."""
 

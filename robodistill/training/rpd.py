@@ -503,7 +503,8 @@ class RunCallback(BaseCallback):
         if n >= self.next_eval:
             self.next_eval += self.cfg.eval_every
             self.evaluate()
-        if n >= self.next_ckpt:
+        # the run's last rollout is saved by train(), after its final evaluation and student.zip (see there)
+        if n >= self.next_ckpt and n < self.cfg.total_steps:
             self.next_ckpt += self.cfg.checkpoint_every
             checkpoints.write_atomic(self.run_dir / "checkpoints" / "last.zip", self.model.save)
         return True
@@ -649,8 +650,10 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         if ranks.main:
             if cfg.eval_every == 0 or history[-1]["step"] != model.global_steps:
                 callback.evaluate()
-            checkpoints.write_atomic(run_dir / "checkpoints" / "last.zip", model.save)
+            # last.zip at the full budget comes last: a run killed before (in the final evaluation, say) resumes from
+            # the checkpoint before and makes the rest again, where that one would be refused as already trained.
             checkpoints.write_atomic(run_dir / "student.zip", model.save)
+            checkpoints.write_atomic(run_dir / "checkpoints" / "last.zip", model.save)
         in_sync = replicas_identical(model.policy, ranks)
     finally:
         for e in (env, eval_env, view):
