@@ -201,6 +201,26 @@ def test_resume_continues_at_the_same_step(tmp_path):
     assert resumed["obs_rms"]["count"] > saved["obs_rms"]["count"]
 
 
+def test_a_run_killed_writing_its_policy_resumes_and_writes_it(tmp_path, monkeypatch):
+    batch = 4 * 32
+    save = checkpoints.save
+
+    def killed_at_the_policy(path, payload):
+        if Path(path).name == "policy.pt":
+            raise KeyboardInterrupt  # stands for the SIGKILL: nothing after it is written
+        return save(path, payload)
+
+    monkeypatch.setattr(checkpoints, "save", killed_at_the_policy)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, algo="ppo", total_steps=2 * batch, checkpoint_every=1), tmp_path / "killed")
+    assert checkpoints.load(tmp_path / "killed" / "checkpoints" / "last.pt")["update"] == 1
+    monkeypatch.undo()
+    resumed = train(tiny(tmp_path, algo="ppo", total_steps=2 * batch, checkpoint_every=1, resume_from=str(tmp_path / "killed")),
+                    tmp_path / "resumed")
+    assert resumed["step"] == 2 * batch and checkpoints.load(resumed["policy"])["step"] == 2 * batch
+    assert checkpoints.load(resumed["checkpoint"])["update"] == 2
+
+
 @pytest.mark.parametrize("field, value, message", [("scene", "warehouse", "unknown scene"), ("algo", "sac", "unknown algo"),
                                                    ("combine", "max", "unknown combine"),
                                                    ("reward_mode", "shaped", "unknown reward_mode 'shaped'. Valid: sparse, dense"), ("total_steps", 10, "less than one update"),

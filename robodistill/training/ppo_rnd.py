@@ -240,6 +240,14 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         for k in ("success", "collision", "mean_return"):
             writer.add_scalar(f"eval/{k}", row[k], step)
 
+    def save_state() -> None:
+        checkpoints.save(ckpt_path, {
+            "kind": "agv_trainer", "config": asdict(cfg), "step": update * batch, "update": update,
+            "agent": agent.state_dict(), "rnd": rnd.state_dict(), "optimizer": optimizer.state_dict(),
+            "obs_rms": obs_rms.state(), "int_rms": int_rms.state(), "int_filter": int_filter,
+            "history": json.dumps(history), "rng": checkpoints.rng_state(),
+        })
+
     if resume_path is None and cfg.eval_every:
         evaluate_now(0)
     while update < num_updates:
@@ -334,18 +342,16 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
             finished = []
         if (cfg.eval_every and update % cfg.eval_every == 0) or update == num_updates:
             evaluate_now(step)
-        if update % cfg.checkpoint_every == 0 or update == num_updates:
-            checkpoints.save(ckpt_path, {
-                "kind": "agv_trainer", "config": asdict(cfg), "step": step, "update": update,
-                "agent": agent.state_dict(), "rnd": rnd.state_dict(), "optimizer": optimizer.state_dict(),
-                "obs_rms": obs_rms.state(), "int_rms": int_rms.state(), "int_filter": int_filter,
-                "history": json.dumps(history), "rng": checkpoints.rng_state(),
-            })
+        if update % cfg.checkpoint_every == 0 and update < num_updates:
+            save_state()
     bar.close()
     writer.close()
     policy = payload(agent.actor, obs_rms.mean, obs_rms.var, cfg.hidden, asdict(cfg), asdict(env_cfg), update * batch)
     policy_path = checkpoints.save(run_dir / "policy.pt", policy)
     checkpoints.write_json(run_dir / "history.json", history)
+    # The finished checkpoint comes after policy.pt: a run killed before that resumes from the checkpoint before and
+    # writes it again, where a checkpoint at the full budget would be refused as already trained.
+    save_state()
     return {"history": history, "policy": policy_path, "checkpoint": ckpt_path, "step": update * batch, "int_rms": int_rms.state()}
 
 
