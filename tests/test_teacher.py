@@ -172,3 +172,17 @@ def test_rgb_teacher_trains_and_evaluates(cli, cli_here, tmp_path, pickcube_rgb_
     saved = checkpoints.load(run_dir(tmp_path, "rgb") / "checkpoints" / "last.pt")
     assert saved["policy"]["dims"]["rgb_channels"] == 3 and saved["step"] == 6
     assert any(k.startswith("encoder.cnn") for k in saved["model"])
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_it_resumed_with(cli, tmp_path, pushcube_demos):
+    args = [f"dataset={pushcube_demos}", *TINY, "eval_every=10", "checkpoint_every=10", "name=b"]
+    first = cli("train-teacher", *args, "iterations=20")
+    assert first.returncode == 0, first.stderr[-3000:]
+    best = checkpoints.load(run_dir(tmp_path, "b") / "checkpoints" / "best.pt")
+    more = cli("train-teacher", *args, "iterations=30", "resume=true")
+    assert more.returncode == 0 and "at iteration 20" in more.stdout, more.stderr[-3000:]
+    resumed = sorted((tmp_path / "runs" / "train-teacher").glob("*-b"))[-1]
+    kept = checkpoints.load(resumed / "checkpoints" / "best.pt")  # unless it evaluated better: the same step and weights
+    assert kept["step"] >= best["step"] and kept["best"] >= best["best"]
+    if kept["best"] == best["best"]:
+        assert kept["step"] == best["step"] and all(torch.equal(v, kept["ema"][k]) for k, v in best["ema"].items())

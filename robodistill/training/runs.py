@@ -104,6 +104,16 @@ def carry_metrics(resume_path: Path | None, step: int, run_dir: Path) -> None:
     checkpoints.write_atomic(run_dir / "metrics.jsonl", lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
 
+def carry_best(resume_path: Path | None, step: int, run_dir: Path) -> None:
+    """A resumed run's checkpoints/best.pt starts as its earlier run's, if that one was made by `step`: the resumed
+    run saves best.pt only when it beats the best so far, so without it the best it reports would be in another
+    run directory, and `eval policy=<this run>/checkpoints/best.pt` would say the run never evaluated."""
+    old = resume_path.parent / "best.pt" if resume_path is not None else None
+    if old is None or not old.is_file() or checkpoints.load(old)["step"] > step:  # a later one: the resumed run evaluates that step again
+        return
+    checkpoints.write_atomic(run_dir / "checkpoints" / "best.pt", lambda f: f.write(old.read_bytes()))
+
+
 def resumed_env(env_cfg: EnvConfig, path: Path | None, given: set[str]) -> EnvConfig:
     """A resumed run goes on in the env it trained in: its task and TRAINED_FIELDS, as its checkpoint
     (`path`, None when not resuming) records them, where the command line (`given`) leaves them unset."""

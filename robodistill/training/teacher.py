@@ -28,7 +28,7 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (carry_metrics, check_budget, check_eval_episodes, check_unfinished, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
+from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_unfinished, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
                                       training_state)
 
 
@@ -173,6 +173,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     writer = SummaryWriter(str(run_dir / "tb")) if ranks.main else None
     if ranks.main:
         carry_metrics(resume_path, step, run_dir)
+        carry_best(resume_path, step, run_dir)
     metrics = (run_dir / "metrics.jsonl").open("a") if ranks.main else None
     batches = sample_batches(train_ds, cfg.batch_size, batch_gen, part=(ranks.rank, ranks.world))
     policy.train()

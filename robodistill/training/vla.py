@@ -33,7 +33,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import carry_metrics, check_budget, check_eval_episodes, check_unfinished, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
+from robodistill.training.runs import carry_best, carry_metrics, check_budget, check_eval_episodes, check_unfinished, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
 
 
 @dataclass
@@ -186,6 +186,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     # ---- optimisation
     writer = SummaryWriter(str(run_dir / "tb"))
     carry_metrics(resume_path, step, run_dir)
+    carry_best(resume_path, step, run_dir)
     metrics = (run_dir / "metrics.jsonl").open("a")
     policy.train()
     bar = tqdm(total=cfg.iterations, initial=step, desc="train-vla", unit="it")
