@@ -49,15 +49,20 @@ def run(cmd: list, log: Path, core: int) -> None:
         raise RuntimeError(f"failed ({code}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
 
 
+def inputs(task: str, a: argparse.Namespace) -> tuple[Path, Path]:
+    """Where the task's demos (the offline buffer's start) and the imitation policy RL-100 starts from are, or go."""
+    out = a.out / task
+    dataset = Path(a.dataset[task]) if task in a.dataset else out / "demos" / f"mp_n{a.demos}_seed0.state.pd_ee_delta_pos.h5"
+    return dataset, Path(a.init[task]) if task in a.init else out / "teacher" / "checkpoints" / "last.pt"
+
+
 def teacher(task: str, a: argparse.Namespace, out: Path, core: int) -> tuple[Path, Path]:
-    """The demos (the offline buffer's start) and the imitation policy RL-100 starts from."""
-    ds_dir = out / "demos"
-    dataset = Path(a.dataset[task]) if task in a.dataset else ds_dir / f"mp_n{a.demos}_seed0.state.pd_ee_delta_pos.h5"
+    """The demos and the teacher, made where missing (a teacher killed part way goes on)."""
+    dataset, ckpt = inputs(task, a)
     if not dataset.is_file():
-        run([*RD, "demos", f"env={task}", f"n={a.demos}", "seed=0", "workers=1", f"out={ds_dir}"], out / "demos.log", core)
+        run([*RD, "demos", f"env={task}", f"n={a.demos}", "seed=0", "workers=1", f"out={dataset.parent}"], out / "demos.log", core)
     if task in a.init:
-        return dataset, Path(a.init[task])
-    ckpt = out / "teacher" / "checkpoints" / "last.pt"
+        return dataset, ckpt
     train = teacher_command(task, dataset, a, out)
     if not ckpt.is_file() or not trained(ckpt, train):
         run([*train, *([f"resume_from={ckpt}"] if ckpt.is_file() else [])], out / "teacher.log", core)
@@ -78,8 +83,7 @@ def rl100_command(task: str, dataset: Path, init: Path, a: argparse.Namespace, r
 def check_reuse(task: str, a: argparse.Namespace) -> None:
     """Before any work: a teacher or RL-100 run made with other flags would be reported under these."""
     out = a.out / task
-    dataset = Path(a.dataset[task]) if task in a.dataset else out / "demos" / f"mp_n{a.demos}_seed0.state.pd_ee_delta_pos.h5"
-    init = Path(a.init[task]) if task in a.init else out / "teacher" / "checkpoints" / "last.pt"
+    dataset, init = inputs(task, a)
     made = {}
     if task not in a.init:
         made["teacher"] = settings(teacher_command(task, dataset, a, out))

@@ -2,13 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -29,25 +28,9 @@ def bench(script: str, *args: str, cwd: Path, timeout: int = 120, one_core: bool
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def fake_pushcube_demos(path: Path, episodes: int = 2, steps: int = 20) -> Path:
-    """Random PushCube-v1 trajectories in the demos' format: enough to time training on, in milliseconds."""
-    rng = np.random.default_rng(0)
-    with h5py.File(path, "w") as f:
-        for i in range(episodes):
-            f[f"traj_{i}/obs"] = rng.standard_normal((steps + 1, 35)).astype(np.float32)
-            f[f"traj_{i}/actions"] = rng.uniform(-1, 1, (steps, 4)).astype(np.float32)
-            for key in ("success", "terminated", "truncated"):
-                f[f"traj_{i}/{key}"] = np.zeros(steps, bool)
-    env_kwargs = {"obs_mode": "state", "control_mode": "pd_ee_delta_pos", "sim_backend": "physx_cpu", "num_envs": 1}
-    episode = {"control_mode": "pd_ee_delta_pos", "elapsed_steps": steps, "success": False}
-    path.with_suffix(".json").write_text(json.dumps({
-        "env_info": {"env_id": "PushCube-v1", "env_kwargs": env_kwargs, "max_episode_steps": 50},
-        "episodes": [{"episode_id": i, "episode_seed": i, "reset_kwargs": {"seed": i}, **episode} for i in range(episodes)]}))
-    return path
-
-
-def test_ddp_from_another_directory_on_one_core(tmp_path):
-    fake_pushcube_demos(tmp_path / "demos.h5")
+def test_ddp_from_another_directory_on_one_core(tmp_path, pushcube_demos):
+    for suffix in (".h5", ".json"):  # the suite's demos, under a name relative to this directory
+        shutil.copy(pushcube_demos.with_suffix(suffix), (tmp_path / "demos").with_suffix(suffix))
     r = bench("ddp.py", "--dataset", "demos.h5", "--jobs", "teacher-mlp", "--iterations", "2", "--batch", "8",
               "--repeats", "1", "--nproc", "1", cwd=tmp_path, one_core=True)
     assert r.returncode == 0, r.stderr[-3000:]  # the relative --dataset found by its robodistill children
