@@ -66,7 +66,7 @@ def test_vectorized_equals_single_env_stepping():
             o, r, te, tr, info = single.step(acts[t, i].numpy())
             assert r == pytest.approx(rewards[t, i].item()) and (te or tr) == dones[t, i].item()
             if te or tr:
-                assert set(info["episode"]) >= {"success_once", "collision", "path_length", "time_to_goal"}
+                assert set(info) >= {"success_once", "collision", "path_length", "time_to_goal"}
                 o, _ = single.reset()  # the batch auto-resets the same way: the robot's generator continues
             np.testing.assert_array_equal(o, obs[t + 1, i].numpy())
     assert dones.any()
@@ -92,6 +92,18 @@ def test_gym_make_after_importing_robodistill_envs_and_bad_actions_are_refused()
     env.reset(seed=0)
     with pytest.raises(ValueError, match=r"shape \(2, 2\).*got \(2, 3\)"):
         env.step(torch.zeros(2, 3))
+
+
+def test_single_env_works_under_gymnasiums_episode_statistics_and_time_limit():
+    # CleanRL-style wrapping: RecordEpisodeStatistics owns info["episode"], and gym.make's
+    # max_episode_steps adds a TimeLimit the env cannot see; the env's own metrics must survive both.
+    env = gym.wrappers.RecordEpisodeStatistics(gym.make(TASK, scene="simple_static", max_episode_steps=5))
+    env.reset(seed=0)
+    for t in range(1, 6):
+        _, _, terminated, truncated, info = env.step(np.array([0.0, 0.0], dtype=np.float32))
+        assert info["episode_len"] == t and not terminated
+    assert truncated and info["episode"]["l"] == 5 and info["success_once"] is False
+    assert info["path_length"] > 0 and info["return"] == pytest.approx(info["episode"]["r"])
 
 
 def test_lidar_hits_known_walls_and_movers_at_known_distances():

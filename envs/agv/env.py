@@ -45,7 +45,14 @@ def make_batch(scene: str, num: int, reward_mode: str | None = None, max_episode
 
 
 class AGVWarehouseEnv(gym.Env):
-    """One AGV; `gym.make("robodistill/AGVWarehouse-v0", scene="simple_static")`."""
+    """One AGV; `gym.make("robodistill/AGVWarehouse-v0", scene="simple_static")`.
+
+    Every step's `info` holds the episode's metrics so far (EPISODE_METRICS), as ManiSkill's envs
+    report `success` every step: the key "episode" stays free for gymnasium's
+    RecordEpisodeStatistics and SB3's Monitor, and an episode that gymnasium's TimeLimit cuts
+    (`gym.make(..., max_episode_steps=N)`, which only ever shortens the scene's own limit: gymnasium
+    keeps that argument from the env) still ends with its metrics.
+    """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1 / DT))}
 
@@ -65,7 +72,7 @@ class AGVWarehouseEnv(gym.Env):
         if action.shape != (2,):
             raise ValueError(f"the AGV's action has shape (2,), a linear and an angular command in [-1, 1]; got {action.shape}")
         reward, terminated, truncated, episode = self.batch.step(action[None])
-        info = {"episode": {k: v[0] for k, v in episode.items()}} if terminated[0] or truncated[0] else {}
+        info = {k: v[0].item() for k, v in episode.items()}
         return self.batch.observe()[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
 
     def render(self):
