@@ -101,28 +101,28 @@ def check_task(task: str, flag: str = "env.task") -> None:
         )
 
 
-def _check(cfg: EnvConfig) -> None:
-    """Fail early, before SAPIEN starts, with an error that names the field and the choices."""
+def _check(cfg: EnvConfig, flags: str) -> None:
+    """Fail early, before SAPIEN starts, with an error that names the field (as `flags`<field>) and the choices."""
     for key in ("scene", "collision_penalty"):
         if getattr(cfg, key) is not None:
-            raise UserError(f"env.{key} applies to {AGV_TASK} only, not to {cfg.task}: drop env.{key}")
-    check_task(cfg.task)
+            raise UserError(f"{flags}{key} applies to {AGV_TASK} only, not to {cfg.task}: drop {flags}{key}")
+    check_task(cfg.task, f"{flags}task")
     tasks = _registered_tasks()
     reward_modes = tasks[cfg.task].cls.SUPPORTED_REWARD_MODES
     if cfg.reward_mode is not None and cfg.reward_mode not in reward_modes:
-        raise UserError(f"reward_mode '{cfg.reward_mode}' is not valid for {cfg.task} (env.reward_mode). Valid: {', '.join(reward_modes)}")
+        raise UserError(f"reward_mode '{cfg.reward_mode}' is not valid for {cfg.task} ({flags}reward_mode). Valid: {', '.join(reward_modes)}")
     if cfg.obs_mode not in OBS_MODES:
-        raise UserError(f"unknown obs_mode '{cfg.obs_mode}' for {cfg.task} (env.obs_mode). Valid: {', '.join(OBS_MODES)}")
+        raise UserError(f"unknown obs_mode '{cfg.obs_mode}' for {cfg.task} ({flags}obs_mode). Valid: {', '.join(OBS_MODES)}")
     if cfg.sim_backend not in SIM_BACKENDS:
-        raise UserError(f"unknown sim_backend '{cfg.sim_backend}' (env.sim_backend). Valid: {', '.join(SIM_BACKENDS)}")
+        raise UserError(f"unknown sim_backend '{cfg.sim_backend}' ({flags}sim_backend). Valid: {', '.join(SIM_BACKENDS)}")
     if cfg.num_envs < 1:
-        raise UserError(f"env.num_envs must be >= 1, got {cfg.num_envs}")
+        raise UserError(f"{flags}num_envs must be >= 1, got {cfg.num_envs}")
     if cfg.image_size < 1:
-        raise UserError(f"env.image_size must be >= 1 (the camera's width and height in pixels), got {cfg.image_size}")
+        raise UserError(f"{flags}image_size must be >= 1 (the camera's width and height in pixels), got {cfg.image_size}")
     if cfg.max_episode_steps is not None and cfg.max_episode_steps < 1:
-        raise UserError(f"env.max_episode_steps must be >= 1 (or null: the task's own limit), got {cfg.max_episode_steps}")
+        raise UserError(f"{flags}max_episode_steps must be >= 1 (or null: the task's own limit), got {cfg.max_episode_steps}")
     if cfg.sim_backend == "physx_cuda" and not _cuda():
-        raise UserError("env.sim_backend=physx_cuda needs a CUDA GPU and a CUDA build of torch; use physx_cpu here")
+        raise UserError(f"{flags}sim_backend=physx_cuda needs a CUDA GPU and a CUDA build of torch; use physx_cpu here")
 
 
 def _cuda() -> bool:
@@ -150,7 +150,7 @@ def gym_kwargs(cfg: EnvConfig, num_envs: int, render: bool) -> dict:
     return kwargs
 
 
-def _gym_make(cfg: EnvConfig, num_envs: int, render: bool) -> gym.Env:
+def _gym_make(cfg: EnvConfig, num_envs: int, render: bool, flags: str) -> gym.Env:
     try:
         return gym.make(cfg.task, **gym_kwargs(cfg, num_envs, render))
     except RuntimeError as err:
@@ -158,10 +158,10 @@ def _gym_make(cfg: EnvConfig, num_envs: int, render: bool) -> gym.Env:
             raise UserError(f"no Vulkan device for SAPIEN ({err}); {SETUP_HINT}") from err
         raise
     except (AssertionError, KeyError, NotImplementedError) as err:
-        raise UserError(_explain_make_error(cfg, err)) from err
+        raise UserError(_explain_make_error(cfg, err, flags)) from err
 
 
-def _explain_make_error(cfg: EnvConfig, err: Exception) -> str:
+def _explain_make_error(cfg: EnvConfig, err: Exception, flags: str) -> str:
     """ManiSkill rejects a bad control mode with a bare assert: name the valid ones."""
     probe = gym.make(cfg.task, num_envs=1, obs_mode="state", sim_backend="physx_cpu", render_backend="cpu")
     try:
@@ -169,22 +169,22 @@ def _explain_make_error(cfg: EnvConfig, err: Exception) -> str:
     finally:
         probe.close()
     if cfg.control_mode is not None and cfg.control_mode not in control_modes:
-        return f"control_mode '{cfg.control_mode}' is not valid for {cfg.task} (env.control_mode). Valid: {', '.join(control_modes)}"
+        return f"control_mode '{cfg.control_mode}' is not valid for {cfg.task} ({flags}control_mode). Valid: {', '.join(control_modes)}"
     return f"ManiSkill could not build {cfg.task} with {asdict(cfg)}: {err!r}"
 
 
-def build_single(cfg: EnvConfig, render: bool) -> gym.Env:
+def build_single(cfg: EnvConfig, render: bool, flags: str) -> gym.Env:
     """One ManiSkill env (batched API, num_envs=1) with our observation convention applied."""
-    return single_env(_gym_make(cfg, 1, render), rgb=cfg.obs_mode == "rgb")
+    return single_env(_gym_make(cfg, 1, render, flags), rgb=cfg.obs_mode == "rgb")
 
 
-def _worker_env(cfg: EnvConfig, render: bool, ignore_terminations: bool) -> gym.Env:
+def _worker_env(cfg: EnvConfig, render: bool, ignore_terminations: bool, flags: str) -> gym.Env:
     # One thread per env worker: torch's default of one per core makes stepping erratic here.
     import torch
     from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
     torch.set_num_threads(1)
-    return CPUGymWrapper(build_single(cfg, render), ignore_terminations=ignore_terminations, record_metrics=True)
+    return CPUGymWrapper(build_single(cfg, render, flags), ignore_terminations=ignore_terminations, record_metrics=True)
 
 
 def make_env(
@@ -192,12 +192,15 @@ def make_env(
     *,
     render: bool = False,
     ignore_terminations: bool = False,
+    flags: str = "env.",
 ) -> VecEnv:
     """Build `cfg.num_envs` copies of a ManiSkill task as one `VecEnv`.
 
     :param render: enable `VecEnv.render()` (videos); costs a render camera per env.
     :param ignore_terminations: run every episode to the time limit (evaluation: success_at_end
         is then meaningful). False: episodes end early on success or failure (RL training).
+    :param flags: how the caller's command line spells a field, before its name: errors say
+        `<flags>image_size`; "" for a command whose env fields are its own (train-vla's image_size=).
     """
     if not isinstance(cfg, EnvConfig):
         cfg = EnvConfig.from_mapping(cfg)
@@ -206,15 +209,15 @@ def make_env(
         from robodistill.envs.agv import AGVVecEnv
 
         return AGVVecEnv(cfg, render=render)
-    _check(cfg)
+    _check(cfg, flags)
     if cfg.sim_backend == "physx_cuda" or cfg.num_envs == 1:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-        env = single_env(_gym_make(cfg, cfg.num_envs, render), rgb=cfg.obs_mode == "rgb")
+        env = single_env(_gym_make(cfg, cfg.num_envs, render, flags), rgb=cfg.obs_mode == "rgb")
         vec = ManiSkillVectorEnv(env, auto_reset=True, ignore_terminations=ignore_terminations, record_metrics=True)
         return VecEnv(vec, cfg, observation=env.observation)
     # AsyncVectorEnv builds one env in this process for the spaces, so config errors surface here.
-    make_one = functools.partial(_worker_env, cfg, render, ignore_terminations)
+    make_one = functools.partial(_worker_env, cfg, render, ignore_terminations, flags)
     vec = gym.vector.AsyncVectorEnv(
         [make_one] * cfg.num_envs,
         context="forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn",

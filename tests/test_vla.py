@@ -81,6 +81,9 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cl
     assert foreign.returncode == 2 and "holds a 'agv_trainer' checkpoint, not a train-vla run's state" in foreign.stderr, foreign.stderr
     bad_mode = cli_here("train-vla", "control_mode=bogus")  # an env it cannot make is said before demos are made for it
     assert bad_mode.returncode == 2 and "control_mode 'bogus' is not valid" in bad_mode.stderr and "making" not in bad_mode.stdout, bad_mode.stdout
+    assert "(control_mode). Valid:" in bad_mode.stderr  # train-vla's own flag, not eval's env.control_mode
+    bad_size = cli_here("train-vla", "image_size=0")
+    assert bad_size.returncode == 2 and "error: image_size must be >= 1" in bad_size.stderr, bad_size.stderr
     assert not (tmp_path / "datasets").exists()
 
     # One of its tasks is rated in the env it was trained in (camera, size, episode limit) without restating it,

@@ -102,7 +102,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     prompts = {task: phrasings(task) for task in cfg.tasks}
 
     # One env per task for evaluation (and its action bounds); made first, so a bad env field is said before minutes of demos.
-    eval_envs = {task: make_env(task_env(cfg, task), ignore_terminations=True) for task in cfg.tasks}
+    eval_envs = {task: make_env(task_env(cfg, task), ignore_terminations=True, flags="") for task in cfg.tasks}
 
     # ---- data: every task's windows; states zero-padded to the longest task's
     episodes = {}
