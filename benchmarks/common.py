@@ -33,8 +33,9 @@ def trained(ckpt: Path, cmd: list) -> bool:
 
 
 def absolute(path: str) -> Path:
-    """argparse type of every path flag: the scripts' `robodistill` children run in the repository root, so a
-    path relative to the user's directory would name another file there."""
+    """argparse type of every path flag: a path is recorded in a run's bench-settings.json and printed, so it
+    must name the same file wherever the script is started from. (The `robodistill` children run in the user's
+    directory, so a relative path in pass-through overrides means what it would on the command line.)"""
     return Path(path).expanduser().resolve()
 
 

@@ -44,7 +44,7 @@ FINAL, HEAD_GAP, GATE_DROP = 0.99, 0.02, 0.03
 def run(cmd: list, log: Path, core: int) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
-        code = subprocess.call(["taskset", "-c", str(core), *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT, env=ONE_THREAD, cwd=ROOT)
+        code = subprocess.call(["taskset", "-c", str(core), *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT, env=ONE_THREAD)
     if code != 0:
         raise RuntimeError(f"failed ({code}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
 

@@ -44,7 +44,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def run(cmd: list, log: Path, core: int | None = None) -> subprocess.Popen:
     prefix = ["taskset", "-c", str(core)] if core is not None else []
     log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(prefix + [str(c) for c in cmd], stdout=log.open("a"), stderr=subprocess.STDOUT, env=ONE_THREAD, cwd=ROOT)
+    return subprocess.Popen(prefix + [str(c) for c in cmd], stdout=log.open("a"), stderr=subprocess.STDOUT, env=ONE_THREAD)
 
 
 def wait(proc: subprocess.Popen, log: Path) -> None:

@@ -104,6 +104,24 @@ def test_rl100_benchmark_refuses_a_finished_run_made_with_other_flags(tmp_path, 
         check_reuse("PushCube-v1", argparse.Namespace(**{**vars(a), "teacher_minutes": 5.0}))
 
 
+def test_children_take_relative_paths_from_the_users_directory(tmp_path, pushcube_demos, monkeypatch):
+    # A relative path in pass-through overrides (`-- dataset=demos.h5`, `--rpd teacher=...`) means what it would on
+    # the command line; the children once ran in the repository root, where it named nothing.
+    import shutil
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.chdir(tmp_path)
+    import rl100
+    import rpd
+    from common import RD
+
+    shutil.copy(pushcube_demos, tmp_path / "demos.h5")
+    shutil.copy(pushcube_demos.with_suffix(".json"), tmp_path / "demos.json")
+    rl100.run([*RD, "dataset", "info", "demos.h5"], tmp_path / "rl100.log", core=0)
+    rpd.wait(rpd.run([*RD, "dataset", "info", "demos.h5"], tmp_path / "rpd.log"), tmp_path / "rpd.log")
+    assert "file          demos.h5" in (tmp_path / "rl100.log").read_text() and "episodes      3" in (tmp_path / "rpd.log").read_text()
+
+
 def test_a_teacher_killed_part_way_is_continued_not_reported_as_finished(tmp_path, pushcube_demos, cli, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from common import RD, trained
