@@ -199,6 +199,11 @@ def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl1
     (out / "offline" / "policy.pt").unlink()
     del report["stages"]["offline"]
     (out / "report.json").write_text(json.dumps(report))
+    # One written before the buffer carried per-step discounts is refused in a line, not a TypeError.
+    old = tmp_path / "old" / "offline" / "state.pt"
+    checkpoints.save(old, {**state, "buffer": {k: v for k, v in state["buffer"].items() if k != "discount"}})
+    r = cli(*args[:-1], f"hydra.run.dir={old.parent.parent}")
+    assert r.returncode == 2 and f"{old} was written by an older robodistill" in r.stderr, r.stderr[-2000:]
     # Resumed without its episode limit: the run goes on in the env it trained in (30), not init='s (40); and in
     # its own directory (`resume=true` finds it by name), so the new one it was given is gone.
     r = cli(*[a for a in args[:-1] if not a.startswith("env.max_episode_steps=")], "offline.iterations=2", "name=gated", "resume=true")

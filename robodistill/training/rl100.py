@@ -321,6 +321,9 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
     state_path = out / "state.pt"
     if state_path.is_file():
         state = checkpoints.load(state_path)
+        if "discount" not in state["buffer"]:  # written before rewards were discounted per env step inside a chunk
+            raise UserError(f"{state_path} was written by an older robodistill (its buffer's rewards are not discounted "
+                            f"inside a chunk): delete it, and the offline stage starts again from its first iteration")
         actor.load_state_dict(state["actor"])
         reference.load_state_dict(state["reference"])
         iql.load_state_dict(state["iql"])
