@@ -38,6 +38,20 @@ def test_failed_save_keeps_previous_file_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_save_removes_what_a_writer_killed_mid_write_left_and_only_that(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    left = tmp_path / f".last.pt.{dead}.tmp"  # a checkpoint's worth of disk, for every kill
+    writing = tmp_path / f".last.pt.{os.getppid()}.tmp"  # a live process still writing it
+    other = tmp_path / f".best.pt.{dead}.tmp"  # another file's: not this save's business
+    for p in (left, writing, other):
+        p.write_bytes(b"partial")
+    checkpoints.save(tmp_path / "last.pt", {"kind": "test", "step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, writing.name, "last.pt"])
+
+
 def test_truncated_and_foreign_files_are_named_in_the_error(tmp_path):
     good = checkpoints.save(tmp_path / "good.pt", {"kind": "test", "model": torch.nn.Linear(64, 64).state_dict()})
     cut = tmp_path / "cut.pt"
