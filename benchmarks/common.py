@@ -48,6 +48,19 @@ def guarded(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
+def check_child(cmd: list, code: int, log: Path) -> None:
+    """A `robodistill` child that refused its input (status 2 and an `error:` line, e.g. a bad pass-through
+    override) ends the script with that line, as the CLI would say it; any other failure is a crash, with the
+    log's tail."""
+    if code == 0:
+        return
+    text = log.read_text()
+    said = [line for line in text.splitlines() if line.startswith("error: ")]
+    if code == 2 and said:
+        raise UserError(f"{said[-1].removeprefix('error: ')} (log: {log})")
+    raise RuntimeError(f"failed ({code}): {' '.join(map(str, cmd))}\n{text[-3000:]}")
+
+
 def at_least(flag: str, value: float, least: float = 1) -> None:
     if value < least:
         raise UserError(f"{flag} must be >= {least}, got {value}")

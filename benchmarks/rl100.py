@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import RD, absolute, check_tasks, counts, guarded, same_settings, settings, trained
+from common import RD, absolute, check_child, check_tasks, counts, guarded, same_settings, settings, trained
 
 ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -45,8 +45,7 @@ def run(cmd: list, log: Path, core: int) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         code = subprocess.call(["taskset", "-c", str(core), *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT, env=ONE_THREAD)
-    if code != 0:
-        raise RuntimeError(f"failed ({code}): {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
+    check_child(cmd, code, log)
 
 
 def inputs(task: str, a: argparse.Namespace) -> tuple[Path, Path]:

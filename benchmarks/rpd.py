@@ -35,7 +35,7 @@ import numpy as np
 
 from robodistill.training.rpd import RPDConfig
 
-from common import RD, absolute, at_least, check_tasks, counts, distinct, guarded, same_settings, settings, trained
+from common import RD, absolute, at_least, check_child, check_tasks, counts, distinct, guarded, same_settings, settings, trained
 
 ROOT = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -48,8 +48,7 @@ def run(cmd: list, log: Path, core: int | None = None) -> subprocess.Popen:
 
 
 def wait(proc: subprocess.Popen, log: Path) -> None:
-    if proc.wait() != 0:
-        raise RuntimeError(f"failed: {' '.join(map(str, proc.args))}\n{log.read_text()[-3000:]}")
+    check_child(proc.args, proc.wait(), log)
 
 
 def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
@@ -60,26 +59,31 @@ def run_on_cores(jobs: list[tuple], cores: list[int], on_done) -> None:
         same_settings(run_dir, settings(cmd), made=(run_dir / "student.zip").is_file() or (run_dir / "checkpoints" / "last.zip").is_file())
     pending = list(jobs)
     running: dict[int, tuple] = {}
-    while pending or running:
-        for core in cores:
-            if core not in running and pending:
-                key, run_dir, cmd = pending.pop(0)
-                if (run_dir / "student.zip").is_file():  # finished earlier: reuse
-                    print(f"reusing {run_dir}", flush=True)
+    try:
+        while pending or running:
+            for core in cores:
+                if core not in running and pending:
+                    key, run_dir, cmd = pending.pop(0)
+                    if (run_dir / "student.zip").is_file():  # finished earlier: reuse
+                        print(f"reusing {run_dir}", flush=True)
+                        on_done(key, run_dir)
+                        continue
+                    if (run_dir / "checkpoints" / "last.zip").is_file():
+                        cmd = [*cmd, f"resume_from={run_dir}"]
+                    running[core] = (key, run_dir, run(cmd, run_dir / "run.log", core))
+                    print(f"[{time.strftime('%H:%M:%S')}] start {key} on core {core}", flush=True)
+            for core, (key, run_dir, proc) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[core]
+                    wait(proc, run_dir / "run.log")
                     on_done(key, run_dir)
-                    continue
-                if (run_dir / "checkpoints" / "last.zip").is_file():
-                    cmd = [*cmd, f"resume_from={run_dir}"]
-                running[core] = (key, run_dir, run(cmd, run_dir / "run.log", core))
-                print(f"[{time.strftime('%H:%M:%S')}] start {key} on core {core}", flush=True)
-        for core, (key, run_dir, proc) in list(running.items()):
-            if proc.poll() is not None:
-                wait(proc, run_dir / "run.log")
-                del running[core]
-                on_done(key, run_dir)
-                print(f"[{time.strftime('%H:%M:%S')}] done {key}: final success_once "
-                      f"{json.loads((run_dir / 'history.json').read_text())[-1]['success_once']:.0%}", flush=True)
-        time.sleep(2)
+                    print(f"[{time.strftime('%H:%M:%S')}] done {key}: final success_once "
+                          f"{json.loads((run_dir / 'history.json').read_text())[-1]['success_once']:.0%}", flush=True)
+            time.sleep(2)
+    finally:  # a job failed (or Ctrl-C): the others would run on unseen, each holding a core; their checkpoints stay
+        for *_, proc in running.values():
+            proc.terminate()
+            proc.wait()
 
 
 def make_teacher(task: str, a: argparse.Namespace, out: Path) -> tuple[Path, dict]:

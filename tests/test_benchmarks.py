@@ -107,8 +107,6 @@ def test_rl100_benchmark_refuses_a_finished_run_made_with_other_flags(tmp_path, 
 def test_children_take_relative_paths_from_the_users_directory(tmp_path, pushcube_demos, monkeypatch):
     # A relative path in pass-through overrides (`-- dataset=demos.h5`, `--rpd teacher=...`) means what it would on
     # the command line; the children once ran in the repository root, where it named nothing.
-    import shutil
-
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.chdir(tmp_path)
     import rl100
@@ -120,6 +118,20 @@ def test_children_take_relative_paths_from_the_users_directory(tmp_path, pushcub
     rl100.run([*RD, "dataset", "info", "demos.h5"], tmp_path / "rl100.log", core=0)
     rpd.wait(rpd.run([*RD, "dataset", "info", "demos.h5"], tmp_path / "rpd.log"), tmp_path / "rpd.log")
     assert "file          demos.h5" in (tmp_path / "rl100.log").read_text() and "episodes      3" in (tmp_path / "rpd.log").read_text()
+
+
+def test_a_child_that_refuses_its_input_ends_the_script_in_its_line_and_stops_the_others(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import rpd
+    from common import RD
+
+    from robodistill.errors import UserError
+
+    jobs = [(name, tmp_path / name, [*RD, "rpd", "env=PushCube-v1", "teacher=none", *extra, f"hydra.run.dir={tmp_path / name}"])
+            for name, extra in [("long", ["total_steps=1000000"]), ("bad", ["n_steps=0"])]]
+    with pytest.raises(UserError, match=rf"total_steps and n_steps must be >= 1 .*\(log: {tmp_path / 'bad' / 'run.log'}\)"):
+        rpd.run_on_cores(jobs, [0, 1], on_done=lambda *_: pytest.fail("no job finishes"))
+    assert subprocess.run(["pgrep", "-f", f"hydra.run.dir={tmp_path / 'long'}"]).returncode == 1  # not left running
 
 
 def test_a_teacher_killed_part_way_is_continued_not_reported_as_finished(tmp_path, pushcube_demos, cli, monkeypatch):
