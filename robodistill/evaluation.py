@@ -52,7 +52,7 @@ class EvalConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: str = "random"  # random, scripted (PushCube-v1 expert), or the path of a policy checkpoint
     sampler: str | None = None  # diffusion checkpoints: ddpm, ddim, rti or consistency (default: the checkpoint's)
-    steps: int | None = None  # denoiser calls per chunk for `sampler` (rti: see `rti.timesteps`)
+    steps: int | None = None  # denoiser calls per chunk for `sampler` (default: consistency 1, else the checkpoint's; rti: see `rti.timesteps`)
     rti: RTIConfig = field(default_factory=RTIConfig)  # the rti sampler's settings
     episodes: int = 10
     seed: int = 0  # episode k is reset with seed + k

@@ -84,6 +84,21 @@ def test_consistency_head_keeps_clean_chunks_and_samples_in_its_steps():
     assert consistency_timesteps(1, 100) == [99] and consistency_timesteps(3, 100) == [99, 66, 33]
 
 
+def test_a_sampler_without_steps_takes_its_own_default_not_the_previous_samplers():
+    """sampler=consistency alone is the one-step head, and ddpm/ddim alone the checkpoint's steps, whatever sampler
+    came before (the checkpoint's ddim 10, or the previous row of bench-latency)."""
+    policy = _policy(sampler_steps=7)
+    policy.consistency = ConsistencyHead.from_denoiser(policy.denoiser)
+    policy.set_sampler("consistency")
+    assert (policy.sampler.name, policy.sampler.steps) == ("consistency", 1)
+    policy.set_sampler("ddpm", 50)
+    policy.set_sampler("ddim")
+    assert (policy.sampler.name, policy.sampler.steps) == ("ddim", 7)
+    policy.set_sampler("rti", rti=RTIConfig(timesteps=[2, 1, 0]))
+    policy.set_sampler("consistency")
+    assert (policy.sampler.name, policy.sampler.steps) == ("consistency", 1)
+
+
 def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_path, pushcube_demos):
     train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=30", "eval_every=0", "eval_episodes=0", "name=t")
     assert train.returncode == 0, train.stderr[-3000:]
@@ -126,9 +141,10 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     assert spent.returncode == 2 and "the run already used minutes=0.0001 (training time adds up" in spent.stderr, spent.stderr[-2000:]
     assert set((tmp_path / "runs" / "distill").iterdir()) == runs  # and no empty run directory
 
-    for sampler in ("sampler=consistency steps=3", "sampler=rti rti.timesteps=[2,0]"):
+    for sampler, used in (("sampler=consistency steps=3", "consistency 3 steps"), ("sampler=rti rti.timesteps=[2,0]", "rti 2 steps"),
+                          ("sampler=consistency", "consistency 1 step")):  # no steps: the head's one, not the checkpoint's ddim 10
         r = cli("eval", f"policy={heads['consistency']}", "env.max_episode_steps=20", "episodes=2", *sampler.split())
-        assert r.returncode == 0 and "success_once" in r.stdout, r.stderr[-3000:]
+        assert r.returncode == 0 and f"sampler {used} on PushCube-v1" in r.stdout, r.stderr[-3000:]
 
     bench = cli("bench-latency", f"ckpt={heads['regression']}", "env.max_episode_steps=20", "episodes=1", "calls=5", "name=b")
     assert bench.returncode == 0, bench.stderr[-3000:]

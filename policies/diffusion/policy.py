@@ -76,8 +76,8 @@ class DiffusionPolicy(nn.Module):
         return self.sampler.executes or self.cfg.act_horizon
 
     def set_sampler(self, name: str, steps: int | None = None, rti: RTIConfig | None = None) -> None:
-        """`ddpm`/`ddim` with `steps` denoiser calls, `rti` (its tail is `rti.timesteps`), or
-        `consistency` with 1-3 calls of the distilled head."""
+        """`ddpm`/`ddim` with `steps` denoiser calls (default: the checkpoint's `sampler_steps`), `rti` (its tail
+        is `rti.timesteps`), or `consistency` with 1-3 calls of the distilled head (default 1)."""
         if name not in SAMPLERS:
             raise UserError(f"sampler '{name}' is not one of {', '.join(SAMPLERS)}")
         n = self.cfg.num_train_timesteps
@@ -89,7 +89,8 @@ class DiffusionPolicy(nn.Module):
             except ValueError as err:
                 raise UserError(str(err)) from err
             return
-        steps = self.sampler.steps if steps is None else steps
+        if steps is None:  # not those of the sampler set before: the head's one call, or the checkpoint's own (as export)
+            steps = 1 if name == "consistency" else self.cfg.sampler_steps
         if name == "consistency":
             if self.consistency is None:
                 raise UserError("this checkpoint has no consistency head: make one with `robodistill distill teacher=<checkpoint>`")

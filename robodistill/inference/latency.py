@@ -35,7 +35,7 @@ class BenchLatencyConfig:
 
     env: EnvConfig = field(default_factory=EnvConfig)
     ckpt: str = ""  # a diffusion checkpoint (with a consistency head for the consistency rows)
-    samplers: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLERS))  # name[:steps]
+    samplers: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLERS))  # name[:steps] (no steps: consistency 1, else the checkpoint's)
     rti: RTIConfig = field(default_factory=RTIConfig)
     calls: int = 200  # timed inference calls per sampler
     episodes: int = 100  # success episodes per sampler; 0: latency only
