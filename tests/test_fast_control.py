@@ -193,3 +193,24 @@ def test_distill_killed_in_its_final_evaluation_resumes_and_evaluates_again(cli,
     resumed = distill.train(replace(cfg, resume_from=str(tmp_path / "killed")), tmp_path / "resumed")
     assert resumed["step"] == 20 and "consistency_1" in resumed
     assert checkpoints.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["consistency"]["step"] == 20
+
+
+def test_bench_latency_rates_a_sampler_as_eval_does_whatever_was_measured_before(cli, tmp_path, pushcube_demos, monkeypatch):
+    """A sampler's episodes do not depend on calls= nor on the samplers measured before it: they are those
+    `robodistill eval` runs with the same seed."""
+    from robodistill.inference import latency
+
+    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
+    assert train.returncode == 0, train.stderr[-3000:]
+    teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
+    rated, evaluate = [], latency.evaluate
+    monkeypatch.setattr(latency, "evaluate", lambda *args, **kw: rated.append(evaluate(*args, **kw)) or rated[-1])
+    for calls, samplers in ((2, ["ddpm:5"]), (3, ["ddim:2", "ddpm:5"])):
+        torch.manual_seed(0)  # where `bench-latency seed=0` starts
+        measure(str(teacher), EnvConfig(max_episode_steps=20), samplers, RTIConfig(), calls=calls, episodes=2)
+    alone, after = ([e["return"] for e in report.episodes] for report in (rated[0], rated[-1]))
+    assert alone == after
+    r = cli("eval", f"policy={teacher}", "episodes=2", "sampler=ddpm", "steps=5", "name=e")
+    assert r.returncode == 0, r.stderr[-3000:]
+    evaluated = json.loads((run_dir(tmp_path, "e", "eval") / "eval.json").read_text())["episodes"]
+    assert alone == pytest.approx([e["return"] for e in evaluated], abs=1e-5)

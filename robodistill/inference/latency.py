@@ -3,7 +3,8 @@
 For every sampler, in one process: denoiser calls per inference, latency of one inference call
 (`predict_chunk` at batch 1: encoder, sampler, normalisation) as p50/p99, compute per executed
 action (p50 / actions executed per inference), and success_once with its 95% interval over
-`episodes` episodes. One forward pass of the denoiser at batch 1 is the floor any sampler pays.
+`episodes` episodes (those `robodistill eval` runs with the same seed and sampler). One forward pass
+of the denoiser at batch 1 is the floor any sampler pays.
 RTI is timed warm (its steady state); the full denoise that starts each episode is in its success,
 not in its latency. Writes latency.json and latency.png (success vs latency).
 """
@@ -80,6 +81,9 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
             raise UserError(f"ckpt={ckpt} has no consistency head: distill one (`robodistill distill teacher={ckpt}`) or drop the consistency samplers")
         for name, steps in parsed:  # each sampler's steps checked against this checkpoint before any is measured
             policy.set_sampler(name, steps, rti if name == "rti" else None)
+        # Every sampler's episodes draw their noise from here, as `robodistill eval` with this seed would: not from
+        # wherever the timed calls and the samplers measured before left torch's RNG.
+        rng = torch.get_rng_state()
         first = env.reset(seed=[seed] * env.num_envs)
         obs = {k: v[:1].unsqueeze(1).repeat_interleave(policy.obs_horizon, dim=1) for k, v in first.items()}
         cond = policy.condition(obs)
@@ -98,6 +102,7 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
                 "forward_ms": floor, "p50_over_forward": p50 / floor,
             }
             if episodes:
+                torch.set_rng_state(rng)
                 report: EvalReport = evaluate(policy, env, episodes, seed=seed)
                 s = report.summary["success_once"]
                 row.update(success_once=s["rate"], ci95=s["ci95"], episodes=episodes, eval_seconds=report.seconds)
