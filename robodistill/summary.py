@@ -104,8 +104,9 @@ def _distill(run: Path) -> list[str]:
 
 
 def _latency(run: Path) -> list[str]:
-    return [f"{r['sampler']:<14} {counted(r['denoiser_calls'], 'call'):>9}, p50 {r['p50_ms']:7.2f} ms, "
-            f"success_once {r['success_once']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}] ({r['episodes']} ep)"
+    # a row has no success where the run measured latency only (episodes=0)
+    return [f"{r['sampler']:<14} {counted(r['denoiser_calls'], 'call'):>9}, p50 {r['p50_ms']:7.2f} ms"
+            + (f", success_once {_ci(r['success_once'], r['ci95'])} ({r['episodes']} ep)" if "success_once" in r else "")
             for r in json.loads((run / "latency.json").read_text())]
 
 

@@ -1,6 +1,7 @@
 """Fast control: the RTI warm-start sampler, the consistency head (`distill`), `bench-latency`."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -214,3 +215,14 @@ def test_bench_latency_rates_a_sampler_as_eval_does_whatever_was_measured_before
     assert r.returncode == 0, r.stderr[-3000:]
     evaluated = json.loads((run_dir(tmp_path, "e", "eval") / "eval.json").read_text())["episodes"]
     assert alone == pytest.approx([e["return"] for e in evaluated], abs=1e-5)
+
+
+def test_summary_lists_a_latency_only_bench(cli, tmp_path, pushcube_demos):
+    """bench-latency episodes=0 (latency only) is a finished run, not an incomplete one."""
+    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
+    assert train.returncode == 0, train.stderr[-3000:]
+    bench = cli("bench-latency", f"ckpt={run_dir(tmp_path, 't') / 'checkpoints' / 'last.pt'}", "episodes=0", "calls=2",
+                "samplers=[ddim:2]", "name=b")
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    (listed,) = [result for command, _, result in summarize(tmp_path / "runs") if command == "bench-latency"]
+    assert re.fullmatch(r"ddim:2 +2 calls, p50 +[\d.]+ ms", listed), listed
