@@ -88,6 +88,9 @@ def check_policy_spec(spec: str, flag: str = "policy") -> None:
 
     if spec in ("random", "scripted") or is_bundle(spec) or is_hf_model(spec) or Path(spec).is_file():
         return
+    if not spec:  # Path("") is the current folder: it would be called a folder that holds no policy
+        raise UserError(f"{flag}= is empty: give random, scripted, an export bundle directory or a checkpoint file "
+                        "(e.g. runs/train-teacher/<run>/checkpoints/last.pt)")
     if Path(spec).is_dir():
         inside = run_output(spec)
         hint = f"; this one holds {flag}={inside}" if inside else ", or a checkpoint file in it (e.g. checkpoints/last.pt)"

@@ -47,6 +47,7 @@ def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
         ("episodes=many",): "episodes=many: Value 'many' of type 'str' could not be converted to Integer",
         ("video=maybe",): "video=maybe: Value 'maybe' is not a valid bool",
         ("policy=missing.pt",): "neither 'random', 'scripted', a bundle directory nor an existing checkpoint",
+        ("policy=",): "policy= is empty: give random, scripted, an export bundle directory or a checkpoint file",  # not "a folder"
         ("env.max_episode_steps=0",): "env.max_episode_steps must be >= 1",
         ("env.obs_mode=rgb", "env.image_size=0"): "env.image_size must be >= 1",
         ("seed=-1",): "seed must be >= 0",
