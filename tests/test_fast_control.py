@@ -2,6 +2,9 @@
 
 import json
 import re
+import signal
+import subprocess
+import time
 from dataclasses import replace
 
 import pytest
@@ -16,6 +19,7 @@ from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_ti
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
 from robodistill.summary import summarize
+from tests.conftest import ROBODISTILL
 from tests.test_teacher import TINY, run_dir
 
 
@@ -226,3 +230,19 @@ def test_summary_lists_a_latency_only_bench(cli, tmp_path, pushcube_demos):
     assert bench.returncode == 0, bench.stderr[-3000:]
     (listed,) = [result for command, _, result in summarize(tmp_path / "runs") if command == "bench-latency"]
     assert re.fullmatch(r"ddim:2 +2 calls, p50 +[\d.]+ ms", listed), listed
+
+
+def test_bench_latency_stopped_keeps_the_rows_it_measured(cli, tmp_path, pushcube_demos):
+    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
+    assert train.returncode == 0, train.stderr[-3000:]
+    proc = subprocess.Popen([*ROBODISTILL, "bench-latency", f"ckpt={run_dir(tmp_path, 't') / 'checkpoints' / 'last.pt'}", "episodes=0",
+                             "calls=3000", "samplers=[ddim:1,ddpm:100]", "name=b"],  # ddpm:100 takes 3000 x 100 denoiser calls
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "runs" / "bench-latency").glob("*-b/latency.json")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
+    (out,) = (tmp_path / "runs" / "bench-latency").glob("*-b/latency.json")
+    assert [r["sampler"] for r in json.loads(out.read_text())] == ["ddim:1"]

@@ -11,15 +11,16 @@ not in its latency. Writes latency.json and latency.png (success vs latency).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, env_for_policy, evaluate
@@ -69,9 +70,9 @@ def _parse(spec: str) -> tuple[str, int | None]:
 
 
 def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, calls: int, episodes: int,
-            seed: int = 0, label: str = "") -> list[dict]:
+            seed: int = 0, label: str = "", measured: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """One row per sampler of `ckpt` (see the module doc); `label` names the checkpoint in the rows
-    (default: its run directory)."""
+    (default: its run directory); `measured` gets the rows so far after each."""
     rows, parsed = [], [_parse(s) for s in samplers]  # every spec checked before minutes of measuring the first
     with make_env(env_cfg, ignore_terminations=True) as env:
         policy = load_policy(ckpt, env, seed=seed)
@@ -108,6 +109,8 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
                 row.update(success_once=s["rate"], ci95=s["ci95"], episodes=episodes, eval_seconds=report.seconds)
             rows.append(row)
             print(format_rows(rows[-1:], header=len(rows) == 1), flush=True)
+            if measured is not None:
+                measured(rows)
     return rows
 
 
@@ -177,9 +180,9 @@ def main(cfg: DictConfig) -> list[dict]:
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
     env_cfg = env_for_policy(env_cfg, str(cfg.ckpt), given_fields())
     rti = RTIConfig(**OmegaConf.to_container(cfg.rti))
-    rows = measure(str(cfg.ckpt), env_cfg, list(cfg.samplers), rti, int(cfg.calls), int(cfg.episodes), int(cfg.seed))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "latency.json").write_text(json.dumps(rows, indent=2))
+    # latency.json after every sampler: a run stopped (or killed) minutes into the next keeps the rows it measured
+    rows = measure(str(cfg.ckpt), env_cfg, list(cfg.samplers), rti, int(cfg.calls), int(cfg.episodes), int(cfg.seed),
+                   measured=lambda rows: checkpoints.write_json(run_dir / "latency.json", rows))
     plot(rows, run_dir / "latency.png")  # the table was printed row by row as measured
     print(f"run: {run_dir}")
     return rows
