@@ -167,6 +167,8 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
     bad = cli("bench-latency", "ckpt=nothing.pt")
     assert bad.returncode == 2 and "ckpt 'nothing.pt' is neither" in bad.stderr, bad.stderr
+    bad = cli_here("bench-latency", f"ckpt={heads['regression']}", "samplers=[]")
+    assert bad.returncode == 2 and "samplers= is empty: give at least one name[:steps]" in bad.stderr, bad.stderr
     bad = cli("bench-latency", f"ckpt={out}")  # a run's folder, not the checkpoint in it
     assert bad.returncode == 2 and "is a folder, but neither an export bundle" in bad.stderr, bad.stderr
     bad = cli("eval", f"policy={heads['regression'].parent.parent}")  # a distill run: its checkpoint is named

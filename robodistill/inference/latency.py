@@ -174,6 +174,8 @@ def main(cfg: DictConfig) -> list[dict]:
         raise UserError("ckpt= is required: a train-teacher or distill checkpoint")
     if cfg.calls < 1 or cfg.episodes < 0 or cfg.threads < 1:
         raise UserError(f"calls={cfg.calls} and threads={cfg.threads} must be >= 1, episodes={cfg.episodes} >= 0 (0: latency only)")
+    if not cfg.samplers:  # nothing to measure: the run would end with nothing written
+        raise UserError(f"samplers= is empty: give at least one name[:steps], e.g. samplers=[{','.join(DEFAULT_SAMPLERS)}]")
     check_policy_spec(str(cfg.ckpt), "ckpt")
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
