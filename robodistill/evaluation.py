@@ -192,6 +192,14 @@ def configure_sampler(policy: Policy, sampler: str | None, steps: int | None, rt
     policy.set_sampler(sampler or policy.sampler.name, steps, rti)
 
 
+def note_unused_rti(given: set[str], uses_rti: bool, use: str = "add sampler=rti") -> None:
+    """Says so when the command line (`given`) sets `rti.*` for a run that samples no `rti`, and how to `use` them: they
+    would be ignored without a word. A note, not an error: a sweep over samplers (-m sampler=ddim,rti) sets them for all."""
+    rti = sorted(k for k in given if k == "rti" or k.startswith("rti."))
+    if rti and not uses_rti:
+        print(f"{', '.join(rti)}: not used, this run samples no rti ({use})")
+
+
 def env_for_policy(env_cfg: EnvConfig, spec: str, given: set[str] = frozenset(), fields: tuple[str, ...] = TRAINED_FIELDS,
                    who: str = "the policy") -> EnvConfig:
     """`env_cfg` with the `fields` the policy file `spec` records and the command line (`given`, as
@@ -228,6 +236,7 @@ def main(cfg: DictConfig) -> EvalReport:
     if cfg.seed < 0:
         raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {cfg.seed}")
     check_policy_spec(str(cfg.policy))
+    note_unused_rti(given_fields(), cfg.sampler == "rti")
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
     env_cfg = env_for_policy(env_cfg, str(cfg.policy), given_fields())

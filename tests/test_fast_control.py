@@ -150,6 +150,8 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
                           ("sampler=consistency", "consistency 1 step")):  # no steps: the head's one, not the checkpoint's ddim 10
         r = cli("eval", f"policy={heads['consistency']}", "env.max_episode_steps=20", "episodes=2", *sampler.split())
         assert r.returncode == 0 and f"sampler {used} on PushCube-v1" in r.stdout, r.stderr[-3000:]
+    unused = cli_here("eval", f"policy={heads['consistency']}", "env.max_episode_steps=20", "episodes=1", "rti.timesteps=[2,0]")
+    assert unused.returncode == 0 and "rti.timesteps: not used, this run samples no rti (add sampler=rti)" in unused.stdout, unused.stderr
 
     bench = cli("bench-latency", f"ckpt={heads['regression']}", "env.max_episode_steps=20", "episodes=1", "calls=5", "name=b")
     assert bench.returncode == 0, bench.stderr[-3000:]
@@ -167,6 +169,9 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
     bad = cli("bench-latency", "ckpt=nothing.pt")
     assert bad.returncode == 2 and "ckpt 'nothing.pt' is neither" in bad.stderr, bad.stderr
+    unused = cli_here("bench-latency", f"ckpt={heads['regression']}", "samplers=[ddim:2]", "rti.timesteps=[5,0]", "episodes=0",
+                      "calls=2", "name=unused")  # rti settings for a run without rti: not ignored in silence
+    assert unused.returncode == 0 and "rti.timesteps: not used, this run samples no rti (add rti to samplers=)" in unused.stdout, unused.stderr
     bad = cli_here("bench-latency", f"ckpt={heads['regression']}", "samplers=[]")
     assert bad.returncode == 2 and "samplers= is empty: give at least one name[:steps]" in bad.stderr, bad.stderr
     bad = cli("bench-latency", f"ckpt={out}")  # a run's folder, not the checkpoint in it

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
-from robodistill.evaluation import EvalReport, env_for_policy, evaluate
+from robodistill.evaluation import EvalReport, env_for_policy, evaluate, note_unused_rti
 from robodistill.inference.samplers import SAMPLERS, RTIConfig
 from robodistill.policies import load_policy
 from robodistill.policies.base import check_policy_spec
@@ -177,6 +177,7 @@ def main(cfg: DictConfig) -> list[dict]:
     if not cfg.samplers:  # nothing to measure: the run would end with nothing written
         raise UserError(f"samplers= is empty: give at least one name[:steps], e.g. samplers=[{','.join(DEFAULT_SAMPLERS)}]")
     check_policy_spec(str(cfg.ckpt), "ckpt")
+    note_unused_rti(given_fields(), any(_parse(spec)[0] == "rti" for spec in cfg.samplers), "add rti to samplers=")
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     env_cfg = EnvConfig.from_mapping(OmegaConf.to_container(cfg.env, resolve=True))
