@@ -4,7 +4,8 @@
   a small trained projection joins it to the conditioning vector. The embeddings of the training
   phrasings are kept in the checkpoint, so a known instruction needs no text model at run time.
 - Vision: the teacher's RGB encoder (a CNN trained from scratch, with random crops) + proprioception.
-- Action: the teacher's denoiser and samplers (ddim/ddpm/rti; `robodistill distill` works on it too).
+- Action: the teacher's denoiser and samplers (ddim/ddpm/rti; `robodistill distill` takes train-teacher checkpoints
+  only: it refuses a VLA, whose conditioning needs the instruction).
 - Several tasks in one model: each task's state vector is zero-padded to the longest (its layout
   differs per task; the instruction says which task it is), actions share one control mode.
 
