@@ -80,6 +80,10 @@ def test_rti_snaps_the_gripper_and_the_scale_variant_keeps_it_small(scale):
     torch.testing.assert_close(stored, torch.full_like(stored, 1 / scale))
     policy.set_sampler("ddim", 4)
     assert policy.act_horizon == 4
+    policy.set_sampler("rti", rti=RTIConfig(actions_per_inference=7))  # all a chunk holds from the newest observation on
+    assert policy.predict_chunk(obs, streams=torch.arange(3)).shape == (3, 7, 3)
+    with pytest.raises(UserError, match=r"rti.actions_per_inference=8 is more than the 7 actions a chunk holds"):
+        policy.set_sampler("rti", rti=RTIConfig(actions_per_inference=8))
 
 
 def test_consistency_head_keeps_clean_chunks_and_samples_in_its_steps():

@@ -84,6 +84,13 @@ class DiffusionPolicy(nn.Module):
         if name == "rti":
             if steps is not None:
                 raise UserError("sampler=rti takes its denoiser calls from rti.timesteps (e.g. rti.timesteps=[3,1,0]), not steps=")
+            # a chunk holds the observed steps and the executed ones (as for act_horizon): more would execute fewer actions
+            # than the warm start shifts by, and bench-latency would divide a call's time by actions never executed
+            room = self.cfg.pred_horizon - self.obs_horizon + 1
+            executes = (rti or RTIConfig()).actions_per_inference
+            if executes is not None and executes > room:
+                raise UserError(f"rti.actions_per_inference={executes} is more than the {room} actions a chunk holds from the newest "
+                                f"observation on (pred_horizon {self.cfg.pred_horizon} - obs_horizon {self.obs_horizon} + 1)")
             try:
                 self.sampler = RTISampler(rti or RTIConfig(), self.noise_scheduler, self._snap_gripper, self.cfg.act_horizon)
             except ValueError as err:

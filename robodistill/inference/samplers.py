@@ -80,10 +80,10 @@ class RTIConfig:
 
     timesteps: the DDPM tail run on the warm start, descending, out of the training timesteps
         (the paper: [2,1,0] PushT, [3,1,0] most state tasks, [5,3,2,1,0] Transport).
-    actions_per_inference: actions executed per chunk; None: the policy's act_horizon. The paper
-        executes 1; our teachers, trained to execute 8-action chunks, lose much of their success
-        when re-planning after every action, with or without RTI (PushCube: 57% with [3,1,0],
-        63% with a near-fresh [99,75,50,25,0], vs 99% for DDPM-100 executing 8).
+    actions_per_inference: actions executed per chunk (at most pred_horizon - obs_horizon + 1); None: the
+        policy's act_horizon. The paper executes 1; our teachers, trained to execute 8-action chunks,
+        lose much of their success when re-planning after every action, with or without RTI (PushCube:
+        57% with [3,1,0], 63% with a near-fresh [99,75,50,25,0], vs 99% for DDPM-100 executing 8).
     gripper: `snap` sets binary gripper dims of the stored guess to exactly closed/open (the
         paper's clip variant, no retraining; the output is then binary too), `none` leaves them.
         The paper's scale variant is a training option: policy.gripper_scale=10 in train-teacher.
