@@ -65,6 +65,17 @@ def _policy(**cfg):
     return policy.eval()
 
 
+@pytest.mark.parametrize("first, message", [
+    (dict(first_steps=1000), r"rti.first_steps=1000 must be between 1 and the 100 training timesteps"),  # was a traceback mid-episode
+    (dict(first_steps=0), r"rti.first_steps=0 must be between 1"),  # was read as null: all 100
+    (dict(first_steps=-3), r"rti.first_steps=-3 must be between 1"),
+    (dict(first="consistency"), r"rti.first='consistency' is not one of ddpm, ddim"),
+])
+def test_rti_refuses_a_first_denoise_it_cannot_run(first, message):
+    with pytest.raises(UserError, match=message):
+        _policy().set_sampler("rti", rti=RTIConfig(**first))
+
+
 @pytest.mark.parametrize("scale", [1.0, 10.0])
 def test_rti_snaps_the_gripper_and_the_scale_variant_keeps_it_small(scale):
     policy = _policy(gripper_scale=scale)

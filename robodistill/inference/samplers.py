@@ -113,6 +113,11 @@ class RTISampler:
             raise ValueError(f"rti.actions_per_inference={cfg.actions_per_inference} must be >= 1 (or null: the policy's act_horizon)")
         if cfg.gripper not in ("snap", "none"):
             raise ValueError(f"rti.gripper='{cfg.gripper}' is not one of snap, none")
+        # checked here, not at an episode's first chunk (a traceback), nor read as another setting (0: all timesteps)
+        if cfg.first not in ("ddpm", "ddim"):
+            raise ValueError(f"rti.first='{cfg.first}' is not one of ddpm, ddim (the full denoise that starts each episode)")
+        if cfg.first_steps is not None and not 1 <= cfg.first_steps <= n:
+            raise ValueError(f"rti.first_steps={cfg.first_steps} must be between 1 and the {n} training timesteps (null: all)")
         self.timesteps = ts
         self.steps = len(ts)
         self.executes = cfg.actions_per_inference or act_horizon
