@@ -188,3 +188,10 @@ def test_resume_true_finds_the_newest_run_of_exactly_that_name(tmp_path):
     assert latest_run("agv", new, "checkpoints/last.zip").name == "2026-01-02_00-00-00-agv"
     with pytest.raises(UserError, match="no earlier run named 'gv'"):
         latest_run("gv", new, "checkpoints/last.zip")
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "train-vla", "distill"])
+def test_an_optimizer_setting_that_cannot_train_is_one_clear_line(cli_here, command):
+    for arg, message in (("lr=-1", "lr=-1.0 must be > 0"), ("lr=0", "lr=0.0 must be > 0"), ("warmup=-5", "warmup=-5 must be >= 0")):
+        r = cli_here(command, arg)  # lr=-1 was torch's traceback, lr=0 and warmup=-5 trained as if nothing were wrong
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (arg, r.stderr[-2000:])

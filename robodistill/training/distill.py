@@ -38,7 +38,7 @@ from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.summary import counted
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_budget, check_eval_episodes, check_unfinished, find_resume, schedule_note
+from robodistill.training.runs import check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, schedule_note
 
 
 @dataclass
@@ -81,6 +81,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
+    check_optimizer(cfg.lr, cfg.warmup)
     check_eval_episodes(cfg.eval_episodes)
     if cfg.batch_size % ranks.world:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")

@@ -28,7 +28,7 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_unfinished, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
+from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
                                       training_state)
 
 
@@ -65,6 +65,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     run_dir.mkdir(parents=True, exist_ok=True)
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
+    check_optimizer(cfg.lr, cfg.warmup)
     check_eval_episodes(cfg.eval_episodes)
     if cfg.batch_size % ranks.world:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")

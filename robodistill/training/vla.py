@@ -33,7 +33,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import carry_best, carry_metrics, check_budget, check_eval_episodes, check_unfinished, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
+from robodistill.training.runs import carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
 
 
 @dataclass
@@ -91,6 +91,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     if not cfg.tasks:
         raise UserError("tasks= is empty: name at least one task, e.g. tasks=[PushCube-v1,PickCube-v1]")
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
+    check_optimizer(cfg.lr, cfg.warmup)
     check_eval_episodes(cfg.eval_episodes)
     if cfg.demos < 1:
         raise UserError(f"demos={cfg.demos} must be >= 1 (demonstrations per task)")
