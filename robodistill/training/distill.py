@@ -87,6 +87,8 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
     if cfg.variant not in VARIANTS:
         raise UserError(f"variant='{cfg.variant}' is not one of {', '.join(VARIANTS)}")
+    if cfg.variant == "consistency" and not 0 <= cfg.target_decay < 1:  # diffusers' EMA would quietly clip it into range
+        raise UserError(f"target_decay={cfg.target_decay} must be in [0, 1) (the EMA rate of the head's target copy; ManiCM: 0.95)")
     if not cfg.teacher or not Path(cfg.teacher).is_file():
         why = "no such file" if cfg.teacher else "required"
         raise UserError(f"teacher={cfg.teacher!r}: {why}; give the path of a train-teacher checkpoint (runs/train-teacher/<run>/checkpoints/last.pt)")
