@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 ARGV_COMMANDS = {"dataset", "summary", "plot"}
 TRAINING = ("train-teacher", "train-vla", "distill", "rpd", "rl100", "agv-train")  # each continues with resume=true
+CHECKPOINT_NAMES = ("last.pt", "last.zip", "state.pt")  # what they continue from (rl100: a stage's state.pt)
 
 USAGE = """usage: robodistill <command> [key=value ...] [--help]
 
@@ -93,11 +94,19 @@ def precheckable(args: list[str]) -> list[str] | None:
 def _guarded(task_fn, command: str = ""):
     """Bad input ends in one clear line, not a traceback through hydra; so does Ctrl-C."""
 
-    resumable = ": the run keeps its last checkpoint; the same command with resume=true continues it" if command in TRAINING else ""
+    def how_it_continues(cfg: DictConfig) -> str:
+        """What a stopped training run leaves to continue from: its own checkpoints, or the run it resumed."""
+        if command not in TRAINING:
+            return ""
+        run_dir = _run_dir()
+        saved = run_dir is not None and any(next(run_dir.rglob(name), None) for name in CHECKPOINT_NAMES)
+        if saved or cfg.get("resume") or cfg.get("resume_from"):
+            return ": the run keeps its last checkpoint; the same command with resume=true continues it"
+        return ": it stopped before its first checkpoint, so there is nothing to resume; the same command starts it again"
 
-    def interrupted():
+    def interrupted(cfg: DictConfig):
         end_progress_bars()
-        print("interrupted" + resumable, file=sys.stderr)
+        print("interrupted" + how_it_continues(cfg), file=sys.stderr)
         drop_empty_run_dir()
         sys.exit(130)
 
@@ -106,17 +115,17 @@ def _guarded(task_fn, command: str = ""):
             return task_fn(cfg)
         except UserError as err:
             end_progress_bars()
-            print(f"error: {err}{resumable if isinstance(err, CutShort) else ''}", file=sys.stderr)
+            print(f"error: {err}{how_it_continues(cfg) if isinstance(err, CutShort) else ''}", file=sys.stderr)
             drop_empty_run_dir()
             sys.exit(2)
         except KeyboardInterrupt:
-            interrupted()
+            interrupted(cfg)
         except Exception:
             # The interrupt can land while pybind11 converts a call's arguments (SAPIEN, ManiSkill's kinematics),
             # which reports it as a TypeError ("incompatible function arguments"): after a signal, any error is it.
             if not _signals:
                 raise
-            interrupted()
+            interrupted(cfg)
 
     return run
 
@@ -129,16 +138,21 @@ def end_progress_bars() -> None:
         bar.close()
 
 
-def drop_empty_run_dir() -> None:
-    """A run that wrote nothing (stopped first, or one that went on in an earlier run's directory) holds only
-    hydra's own files: remove it, so that `summary` and `resume=true` never take it for a run."""
+def _run_dir() -> Path | None:
+    """The run's directory; None before hydra made one, or under `--cfg job`, which makes none."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None) if HydraConfig.initialized() else None
-    if output_dir is None:  # before hydra made one, or `--cfg job`, which makes none
+    return None if output_dir is None else Path(output_dir)
+
+
+def drop_empty_run_dir() -> None:
+    """A run that wrote nothing (stopped first, or one that went on in an earlier run's directory) holds only
+    hydra's own files: remove it, so that `summary` and `resume=true` never take it for a run."""
+    run_dir = _run_dir()
+    if run_dir is None:
         return
-    run_dir = Path(output_dir)
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(run_dir)
         if {p.name for p in run_dir.parent.iterdir()} == {"multirun.yaml"}:  # a sweep that stopped in its first job

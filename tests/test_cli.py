@@ -76,17 +76,23 @@ def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
 
 
 def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
-    proc = subprocess.Popen([*ROBODISTILL, "rpd", "teacher=scripted", "total_steps=10000000", "progress=false"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "runs" / "rpd").glob("*/.hydra/config.yaml")):
-        time.sleep(0.1)
-    time.sleep(3)  # into the command's own work
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == (
-        "interrupted: the run keeps its last checkpoint; the same command with resume=true continues it"), err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
+    def interrupt(when: str, *args: str) -> str:
+        proc = subprocess.Popen([*ROBODISTILL, "rpd", "teacher=scripted", "total_steps=10000000", "progress=false", *args],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "runs" / "rpd").glob(when)):
+            time.sleep(0.1)
+        time.sleep(1)  # into the command's own work
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+        return err.strip().splitlines()[-1]
+
+    # Before its first checkpoint there is nothing to continue from, and the run says so.
+    assert interrupt("*/.hydra/config.yaml", "name=early") == (
+        "interrupted: it stopped before its first checkpoint, so there is nothing to resume; the same command starts it again")
+    assert interrupt("*-late/checkpoints/last.zip", "name=late", "n_steps=16", "checkpoint_every=16", "eval_every=0") == (
+        "interrupted: the run keeps its last checkpoint; the same command with resume=true continues it")
 
 
 def test_the_precheck_leaves_to_hydra_what_only_hydra_composes(cli_here, tmp_path):
