@@ -148,7 +148,10 @@ def generate(cfg: DemosConfig) -> dict:
         raise UserError(f"out={out_dir} is a file: give the folder the demonstrations go to")
     with make_env(replace(cfg.env, num_envs=1)):  # every env field checked now, not after minutes of planning
         pass
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file on the way, no permission, a read-only disk: said now, not as a traceback
+        raise UserError(f"out={out_dir} cannot be created ({err.strerror}): give a folder you can write to") from err
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".demos-", dir=out_dir) as tmp:
         plans, plan_report = _plan(cfg, Path(tmp))
