@@ -141,6 +141,8 @@ def generate(cfg: DemosConfig) -> dict:
         raise UserError(f"n must be >= 1, got {cfg.n}")
     if cfg.workers < 1:
         raise UserError(f"workers={cfg.workers} must be >= 1 (planning processes; at most n are used)")
+    if not 0 <= cfg.max_failure_rate < 1:  # the failure budget divides by 1 - rate
+        raise UserError(f"max_failure_rate={cfg.max_failure_rate} must be >= 0 and < 1 (the fraction of plans that may fail before demos gives up)")
     if cfg.env.control_mode is None:
         raise UserError("env.control_mode must be set for demos (e.g. pd_ee_delta_pos)")
     out_dir = Path(cfg.out or Path("datasets") / cfg.env.task)

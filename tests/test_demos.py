@@ -176,7 +176,9 @@ def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tm
                           ("env.obs_mode=depth",): "unknown obs_mode 'depth'",
                           (f"out={tmp_path / 'a_file'}",): "is a file: give the folder",
                           (f"out={tmp_path / 'a_file' / 'ds'}",): "cannot be created (Not a directory): give a folder you can write to",
-                          ("workers=0",): "workers=0 must be >= 1"}.items():
+                          ("workers=0",): "workers=0 must be >= 1",
+                          ("max_failure_rate=1",): "max_failure_rate=1.0 must be >= 0 and < 1",
+                          ("max_failure_rate=-0.5",): "max_failure_rate=-0.5 must be >= 0 and < 1"}.items():
         r = cli_here("demos", "env=PushCube-v1", "n=1", *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     assert not (tmp_path / "datasets").exists()
