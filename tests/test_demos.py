@@ -80,6 +80,29 @@ def test_the_control_mode_error_names_a_conversion_that_works(pushcube, tmp_path
     assert len(episodes) == 3 and episodes[0].obs["state"].shape[1] == 35
 
 
+def test_files_recorded_without_an_obs_mode_or_as_state_dict_read_as_state(tmp_path):
+    """A user's own recording with ManiSkill's RecordEpisode: from an env made without obs_mode its json records
+    none (it was refused as 'actions and no observations'), with obs_mode=state_dict it holds the state's parts
+    (refused, with no fix to give). Both are the env's state vector."""
+    import gymnasium as gym
+    from mani_skill.utils.wrappers.record import RecordEpisode
+
+    for name, kwargs in (("default", {}), ("state_dict", {"obs_mode": "state_dict"})):
+        env = RecordEpisode(gym.make("PushCube-v1", control_mode="pd_ee_delta_pos", sim_backend="physx_cpu", **kwargs),
+                            output_dir=str(tmp_path), trajectory_name=name, save_video=False)
+        env.action_space.seed(0)
+        for seed in (0, 1):
+            env.reset(seed=seed)
+            for _ in range(5):
+                env.step(env.action_space.sample())
+        env.close()
+        episodes = load_episodes(tmp_path / f"{name}.h5", control_mode="pd_ee_delta_pos", obs_mode="state", task="PushCube-v1")
+        assert [(e.seed, len(e)) for e in episodes] == [(0, 5), (1, 5)]
+        with make_env(EnvConfig(task="PushCube-v1")) as live:
+            obs = live.reset(seed=[1])
+        np.testing.assert_allclose(episodes[1].obs["state"][0], obs["state"][0].numpy(), atol=1e-4)
+
+
 def test_rgb_demos_match_the_live_rgb_env(pickcube_rgb_demos):
     assert pickcube_rgb_demos["converted"] == 2 and pickcube_rgb_demos["planned"] == 2
     episodes = load_episodes(pickcube_rgb_demos["path"], obs_mode="rgb")

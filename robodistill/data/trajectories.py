@@ -230,10 +230,18 @@ def replay_command(traj: str | Path, control_mode: str, obs_mode: str) -> str:
 
 
 def _file_obs_mode(f: TrajectoryFile) -> str:
+    """What the file's observations are read as: `none`, `state`, `rgb` (or another mode, refused). A json without
+    obs_mode (ManiSkill's RecordEpisode of an env made with its default obs_mode) says nothing: its first episode
+    does. state_dict observations read as state: the env's state vector is their flattening, in recorded order."""
     mode = f.obs_mode
-    if mode in (None, "none"):
+    if mode is None:
+        obs = f.h5[f"traj_{f.meta['episodes'][0]['episode_id']}"].get("obs")
+        if obs is None or len(obs) == 0:
+            return "none"
+        return "rgb" if isinstance(obs, h5py.Group) and "sensor_data" in obs else "state"
+    if mode == "none":
         return "none"
-    return "rgb" if "rgb" in mode or "sensor" in mode else mode
+    return "rgb" if "rgb" in mode or "sensor" in mode else "state" if mode == "state_dict" else mode
 
 
 def _rgb_bytes(f: TrajectoryFile) -> int:
