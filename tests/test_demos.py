@@ -103,6 +103,15 @@ def test_files_recorded_without_an_obs_mode_or_as_state_dict_read_as_state(tmp_p
         np.testing.assert_allclose(episodes[1].obs["state"][0], obs["state"][0].numpy(), atol=1e-4)
 
 
+def test_the_obs_mode_error_names_the_fix(pushcube, pickcube_rgb_demos):
+    # it named the mismatch only; env.obs_mode=state, say, is the setting the user can change
+    with pytest.raises(UserError, match="holds obs_mode=state observations, but obs_mode=rgb was asked for: train with "
+                                        "env.obs_mode=state .* -c pd_ee_delta_pos -o rgb --save-traj"):
+        load_episodes(pushcube, control_mode="pd_ee_delta_pos", obs_mode="rgb")
+    with pytest.raises(UserError, match="holds obs_mode=rgb observations, but obs_mode=state was asked for: train with env.obs_mode=rgb"):
+        load_episodes(pickcube_rgb_demos["path"], obs_mode="state")
+
+
 def test_rgb_demos_match_the_live_rgb_env(pickcube_rgb_demos):
     assert pickcube_rgb_demos["converted"] == 2 and pickcube_rgb_demos["planned"] == 2
     episodes = load_episodes(pickcube_rgb_demos["path"], obs_mode="rgb")

@@ -213,7 +213,11 @@ def load_episodes(
                             f"env.control_mode={f.control_mode}, or convert the raw plans `robodistill demos` keeps beside it "
                             f"({replay_command('<its .pd_joint_pos.h5>', control_mode, obs_mode or _file_obs_mode(f))})")
         if obs_mode is not None and _file_obs_mode(f) != obs_mode:
-            raise UserError(f"'{f.path}' holds obs_mode={_file_obs_mode(f)} observations, but obs_mode={obs_mode} was asked for")
+            usable = _file_obs_mode(f) in ("state", "rgb")  # the modes robodistill's envs take
+            use = f"train with env.obs_mode={_file_obs_mode(f)} (where the command has it), or " if usable else ""
+            raise UserError(f"'{f.path}' holds obs_mode={_file_obs_mode(f)} observations, but obs_mode={obs_mode} was asked for: "
+                            f"{use}convert the raw plans `robodistill demos` keeps beside it "
+                            f"({replay_command('<its .pd_joint_pos.h5>', control_mode or f.control_mode, obs_mode)})")
     in_memory = sum(_rgb_bytes(f) for f in files) <= max_memory_gb * 2**30
     episodes: list[Episode] = []
     for f in files:
