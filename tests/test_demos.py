@@ -199,6 +199,21 @@ def test_bad_trajectory_files_name_the_file_episode_and_problem(pushcube, tmp_pa
     assert raw["episodes"] == 3 and raw["observations"] == {} and raw["actions"]["shape"] == [8] and "actions only" in format_summary(raw)
 
 
+def test_nan_and_inf_in_a_dataset_are_named_not_trained_on(pushcube, tmp_path):
+    # train-teacher trained on them without a word: NaN losses, or an action dimension squashed by an inf range
+    for name, key, value, message in (("nan_actions", "actions", np.nan, "actions hold nan at step 5, dimension 1"),
+                                      ("inf_states", "obs", -np.inf, "state observations hold -inf at step 5, dimension 1")):
+        bad = copy_pair(pushcube, tmp_path, name)
+        with h5py.File(bad, "r+") as f:
+            f[f"traj_2/{key}"][5, 1] = value
+        with pytest.raises(UserError, match=f"{name}.h5, episode traj_2: {message} \\(non-finite values in the episode: 1\\): "
+                                            "drop the episode from the .json's episodes"):
+            load_episodes(bad, control_mode="pd_ee_delta_pos", obs_mode="state")
+        meta = json.loads(bad.with_suffix(".json").read_text())  # the fix it names
+        bad.with_suffix(".json").write_text(json.dumps({**meta, "episodes": meta["episodes"][:2]}))
+        assert len(load_episodes(bad, control_mode="pd_ee_delta_pos", obs_mode="state")) == 2
+
+
 def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tmp_path, cli_here):
     r = run_cli("demos", "env=PushT-v1", "n=1", cwd=tmp_path)
     assert r.returncode == 2 and "no motion-planning solution for PushT-v1" in r.stderr and "PickCube-v1" in r.stderr

@@ -224,6 +224,7 @@ def load_episodes(
         ids = [i for i, row in enumerate(f.meta["episodes"]) if row.get("success", True) or not success_only]
         episodes += f.episodes(ids, in_memory=in_memory)
     _check_consistent(episodes)
+    _check_finite(episodes)
     return episodes
 
 
@@ -255,6 +256,18 @@ def _rgb_bytes(f: TrajectoryFile) -> int:
         if sensors is not None:
             total += sum(sensors[c]["rgb"].size for c in sensors if "rgb" in sensors[c])
     return total
+
+
+def _check_finite(episodes: list[Episode]) -> None:
+    """A NaN or inf (a glitched sensor, a solver that blew up) would train on silently: through the normalizers it
+    makes every loss NaN, or squashes its dimension to 0. Named here with its episode and step instead."""
+    for ep in episodes:
+        for key, values in (("actions", ep.actions), ("state observations", ep.obs.get("state"))):
+            bad = np.argwhere(~np.isfinite(values)) if values is not None else ()
+            if len(bad):
+                step, dim = bad[0][:2]
+                raise UserError(f"{ep.source}, episode traj_{ep.episode_id}: {key} hold {values[step, dim]} at step {step}, dimension {dim} "
+                                f"(non-finite values in the episode: {len(bad)}): drop the episode from the .json's episodes, or record it again")
 
 
 def _check_consistent(episodes: list[Episode]) -> None:
