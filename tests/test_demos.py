@@ -214,6 +214,19 @@ def test_nan_and_inf_in_a_dataset_are_named_not_trained_on(pushcube, tmp_path):
         assert len(load_episodes(bad, control_mode="pd_ee_delta_pos", obs_mode="state")) == 2
 
 
+def test_an_episode_without_steps_is_named(pushcube, tmp_path, cli_here):
+    # train-teacher ended in an IndexError traceback (fitting the normalizers, or padding its windows)
+    empty = copy_pair(pushcube, tmp_path, "empty_episode")
+    with h5py.File(empty, "r+") as f:
+        for key in ("actions", "obs", "terminated", "truncated", "success"):
+            first = f[f"traj_1/{key}"][: 1 if key == "obs" else 0]
+            del f[f"traj_1/{key}"]
+            f[f"traj_1/{key}"] = first
+    r = cli_here("train-teacher", "env=PushCube-v1", f"dataset={empty}", "iterations=10", "eval_episodes=0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "empty_episode.h5, episode traj_1: has no steps (0 actions): drop it from the .json's episodes" in r.stderr
+
+
 def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tmp_path, cli_here):
     r = run_cli("demos", "env=PushT-v1", "n=1", cwd=tmp_path)
     assert r.returncode == 2 and "no motion-planning solution for PushT-v1" in r.stderr and "PickCube-v1" in r.stderr

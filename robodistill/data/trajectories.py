@@ -273,6 +273,10 @@ def _check_finite(episodes: list[Episode]) -> None:
 def _check_consistent(episodes: list[Episode]) -> None:
     if not episodes:
         raise UserError("the trajectory files hold no (successful) episodes")
+    empty = next((ep for ep in episodes if len(ep) == 0), None)
+    if empty is not None:  # no action to learn or to pad a window with: it ended in an IndexError traceback
+        raise UserError(f"{empty.source}, episode traj_{empty.episode_id}: has no steps (0 actions): drop it from the .json's "
+                        "episodes, or record it again")
     first = episodes[0]
     want = {"actions": first.actions.shape[1:], **{k: tuple(v.shape[1:]) for k, v in first.obs.items()}}
     for ep in episodes[1:]:
