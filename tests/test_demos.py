@@ -227,6 +227,17 @@ def test_an_episode_without_steps_is_named(pushcube, tmp_path, cli_here):
     assert "empty_episode.h5, episode traj_1: has no steps (0 actions): drop it from the .json's episodes" in r.stderr
 
 
+def test_a_json_without_control_mode_says_to_add_it(pushcube, tmp_path):
+    # it said "recorded with control_mode=None ...: set env.control_mode=None", which no command takes
+    bare = copy_pair(pushcube, tmp_path, "bare")
+    meta = json.loads(bare.with_suffix(".json").read_text())
+    meta["env_info"]["env_kwargs"].pop("control_mode")
+    meta["episodes"] = [{k: v for k, v in row.items() if k != "control_mode"} for row in meta["episodes"]]
+    bare.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="bare.json' records no control mode .*: add the one its actions were recorded with"):
+        load_episodes(bare, control_mode="pd_ee_delta_pos", obs_mode="state")
+
+
 def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tmp_path, cli_here):
     r = run_cli("demos", "env=PushT-v1", "n=1", cwd=tmp_path)
     assert r.returncode == 2 and "no motion-planning solution for PushT-v1" in r.stderr and "PickCube-v1" in r.stderr

@@ -208,6 +208,9 @@ def load_episodes(
             use = f"give dataset={converted} (its conversion, beside it), or " if converted and converted.is_file() else ""
             raise UserError(f"'{f.path}' holds actions and no observations (ManiSkill's raw motion plans): {use}convert it "
                             f"({replay_command(f.path, mode, obs_mode)})")
+        if control_mode is not None and f.control_mode is None:  # a hand-written .json: "set env.control_mode=None" would not do
+            raise UserError(f"'{f.path.with_suffix('.json')}' records no control mode (env_info.env_kwargs.control_mode, or control_mode in its "
+                            f"episodes): add the one its actions were recorded with, e.g. \"control_mode\": \"{control_mode}\" in env_kwargs")
         if control_mode is not None and f.control_mode != control_mode:
             raise UserError(f"'{f.path}' was recorded with control_mode={f.control_mode}, but {control_mode} was asked for: set "
                             f"env.control_mode={f.control_mode}, or convert the raw plans `robodistill demos` keeps beside it "
