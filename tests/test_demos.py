@@ -133,6 +133,22 @@ def test_dataset_info_prints_and_plots(pushcube, tmp_path):
     assert (tmp_path / "ranges.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_dataset_info_plot_paths(pushcube, tmp_path, cli_here):
+    # --plot into a folder to make, or where none can be, or not a .png: it ended in tracebacks, or printed a path
+    # matplotlib had not written (x.png for --plot x)
+    (tmp_path / "a_file").write_text("")
+    r = cli_here("dataset", "info", str(pushcube), "--plot", str(tmp_path / "new" / "ranges.png"))
+    assert r.returncode == 0 and (tmp_path / "new" / "ranges.png").is_file(), r.stderr[-2000:]
+    r = cli_here("dataset", "info", str(pushcube), "--plot", str(tmp_path / "a_file" / "ranges.png"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search("cannot write the plot .*a_file/ranges.png \\(File exists: .*a_file\\)", r.stderr)
+    assert "episodes      3, 3 successful" in r.stdout  # the summary is said all the same
+    for plot in ("ranges", "ranges.txt"):
+        r = cli_here("dataset", "info", str(pushcube), "--plot", str(tmp_path / plot))
+        assert r.returncode == 2 and f"--plot {tmp_path / plot}: give a .png path" in r.stderr, r.stderr[-2000:]
+    assert not list(tmp_path.glob("ranges*"))
+
+
 def copy_pair(src, dst_dir, name="copy"):
     h5 = dst_dir / f"{name}.h5"
     shutil.copy(src, h5)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from robodistill.data.trajectories import Episode, open_trajectory
+from robodistill.errors import UserError
 
 
 def describe(path: str | Path) -> tuple[dict, list[Episode]]:
@@ -76,8 +77,14 @@ def main(argv: list[str]) -> None:
     info.add_argument("path", help="trajectory .h5 (its .json must sit next to it)")
     info.add_argument("--plot", help="PNG of action ranges (default: <path stem>.actions.png next to the file)")
     args = parser.parse_args(argv)
+    if args.plot and Path(args.plot).suffix.lower() != ".png":  # matplotlib would add .png or refuse the format
+        raise UserError(f"--plot {args.plot}: give a .png path (the plot is a PNG)")
     summary, episodes = describe(args.path)
+    print(format_summary(summary))  # first: a plot that cannot be written leaves the summary said
     out = Path(args.plot) if args.plot else Path(summary["file"]).with_suffix(".actions.png")
-    plot_action_ranges(episodes, f"{summary['env_id']} {summary['control_mode']}: {summary['episodes']} episodes", out)
-    print(format_summary(summary))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot_action_ranges(episodes, f"{summary['env_id']} {summary['control_mode']}: {summary['episodes']} episodes", out)
+    except OSError as err:  # a file on its path, no permission, a read-only dataset folder (the default sits beside the .h5)
+        raise UserError(f"cannot write the plot {out} ({err.strerror}: {err.filename}): give --plot <a .png path you can write>") from err
     print(f"plot          {out}")
