@@ -3,7 +3,7 @@
 1. Plan: worker processes run ManiSkill's solver for the task (pd_joint_pos, no observations),
    recording with ManiSkill's `RecordEpisode`; a failed plan is dropped and the next seed tried.
    Worker w tries seeds seed + w, seed + w + workers, ...: the set of files is repeatable.
-2. Merge the workers' files with ManiSkill's `merge_trajectories`.
+2. Merge the workers' files into one, episodes in seed order (whatever `workers`).
 3. Convert to the requested obs and control mode with ManiSkill's `replay_trajectory`
    (`--use-first-env-state`), which keeps only episodes that still succeed.
 Everything is written in a temp folder next to the output and renamed into place at the end, so
@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import h5py
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -84,8 +85,6 @@ def _plan_worker(task: str, seeds: list[int], quota: int, max_failures: int, out
 
 
 def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
-    from mani_skill.trajectory.merge_trajectory import merge_trajectories
-
     workers = min(cfg.workers, cfg.n)
     quotas = [cfg.n // workers + (w < cfg.n % workers) for w in range(workers)]
     max_failures = int(cfg.max_failure_rate * cfg.n / (1 - cfg.max_failure_rate)) + 2
@@ -113,8 +112,24 @@ def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
     if len(seeds) < cfg.n:
         raise UserError(f"the motion planner failed too often on {cfg.env.task}: {len(seeds)} successes, {len(failed)} failures (max_failure_rate={cfg.max_failure_rate})")
     merged = tmp / "plans.h5"
-    merge_trajectories(str(merged), [r["path"] for r in results])
+    _merge_in_seed_order(merged, [Path(r["path"]) for r in results])
     return merged, {"seeds": seeds, "failed_seeds": failed}
+
+
+def _merge_in_seed_order(out: Path, paths: list[Path]) -> None:
+    """The workers' files as one, episodes in seed order and numbered 0, 1, ... in it. ManiSkill's
+    `merge_trajectories` appends file after file, which ordered the episodes by worker (seeds 0, 2, 1, 3 with two):
+    the same command with another `workers` wrote another file, and `num_demos=N` (the first N) took other demos."""
+    metas = [json.loads(path.with_suffix(".json").read_text()) for path in paths]
+    rows = sorted(((row["episode_seed"], path, row) for path, meta in zip(paths, metas) for row in meta["episodes"]),
+                  key=lambda item: item[0])
+    episodes = []
+    with h5py.File(out, "w") as merged:
+        for i, (_, path, row) in enumerate(rows):
+            with h5py.File(path, "r") as part:
+                part.copy(f"traj_{row['episode_id']}", merged, f"traj_{i}")
+            episodes.append({**row, "episode_id": i})
+    out.with_suffix(".json").write_text(json.dumps({**metas[0], "episodes": episodes}, indent=2))
 
 
 def _convert(cfg: DemosConfig, plans: Path) -> Path:

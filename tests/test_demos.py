@@ -42,6 +42,15 @@ def test_demos_load_with_seeds_success_and_windows(pushcube):
     assert not list(pushcube.parent.glob(".demos-*"))  # no temp folder left
 
 
+def test_demos_are_in_seed_order_whatever_the_workers(pushcube):
+    # made by 2 workers (seeds 10, 12 and 11): the files held them by worker, so num_demos=2 ("the first 2") took
+    # seeds 10 and 12 where one worker's file gave 10 and 11
+    for path in (pushcube, pushcube.parent / "mp_n3_seed10.none.pd_joint_pos.h5"):
+        rows = json.loads(path.with_suffix(".json").read_text())["episodes"]
+        assert [(row["episode_id"], row["episode_seed"]) for row in rows] == [(0, 10), (1, 11), (2, 12)]
+    assert [e.seed for e in load_episodes(pushcube)] == [10, 11, 12]
+
+
 def test_demo_first_state_matches_the_live_env(pushcube):
     ep = min(load_episodes(pushcube), key=lambda e: e.seed)
     with make_env(EnvConfig(task="PushCube-v1")) as env:
