@@ -152,6 +152,8 @@ def test_teacher_bad_input(cli_here, pushcube_demos):
                           ("minutes=-1",): "minutes=-1.0 must be > 0",
                           ("checkpoint_every=0",): "checkpoint_every=0 must be >= 1",
                           ("num_demos=50",): "holds 3 episodes: give 1 to 3 (0 or unset: all)",
+                          ("val_fraction=1.5", "iterations=2"): "val_fraction=1.5 must be >= 0 and < 1",
+                          ("val_fraction=-0.1", "iterations=2"): "val_fraction=-0.1 must be >= 0 and < 1",
                           ("policy.act_horizon=32",): "1 <= act_horizon <= pred_horizon - obs_horizon + 1 = 15",
                           ("device=gpu",): "device=gpu: robodistill trains on auto, cpu, cuda or cuda:<index>",
                           ("device=cuda:99",): "device=cuda:99"}.items():

@@ -67,6 +67,8 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
     check_optimizer(cfg.lr, cfg.warmup)
     check_eval_episodes(cfg.eval_episodes)
+    if not 0 <= cfg.val_fraction < 1:  # split_episodes would clip it silently: no validation, or one training episode
+        raise UserError(f"val_fraction={cfg.val_fraction} must be >= 0 and < 1 (the share of episodes held out for the validation loss)")
     if cfg.batch_size % ranks.world:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
 
