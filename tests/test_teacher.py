@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -134,12 +135,21 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
     assert random_sampler.returncode == 2 and "apply to diffusion checkpoints" in random_sampler.stderr
 
 
-def test_teacher_bad_input(cli_here, pushcube_demos):
+def test_teacher_bad_input(cli_here, pushcube_demos, tmp_path):
     mode = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "env.control_mode=pd_joint_delta_pos", "iterations=2")
     assert mode.returncode == 2 and "recorded with control_mode=pd_ee_delta_pos, but pd_joint_delta_pos" in mode.stderr
     # PullCube's states have PushCube's 35 dims: only the file's env_id tells them apart
     task = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "env=PullCube-v1", "iterations=2")
     assert task.returncode == 2 and "was recorded in PushCube-v1, not in PullCube-v1, the task it would train for" in task.stderr
+    # a .json whose control mode is not the actions' (a hand-edited one): it trained, then failed at its first evaluation
+    relabeled = tmp_path / "relabeled.h5"
+    shutil.copy(pushcube_demos, relabeled)
+    meta = json.loads(pushcube_demos.with_suffix(".json").read_text())
+    meta["env_info"]["env_kwargs"]["control_mode"] = "pd_joint_delta_pos"
+    relabeled.with_suffix(".json").write_text(json.dumps(meta))
+    actions = cli_here("train-teacher", f"dataset={relabeled}", *TINY, "env.control_mode=pd_joint_delta_pos", "iterations=2")
+    assert actions.returncode == 2 and ("dataset actions have 4 dims, the env PushCube-v1 (pd_joint_delta_pos) takes 8: were they "
+                                        "recorded with another control mode") in actions.stderr, actions.stderr[-2000:]
     missing = cli_here("train-teacher", "dataset=nowhere.h5", "iterations=2")
     assert missing.returncode == 2 and "'nowhere.h5' does not exist" in missing.stderr
     default = cli_here("train-teacher", "env=PickCube-v1", "iterations=2")  # no dataset=: the default is demos' name for it

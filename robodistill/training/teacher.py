@@ -106,6 +106,10 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         eval_env.close()  # rl100's imitation stage calls train() in its process: leave it no env behind
         raise UserError(f"dataset states have {train_eps[0].obs['state'].shape[1]} dims, the env {env_cfg.task} ({env_cfg.obs_mode}) gives {state_dim}: was it recorded for another task or obs_mode?")
     actions = np.concatenate([e.actions for e in train_eps])
+    if actions.shape[1] != len(low):  # else it trains, then fails at its first evaluation, or saves a policy no env takes
+        eval_env.close()
+        raise UserError(f"dataset actions have {actions.shape[1]} dims, the env {env_cfg.task} ({env_cfg.control_mode}) takes {len(low)}: "
+                        f"were they recorded with another control mode than its .json records ({env_cfg.control_mode})?")
     gripper_dims = [d for d in range(actions.shape[1]) if np.isin(actions[:, d], (-1.0, 1.0)).all()]
     policy = DiffusionPolicy(p, state_dim, actions.shape[1], low, high, rgb.shape[-1] if rgb is not None else None, gripper_dims)
     policy.load_normalizers(fit_normalizers(train_eps, p.normalizer))
