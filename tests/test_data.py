@@ -37,6 +37,19 @@ def test_window_count_and_edge_padding_delta_and_absolute():
         [True, True, False, False, False]
 
 
+def test_delta_padding_holds_still_without_a_gripper_or_with_it_elsewhere():
+    # the last dim was kept as "the gripper": on a robot without one (PushT's panda_stick) that kept an arm motion going
+    T, h = 6, Horizons(obs=1, pred=4, act=3)  # the last window: a_4, a_5, then two steps past the end
+    rng = np.random.default_rng(0)
+    arm = rng.uniform(-0.5, 0.5, (T, 3)).astype(np.float32)
+    gripper = np.array([-1, -1, 1, 1, 1, -1], np.float32)[:, None]
+    for actions, hold in ((arm, [0, 0, 0]), (np.concatenate([arm[:, :1], gripper, arm[:, 1:]], 1), [0, -1, 0, 0])):
+        ep = Episode(Path("synthetic.h5"), 0, 0, True, actions, {"state": np.zeros((T + 1, 2), np.float32)})
+        last = WindowDataset([ep], h, delta_actions=True)[-1]["actions"]
+        np.testing.assert_array_equal(last[:2].numpy(), actions[-2:])
+        assert last[2:].tolist() == [hold] * 2
+
+
 def test_short_episode_still_gives_a_padded_window():
     ds = WindowDataset([episode(2)], Horizons(obs=2, pred=16, act=8), delta_actions=True)
     assert len(ds) >= 1

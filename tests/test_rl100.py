@@ -2,13 +2,14 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from robodistill import checkpoints
-from robodistill.data import load_episodes
+from robodistill.data import Episode, load_episodes
 from robodistill.policies.diffusion.chain import DenoisingChain
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import DiffusionPolicy
@@ -91,6 +92,17 @@ def test_transitions_reward_first_success_and_iql_values_near_the_goal_higher(pu
     seen = dynamics.step(data.state, data.action, gen)[2].mean()
     unseen = dynamics.step(data.state, data.action + 3.0, gen)[2].mean()
     assert unseen > 2 * seen
+
+
+def test_transitions_pad_chunks_holding_still_without_a_gripper():
+    # the padding kept the last action dim going, as if it were a gripper: an arm motion on a robot without one
+    T = 5
+    actions = np.random.default_rng(0).uniform(-0.5, 0.5, (T, 4)).astype(np.float32)
+    episode = Episode(Path("synthetic.h5"), 0, 0, True, actions, {"state": np.zeros((T + 1, 9), np.float32)}, np.zeros(T, bool))
+    data = Transitions.from_episodes([episode], DenoisingChain(_policy()), delta_actions=True, gamma=0.9)  # identity normalizers
+    last = data.action[-1].reshape(8, 4)  # from the last step: a_4, then 7 steps past the end
+    np.testing.assert_array_equal(last[0].numpy(), actions[-1])
+    assert not last[1:].any()
 
 
 @pytest.mark.parametrize("max_episode_steps", [100, 50])

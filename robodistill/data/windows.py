@@ -5,7 +5,7 @@ a[s : s + pred_horizon]; the policy will execute a[s + obs_horizon - 1 : ... + a
 diffusion_policy, starts run from -(obs_horizon - 1) to T - pred_horizon + act_horizon - 1, and
 steps outside the episode are padded: observations and leading actions repeat the first (or last)
 value; trailing actions repeat the last action, or under delta and velocity control hold still (zero arm
-motion, the last gripper command), since repeating one would keep the arm moving.
+motion, the last gripper command: dims that are only ever -1 or 1), since repeating one would keep the arm moving.
 """
 
 from __future__ import annotations
@@ -49,6 +49,14 @@ def take_padded(values, start: int, stop: int, pad_after=None) -> np.ndarray:
     return np.concatenate([before, inside, after], axis=0)
 
 
+def hold_still(actions: np.ndarray) -> np.ndarray:
+    """After `actions` (T, A) under delta or velocity control, the action that holds still: zero motion, and the
+    binary dims (a gripper's open/close commands, as the teacher finds them) at their last value. Not "the last dim
+    kept", which on a robot without a gripper (PushT's panda_stick) kept an arm motion going."""
+    binary = np.isin(actions, (-1.0, 1.0)).all(axis=0)
+    return np.where(binary, actions[-1], 0).astype(actions.dtype)
+
+
 class WindowDataset(Dataset):
     """Windows over episodes as tensors: `{"obs": {key: (obs_h, ...)}, "actions": (pred_h, A)}`.
 
@@ -75,17 +83,12 @@ class WindowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _hold(self, actions: np.ndarray) -> np.ndarray:
-        hold = np.zeros_like(actions[-1])
-        hold[-1] = actions[-1, -1]
-        return hold
-
     def __getitem__(self, i: int) -> dict:
         e, s = self.index[i]
         ep = self.episodes[e]
         # Starts end early enough that a window never needs the final observation o_T.
         obs = {k: take_padded(v, s, s + self.h.obs) for k, v in ep.obs.items()}
-        pad = self._hold(ep.actions) if self.delta_actions else None
+        pad = hold_still(ep.actions) if self.delta_actions else None
         actions = take_padded(ep.actions, s, s + self.h.pred, pad_after=pad)
         out_obs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in obs.items()}
         out = {"obs": out_obs, "actions": torch.from_numpy(actions)}

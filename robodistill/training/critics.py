@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from robodistill.data.trajectories import Episode
-from robodistill.data.windows import take_padded
+from robodistill.data.windows import hold_still, take_padded
 from robodistill.policies.diffusion.chain import DenoisingChain
 
 
@@ -60,8 +60,7 @@ class Transitions:
             end = int(solved[0]) + 1 if len(solved) else len(ep)  # actions taken
             states = np.asarray(ep.obs["state"][: end + 1], dtype=np.float32)
             acts = ep.actions[:end]
-            hold = np.zeros_like(acts[-1])
-            hold[-1] = acts[-1, -1]
+            hold = hold_still(acts)
             for t in range(end):
                 stop = min(t + h, end)
                 rows["state"].append(take_padded(states, t - oh + 1, t + 1))
