@@ -124,7 +124,7 @@ class RL100Config:
     """`robodistill rl100` (configs/rl100.yaml)."""
 
     env: EnvConfig = field(default_factory=EnvConfig)
-    dataset: str = ""  # demos (.h5, comma-separated): imitation data and the offline buffer's start
+    dataset: str = ""  # demos (.h5; several: dataset='a.h5,b.h5', quoted): imitation data and the offline buffer's start
     init: str | None = None  # a diffusion checkpoint to start from instead of the imitation stage
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     imitation: ImitationConfig = field(default_factory=ImitationConfig)

@@ -38,7 +38,7 @@ class TrainTeacherConfig:
 
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: DiffusionConfig = field(default_factory=DiffusionConfig)
-    dataset: str = ""  # trajectory .h5 path(s), comma-separated
+    dataset: str = ""  # trajectory .h5 path(s), comma-separated and quoted for hydra: dataset='a.h5,b.h5'
     num_demos: int | None = None  # use the first N episodes
     val_fraction: float = 0.1
     iterations: int = 30000
@@ -74,7 +74,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
 
     # ---- data: episodes split by episode; normalizers fitted on the training split only
     if not cfg.dataset:
-        raise UserError("dataset= is required: the .h5 written by `robodistill demos` (comma-separate several)")
+        raise UserError("dataset= is required: the .h5 written by `robodistill demos` (several: dataset='a.h5,b.h5', quoted)")
     episodes = load_episodes(cfg.dataset.split(","), control_mode=cfg.env.control_mode, obs_mode=cfg.env.obs_mode, task=cfg.env.task)
     if cfg.num_demos is not None and not 0 <= cfg.num_demos <= len(episodes):
         raise UserError(f"num_demos={cfg.num_demos}, but dataset={cfg.dataset} holds {len(episodes)} episodes: give 1 to "
