@@ -249,8 +249,10 @@ def main(cfg: DictConfig) -> EvalReport:
         )
         # what a diffusion policy sampled with, its checkpoint's default included: one checkpoint is rated per sampler
         used = {"name": policy.sampler.name, "steps": policy.sampler.steps} if hasattr(policy, "set_sampler") else None
+        if used and used["name"] == "rti":
+            used["timesteps"] = list(policy.sampler.timesteps)
     report.save(run_dir / "eval.json", env=env_cfg.__dict__, policy=str(cfg.policy), seed=int(cfg.seed), sampler=used)
-    with_sampler = f", sampler {sampler_words(used['name'], used['steps'])}" if used else ""
+    with_sampler = f", sampler {sampler_words(used['name'], used['steps'], used.get('timesteps'))}" if used else ""
     print(report.table(f"{cfg.policy}{with_sampler} on {env_cfg.task} ({counted(report.summary['episodes'], 'episode')}, seed {cfg.seed})"))
     print(f"run: {run_dir}")
     return report

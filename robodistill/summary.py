@@ -28,10 +28,13 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def sampler_words(name: str, steps: int) -> str:
-    """How a policy makes its actions: `ddim 10 steps`, `consistency 1 step`, or `mean action` (a Gaussian
-    student's or AGV policy's, which has no sampler)."""
-    return "mean action" if name == "mean" else f"{name} {counted(steps, 'step')}"
+def sampler_words(name: str, steps: int, timesteps: list[int] | None = None) -> str:
+    """How a policy makes its actions: `ddim 10 steps`, `consistency 1 step`, `rti 3 steps [3, 1, 0]` (which
+    steps: RTI's tail of the training timesteps is chosen, not implied by its count), or `mean action` (a
+    Gaussian student's or AGV policy's, which has no sampler)."""
+    if name == "mean":
+        return "mean action"
+    return f"{name} {counted(steps, 'step')}" + (f" {list(timesteps)}" if timesteps is not None else "")
 
 
 def _rate(s: dict, key: str = "success_once") -> str:
@@ -68,7 +71,7 @@ def _eval(run: Path) -> list[str]:
     s, sampler = e["summary"], e.get("sampler")
     # the rates an env reports: ManiSkill's success_at_end, the AGV's collision
     rates = ", ".join(f"{k} {_rate(s, k)}" for k in ("success_once", "success_at_end", "collision") if k in s)
-    used = f", {sampler_words(sampler['name'], sampler['steps'])}" if sampler else ""
+    used = f", {sampler_words(sampler['name'], sampler['steps'], sampler.get('timesteps'))}" if sampler else ""
     return [f"{rates} ({_policy(str(e['policy']))}{used})"]
 
 
@@ -100,7 +103,8 @@ def _agv(run: Path) -> list[str]:
 
 def _distill(run: Path) -> list[str]:
     r = json.loads((run / "result.json").read_text())
-    return [f"{r['variant']} head: {r['step']} iterations in {r['train_seconds'] / 60:.1f} min"]
+    rated = f", 1 step: success_once {_rate(r['consistency_1'])}" if "consistency_1" in r else ""  # eval_episodes > 0
+    return [f"{r['variant']} head: {r['step']} iterations in {r['train_seconds'] / 60:.1f} min{rated}"]
 
 
 def _latency(run: Path) -> list[str]:

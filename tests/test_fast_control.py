@@ -161,10 +161,14 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     assert spent.returncode == 2 and "the run already used minutes=0.0001 (training time adds up" in spent.stderr, spent.stderr[-2000:]
     assert set((tmp_path / "runs" / "distill").iterdir()) == runs  # and no empty run directory
 
-    for sampler, used in (("sampler=consistency steps=3", "consistency 3 steps"), ("sampler=rti rti.timesteps=[2,0]", "rti 2 steps"),
+    for sampler, used in (("sampler=consistency steps=3", "consistency 3 steps"), ("sampler=rti rti.timesteps=[2,0]", "rti 2 steps [2, 0]"),
                           ("sampler=consistency", "consistency 1 step")):  # no steps: the head's one, not the checkpoint's ddim 10
         r = cli("eval", f"policy={heads['consistency']}", "env.max_episode_steps=20", "episodes=2", *sampler.split())
         assert r.returncode == 0 and f"sampler {used} on PushCube-v1" in r.stdout, r.stderr[-3000:]
+    listed = cli_here("summary")  # which tail of the timesteps RTI ran is part of what was rated
+    assert listed.returncode == 0 and ", rti 2 steps [2, 0])" in listed.stdout, listed.stdout
+    listed = cli_here("summary", "--name", "consistency")  # the distill run that rated its head
+    assert re.search(r"consistency head: 20 iterations in .* min, 1 step: success_once \d+% \[\d+%, \d+%\] \([01]/1\)", listed.stdout), listed.stdout
     unused = cli_here("eval", f"policy={heads['consistency']}", "env.max_episode_steps=20", "episodes=1", "rti.timesteps=[2,0]")
     assert unused.returncode == 0 and "rti.timesteps: not used, this run samples no rti (add sampler=rti)" in unused.stdout, unused.stderr
 
