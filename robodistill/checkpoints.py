@@ -40,12 +40,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         raise
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write (kill -9, out of memory)
         pid = stale.name[len(path.name) + 2:-len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             stale.unlink(missing_ok=True)
     return path
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether the process that named a temp file after itself is still there to finish (or remove) it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

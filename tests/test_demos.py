@@ -278,14 +278,19 @@ def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tm
         r = cli_here("demos", "env=PushCube-v1", "n=1", *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     assert not (tmp_path / "datasets").exists()
-    # Killed (SIGTERM: `kill`, `timeout`, a scheduler) while planning: its temporary folder goes with it.
+    # Killed (SIGTERM: `kill`, `timeout`, a scheduler) while planning: its temporary folder goes with it. One left by a
+    # run killed with SIGKILL is removed by the next run there; one whose run is alive is not.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "datasets" / "PushCube-v1" / f".demos-{dead}-x1" / "plans").mkdir(parents=True)
+    running = tmp_path / "datasets" / "PushCube-v1" / f".demos-{os.getpid()}-x2"
+    running.mkdir()
     proc = subprocess.Popen([*ROBODISTILL, "demos", "env=PushCube-v1", "n=50"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "datasets").glob("PushCube-v1/.demos-*")):
+    while time.time() < deadline and not list((tmp_path / "datasets").glob(f"PushCube-v1/.demos-{proc.pid}-*")):
         time.sleep(0.1)
     time.sleep(3)  # into the planning
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().endswith("interrupted"), err[-2000:]
-    assert not list((tmp_path / "datasets" / "PushCube-v1").iterdir())
+    assert list((tmp_path / "datasets" / "PushCube-v1").iterdir()) == [running]
