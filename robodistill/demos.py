@@ -202,10 +202,19 @@ def generate(cfg: DemosConfig) -> dict:
     }
 
 
+ENV_FIELDS = ("task", "obs_mode", "control_mode", "image_size")  # what planning and conversion take from env
+
+
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    from robodistill.configs import given_fields
+
     config = DemosConfig(**{**OmegaConf.to_container(cfg, resolve=True), "env": EnvConfig.from_mapping(cfg.env)})
+    unused = sorted(k for k in given_fields() if k.startswith("env.") and k.removeprefix("env.") not in ENV_FIELDS)
+    if unused:  # else ignored without a word: a user could think the demos were made for them
+        print(f"{', '.join(unused)}: not used, demos are planned until solved on the CPU simulator and recorded "
+              f"with env.{', env.'.join(ENV_FIELDS[1:])} only")
     report = generate(config)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "demos.json").write_text(json.dumps(report, indent=2))

@@ -284,13 +284,14 @@ def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tm
     (tmp_path / "datasets" / "PushCube-v1" / f".demos-{dead}-x1" / "plans").mkdir(parents=True)
     running = tmp_path / "datasets" / "PushCube-v1" / f".demos-{os.getpid()}-x2"
     running.mkdir()
-    proc = subprocess.Popen([*ROBODISTILL, "demos", "env=PushCube-v1", "n=50"], cwd=tmp_path,
+    proc = subprocess.Popen([*ROBODISTILL, "demos", "env=PushCube-v1", "n=50", "env.max_episode_steps=20"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "datasets").glob(f"PushCube-v1/.demos-{proc.pid}-*")):
         time.sleep(0.1)
     time.sleep(3)  # into the planning
     proc.terminate()
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().endswith("interrupted"), err[-2000:]
     assert list((tmp_path / "datasets" / "PushCube-v1").iterdir()) == [running]
+    assert "env.max_episode_steps: not used, demos are planned until solved" in out, out  # not ignored without a word
