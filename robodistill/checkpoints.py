@@ -8,9 +8,12 @@ and a checkpoint can never run code on load.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
+import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -38,15 +41,23 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write (kill -9, out of memory)
-        pid = stale.name[len(path.name) + 2:-len(".tmp")]
-        if pid.isdigit() and not process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
+    remove_orphaned(path.parent, f".{path.name}.")
     return path
 
 
-def process_alive(pid: int) -> bool:
-    """Whether the process that named a temp file after itself is still there to finish (or remove) it."""
+def remove_orphaned(folder: Path, prefix: str) -> None:
+    """Remove the temp files and folders in `folder` named `<prefix><pid>...` whose process is gone: one killed
+    mid-write (kill -9, out of memory) had no chance to remove its own."""
+    for stale in folder.glob(f"{glob.escape(prefix)}*"):
+        pid = re.match(r"\d+", stale.name[len(prefix):])
+        if pid and not _alive(int(pid.group())):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import h5py
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from robodistill.checkpoints import process_alive
+from robodistill.checkpoints import remove_orphaned
 from robodistill.data.trajectories import demos_file
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
@@ -171,10 +170,7 @@ def generate(cfg: DemosConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file on the way, no permission, a read-only disk: said now, not as a traceback
         raise UserError(f"out={out_dir} cannot be created ({err.strerror}): give a folder you can write to") from err
-    for stale in out_dir.glob(".demos-*-*"):  # a run killed with SIGKILL (or out of memory) had no chance to remove its own
-        pid = stale.name.split("-")[1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_orphaned(out_dir, ".demos-")  # the temp folders of runs killed with SIGKILL
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".demos-{os.getpid()}-", dir=out_dir) as tmp:
         plans, plan_report = _plan(cfg, Path(tmp))
