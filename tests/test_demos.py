@@ -295,3 +295,16 @@ def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tm
     assert proc.returncode == 130 and err.strip().endswith("interrupted"), err[-2000:]
     assert list((tmp_path / "datasets" / "PushCube-v1").iterdir()) == [running]
     assert "env.max_episode_steps: not used, demos are planned until solved" in out, out  # not ignored without a word
+
+
+def test_failed_episodes_in_a_file_are_noted(pushcube, tmp_path, capsys):
+    # a RecordEpisode of a policy holds failures; they were imitated without a word (`demos` never writes them)
+    mixed = copy_pair(pushcube, tmp_path, "mixed")
+    meta = json.loads(mixed.with_suffix(".json").read_text())
+    meta["episodes"][1]["success"] = False
+    mixed.with_suffix(".json").write_text(json.dumps(meta))
+    assert len(load_episodes(mixed)) == 3
+    assert (f"note: '{mixed}': 1 of 3 episodes are marked success: false (traj_1) and are trained on like the rest: "
+            "drop them from its .json's episodes to leave them out") in capsys.readouterr().out
+    load_episodes(pushcube)
+    assert "success: false" not in capsys.readouterr().out

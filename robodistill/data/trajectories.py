@@ -183,7 +183,6 @@ def load_episodes(
     control_mode: str | None = None,
     obs_mode: str | None = None,
     task: str | None = None,
-    success_only: bool = False,
     max_memory_gb: float = 8.0,
 ) -> list[Episode]:
     """Episodes from one or more trajectory files, checked against each other and the request.
@@ -224,8 +223,8 @@ def load_episodes(
     in_memory = sum(_rgb_bytes(f) for f in files) <= max_memory_gb * 2**30
     episodes: list[Episode] = []
     for f in files:
-        ids = [i for i, row in enumerate(f.meta["episodes"]) if row.get("success", True) or not success_only]
-        episodes += f.episodes(ids, in_memory=in_memory)
+        _note_failures(f)
+        episodes += f.episodes(in_memory=in_memory)
     _check_consistent(episodes)
     _check_finite(episodes)
     return episodes
@@ -261,6 +260,16 @@ def _rgb_bytes(f: TrajectoryFile) -> int:
     return total
 
 
+def _note_failures(f: TrajectoryFile) -> None:
+    """Failed episodes are imitated like the rest, as in ManiSkill's own datasets; said here because `demos` never
+    writes them, so a file holding them (a RecordEpisode of a policy, teleoperation) may not be meant to."""
+    failed = [row["episode_id"] for row in f.meta["episodes"] if row.get("success") is False]
+    if failed:
+        shown = ", ".join(f"traj_{i}" for i in failed[:5]) + (", ..." if len(failed) > 5 else "")
+        print(f"note: '{f.path}': {len(failed)} of {len(f.meta['episodes'])} episodes are marked success: false ({shown}) "
+              "and are trained on like the rest: drop them from its .json's episodes to leave them out")
+
+
 def _check_finite(episodes: list[Episode]) -> None:
     """A NaN or inf (a glitched sensor, a solver that blew up) would train on silently: through the normalizers it
     makes every loss NaN, or squashes its dimension to 0. Named here with its episode and step instead."""
@@ -275,7 +284,7 @@ def _check_finite(episodes: list[Episode]) -> None:
 
 def _check_consistent(episodes: list[Episode]) -> None:
     if not episodes:
-        raise UserError("the trajectory files hold no (successful) episodes")
+        raise UserError("the trajectory files hold no episodes")
     empty = next((ep for ep in episodes if len(ep) == 0), None)
     if empty is not None:  # no action to learn or to pad a window with: it ended in an IndexError traceback
         raise UserError(f"{empty.source}, episode traj_{empty.episode_id}: has no steps (0 actions): drop it from the .json's "
