@@ -111,6 +111,18 @@ def test_files_recorded_without_an_obs_mode_or_as_state_dict_read_as_state(tmp_p
             obs = live.reset(seed=[1])
         np.testing.assert_allclose(episodes[1].obs["state"][0], obs["state"][0].numpy(), atol=1e-4)
 
+    # written by hand with h5py's defaults, the parts list alphabetically: they were flattened in that order, silently
+    with h5py.File(tmp_path / "state_dict.h5", "r+") as f:
+        extra = f["traj_0/obs/extra"]
+        f.create_group("traj_0/obs/alphabetical")
+        for key in extra:
+            extra.copy(key, f["traj_0/obs/alphabetical"])
+        del f["traj_0/obs/extra"]
+        f.move("traj_0/obs/alphabetical", "traj_0/obs/extra")
+    with pytest.raises(UserError, match="state_dict.h5, episode traj_0: /traj_0/obs/extra was written without h5py's track_order, "
+                                        "so the order of its members \\['goal_pos', 'obj_pose', 'tcp_pose'\\] .* track_order=True"):
+        load_episodes(tmp_path / "state_dict.h5", control_mode="pd_ee_delta_pos", obs_mode="state")
+
 
 def test_the_obs_mode_error_names_the_fix(pushcube, pickcube_rgb_demos):
     # it named the mismatch only; env.obs_mode=state, say, is the setting the user can change

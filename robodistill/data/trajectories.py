@@ -95,7 +95,7 @@ def _observations(obs: h5py.Dataset | h5py.Group, in_memory: bool, where: str) -
         return {"state": np.asarray(obs[:], dtype=np.float32)}
     # The same flattening as ManiSkill's FlattenRGBDObservationWrapper: state = agent + extra, in
     # the order recorded (groups are written with track_order), images concatenated per camera.
-    parts = [_flatten(obs[k]) for k in obs if k not in ("sensor_data", "sensor_param")]
+    parts = [_flatten(obs[k], where) for k in _in_recorded_order(obs, where) if k not in ("sensor_data", "sensor_param")]
     out: dict[str, ArrayLike] = {"state": np.concatenate(parts, axis=1).astype(np.float32)}
     cameras = obs.get("sensor_data")
     if cameras is not None:
@@ -109,12 +109,25 @@ def _observations(obs: h5py.Dataset | h5py.Group, in_memory: bool, where: str) -
     return out
 
 
-def _flatten(node: h5py.Dataset | h5py.Group) -> np.ndarray:
+def _flatten(node: h5py.Dataset | h5py.Group, where: str) -> np.ndarray:
     """(T, D) from a nested group of (T,) or (T, d) arrays, depth-first in recorded order."""
     if isinstance(node, h5py.Group):
-        return np.concatenate([_flatten(node[k]) for k in node], axis=1)
+        return np.concatenate([_flatten(node[k], where) for k in _in_recorded_order(node, where)], axis=1)
     value = np.asarray(node[:], dtype=np.float32)
     return value.reshape(len(value), -1)
+
+
+def _in_recorded_order(group: h5py.Group, where: str) -> list[str]:
+    """The group's members in the order they were written. A group written without track_order (h5py's default,
+    so a hand-made file) lists them alphabetically: extra's goal_pos before tcp_pose, which would train on a state
+    vector laid out unlike the env's, undetected until the policy fails."""
+    keys = list(group)
+    if len(keys) > 1 and not group.id.get_create_plist().get_link_creation_order():
+        raise UserError(f"{where}: {group.name} was written without h5py's track_order, so the order of its members "
+                        f"{keys} (read alphabetically) may not be the env's observation order: write its groups with "
+                        "create_group(..., track_order=True) in the env's order, as ManiSkill's RecordEpisode does, or "
+                        "store the flat state vector as one (T, D) 'obs' dataset")
+    return keys
 
 
 def open_trajectory(path: str | Path) -> TrajectoryFile:
