@@ -213,6 +213,16 @@ def test_resume_continues_at_the_same_step(tmp_path):
     assert resumed["obs_rms"]["count"] > saved["obs_rms"]["count"]
 
 
+def test_resume_with_another_update_size_or_network_is_refused(tmp_path):
+    """The checkpoint counts updates of num_envs * num_steps env steps and holds one intrinsic return per robot:
+    another num_envs crashed mid-rollout (RND) or, with the budget reached in bigger updates, claimed steps never trained."""
+    batch = 4 * 32
+    train(tiny(tmp_path, total_steps=batch, checkpoint_every=1), tmp_path / "first")
+    for field, value in (("num_envs", 8), ("num_steps", 16), ("hidden", 32)):
+        with pytest.raises(UserError, match=f"is a run of algo=ppo_rnd scene=simple_dynamic {field}=.*: drop {field}= to continue"):
+            train(tiny(tmp_path, total_steps=4 * batch, resume_from=str(tmp_path / "first"), **{field: value}), tmp_path / field)
+
+
 def test_a_run_killed_writing_its_policy_resumes_and_writes_it(tmp_path, monkeypatch):
     batch = 4 * 32
     save = checkpoints.save

@@ -155,6 +155,23 @@ def check(cfg: AGVTrainConfig) -> None:
         raise UserError(f"num_envs * num_steps = {batch} must be divisible by num_minibatches={cfg.num_minibatches}")
 
 
+# What a checkpoint is a run of, besides its algorithm and scene: its networks' sizes, one intrinsic return per robot
+# (num_envs), and updates of num_envs * num_steps env steps, which its step count and learning-rate schedule count in.
+SHAPED = ("num_envs", "num_steps", "hidden", "rnd_hidden", "rnd_out")
+
+
+def check_continues(saved: dict, cfg: AGVTrainConfig, resume_path: Path) -> None:
+    """A resumed run is the run its checkpoint holds: another algo or scene is another run, and another SHAPED
+    field would fail to load it (a traceback) or count its updates in other env steps (steps it never trained)."""
+    shown = ["algo", "scene", *(k for k in SHAPED if saved[k] != getattr(cfg, k))]
+    changed = [k for k in shown if saved[k] != getattr(cfg, k)]
+    if not changed:
+        return
+    raise UserError(f"{resume_path} is a run of {' '.join(f'{k}={saved[k]}' for k in shown)}, not "
+                    f"{' '.join(f'{k}={getattr(cfg, k)}' for k in shown)}: drop {'/'.join(f'{k}=' for k in changed)} "
+                    f"to continue it as it was")
+
+
 def gae(rewards, values, next_value, nonterminal, gamma, lam):
     """Generalized advantage estimates over a (T, B) rollout; nonterminal[t] masks the bootstrap from t+1."""
     adv = torch.zeros_like(rewards)
@@ -200,9 +217,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         ck = checkpoints.load(resume_path)
         if ck.get("kind") != "agv_trainer":
             raise UserError(f"{resume_path} holds a '{ck.get('kind')}', not an agv-train run's state")
-        if (ck["config"]["algo"], ck["config"]["scene"]) != (cfg.algo, cfg.scene):
-            raise UserError(f"{resume_path} is a run of algo={ck['config']['algo']} scene={ck['config']['scene']}, not "
-                            f"algo={cfg.algo} scene={cfg.scene}: drop algo=/scene= to continue it as it was")
+        check_continues(ck["config"], cfg, resume_path)
         agent.load_state_dict(ck["agent"])
         rnd.load_state_dict(ck["rnd"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -372,6 +387,7 @@ def main(cfg) -> dict:
         kept = {k: v for k, v in saved["config"].items() if k in AGVTrainConfig.__dataclass_fields__ and k not in given and k not in ("resume", "resume_from", "name")}
         record_taken({k: v for k, v in kept.items() if v != getattr(conf, k)})
         conf = AGVTrainConfig(**{**asdict(conf), **kept, "resume": False, "resume_from": str(resume_path)})
+        check_continues(saved["config"], conf, resume_path)  # before the budget, which counts in its updates
         # The budget as train() counts it: whole updates of num_envs * num_steps env steps.
         batch = conf.num_envs * conf.num_steps
         check_unfinished(resume_path, saved["step"], conf.total_steps // batch * batch, "total_steps", "env step")
