@@ -559,30 +559,53 @@ def resume_checkpoint(cfg: RPDConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def trained_steps(path: Path) -> int:
-    """The env steps (all ranks together) a student zip has trained, read without building its envs."""
+def zip_data(path: Path) -> dict:
+    """What a student zip holds besides its weights (its step count, PPO settings, network), read without building its envs."""
     from stable_baselines3.common.save_util import load_from_zip_file
 
-    data = load_from_zip_file(path, load_data=True, device="cpu")[0]
+    return load_from_zip_file(path, load_data=True, device="cpu")[0]
+
+
+def trained_steps(path: Path) -> int:
+    """The env steps (all ranks together) a student zip has trained."""
+    data = zip_data(path)
     return data["num_timesteps"] * data.get("robodistill_ranks", 1)
 
 
 # What makes a run RPD rather than PPO, or another RPD: a resumed run keeps its own unless the command line says otherwise.
 DISTILLATION = ("teacher", "teacher_obs_mode", "distill", "distill_coef", "schedule", "anneal_steps", "labels")
+# How it updates, as the config's fields and SB3's attributes: likewise its own unless given, and then given to the loaded model.
+PPO_SETTINGS = {"n_steps": "n_steps", "batch_size": "batch_size", "n_epochs": "n_epochs", "lr": "learning_rate", "gamma": "gamma",
+                "gae_lambda": "gae_lambda", "clip_range": "clip_range", "ent_coef": "ent_coef", "vf_coef": "vf_coef",
+                "max_grad_norm": "max_grad_norm", "target_kl": "target_kl", "normalize_advantage": "normalize_advantage"}
 
 
-def resumed_distillation(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None:
-    """Takes the DISTILLATION settings of the run `resume_path` belongs to (its .hydra/config.yaml) that
-    `given` leaves unset and that differ, and says so: `rpd resume=true` after `rpd teacher=X` goes on with
-    teacher X, not as the plain PPO that the default teacher=none is. They are written into this run's
-    .hydra/config.yaml too, so that resuming this run again keeps them."""
+def ppo_settings(data: dict) -> dict:
+    """A student zip's PPO_SETTINGS and network, as the config's fields."""
+    settings = {field: data[attr] for field, attr in PPO_SETTINGS.items()}
+    if callable(settings["clip_range"]):  # SB3 saves the schedule it made of the float
+        settings["clip_range"] = settings["clip_range"](1.0)
+    network = data["policy_kwargs"]
+    return {**settings, "hidden": list(network["net_arch"]["pi"]), "log_std_init": network["log_std_init"]}
+
+
+def resumed_settings(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None:
+    """Takes the DISTILLATION and PPO_SETTINGS of the run `resume_path` belongs to (its .hydra/config.yaml, or the zip's
+    own where it has none) that `given` leaves unset and that differ, and says so: `rpd resume=true` after
+    `rpd teacher=X` goes on with teacher X, not as the plain PPO that the default teacher=none is. They are written
+    into this run's .hydra/config.yaml too, so that resuming this run again keeps them. The student's network is
+    its weights': another `hidden` or `log_std_init` is refused."""
     from robodistill.configs import record_taken
 
+    trained = ppo_settings(zip_data(resume_path))
+    for key in ("hidden", "log_std_init"):
+        if key in given and getattr(cfg, key) != trained[key]:
+            raise UserError(f"{key}={getattr(cfg, key)}: the resumed run's student was built with {key}={trained[key]} "
+                            f"({resume_path}); drop {key}= to continue it (or train a new student, without resume)")
     saved = resume_path.parent.parent / ".hydra" / "config.yaml"
-    if not saved.is_file():  # a zip kept outside its run directory: the command line says it all
-        return
-    earlier = OmegaConf.to_container(OmegaConf.load(saved))
-    taken = {k: earlier[k] for k in DISTILLATION if k in earlier and k not in given and earlier[k] != getattr(cfg, k)}
+    earlier = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else trained  # a zip kept outside its run directory
+    taken = {k: earlier[k] for k in (*DISTILLATION, *PPO_SETTINGS, "hidden", "log_std_init")
+             if k in earlier and k not in given and earlier[k] != getattr(cfg, k)}
     for key, value in taken.items():
         setattr(cfg, key, value)
     if taken and os.environ.get("RANK", "0") == "0":
@@ -614,7 +637,9 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         history: list[dict] = []
         if resume_path is not None:
             # the zip remembers the old run's TensorBoard folder: this run logs into its own
-            model = RPD.load(resume_path, env=vec, device=device, tensorboard_log=str(run_dir / "tb") if ranks.main else None, **rpd)
+            # as the run was unless the command line changed them (see resumed_settings)
+            ppo = {attr: getattr(cfg, field) for field, attr in PPO_SETTINGS.items()} | {"gamma": gamma}
+            model = RPD.load(resume_path, env=vec, device=device, tensorboard_log=str(run_dir / "tb") if ranks.main else None, **rpd, **ppo)
             model.num_timesteps = model.num_timesteps * getattr(model, "robodistill_ranks", 1) // ranks.world
             old = resume_path.parent.parent / "history.json"
             # evaluations after the checkpoint were lost with the kill: the resumed run makes them again
@@ -676,7 +701,7 @@ def main(cfg: DictConfig) -> dict:
     resume_path = resume_checkpoint(config, run_dir)
     if resume_path is not None:
         config.env = resumed_env(config.env, resume_path, given_fields())
-        resumed_distillation(config, resume_path, given_fields())
+        resumed_settings(config, resume_path, given_fields())
         check_unfinished(resume_path, trained_steps(resume_path), config.total_steps, "total_steps", "env step")
     else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained
         # on 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
