@@ -190,6 +190,18 @@ def test_rl100_killed_while_rating_a_finished_stage_resumes_to_its_rating(rl100_
     assert trained == {stage: (copy / stage / "checkpoints" / "last.pt").stat().st_mtime_ns for stage in trained}  # not trained again
 
 
+def test_rl100_resuming_a_finished_run_says_there_is_nothing_left(rl100_run, pushcube_demos, cli_here):
+    """It exited 0 reprinting the old report, dropping a budget raised now (online.env_steps=) unsaid."""
+    run, _ = rl100_run
+    report = (run / "report.json").read_text()
+    r = cli_here("rl100", f"dataset={pushcube_demos}", *SMALL, "online.env_steps=320", f"resume_from={run}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {run} has already run stages=[imitation,offline,online,distill]: resuming it has nothing left to do (a "
+        f"finished stage is kept as it ran, whatever its settings now); to train further, start a new run from one of "
+        f"its stages' policies, e.g. stages=[online,distill] init={run / 'online' / 'policy.pt'}"), r.stderr[-2000:]
+    assert (run / "report.json").read_text() == report
+
+
 def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl100_run, pushcube_demos, cli, tmp_path):
     run, _ = rl100_run
     init = run / "imitation" / "checkpoints" / "last.pt"

@@ -745,6 +745,18 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     return run.report
 
 
+def check_unfinished_stages(stages: list[str], run: Run) -> None:
+    """Resuming a run whose `stages` have all finished would rate nothing and train nothing, and exit as if it had:
+    a finished stage is kept as it ran, so a budget raised now (online.env_steps=, ...) would be dropped unsaid."""
+    if not all(run.done(stage) for stage in stages):
+        return
+    trained = [run.policy_path(s) for s in STAGES if s != "distill" and run.done(s)]
+    start = f", e.g. stages=[online,distill] init={trained[-1]}" if trained else ""
+    raise UserError(f"{run.dir} has already run stages=[{','.join(stages)}]: resuming it has nothing left to do (a finished stage is "
+                    f"kept as it ran, whatever its settings now); to train further, start a new run from one of its stages' "
+                    f"policies{start}")
+
+
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
@@ -769,6 +781,8 @@ def main(cfg: DictConfig) -> dict:
     elif config.init:  # the starting policy's own env (what it sees, how it acts, its episode limit) unless told otherwise
         config.env = env_for_policy(config.env, config.init, given_fields(),
                                     ("obs_mode", "control_mode", "max_episode_steps", "image_size"), who="the init= policy")
+    if resuming:
+        check_unfinished_stages(config.stages, Run(run_dir))
     report = run_stages(config, run_dir)
     if resuming:  # it went on in the earlier run's directory; the one hydra made for it holds nothing
         from robodistill.cli import drop_empty_run_dir
