@@ -206,6 +206,22 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     assert done.returncode == 2 and "at env step 400: the run already trained total_steps=400" in done.stderr, done.stderr[-2000:]
 
 
+def test_evaluations_and_checkpoints_come_after_the_update_of_the_rollout_before(tmp_path):
+    """SB3 steps the callback while it collects a rollout: at a rollout's last step the run rated and saved the policy
+    without that rollout's update, so the final row was not the saved student's and the eval at 100 was step 0's."""
+    from robodistill.evaluation import HELD_OUT_SEEDS
+    from robodistill.policies.student import GaussianStudent
+    from robodistill.training import rpd
+
+    cfg = RPDConfig(env=EnvConfig(max_episode_steps=25), total_steps=200, n_steps=100, batch_size=50, n_epochs=1,
+                    hidden=[32, 32], obs_norm_steps=20, eval_every=100, eval_episodes=2, checkpoint_every=100, progress=False)
+    history = rpd.train(cfg, tmp_path)["history"]
+    assert [row["step"] for row in history] == [0, 100, 200] and history[0]["return"] != history[1]["return"]
+    with make_env(cfg.env, ignore_terminations=True) as env:
+        saved = evaluate(GaussianStudent(PPO.load(tmp_path / "student.zip", device="cpu")), env, 2, seed=HELD_OUT_SEEDS, progress=False)
+    assert saved.summary["mean_return"] == pytest.approx(history[-1]["return"])
+
+
 def test_a_resumed_run_keeps_its_ppo_settings_and_network_unless_given(tmp_path):
     """SB3's zip holds the run's PPO settings: given ones were silently ignored on resume (and recorded as used), those
     left out were not recorded; another network cannot take the zip's weights."""

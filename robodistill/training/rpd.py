@@ -498,16 +498,21 @@ class RunCallback(BaseCallback):
         return row
 
     def _on_step(self) -> bool:
+        self.bar.update(self.model.global_steps - self.bar.n)
+        return True
+
+    def _on_rollout_start(self) -> None:
+        # Not in _on_step: SB3 steps the callback while it collects a rollout, before the update that learns from it, so
+        # a rollout's last step rated the policy without that update (the final row not the saved student) and saved it
+        # without it (a resumed run never learned from those steps). A rollout starts after the update of the one before.
         n = self.model.global_steps
-        self.bar.update(n - self.bar.n)
         if n >= self.next_eval:
-            self.next_eval += self.cfg.eval_every
+            self.next_eval = (n // self.cfg.eval_every + 1) * self.cfg.eval_every
             self.evaluate()
         # the run's last rollout is saved by train(), after its final evaluation and student.zip (see there)
-        if n >= self.next_ckpt and n < self.cfg.total_steps:
-            self.next_ckpt += self.cfg.checkpoint_every
+        if n >= self.next_ckpt:
+            self.next_ckpt = (n // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
             checkpoints.write_atomic(self.run_dir / "checkpoints" / "last.zip", self.model.save)
-        return True
 
     def _on_training_end(self) -> None:
         self.bar.close()
