@@ -249,6 +249,7 @@ def test_rl100_online_critic_warmup_holds_the_actor_until_it_ends(rl100_run, cli
         r = cli("rl100", "env=PushCube-v1", *SMALL, "stages=[online]", f"init={init}", f"online.critic_warmup={warmup}",
                 f"hydra.run.dir={out}")
         assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.rstrip().endswith("(json: report.json, online curves: online.png)") and not (out / "ope.png").exists()
         history = checkpoints.load(out / "online" / "state.pt")["history"]
         assert len(history) == 5
         after = checkpoints.load(out / "online" / "policy.pt")["ema"]

@@ -789,5 +789,6 @@ def main(cfg: DictConfig) -> dict:
 
         drop_empty_run_dir()
     print((run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else "")
-    print(f"report: {run_dir / 'report.md'} (json: report.json, OPE scatter: ope.png, online curves: online.png)")
+    plots = [f"{what}: {name}" for what, name in (("OPE scatter", "ope.png"), ("online curves", "online.png")) if (run_dir / name).is_file()]
+    print(f"report: {run_dir / 'report.md'} ({', '.join(['json: report.json', *plots])})")  # a plot only where its stage ran
     return report
