@@ -328,7 +328,9 @@ def test_chain_ppo_loss_weights_the_shared_advantage_by_the_denoising_discount()
 
 
 def test_rl100_bad_input_is_one_clear_line(cli_here, tmp_path):
+    checkpoints.save(tmp_path / "agv.pt", {"kind": "agv_ppo"})  # a checkpoint, of another command's policy
     for args, message in {
+        ("init=agv.pt", "stages=[online]"): "agv.pt holds a 'agv_ppo', not a Diffusion Policy checkpoint",
         ("stages=[offline]",): "give init=",
         ("stages=[warmup]",): "stages=['warmup']",
         ("env.obs_mode=rgb", "dataset=x.h5"): "env.obs_mode=state",

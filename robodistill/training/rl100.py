@@ -703,16 +703,16 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     check(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    policy_path = Path(cfg.init) if cfg.init else None
+    start = load(policy_path, cfg.chain.steps)[1] if policy_path is not None else None  # not one: said before the run has a report
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(run_dir)
     env_cfg = cfg.env
     run.report["env"] = asdict(env_cfg)  # recorded now, so that a run killed in its first stage resumes in it
     run.save_report()
-    policy_path = Path(cfg.init) if cfg.init else None
-    if policy_path is not None and "imitation" not in cfg.stages and "init" not in run.report["stages"]:
-        _, policy = load(policy_path, cfg.chain.steps)  # the starting point's success: the line to beat
-        with make_env(env_cfg, ignore_terminations=True) as env:
-            run.report["stages"]["init"] = {**success(policy, env, cfg.eval_episodes, HELD_OUT_SEEDS + cfg.seed), "policy": str(policy_path)}
+    if start is not None and "imitation" not in cfg.stages and "init" not in run.report["stages"]:
+        with make_env(env_cfg, ignore_terminations=True) as env:  # the starting point's success: the line to beat
+            run.report["stages"]["init"] = {**success(start, env, cfg.eval_episodes, HELD_OUT_SEEDS + cfg.seed), "policy": str(policy_path)}
         run.save_report()
     for stage in STAGES:
         if run.done(stage):
