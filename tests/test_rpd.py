@@ -224,17 +224,19 @@ def test_evaluations_and_checkpoints_come_after_the_update_of_the_rollout_before
 
 def test_a_resumed_run_keeps_its_ppo_settings_and_network_unless_given(tmp_path):
     """SB3's zip holds the run's PPO settings: given ones were silently ignored on resume (and recorded as used), those
-    left out were not recorded; another network cannot take the zip's weights."""
+    left out were not recorded; another network cannot take the zip's weights. Evaluations went to the defaults'."""
     from robodistill.errors import UserError
     from robodistill.training import rpd
 
     cfg = RPDConfig(env=EnvConfig(max_episode_steps=25), total_steps=100, n_steps=100, batch_size=50, n_epochs=1,
                     hidden=[32, 32], obs_norm_steps=20, eval_every=0, eval_episodes=1, checkpoint_every=100, progress=False)
     rpd.train(cfg, tmp_path / "first")
-    resumed = RPDConfig(env=cfg.env, total_steps=150, n_steps=50, lr=0.1, eval_every=0, eval_episodes=1, progress=False,
-                        resume_from=str(tmp_path / "first"))
-    rpd.resumed_settings(resumed, tmp_path / "first" / "student.zip", {"env", "total_steps", "n_steps", "lr"})
+    (tmp_path / "first" / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.structured(cfg), tmp_path / "first" / ".hydra" / "config.yaml")  # as hydra keeps a run's config
+    resumed = RPDConfig(env=cfg.env, total_steps=150, n_steps=50, lr=0.1, progress=False, resume_from=str(tmp_path / "first"))
+    rpd.resumed_settings(resumed, tmp_path / "first" / "checkpoints" / "last.zip", {"env", "total_steps", "n_steps", "lr"})
     assert (resumed.batch_size, resumed.n_epochs, resumed.hidden) == (50, 1, [32, 32])  # the run's own
+    assert (resumed.eval_every, resumed.eval_episodes) == (0, 1)  # its history goes on with evaluations of the same size
     rpd.train(resumed, tmp_path / "resumed")
     student = PPO.load(tmp_path / "resumed" / "student.zip", device="cpu")
     assert (student.learning_rate, student.n_steps, student.batch_size, student.num_timesteps) == (0.1, 50, 50, 150)

@@ -579,6 +579,8 @@ def trained_steps(path: Path) -> int:
 
 # What makes a run RPD rather than PPO, or another RPD: a resumed run keeps its own unless the command line says otherwise.
 DISTILLATION = ("teacher", "teacher_obs_mode", "distill", "distill_coef", "schedule", "anneal_steps", "labels")
+# How it is rated and saved: likewise, so that its history goes on with evaluations of the same size, as often.
+EVALUATION = ("eval_every", "eval_episodes", "checkpoint_every")
 # How it updates, as the config's fields and SB3's attributes: likewise its own unless given, and then given to the loaded model.
 PPO_SETTINGS = {"n_steps": "n_steps", "batch_size": "batch_size", "n_epochs": "n_epochs", "lr": "learning_rate", "gamma": "gamma",
                 "gae_lambda": "gae_lambda", "clip_range": "clip_range", "ent_coef": "ent_coef", "vf_coef": "vf_coef",
@@ -595,8 +597,8 @@ def ppo_settings(data: dict) -> dict:
 
 
 def resumed_settings(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None:
-    """Takes the DISTILLATION and PPO_SETTINGS of the run `resume_path` belongs to (its .hydra/config.yaml, or the zip's
-    own where it has none) that `given` leaves unset and that differ, and says so: `rpd resume=true` after
+    """Takes the DISTILLATION, EVALUATION and PPO_SETTINGS of the run `resume_path` belongs to (its .hydra/config.yaml,
+    or the zip's own where it has none) that `given` leaves unset and that differ, and says so: `rpd resume=true` after
     `rpd teacher=X` goes on with teacher X, not as the plain PPO that the default teacher=none is. They are written
     into this run's .hydra/config.yaml too, so that resuming this run again keeps them. The student's network is
     its weights': another `hidden` or `log_std_init` is refused."""
@@ -609,7 +611,7 @@ def resumed_settings(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None
                             f"({resume_path}); drop {key}= to continue it (or train a new student, without resume)")
     saved = resume_path.parent.parent / ".hydra" / "config.yaml"
     earlier = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else trained  # a zip kept outside its run directory
-    taken = {k: earlier[k] for k in (*DISTILLATION, *PPO_SETTINGS, "hidden", "log_std_init")
+    taken = {k: earlier[k] for k in (*DISTILLATION, *EVALUATION, *PPO_SETTINGS, "hidden", "log_std_init")
              if k in earlier and k not in given and earlier[k] != getattr(cfg, k)}
     for key, value in taken.items():
         setattr(cfg, key, value)
