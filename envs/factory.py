@@ -150,9 +150,9 @@ def gym_kwargs(cfg: EnvConfig, num_envs: int, render: bool) -> dict:
     return kwargs
 
 
-def _gym_make(cfg: EnvConfig, num_envs: int, render: bool, flags: str) -> gym.Env:
+def _gym_make(cfg: EnvConfig, num_envs: int, render: bool, flags: str, **extra: Any) -> gym.Env:
     try:
-        return gym.make(cfg.task, **gym_kwargs(cfg, num_envs, render))
+        return gym.make(cfg.task, **gym_kwargs(cfg, num_envs, render), **extra)
     except RuntimeError as err:
         if "physical device" in str(err) or "Vulkan" in str(err) or "vk::" in str(err):
             raise UserError(f"no Vulkan device for SAPIEN ({err}); {SETUP_HINT}") from err
@@ -173,18 +173,17 @@ def _explain_make_error(cfg: EnvConfig, err: Exception, flags: str) -> str:
     return f"ManiSkill could not build {cfg.task} with {asdict(cfg)}: {err!r}"
 
 
-def build_single(cfg: EnvConfig, render: bool, flags: str) -> gym.Env:
-    """One ManiSkill env (batched API, num_envs=1) with our observation convention applied."""
-    return single_env(_gym_make(cfg, 1, render, flags), rgb=cfg.obs_mode == "rgb")
-
-
 def _worker_env(cfg: EnvConfig, render: bool, ignore_terminations: bool, flags: str) -> gym.Env:
     # One thread per env worker: torch's default of one per core makes stepping erratic here.
     import torch
     from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
     torch.set_num_threads(1)
-    return CPUGymWrapper(build_single(cfg, render, flags), ignore_terminations=ignore_terminations, record_metrics=True)
+    # ManiSkill lays out an episode reset without a seed (every auto-reset) with torch's global RNG, which a fresh
+    # worker process seeds from the OS: runs with the same seed parted at their first auto-reset. With
+    # enhanced_determinism such an episode is seeded from the env's own RNG, which the seeded resets set.
+    env = _gym_make(cfg, 1, render, flags, enhanced_determinism=True)
+    return CPUGymWrapper(single_env(env, rgb=cfg.obs_mode == "rgb"), ignore_terminations=ignore_terminations, record_metrics=True)
 
 
 def make_env(

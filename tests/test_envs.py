@@ -61,6 +61,17 @@ def test_process_vector_env_autoresets_with_final_info():
         assert not torch.equal(info["final_observation"]["state"], obs["state"])  # obs is the new episode
 
 
+def test_process_vector_env_auto_resets_repeat_with_the_seed():
+    # an auto-reset episode was laid out with the worker's torch RNG, seeded from the OS: rpd and rl100 runs with
+    # env.num_envs > 1 and the same seed differed from their first auto-reset on
+    runs = []
+    for _ in range(2):
+        with make_env(EnvConfig(task="PushCube-v1", num_envs=2, max_episode_steps=2)) as env:
+            runs.append(rollout(env, 6, seeds=[0, 1]))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0][:, 3], runs[0][:, 5])  # each auto-reset starts a new episode
+
+
 def test_rgb_observations():
     with make_env(EnvConfig(task="PushCube-v1", obs_mode="rgb", image_size=64)) as env:
         obs = env.reset(seed=[0])
