@@ -91,6 +91,19 @@ def precheckable(args: list[str]) -> list[str] | None:
     return [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-") and a.split("=", 1)[0] not in LAUNCH_KEYS]
 
 
+def named_as_resumed(command: str, args: list[str]) -> list[str]:
+    """`args`, plus the name of the run that `resume_from=` continues where they give no name=: the new run
+    directory is named after it, not after the command line's defaults (another task's, another scene's), so that a
+    later resume=true of that name finds the newest run and not the older one."""
+    given = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    if command not in TRAINING or not given.get("resume_from") or "name" in given:
+        return args
+    path = Path(given["resume_from"])
+    run = path if path.is_dir() else path.parent.parent  # <run>/checkpoints/last.pt
+    named = re.match(RUN_STAMP, run.name)
+    return [*args, f"name={run.name[named.end():]}"] if named else args
+
+
 def _guarded(task_fn, command: str = ""):
     """Bad input ends in one clear line, not a traceback through hydra; so does Ctrl-C."""
 
@@ -100,7 +113,9 @@ def _guarded(task_fn, command: str = ""):
             return ""
         run_dir = _run_dir()
         saved = run_dir is not None and any(next(run_dir.rglob(name), None) for name in CHECKPOINT_NAMES)
-        if saved or cfg.get("resume") or cfg.get("resume_from"):
+        if cfg.get("resume_from") and command != "rl100":  # the same command would start again from resume_from's checkpoint
+            return f": the run keeps its last checkpoint; resume=true name={cfg.get('name')} in place of resume_from= continues it"
+        if saved or cfg.get("resume"):
             return ": the run keeps its last checkpoint; the same command with resume=true continues it"
         return ": it stopped before its first checkpoint, so there is nothing to resume; the same command starts it again"
 
@@ -186,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     from robodistill.launcher import launch
 
     if command not in ARGV_COMMANDS:
+        overrides = named_as_resumed(command, overrides)
         _guarded(lambda args: check_overrides(command, args))(overrides)
         register_schemas(command)
         plain = precheckable(overrides)

@@ -93,6 +93,10 @@ def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
         "interrupted: it stopped before its first checkpoint, so there is nothing to resume; the same command starts it again")
     assert interrupt("*-late/checkpoints/last.zip", "name=late", "n_steps=16", "checkpoint_every=16", "eval_every=0") == (
         "interrupted: the run keeps its last checkpoint; the same command with resume=true continues it")
+    # The same command again would start from resume_from's checkpoint, not from the one this run wrote.
+    (late,) = (tmp_path / "runs" / "rpd").glob("*-late")
+    assert interrupt("2099-*/.hydra/config.yaml", f"resume_from={late}", "hydra.run.dir=runs/rpd/2099-01-01_00-00-00-late") == (
+        "interrupted: the run keeps its last checkpoint; resume=true name=late in place of resume_from= continues it")
 
 
 def test_the_precheck_leaves_to_hydra_what_only_hydra_composes(cli_here, tmp_path):
