@@ -123,7 +123,7 @@ class RPDConfig:
     warm_start_steps: int = 0
     warm_start_epochs: int = 20  # passes over the warm start's steps, minibatches of batch_size
     # run
-    eval_every: int = 10_000  # env steps between evaluations (success with intervals); 0: only at the end
+    eval_every: int = 10_000  # env steps between evaluations (success with intervals); 0: only before training (step 0) and at the end
     eval_episodes: int = 20
     checkpoint_every: int = 10_000  # env steps between atomic checkpoints/last.zip
     resume: bool = False  # continue the newest run with this name from checkpoints/last.zip
