@@ -15,7 +15,8 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 from robodistill.summary import READERS
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions
-from robodistill.training.rl100 import chain_ppo_loss, clip_schedule
+from robodistill.evaluation import wilson_interval
+from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, plot_online
 
 
 def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
@@ -298,6 +299,16 @@ def test_an_rl100_policy_teaches_rpd_in_the_episodes_it_was_trained_in(rl100_run
     (student,) = (tmp_path / "runs" / "rpd").glob("*-t/student.zip")
     rated = cli("eval", f"policy={student}", "episodes=1", "name=s")
     assert rated.returncode == 0 and "as the policy was trained: env.max_episode_steps=40" in rated.stdout, rated.stderr[-2000:]
+
+
+def test_online_plot_draws_evaluations_at_0_and_100_percent(tmp_path):
+    # 100/100's Wilson bound came out as 1 - 1.1e-16, below the rate: a negative error bar, which matplotlib refuses
+    evals = [{"env_steps": 100 * (i + 1), "success_once": k / n, "ci95": list(wilson_interval(k, n)), "episodes": n}
+             for i, (k, n) in enumerate([(0, 11), (6, 6), (100, 100)])]
+    assert all(e["ci95"][0] <= e["success_once"] <= e["ci95"][1] for e in evals)
+    history = [{"env_steps": 100, "train_success": 1.0, "explained_variance": 0.1, "approx_kl": 0.01, "clip_frac": 0.1}]
+    plot_online(history, evals, tmp_path / "online.png")
+    assert (tmp_path / "online.png").stat().st_size > 0
 
 
 def test_online_clip_schedule_tightens_toward_the_noisiest_step():

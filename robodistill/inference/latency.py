@@ -147,8 +147,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, task in enumerate(sorted({r["task"] for r in rated})):
         for r in (r for r in rated if r["task"] == task):
             lo, hi = r["ci95"]
-            err = [[max(0.0, r["success_once"] - lo)], [max(0.0, hi - r["success_once"])]]  # float rounding at 0% / 100%
-            ax.errorbar(r["p50_ms"], r["success_once"], yerr=err,
+            ax.errorbar(r["p50_ms"], r["success_once"], yerr=[[r["success_once"] - lo], [hi - r["success_once"]]],
                         fmt="o", color=f"C{i}", capsize=3)
             ax.annotate(f"{r['sampler']} ({r['checkpoint'][-12:]})" if r["sampler"].startswith("consistency") else r["sampler"],
                         (r["p50_ms"], r["success_once"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
