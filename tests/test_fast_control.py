@@ -14,7 +14,7 @@ from robodistill import checkpoints
 from robodistill.data import Normalizer
 from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
-from robodistill.inference.latency import measure
+from robodistill.inference.latency import figure, measure
 from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_timesteps, make_training_scheduler
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
@@ -272,3 +272,22 @@ def test_bench_latency_stopped_keeps_the_rows_it_measured(cli, tmp_path, pushcub
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
     (out,) = (tmp_path / "runs" / "bench-latency").glob("*-b/latency.json")
     assert [r["sampler"] for r in json.loads(out.read_text())] == ["ddim:1"]
+
+
+@pytest.mark.parametrize("spread", [1.01, 1.5])  # latencies within a decade, and 5 decades apart (log axis)
+def test_latency_plot_labels_stay_apart_when_samplers_are_close(spread):
+    """Samplers of close latency and one success rate (0% or 100%, as tiny runs give): no label on another."""
+    samplers = ["ddpm:100", "ddim:10", "rti", "consistency:1", "consistency:3"]
+    rows = [{"task": task, "checkpoint": "last", "sampler": name, "p50_ms": 0.2 * spread**i * (1 if spread < 1.1 else 10**i),
+             "success_once": 1.0, "ci95": [0.9, 1.0]} for i, name in enumerate(samplers) for task in ("PushCube-v1", "PickCube-v1")]
+    fig = figure(rows)
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    texts = [t for t in ax.texts if t.get_text()]
+    ticks = [t for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_visible() and t.get_text()]
+    assert len(texts) == len(rows)
+    for group in (texts, ticks):
+        boxes = [t.get_window_extent(renderer) for t in group]
+        for i, a in enumerate(boxes):
+            assert not any(a.overlaps(b) for b in boxes[i + 1:]), [t.get_text() for t in group]
+    assert all(fig.bbox.contains(*box.p0) and fig.bbox.contains(*box.p1) for box in (t.get_window_extent(renderer) for t in texts))

@@ -133,8 +133,9 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Success vs p50 latency (log scale), one marker per sampler, one colour per task."""
+def figure(rows: list[dict]):
+    """Success vs p50 latency (log scale where the samplers' latencies span a decade or more), one marker per
+    sampler, one colour per task; None without success rates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,23 +143,61 @@ def plot(rows: list[dict], path: Path) -> None:
 
     rated = [r for r in rows if "success_once" in r]
     if not rated:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = []
     for i, task in enumerate(sorted({r["task"] for r in rated})):
         for r in (r for r in rated if r["task"] == task):
             lo, hi = r["ci95"]
             ax.errorbar(r["p50_ms"], r["success_once"], yerr=[[r["success_once"] - lo], [hi - r["success_once"]]],
                         fmt="o", color=f"C{i}", capsize=3)
-            ax.annotate(f"{r['sampler']} ({r['checkpoint'][-12:]})" if r["sampler"].startswith("consistency") else r["sampler"],
-                        (r["p50_ms"], r["success_once"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            labels.append(ax.annotate(f"{r['sampler']} ({r['checkpoint'][-12:]})" if r["sampler"].startswith("consistency")
+                                      else r["sampler"], (r["p50_ms"], r["success_once"]), textcoords="offset points",
+                                      xytext=(4, 4), fontsize=7))
         ax.plot([], [], "o", color=f"C{i}", label=task)
-    ax.set_xscale("log")
+    latencies = [r["p50_ms"] for r in rated]
+    if max(latencies) >= 10 * min(latencies):  # within a decade a log axis labels its minor ticks, 1.005x10^0,
+        ax.set_xscale("log")  # 1.01x10^0, ..., on top of each other
     ax.set_xlabel("latency per inference call, p50 (ms, batch 1, CPU)")
     ax.set_ylabel("success_once (95% Wilson interval)")
     ax.set_ylim(-0.02, 1.05)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    _untangle(fig, ax, labels)
+    return fig
+
+
+def _untangle(fig, ax, labels: list) -> None:
+    """Samplers of close latency and equal success (every rate 0% or 100%: common) put their labels on top of
+    each other: each label, from the fastest sampler on, takes the first line above or below its point that is
+    clear of those placed before and inside the axes (else the first clear one), to the left of a point near the
+    right edge."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = []
+    for label in sorted(labels, key=lambda t: t.xy[0]):
+        if label.get_window_extent(renderer).x1 > frame.x1:
+            label.set_horizontalalignment("right")
+        dx = -4 if label.get_horizontalalignment() == "right" else 4
+        candidates = []
+        for dy in (4, -12, 13, -21, 22, -30, 31, -39, 40, -48):
+            label.xyann = (dx, dy)
+            box = label.get_window_extent(renderer).padded(2)
+            if not any(box.overlaps(other) for other in placed):
+                candidates.append(((dx, dy), frame.y0 <= box.y0 and box.y1 <= frame.y1))
+        if candidates:
+            label.xyann = next((xy for xy, inside in candidates if inside), candidates[0][0])
+        placed.append(label.get_window_extent(renderer).padded(2))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """`figure(rows)` as a PNG (nothing without success rates)."""
+    fig = figure(rows)
+    if fig is None:
+        return
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
