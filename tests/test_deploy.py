@@ -257,6 +257,11 @@ def test_serve_and_control_given_a_run_directory_name_the_bundle_or_the_export_t
         Bundle.load(run)
 
 
+def test_serve_threads_zero_is_one_line(bundle, cli):
+    r = cli("serve", f"bundle={bundle}", "port=0", "threads=0", timeout=60)  # onnxruntime took 0 as all cores, and served
+    assert r.returncode == 2 and "error: threads=0 must be >= 1: the graph runtime's inference threads" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_port_that_is_not_a_policy_server_is_one_line(cli_here):
     plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=plain.serve_forever, daemon=True).start()

@@ -166,7 +166,8 @@ def test_teacher_bad_input(cli_here, pushcube_demos, tmp_path):
                           ("val_fraction=-0.1", "iterations=2"): "val_fraction=-0.1 must be >= 0 and < 1",
                           ("policy.act_horizon=32",): "1 <= act_horizon <= pred_horizon - obs_horizon + 1 = 15",
                           ("device=gpu",): "device=gpu: robodistill trains on auto, cpu, cuda or cuda:<index>",
-                          ("device=cuda:99",): "device=cuda:99"}.items():
+                          ("device=cuda:99",): "device=cuda:99",
+                          ("threads=0", "iterations=2"): "threads=0 must be >= 1"}.items():  # was read as 1
         r = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
     negative = cli_here("train-teacher", f"dataset={pushcube_demos}", *[a for a in TINY if not a.startswith("eval_episodes")],

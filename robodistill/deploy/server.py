@@ -227,6 +227,8 @@ def main(cfg: DictConfig) -> None:
         raise UserError("bundle=<dir> is required: a directory written by `robodistill export`")
     if not 0 <= cfg.port < 65536:
         raise UserError(f"port={cfg.port} must be between 0 and 65535")
+    if cfg.threads < 1:  # onnxruntime would read 0 as all cores
+        raise UserError(f"threads={cfg.threads} must be >= 1: the graph runtime's inference threads")
     bundle = Bundle.load(Path(cfg.bundle), threads=int(cfg.threads))
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per connection otherwise
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV)

@@ -38,7 +38,7 @@ from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.summary import counted
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, schedule_note
+from robodistill.training.runs import check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, schedule_note, set_threads
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _predicted_x0(teacher: DiffusionPolicy, x_t: torch.Tensor, t: torch.Tensor, 
 
 def train(cfg: DistillConfig, run_dir: Path) -> dict:
     ranks, device = setup(cfg.device)
-    torch.set_num_threads(max(1, cfg.threads // ranks.world))
+    set_threads(cfg.threads, ranks.world)
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)

@@ -53,7 +53,7 @@ from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, c
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.summary import counted
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
-from robodistill.training.runs import budget_spent, latest_run
+from robodistill.training.runs import budget_spent, latest_run, set_threads
 
 STAGES = ("imitation", "offline", "online", "distill")
 GATES = {"amq": ("amq",), "fqe": ("fqe",), "both": ("amq", "fqe")}  # the estimators whose verdicts must all be "no worse"
@@ -701,7 +701,7 @@ def plot_online(history: list[dict], evals: list[dict], path: Path) -> None:
 
 def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     check(cfg)
-    torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     policy_path = Path(cfg.init) if cfg.init else None
     start = load(policy_path, cfg.chain.steps)[1] if policy_path is not None else None  # not one: said before the run has a report

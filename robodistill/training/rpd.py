@@ -72,7 +72,7 @@ from robodistill.policies.student import GaussianStudent, NormalizedState, State
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.summary import counted
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_env
+from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_env, set_threads
 from robodistill.wire import served_env
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
@@ -623,7 +623,7 @@ def resumed_settings(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None
 def train(cfg: RPDConfig, run_dir: Path) -> dict:
     check(cfg)
     ranks, device = setup(cfg.device)
-    torch.set_num_threads(max(1, cfg.threads // ranks.world))
+    set_threads(cfg.threads, ranks.world)
     seed = cfg.seed + 1000 * ranks.rank  # each rank its own envs and exploration; rank 0's weights for all
     run_dir.mkdir(parents=True, exist_ok=True)
     dense = (cfg.env.reward_mode or "normalized_dense") != "sparse"

@@ -35,6 +35,13 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def set_threads(threads: int, ranks: int = 1) -> None:
+    """torch's CPU threads for this process: `threads` for all `ranks` together, at least one each."""
+    if threads < 1:  # torch refuses 0 with a traceback; the per-rank floor below would read it as 1
+        raise UserError(f"threads={threads} must be >= 1: the CPU threads of the run (all ranks together)")
+    torch.set_num_threads(max(1, threads // ranks))
+
+
 def check_budget(iterations: int, batch_size: int, minutes: float | None, checkpoint_every: int) -> None:
     """The imitation trainers' budget: a run that would train on nothing is an error, not an empty run."""
     if iterations < 1 or batch_size < 1:

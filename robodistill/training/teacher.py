@@ -28,7 +28,7 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, restore_training, resumed_env, schedule_note,
+from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, restore_training, resumed_env, schedule_note, set_threads,
                                       training_state)
 
 
@@ -61,7 +61,7 @@ class TrainTeacherConfig:
 
 def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     ranks, device = setup(cfg.device)
-    torch.set_num_threads(max(1, cfg.threads // ranks.world))
+    set_threads(cfg.threads, ranks.world)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     run_dir.mkdir(parents=True, exist_ok=True)
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)

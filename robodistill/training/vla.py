@@ -33,7 +33,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, schedule_note, training_state
+from robodistill.training.runs import carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, schedule_note, set_threads, training_state
 
 
 @dataclass
@@ -84,7 +84,7 @@ def demos_for(cfg: TrainVLAConfig, task: str) -> Path:
 
 
 def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
-    torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
