@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from robodistill.errors import UserError
-from robodistill.summary import RUN_STAMP, jobs
+from robodistill.summary import RUN_STAMP, jobs, jsonl_rows
 
 # the file a command's run records its evaluations in, and what its x axis counts
 SOURCES = {"train-teacher": ("metrics.jsonl", "iterations"), "train-vla": ("metrics.jsonl", "iterations"),
@@ -39,8 +39,10 @@ def _rows(run: Path, command: str) -> list[dict]:
     path = run / SOURCES[command][0]
     if not path.is_file():  # not evaluated yet
         return []
-    text = path.read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    try:
+        return jsonl_rows(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is damaged ({err}): leave {run} out of the plot") from None
 
 
 def series(run: Path, label: str, command: str | None = None) -> tuple[str, dict[str, list[tuple[int, float, float, float]]], list[tuple[int, float]], str]:

@@ -51,8 +51,15 @@ def _demos(run: Path) -> list[str]:
     return [f"{d['converted']}/{d['requested']} {d['task']} demonstrations (failed plans: {d['failed_plans']}): {d['path']}"]
 
 
+def jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a .jsonl that a run appends to (metrics.jsonl), without a last line that has no newline yet:
+    one being written as it is read, or cut short by a kill."""
+    *complete, _unfinished = path.read_text().split("\n")
+    return [json.loads(line) for line in complete if line.strip()]
+
+
 def _teacher(run: Path) -> list[str]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = jsonl_rows(run / "metrics.jsonl")
     last = rows[-1]
     return [f"{last['step']} iterations in {last['train_seconds'] / 60:.1f} min, loss {last['loss']:.4f}"]
 
@@ -76,7 +83,7 @@ def _eval(run: Path) -> list[str]:
 
 
 def _vla(run: Path) -> list[str]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = jsonl_rows(run / "metrics.jsonl")
     last = rows[-1]
     tasks = ", ".join(f"{t} {_ci(r['success_once'], r['ci95'])}" for t, r in last.get("tasks", {}).items())
     return [f"{last['step']} iterations in {last['train_seconds'] / 60:.1f} min" + (f"; success_once {tasks}" if tasks else "")]

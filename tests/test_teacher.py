@@ -199,3 +199,24 @@ def test_a_resumed_run_keeps_the_best_checkpoint_it_resumed_with(cli, tmp_path, 
     assert kept["step"] >= best["step"] and kept["best"] >= best["best"]
     if kept["best"] == best["best"]:
         assert kept["step"] == best["step"] and all(torch.equal(v, kept["ema"][k]) for k, v in best["ema"].items())
+
+
+def test_plot_summary_and_resume_read_metrics_whose_last_line_is_still_being_written(cli_here, tmp_path):
+    from robodistill.curves import series
+    from robodistill.training.runs import carry_metrics
+
+    run = tmp_path / "runs" / "train-teacher" / "2026-01-01_00-00-00-t"
+    (run / "checkpoints").mkdir(parents=True)
+    rows = [{"step": s, "loss": 0.1 / s, "train_seconds": s, "success_once": s / 400, "ci95": [0.0, 0.9]} for s in (100, 200)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 300, "lo')  # appended as read
+    _, success, loss, _ = series(run, "t", "train-teacher")
+    assert success == {"t": [(100, 0.25, 0.0, 0.9), (200, 0.5, 0.0, 0.9)]} and loss == [(100, 0.001), (200, 0.0005)]
+    plotted = cli_here("plot", str(run), "--out", str(tmp_path / "c.png"))
+    assert plotted.returncode == 0 and (tmp_path / "c.png").stat().st_size > 0, plotted.stderr[-2000:]
+    table = cli_here("summary", "--runs", str(tmp_path / "runs"))
+    assert "200 iterations" in table.stdout, table.stdout
+    carry_metrics(run / "checkpoints" / "last.pt", 200, tmp_path)  # resumed after a kill cut the line short
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
+    (run / "metrics.jsonl").write_text('{"step": 1\n' + json.dumps(rows[0]) + "\n")  # damaged, not being written
+    damaged = cli_here("plot", str(run), "--out", str(tmp_path / "d.png"))
+    assert damaged.returncode == 2 and f"{run / 'metrics.jsonl'} is damaged" in damaged.stderr, damaged.stderr[-2000:]

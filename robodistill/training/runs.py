@@ -13,7 +13,7 @@ from robodistill import checkpoints
 from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
 from robodistill.evaluation import TRAINED_FIELDS, env_for_policy
-from robodistill.summary import RUN_STAMP
+from robodistill.summary import RUN_STAMP, jsonl_rows
 
 
 def pick_device(name: str) -> torch.device:
@@ -116,8 +116,8 @@ def carry_metrics(resume_path: Path | None, step: int, run_dir: Path) -> None:
     old = resume_path.parent.parent / "metrics.jsonl" if resume_path is not None else None
     if old is None or not old.is_file():
         return
-    kept = [line for line in old.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    checkpoints.write_atomic(run_dir / "metrics.jsonl", lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+    kept = [row for row in jsonl_rows(old) if row["step"] <= step]
+    checkpoints.write_atomic(run_dir / "metrics.jsonl", lambda f: f.write("".join(f"{json.dumps(row)}\n" for row in kept).encode()))
 
 
 def carry_best(resume_path: Path | None, step: int, run_dir: Path) -> None:
