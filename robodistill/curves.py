@@ -123,11 +123,16 @@ def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
         for label, points in success.items():
             x, y, lo, hi = zip(*points)
             top.plot(x, y, "o-", ms=3, color=f"C{colour % 10}", label=label)
-            top.fill_between(x, lo, hi, color=f"C{colour % 10}", alpha=0.15, lw=0)
+            if len(points) > 1:
+                top.fill_between(x, lo, hi, color=f"C{colour % 10}", alpha=0.15, lw=0)
+            else:  # a band through one point has no width: its interval as an error bar
+                top.errorbar(x, y, yerr=[[y[0] - lo[0]], [hi[0] - y[0]]], fmt="none", ecolor=f"C{colour % 10}", capsize=4)
             colour += 1
-        if lower:
-            bottom.plot(*zip(*lower), color=f"C{first % 10}", lw=1)
+        if lower:  # a line through one point draws nothing: a marker
+            bottom.plot(*zip(*lower), color=f"C{first % 10}", lw=1, marker="o" if len(lower) == 1 else None, ms=3)
         bottom.set_ylabel(lower_name)
+    # Close values (a flat loss) would be labelled as offsets from a corner note, 0 to 1 under "1e-6+2.34e-2": the values.
+    bottom.ticklabel_format(axis="y", useOffset=False)
     top.set_ylabel("success (95% interval)")
     top.set_title(", ".join(sorted({c for _, c, *_ in curves})) + ": evaluation during training", fontsize=10)
     top.set_ylim(-0.02, 1.02)

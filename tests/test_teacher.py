@@ -220,3 +220,30 @@ def test_plot_summary_and_resume_read_metrics_whose_last_line_is_still_being_wri
     (run / "metrics.jsonl").write_text('{"step": 1\n' + json.dumps(rows[0]) + "\n")  # damaged, not being written
     damaged = cli_here("plot", str(run), "--out", str(tmp_path / "d.png"))
     assert damaged.returncode == 2 and f"{run / 'metrics.jsonl'} is damaged" in damaged.stderr, damaged.stderr[-2000:]
+
+
+def test_curves_show_a_lone_evaluation_with_its_interval_and_a_flat_loss_by_its_values(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    from robodistill.curves import plot
+
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig) or close(fig))  # kept to look at, still closed
+    run = tmp_path / "runs" / "train-teacher" / "2026-01-01_00-00-00-t"
+    run.mkdir(parents=True)
+    # eval_every=0: one evaluation at the end; a loss flat to 1e-6
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 20, "loss": 0.023411, "success_once": 0.5, "ci95": [0.2, 0.8]}) + "\n")
+    plot([run], tmp_path / "one.png")
+    top, bottom = drawn[-1].axes
+    (bar,) = [c for c in top.collections if isinstance(c, LineCollection)]  # its interval, where a band had no width
+    assert bar.get_segments()[0][:, 1].tolist() == [0.2, 0.8]
+    (loss,) = bottom.lines
+    assert loss.get_marker() == "o" and loss.get_xydata().tolist() == [[20, 0.023411]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.023411 + s * 1e-8, "success_once": 0.5,
+                                                           "ci95": [0.2, 0.8]}) + "\n" for s in (100, 200)))
+    plot([run], tmp_path / "flat.png")
+    bottom = drawn[-1].axes[1]
+    drawn[-1].canvas.draw()
+    ticks = [float(t.get_text().replace("\u2212", "-")) for t in bottom.get_yticklabels() if t.get_text()]
+    assert bottom.yaxis.get_offset_text().get_text() == "" and all(0.0234 < t < 0.0235 for t in ticks), ticks
