@@ -25,7 +25,12 @@ def launch(command: str, overrides: list[str]) -> None:
         raise UserError("hydra/launcher=submitit_slurm submits the jobs to Slurm, but this machine has no `srun`: run it where "
                         "Slurm is (a login node), or use hydra/launcher=submitit_local to run the same jobs here")
     launcher = next((o.split("=", 1)[1] for o in overrides if o.startswith("launcher=")), None)
-    if launcher is None or "WORLD_SIZE" in os.environ:
+    if "WORLD_SIZE" in os.environ:
+        return
+    if launcher is None:
+        if any(o.startswith("nproc=") for o in overrides):  # else hydra's many lines suggesting +nproc=, which runs one process
+            where = "" if command in LAUNCHABLE else f" (which runs {', '.join(LAUNCHABLE)}; `{command}` trains in one process)"
+            raise UserError(f"nproc= is the number of ranks of launcher=torchrun{where}: add launcher=torchrun, or drop nproc=")
         return
     if launcher != "torchrun":
         raise UserError(f"launcher={launcher}: the launcher is torchrun (or leave it out for one process)")

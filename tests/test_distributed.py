@@ -91,6 +91,8 @@ def test_launcher_bad_input_is_one_clear_line(cli, cli_here, pushcube_demos):
         ("train-teacher", "launcher=slurm"): "launcher=slurm: the launcher is torchrun",
         ("eval", "launcher=torchrun", "policy=random"): "launcher=torchrun runs train-teacher, distill, rpd",
         ("train-teacher", "launcher=torchrun", "nproc=two"): "nproc=two must be a whole number",
+        ("distill", "nproc=2"): "nproc= is the number of ranks of launcher=torchrun: add launcher=torchrun",  # hydra: +nproc=2
+        ("eval", "nproc=2"): "(which runs train-teacher, distill, rpd; `eval` trains in one process)",
     }.items():
         r = cli_here(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
