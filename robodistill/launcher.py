@@ -36,6 +36,10 @@ def launch(command: str, overrides: list[str]) -> None:
         raise UserError(f"launcher={launcher}: the launcher is torchrun (or leave it out for one process)")
     if command not in LAUNCHABLE:
         raise UserError(f"launcher=torchrun runs {', '.join(LAUNCHABLE)}; `{command}` trains in one process")
+    if {"-m", "--multirun"} & set(overrides):  # every rank would run the whole sweep, and its second job's process
+        # group finds the first's addresses in torchrun's store: a gloo connection traceback after the first job
+        raise UserError(f"launcher=torchrun runs one run, not a sweep (-m): start one per setting, e.g. "
+                        f"`for s in 0 1 2; do robodistill {command} seed=$s launcher=torchrun ...; done`")
     nproc = next((o.split("=", 1)[1] for o in overrides if o.startswith("nproc=")), "2")
     if not nproc.isdigit() or int(nproc) < 1:
         raise UserError(f"nproc={nproc} must be a whole number of processes >= 1")

@@ -93,6 +93,7 @@ def test_launcher_bad_input_is_one_clear_line(cli, cli_here, pushcube_demos):
         ("train-teacher", "launcher=torchrun", "nproc=two"): "nproc=two must be a whole number",
         ("distill", "nproc=2"): "nproc= is the number of ranks of launcher=torchrun: add launcher=torchrun",  # hydra: +nproc=2
         ("eval", "nproc=2"): "(which runs train-teacher, distill, rpd; `eval` trains in one process)",
+        ("distill", "-m", "seed=0,1", "launcher=torchrun"): "launcher=torchrun runs one run, not a sweep (-m)",
     }.items():
         r = cli_here(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
