@@ -124,6 +124,11 @@ class Bundle:
                 module = torch.jit.load(str(file), map_location="cpu")
             names = graph["inputs"]
             self._run = lambda inputs: module(*(torch.from_numpy(inputs[n]) for n in names)).numpy()
+            # TorchScript's profiling executor optimises the graph in its first two calls (40-60 ms, then 10-20, for
+            # a small MLP; under 1 ms after): here, not in a server's first requests, past a 20 Hz loop's deadline.
+            zeros = {k: np.zeros((1, *s["shape"]), s["dtype"]) for k, s in self.observation.items()}
+            for _ in range(2):
+                self.infer(zeros, None if self.noise_shape is None else np.zeros((1, *self.noise_shape), np.float32))
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 1) -> "Bundle":
