@@ -278,6 +278,13 @@ def test_serve_threads_zero_is_one_line(bundle, cli):
     assert r.returncode == 2 and "error: threads=0 must be >= 1: the graph runtime's inference threads" in r.stderr, r.stderr[-2000:]
 
 
+def test_control_at_a_rate_the_robot_cannot_step_says_the_rate_it_kept(bundle, cli_here):
+    r = cli_here("control", f"bundle={bundle}", "hz=2000", "episodes=1", "max_episode_steps=10")  # a sim step takes ms
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = re.search(r"it kept (\d+) Hz, not 2000: the robot's step takes longer than a period; lower hz=", r.stdout)
+    assert kept and int(kept.group(1)) < 2000, r.stdout[-2000:]
+
+
 def test_a_port_that_is_not_a_policy_server_is_one_line(cli_here):
     plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=plain.serve_forever, daemon=True).start()
