@@ -148,6 +148,8 @@ def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_p
     assert (run / "checkpoints" / "last.pt").is_file()
     with pytest.raises(UserError, match="is a file"):
         export(ExportConfig(ckpt=str(checkpoint)), run / "checkpoints" / "last.pt")
+    with pytest.raises(UserError, match=f"out={run / 'checkpoints' / 'last.pt' / 'bundle'} cannot be written"):  # a file on its path
+        export(ExportConfig(ckpt=str(checkpoint)), run / "checkpoints" / "last.pt" / "bundle")
     loaded_bundle = Bundle.load(bundle)
     with pytest.raises(UserError, match="max_message_mb=0 must be > 0"):
         PolicyServer(loaded_bundle, max_message_mb=0)

@@ -307,8 +307,11 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
     trace_inputs = example_inputs(graph, env_cfg, 2, rng)
     parity_inputs = example_inputs(graph, env_cfg, cfg.parity_batch, rng)  # another batch size: the batch dim is free
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:  # a file on its path, no permission, a read-only disk: said, not a traceback
+        raise UserError(f"out={out} cannot be written ({err.strerror}: {err.filename}): give a folder you can write to") from err
     try:
         file = GRAPH_FILES[cfg.format]
         write_graph(graph, cfg.format, trace_inputs, tmp / file)
