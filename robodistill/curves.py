@@ -141,9 +141,13 @@ def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as err:  # a file on its path, no permission, a read-only disk
+        raise UserError(f"cannot write {out} ({err.strerror}: {err.filename}): give --out <a path you can write>") from err
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -213,6 +213,8 @@ def test_plot_summary_and_resume_read_metrics_whose_last_line_is_still_being_wri
     assert success == {"t": [(100, 0.25, 0.0, 0.9), (200, 0.5, 0.0, 0.9)]} and loss == [(100, 0.001), (200, 0.0005)]
     plotted = cli_here("plot", str(run), "--out", str(tmp_path / "c.png"))
     assert plotted.returncode == 0 and (tmp_path / "c.png").stat().st_size > 0, plotted.stderr[-2000:]
+    blocked = cli_here("plot", str(run), "--out", str(run / "metrics.jsonl" / "c.png"))  # a file on its path
+    assert blocked.returncode == 2 and f"cannot write {run / 'metrics.jsonl' / 'c.png'} (" in blocked.stderr, blocked.stderr[-2000:]
     table = cli_here("summary", "--runs", str(tmp_path / "runs"))
     assert "200 iterations" in table.stdout, table.stdout
     carry_metrics(run / "checkpoints" / "last.pt", 200, tmp_path)  # resumed after a kill cut the line short
