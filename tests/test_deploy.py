@@ -198,6 +198,7 @@ def test_server_speaks_openpi_protocol_and_survives_bad_input(server, bundle):
         "wrong shape": ({"state": obs["state"][0]}, "expected (2, "),
         "wrong dtype": ({"state": obs["state"].astype(np.float64)}, "expected float32"),
         "NaN": ({"state": np.full_like(obs["state"], np.nan)}, "NaN or inf"),
+        "overflowing": ({"state": np.full_like(obs["state"], 3e38)}, "actions for this observation are not finite"),  # were NaN
         "not a dict": ([1, 2], "must be a dict"),
     }
     for case, (payload, message) in bad.items():

@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed
 
 import robodistill
 from robodistill.errors import UserError
-from robodistill.policies.bundle import Bundle, check_observation
+from robodistill.policies.bundle import Bundle, ObservationError, check_observation
 from robodistill.summary import counted, sampler_words
 from robodistill.wire import API_KEY_ENV
 
@@ -181,7 +181,12 @@ class PolicyServer:
             infer_ms = (time.perf_counter() - start) * 1e3
             self.stats["batches"] += 1
             for i, p in enumerate(batch):
-                p.future.set_result((actions[i], infer_ms, len(batch)))
+                if np.isfinite(actions[i]).all():
+                    p.future.set_result((actions[i], infer_ms, len(batch)))
+                else:  # finite inputs that overflow inside the graph (1e38); NaN passes its clamp to the action bounds
+                    p.future.set_exception(ObservationError(
+                        "the policy's actions for this observation are not finite: its values are far outside those it was "
+                        "trained on (check their units and order against the bundle's observation)"))
 
     async def serve_forever(self) -> None:
         self._loop = asyncio.get_running_loop()
