@@ -128,8 +128,8 @@ def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
             else:  # a band through one point has no width: its interval as an error bar
                 top.errorbar(x, y, yerr=[[y[0] - lo[0]], [hi[0] - y[0]]], fmt="none", ecolor=f"C{colour % 10}", capsize=4)
             colour += 1
-        if lower:  # a line through one point draws nothing: a marker
-            bottom.plot(*zip(*lower), color=f"C{first % 10}", lw=1, marker="o" if len(lower) == 1 else None, ms=3)
+        if lower:
+            draw_line(bottom, lower, color=f"C{first % 10}", lw=1)
         bottom.set_ylabel(lower_name)
     # Close values (a flat loss) would be labelled as offsets from a corner note, 0 to 1 under "1e-6+2.34e-2": the values.
     bottom.ticklabel_format(axis="y", useOffset=False)
@@ -149,6 +149,11 @@ def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+def draw_line(ax, points: list[tuple[float, float]], **style) -> None:
+    """`points` as a line; one point as a marker, which a line through it alone would not draw (a run's first update)."""
+    ax.plot(*zip(*points), marker="o" if len(points) == 1 else None, ms=3, **style)
 
 
 def write_run_curves(run_dir: Path, command: str) -> None:

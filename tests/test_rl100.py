@@ -16,7 +16,7 @@ from robodistill.policies.diffusion.policy import DiffusionPolicy
 from robodistill.summary import READERS
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions
 from robodistill.evaluation import wilson_interval
-from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, plot_online
+from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, plot_online, plot_ope
 
 
 def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
@@ -309,6 +309,35 @@ def test_online_plot_draws_evaluations_at_0_and_100_percent(tmp_path):
     history = [{"env_steps": 100, "train_success": 1.0, "explained_variance": 0.1, "approx_kl": 0.01, "clip_frac": 0.1}]
     plot_online(history, evals, tmp_path / "online.png")
     assert (tmp_path / "online.png").stat().st_size > 0
+
+
+def test_gate_and_online_plots_read_close_estimates_and_a_single_update(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig) or close(fig))  # kept to look at, still closed
+    # gate candidates whose estimates differ in the fifth decimal, as they do
+    decisions = [{"amq_q": 0.83121 + i * 1e-5, "fqe": 0.5 + i * 1e-6, "true_discounted": 0.61 + i * 1e-5, "accepted": i != 1}
+                 for i in range(3)]
+    plot_ope(decisions, tmp_path / "ope.png")
+    fig = drawn[-1]
+    canvas = FigureCanvasAgg(fig)  # pyplot's close detached its own
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax, key in zip(fig.axes, ("amq_q", "fqe")):
+        for axis, values in ((ax.xaxis, [d[key] for d in decisions]), (ax.yaxis, [d["true_discounted"] for d in decisions])):
+            assert axis.get_offset_text().get_text() == ""  # was 1e-5+8.312e-1, over the axis label
+            ticks = [t for t in axis.get_ticklabels() if t.get_text()]
+            shown = [float(t.get_text()) for t in ticks]
+            assert min(shown) <= min(values) + 1e-5 and max(values) - 1e-5 <= max(shown) <= 1
+            boxes = [t.get_window_extent(renderer) for t in ticks]
+            assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), [t.get_text() for t in ticks]
+    # online.iterations=1: one update, drawn as points, not as lines through one point that draw nothing
+    plot_online([{"env_steps": 100, "train_success": 0.5, "explained_variance": 0.1, "approx_kl": 0.01, "clip_frac": 0.1}], [],
+                tmp_path / "online.png")
+    assert all(line.get_marker() == "o" for ax in drawn[-1].axes[1:] for line in ax.lines if len(line.get_xdata()) == 1)
+    assert sum(len(ax.lines) for ax in drawn[-1].axes[1:]) >= 3
 
 
 def test_online_clip_schedule_tightens_toward_the_noisiest_step():

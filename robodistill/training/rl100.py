@@ -43,6 +43,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from robodistill import checkpoints
+from robodistill.curves import draw_line
 from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
@@ -655,6 +656,10 @@ def plot_ope(decisions: list[dict], path: Path) -> None:
             if pts:
                 ax.scatter(*zip(*pts), color=color, label=label, s=20)
         ax.set(xlabel=f"{title} estimate of the candidate", ylabel="true discounted success (simulation)", title=title)
+        # candidates' estimates a few 1e-5 apart: the values, not offsets from a note over the axis label, and few
+        # enough of those long values along x that they stay apart
+        ax.ticklabel_format(useOffset=False)
+        ax.locator_params(axis="x", nbins=4)
         ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -682,15 +687,17 @@ def plot_online(history: list[dict], evals: list[dict], path: Path) -> None:
     axes[0].legend(loc="lower left", fontsize=8)
     explained = [(r["env_steps"], r["explained_variance"]) for r in history if "explained_variance" in r]  # absent in runs resumed from older versions
     if explained:
-        axes[1].plot(*zip(*explained), color="tab:green")
+        draw_line(axes[1], explained, color="tab:green")
     axes[1].axhline(0, color="k", lw=0.5)
     axes[1].set(xlabel="env steps", title="V's explained variance")
     for key, color in (("approx_kl", "tab:red"), ("clip_frac", "tab:orange")):
         pts = [(r["env_steps"], r[key]) for r in history if r.get(key) is not None]
         if pts:
-            axes[2].plot(*zip(*pts), color=color, label=key.replace("_", " "))
+            draw_line(axes[2], pts, color=color, label=key.replace("_", " "))
             axes[2].legend(loc="upper right", fontsize=8)
     axes[2].set(xlabel="env steps", title="chain movement per update")
+    for ax in axes[1:]:
+        ax.ticklabel_format(axis="y", useOffset=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
