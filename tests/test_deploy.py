@@ -281,6 +281,12 @@ def test_serve_threads_zero_is_one_line(bundle, cli):
     assert r.returncode == 2 and "error: threads=0 must be >= 1: the graph runtime's inference threads" in r.stderr, r.stderr[-2000:]
 
 
+def test_control_refuses_an_episode_limit_below_one_under_its_own_flag(bundle, cli_here):
+    for limit in ("0", "-5"):  # 0 ran the bundle's limit; -5 was refused as env.max_episode_steps, not control's flag
+        r = cli_here("control", f"bundle={bundle}", "episodes=1", "hz=0", f"max_episode_steps={limit}")
+        assert r.returncode == 2 and f"error: max_episode_steps={limit} must be >= 1 (or left out" in r.stderr, r.stderr[-2000:]
+
+
 def test_control_at_a_rate_the_robot_cannot_step_says_the_rate_it_kept(bundle, cli_here):
     r = cli_here("control", f"bundle={bundle}", "hz=2000", "episodes=1", "max_episode_steps=10")  # a sim step takes ms
     assert r.returncode == 0, r.stderr[-2000:]

@@ -358,6 +358,8 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"robot='{cfg.robot}' is not an adapter here; robot=maniskill (see ManiSkillRobot for a real arm)")
     if cfg.episodes < 1:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
+    if cfg.max_episode_steps is not None and cfg.max_episode_steps < 1:  # 0 fell back to the bundle's limit unsaid
+        raise UserError(f"max_episode_steps={cfg.max_episode_steps} must be >= 1 (or left out: the bundle's own limit)")
     # openpi's client and runtime and the websockets server log every connection and episode at INFO.
     for log in (logging.getLogger(), logging.getLogger("websockets")):
         log.setLevel(logging.WARNING)
