@@ -227,6 +227,11 @@ def take_env(env_cfg: EnvConfig, recorded: dict, given: set[str], fields: tuple[
     return replace(env_cfg, **taken)
 
 
+def check_seed(seed: int) -> None:
+    if seed < 0:  # numpy's generators, and so the env's reset, refuse it with a traceback
+        raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {seed}")
+
+
 def main(cfg: DictConfig) -> EvalReport:
     from hydra.core.hydra_config import HydraConfig
 
@@ -235,8 +240,7 @@ def main(cfg: DictConfig) -> EvalReport:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.episodes < 1:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
-    if cfg.seed < 0:
-        raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {cfg.seed}")
+    check_seed(cfg.seed)
     check_policy_spec(str(cfg.policy))
     note_unused_rti(given_fields(), cfg.sampler == "rti")
     torch.manual_seed(cfg.seed)

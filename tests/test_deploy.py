@@ -281,10 +281,14 @@ def test_serve_threads_zero_is_one_line(bundle, cli):
     assert r.returncode == 2 and "error: threads=0 must be >= 1: the graph runtime's inference threads" in r.stderr, r.stderr[-2000:]
 
 
-def test_control_refuses_an_episode_limit_below_one_under_its_own_flag(bundle, cli_here):
+def test_control_and_serve_refuse_an_episode_limit_or_seed_below_range(bundle, cli_here):
     for limit in ("0", "-5"):  # 0 ran the bundle's limit; -5 was refused as env.max_episode_steps, not control's flag
         r = cli_here("control", f"bundle={bundle}", "episodes=1", "hz=0", f"max_episode_steps={limit}")
         assert r.returncode == 2 and f"error: max_episode_steps={limit} must be >= 1 (or left out" in r.stderr, r.stderr[-2000:]
+    for command, message in (("control", "seed must be >= 0 (episode k is reset with seed + k), got -1"),
+                             ("serve", "seed=-1 must be >= 0: each connection's noise generator starts from it")):
+        r = cli_here(command, f"bundle={bundle}", "seed=-1")  # closed every connection with 1011 (internal error)
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
 
 def test_control_at_a_rate_the_robot_cannot_step_says_the_rate_it_kept(bundle, cli_here):

@@ -59,7 +59,7 @@ from openpi_client.runtime.runtime import Runtime
 
 from robodistill.envs import EnvConfig, VecEnv, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import EvalReport, episode_metrics
+from robodistill.evaluation import EvalReport, check_seed, episode_metrics
 from robodistill.summary import counted
 from robodistill.wire import API_KEY_ENV, connect
 
@@ -358,6 +358,7 @@ def main(cfg: DictConfig) -> EvalReport:
         raise UserError(f"robot='{cfg.robot}' is not an adapter here; robot=maniskill (see ManiSkillRobot for a real arm)")
     if cfg.episodes < 1:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
+    check_seed(cfg.seed)
     if cfg.max_episode_steps is not None and cfg.max_episode_steps < 1:  # 0 fell back to the bundle's limit unsaid
         raise UserError(f"max_episode_steps={cfg.max_episode_steps} must be >= 1 (or left out: the bundle's own limit)")
     # openpi's client and runtime and the websockets server log every connection and episode at INFO.

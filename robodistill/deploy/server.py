@@ -91,6 +91,8 @@ class PolicyServer:
             raise UserError(f"max_batch={max_batch} must be >= 1")
         if max_message_mb <= 0:
             raise UserError(f"max_message_mb={max_message_mb} must be > 0")
+        if seed < 0:  # numpy refuses it at every connection, which websockets then closes with an internal error
+            raise UserError(f"seed={seed} must be >= 0: each connection's noise generator starts from it")
         self.bundle, self.host, self.port = bundle, host, port
         self.api_key, self.seed, self.max_batch = api_key or None, seed, max_batch
         self.max_bytes = int(max_message_mb * 2**20)
