@@ -254,6 +254,7 @@ def test_summary_lists_a_latency_only_bench(cli, tmp_path, pushcube_demos):
     bench = cli("bench-latency", f"ckpt={run_dir(tmp_path, 't') / 'checkpoints' / 'last.pt'}", "episodes=0", "calls=2",
                 "samplers=[ddim:2]", "name=b")
     assert bench.returncode == 0, bench.stderr[-3000:]
+    assert "no latency.png: it plots success against latency, and episodes=0 rates no success" in bench.stdout  # was unsaid
     (listed,) = [result for command, _, result in summarize(tmp_path / "runs") if command == "bench-latency"]
     assert re.fullmatch(r"ddim:2 +2 calls, p50 +[\d.]+ ms", listed), listed
 

@@ -6,7 +6,7 @@ action (p50 / actions executed per inference), and success_once with its 95% int
 `episodes` episodes (those `robodistill eval` runs with the same seed and sampler). One forward pass
 of the denoiser at batch 1 is the floor any sampler pays.
 RTI is timed warm (its steady state); the full denoise that starts each episode is in its success,
-not in its latency. Writes latency.json and latency.png (success vs latency).
+not in its latency. Writes latency.json and latency.png (success vs latency; none with episodes=0).
 """
 
 from __future__ import annotations
@@ -225,5 +225,7 @@ def main(cfg: DictConfig) -> list[dict]:
     rows = measure(str(cfg.ckpt), env_cfg, list(cfg.samplers), rti, int(cfg.calls), int(cfg.episodes), int(cfg.seed),
                    measured=lambda rows: checkpoints.write_json(run_dir / "latency.json", rows))
     plot(rows, run_dir / "latency.png")  # the table was printed row by row as measured
+    if not cfg.episodes:
+        print("no latency.png: it plots success against latency, and episodes=0 rates no success")
     print(f"run: {run_dir}")
     return rows
