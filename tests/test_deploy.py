@@ -146,6 +146,11 @@ def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_p
     with pytest.raises(UserError, match="overwrite=true only replaces an earlier export"):
         export(ExportConfig(ckpt=str(run / "checkpoints" / "last.pt"), overwrite=True), run)
     assert (run / "checkpoints" / "last.pt").is_file()
+    # a run's directory for the file in it: named, not "give the path of a checkpoint"
+    with pytest.raises(UserError, match=re.escape(f"ckpt={run} is a run directory: give the checkpoint in it, ckpt={run / 'checkpoints' / 'last.pt'}")):
+        export(ExportConfig(ckpt=str(run)), tmp_path / "z")
+    with pytest.raises(UserError, match=re.escape(f"ckpt={bundle.parent} is an export run: its bundle, {bundle}, is exported already")):
+        export(ExportConfig(ckpt=str(bundle.parent)), tmp_path / "z")
     with pytest.raises(UserError, match="is a file"):
         export(ExportConfig(ckpt=str(checkpoint)), run / "checkpoints" / "last.pt")
     with pytest.raises(UserError, match=f"out={run / 'checkpoints' / 'last.pt' / 'bundle'} cannot be written"):  # a file on its path

@@ -40,6 +40,7 @@ from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.inference.samplers import consistency_timesteps
 from robodistill.policies import agv
+from robodistill.policies.base import run_output
 from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.policies.student import NormalizedState, open_student
@@ -289,6 +290,12 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
         raise UserError(f"format='{cfg.format}' is not one of {', '.join(GRAPH_FILES)}")
     if cfg.parity_batch < 1:
         raise UserError(f"parity_batch={cfg.parity_batch} must be >= 1: the observations the parity check compares on")
+    if cfg.ckpt and Path(cfg.ckpt).is_dir():  # a run's directory, given for the file in it
+        inside = run_output(cfg.ckpt)
+        if inside is not None and inside.is_dir():
+            raise UserError(f"ckpt={cfg.ckpt} is an export run: its bundle, {inside}, is exported already; give the checkpoint it came from")
+        if inside is not None:
+            raise UserError(f"ckpt={cfg.ckpt} is a run directory: give the checkpoint in it, ckpt={inside}")
     if not cfg.ckpt or not Path(cfg.ckpt).is_file():
         raise UserError(f"ckpt={cfg.ckpt!r}: give the path of a checkpoint (runs/distill/<run>/checkpoints/last.pt)")
     if out.exists() and not out.is_dir():
