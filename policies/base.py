@@ -113,10 +113,14 @@ def check_trained_on(what: str, trained_on: dict, env) -> None:
 
 def run_output(run: str | Path) -> Path | None:
     """The policy a command's run directory holds (export's bundle, rpd's student, agv-train's policy, a
-    checkpoint), for a flag given the directory instead; None where it holds none."""
+    checkpoint; a sweep's directory: its first job's), for a flag given the directory instead; None where it holds none."""
     from robodistill.policies.bundle import is_bundle
+    from robodistill.summary import jobs
 
-    held = (Path(run) / n for n in ("bundle", "student.zip", "policy.pt", "checkpoints/best.pt", "checkpoints/last.pt"))
+    if not Path(run).is_dir():
+        return None
+    first = jobs(Path(run))[0][1]
+    held = (first / n for n in ("bundle", "student.zip", "policy.pt", "checkpoints/best.pt", "checkpoints/last.pt"))
     return next((p for p in held if is_bundle(str(p)) or p.is_file()), None)
 
 

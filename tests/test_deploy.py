@@ -274,6 +274,10 @@ def test_serve_and_control_given_a_run_directory_name_the_bundle_or_the_export_t
     for command in ("serve", "control"):  # an export's run directory: its bundle is in bundle/
         r = cli_here(command, f"bundle={bundle.parent}")
         assert r.returncode == 2 and f"'{bundle.parent}' is an export run, not a bundle: give bundle={bundle}" in r.stderr, r.stderr[-2000:]
+    sweep = tmp_path / "sweep"  # an export sweep's directory (-m): its jobs' bundles, not "make one with robodistill export"
+    shutil.copytree(bundle, sweep / "0" / "bundle")
+    r = cli_here("serve", f"bundle={sweep}")
+    assert r.returncode == 2 and f"give bundle={sweep / '0' / 'bundle'}" in r.stderr, r.stderr[-2000:]
     run = tmp_path / "teacher"  # a training run: its checkpoint exports to a bundle
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.pt").write_bytes(checkpoint.read_bytes())
