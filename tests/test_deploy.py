@@ -65,7 +65,11 @@ def _in_process_policy(checkpoint, sampler, steps) -> DiffusionPolicy:
 
 @pytest.mark.parametrize("fmt,sampler,steps", [("onnx", "consistency", 2), ("torchscript", "ddim", 3)])
 def test_bundle_computes_what_the_policy_computes(checkpoint, tmp_path, fmt, sampler, steps):
+    killed = tmp_path / ".b.999999999-x2k1"  # the temp folder of an export killed with SIGKILL (no such pid): stayed for good
+    killed.mkdir()
+    (killed / "policy.onnx").write_bytes(b"partial")
     out, meta = export(ExportConfig(ckpt=str(checkpoint), sampler=sampler, steps=steps, format=fmt), tmp_path / "b")
+    assert not killed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     assert meta["parity"]["max_abs_diff"] <= 1e-4 and meta["source"]["sha256"] and meta["env"]["control_freq"] == 20
     assert meta["action"]["chunk_length"] == 4 and meta["observation"]["state"]["dtype"] == "float32"
     loaded = Bundle.load(out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -316,7 +317,8 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        checkpoints.remove_orphaned(out.parent, f".{out.name}.")  # those of exports killed with SIGKILL
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", dir=out.parent))
     except OSError as err:  # a file on its path, no permission, a read-only disk: said, not a traceback
         raise UserError(f"out={out} cannot be written ({err.strerror}: {err.filename}): give a folder you can write to") from err
     try:
