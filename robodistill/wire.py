@@ -32,6 +32,11 @@ class ServedPolicy(base_policy.BasePolicy):
             return self.client.infer(obs)
         except ConnectionClosed as err:
             raise CutShort(f"the policy server at {self.url} closed the connection ({err})") from err
+        except RuntimeError as err:  # openpi's client raises the server's text frame as "Error in inference server:\n<text>"
+            said = str(err).partition("Error in inference server:\n")[2]
+            if not said:
+                raise
+            raise UserError(f"the policy server at {self.url} refused the request: {said.removeprefix('error: ')}") from err
 
     def reset(self) -> None:
         self.client.reset()

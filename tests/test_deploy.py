@@ -384,6 +384,24 @@ def test_a_server_that_stops_answering_stops_the_robot_and_ends_the_run(bundle):
         ControllerConfig(hz=20, timeout_ms=20).check(4)
 
 
+def test_a_request_the_server_refuses_stops_the_robot_and_says_why_in_one_line(bundle):
+    loaded = Bundle.load(bundle)
+    server = PolicyServer(loaded, port=0).start()
+    try:
+        agent = ChunkAgent(connect(server.url), loaded.metadata, ControllerConfig(hz=0))
+        agent.reset()
+        glitch = {"state": np.full(loaded.metadata["observation"]["state"]["shape"][1], np.nan, np.float32)}  # a sensor's NaN
+        first = agent.get_action(glitch)["actions"]
+        assert not first.any()  # the stop action (zero motion under delta control): no chunk came
+        with pytest.raises(UserError) as said:
+            agent.get_action(glitch)
+    finally:
+        server.stop()
+    # was openpi's "Error in inference server:\nerror: ...", two lines, and "check the server" for the robot's NaN
+    assert str(said.value) == (f"inference failed: the policy server at {server.url} refused the request: observation['state'] "
+                               "contains NaN or inf; the robot was sent its stop action")
+
+
 def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bundle, cli_here, tmp_path):
     loaded = Bundle.load(bundle)
     server = PolicyServer(loaded, port=0).start()

@@ -175,7 +175,9 @@ class ChunkAgent(openpi_agent.Agent):
             chunk, rtt, server_ms = future.result()
         except Exception as err:  # a server gone or failing ends the run as a hung one does
             self.chunk = None  # nothing more of it: this step sends the stop action
-            self._failure = f"inference failed: {err}; the robot was sent its stop action; check the server"
+            # a server that refused the request (a NaN from a sensor) or went away says so itself
+            hint = "" if isinstance(err, UserError) else "; check the server"
+            self._failure = f"inference failed: {err}; the robot was sent its stop action{hint}"
             return
         skipped = min(self.step - obs_step, len(chunk))
         self.chunk, self.chunk_step = chunk, obs_step
