@@ -7,6 +7,7 @@ that the commands that never launch (`summary`, `dataset`) do not pay for torch 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,9 +68,10 @@ def _relay(args: list[str]) -> int:
             continue
         pending += text
         *lines, pending = pending.split("\n")
-        for line in lines:
-            if line.startswith("error: ") and line not in errors:
-                errors.append(line)
-                print(line, file=sys.stderr, flush=True)
+        # ranks' lines can interleave mid-line ("error: Aerror: A", then the newlines): each "error: " starts one
+        for said in (part for line in lines for part in re.split(r"(?<=.)(?=error: )", line)):
+            if said.startswith("error: ") and said not in errors:
+                errors.append(said)
+                print(said, file=sys.stderr, flush=True)
     code = proc.wait()
     return 2 if errors and code else code

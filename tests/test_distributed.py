@@ -99,6 +99,15 @@ def test_launcher_bad_input_is_one_clear_line(cli, cli_here, pushcube_demos):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
 
 
+def test_the_launcher_says_each_error_of_the_ranks_once_when_their_lines_interleave(capsys):
+    from robodistill.launcher import _relay
+
+    # two ranks failing alike write their lines at once: "error: Xerror: X" then the newlines (seen with nproc=2)
+    rank_writes = "import os, sys; [os.write(2, w) for w in (b'error: bad batch', b'error: bad batch', b'\\n\\n')]; sys.exit(1)"
+    assert _relay([sys.executable, "-c", rank_writes]) == 2
+    assert capsys.readouterr().err == "error: bad batch\n"
+
+
 def test_shared_memory_mean_matches_gloo_on_three_ranks(tmp_path):
     """The shared-memory average (growing its buffer, then reusing it; gloo where /dev/shm is full)
     against gloo's all-reduce of the same tensors, on 3 ranks: equal up to rounding, bit-identical on
