@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -257,6 +258,12 @@ def test_summary_lists_a_latency_only_bench(cli, tmp_path, pushcube_demos):
     assert "no latency.png: it plots success against latency, and episodes=0 rates no success" in bench.stdout  # was unsaid
     (listed,) = [result for command, _, result in summarize(tmp_path / "runs") if command == "bench-latency"]
     assert re.fullmatch(r"ddim:2 +2 calls, p50 +[\d.]+ ms", listed), listed
+    # a sweep job's checkpoint is named by its sweep and job, not by the job number alone ("0")
+    job = tmp_path / "runs" / "train-teacher" / "2026-01-01_00-00-00-multirun" / "0" / "checkpoints"
+    job.mkdir(parents=True)
+    shutil.copy(run_dir(tmp_path, "t") / "checkpoints" / "last.pt", job)
+    (row,) = measure(str(job / "last.pt"), EnvConfig(max_episode_steps=20), ["ddim:2"], RTIConfig(), calls=2, episodes=0)
+    assert row["checkpoint"] == "2026-01-01_00-00-00-multirun/0"
 
 
 def test_bench_latency_stopped_keeps_the_rows_it_measured(cli, tmp_path, pushcube_demos):

@@ -115,8 +115,12 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
 
 
 def _run_name(ckpt: Path) -> str:
-    """runs/<command>/<run>/checkpoints/last.pt -> <run>; a checkpoint elsewhere goes by its file name."""
-    return ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.stem
+    """runs/<command>/<run>/checkpoints/last.pt -> <run> (a sweep's job: <time>-multirun/<n>, not <n> alone); a
+    checkpoint elsewhere goes by its file name."""
+    if ckpt.parent.name != "checkpoints":
+        return ckpt.stem
+    run = ckpt.parent.parent
+    return f"{run.parent.name}/{run.name}" if run.name.isdigit() else run.name
 
 
 def format_rows(rows: list[dict], header: bool = True) -> str:
