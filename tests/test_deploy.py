@@ -11,6 +11,7 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -215,6 +216,9 @@ def test_server_speaks_openpi_protocol_and_survives_bad_input(server, bundle):
             client.infer(payload)
     client._ws.send(b"\xc1 not msgpack")
     assert "malformed frame" in client._ws.recv()
+    # openpi's codec laid an object dtype over the frame's bytes: its elements were pointers the client chose
+    client._ws.send(msgpack.packb({"state": {b"__ndarray__": True, b"data": b"\x01" * 8, b"dtype": "|O", b"shape": (1,)}}))
+    assert "arrays of Python objects (dtype object) cannot be sent" in client._ws.recv()
     assert np.array_equal(client.infer(obs)["actions"].shape, (4, 4))  # the connection still serves
 
     big = WebsocketClientPolicy("127.0.0.1", server, api_key="sesame")

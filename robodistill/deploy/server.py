@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 
+import msgpack
 import numpy as np
 from omegaconf import DictConfig
 from openpi_client import msgpack_numpy
@@ -67,6 +68,15 @@ class ServeConfig:
 
 class RequestError(UserError):
     """A frame that is not a request (text, not msgpack, not a dict)."""
+
+
+def _unpack_array(obj: dict):
+    """openpi's decoding, refusing arrays that hold Python objects: it lays any dtype over the frame's bytes, so an
+    object array's elements would be those bytes taken as pointers, and reading one would read (or crash) the
+    server's memory wherever a crafted frame points."""
+    if b"__ndarray__" in obj and np.dtype(obj[b"dtype"]).hasobject:
+        raise RequestError(f"arrays of Python objects (dtype {np.dtype(obj[b'dtype'])}) cannot be sent: send numbers, or text as a str")
+    return msgpack_numpy.unpack_array(obj)
 
 
 @dataclass
@@ -158,7 +168,9 @@ class PolicyServer:
             raise RequestError("a text frame is not a request: send a binary msgpack-numpy dict of observations "
                                "(openpi_client.msgpack_numpy.packb)")
         try:
-            obs = msgpack_numpy.unpackb(message)
+            obs = msgpack.unpackb(message, object_hook=_unpack_array)
+        except RequestError:
+            raise
         except Exception as err:
             raise RequestError(f"malformed frame, not msgpack-numpy ({type(err).__name__}{': ' + str(err) if str(err) else ''})") from err
         arrays = check_observation(self.bundle.instruct(obs, batched=False), self.bundle.observation, batched=False)
