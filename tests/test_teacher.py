@@ -249,3 +249,26 @@ def test_curves_show_a_lone_evaluation_with_its_interval_and_a_flat_loss_by_its_
     drawn[-1].canvas.draw()
     ticks = [float(t.get_text().replace("\u2212", "-")) for t in bottom.get_yticklabels() if t.get_text()]
     assert bottom.yaxis.get_offset_text().get_text() == "" and all(0.0234 < t < 0.0235 for t in ticks), ticks
+
+
+def test_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(cli, cli_here, tmp_path, pushcube_demos):
+    first = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=20", "eval_every=10", "checkpoint_every=10",
+                "lr=1e-4", "batch_size=16", "ema_power=0.5", "name=r")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Only what changes: the run's dataset, batch size, evaluations and network stay its own, not the defaults'; the
+    # learning rate given reaches the optimizer, where the checkpoint's used to win while the config recorded the given one.
+    more = cli("train-teacher", "name=r", "resume=true", "iterations=30", "lr=3e-4", "threads=1")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert (f"as the resumed run was trained: dataset={pushcube_demos} batch_size=16 ema_power=0.5 eval_every=10 eval_episodes=1 "
+            "checkpoint_every=10 policy.mlp_hidden=[64,64]") in more.stdout, more.stdout
+    resumed = sorted((tmp_path / "runs" / "train-teacher").glob("*-r"))[-1]
+    saved = checkpoints.load(resumed / "checkpoints" / "last.pt")
+    assert saved["step"] == 30 and saved["train"]["batch_size"] == 16 and saved["ema_state"]["power"] == 0.5
+    assert saved["optimizer"]["param_groups"][0]["initial_lr"] == saved["lr_schedule"]["base_lrs"][0] == 3e-4
+    recorded = OmegaConf.load(resumed / ".hydra" / "config.yaml")
+    assert recorded.batch_size == 16 and recorded.lr == 3e-4 and list(recorded.policy.mlp_hidden) == [64, 64]
+    assert [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()] == [10, 20, 30]
+    # The network is the checkpoint's weights': another one is one line, not a dump of both configs.
+    other = cli_here("train-teacher", "name=r", "resume=true", "iterations=40", "policy.mlp_hidden=[32]")
+    assert other.returncode == 2 and ("policy.mlp_hidden=[32]: the resumed run's policy was built with policy.mlp_hidden=[64,64]"
+                                      in other.stderr and "drop policy.mlp_hidden= to continue it" in other.stderr), other.stderr[-2000:]

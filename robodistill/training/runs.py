@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -138,6 +139,31 @@ def resumed_env(env_cfg: EnvConfig, path: Path | None, given: set[str]) -> EnvCo
     return env_for_policy(env_cfg, str(path), given, ("task", *TRAINED_FIELDS), who="the resumed run")
 
 
+def resumed_settings(cfg, trained: dict, fields: tuple[str, ...], given: set[str]) -> dict:
+    """The `fields` (dotted for a nested config: `policy.mlp_hidden`) that the run a checkpoint continues was trained with
+    (`trained`) and that the command line (`given`) leaves unset: a resumed run goes on with its own budget, data,
+    optimizer and evaluations, not the defaults'. Those that differ from `cfg`'s are said, recorded in the run's config
+    (so that resuming this run again keeps them) and returned, for the caller to set."""
+    from robodistill.configs import record_taken
+
+    def current(key: str):
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    taken = {k: trained[k] for k in fields if k in trained and k not in given and trained[k] != current(k)}
+    if taken and os.environ.get("RANK", "0") == "0":  # under torchrun every rank takes them; one says so
+        print(f"as the resumed run was trained: {' '.join(f'{k}={command_line(v)}' for k, v in taken.items())} (set <field>= to change)")
+    record_taken(taken)
+    return taken
+
+
+def command_line(value) -> str:
+    """A config value as the command line writes it: a list as [a,b], which hydra reads back."""
+    return f"[{','.join(map(str, value))}]" if isinstance(value, (list, tuple)) else str(value)
+
+
 def schedule_note(step: int, iterations: int, warmup: int) -> str:
     """What a user should know when `minutes` stopped a run before `iterations`: how far its cosine
     learning-rate schedule (set over `iterations`, after `warmup`) had decayed. Empty when it ran to its end."""
@@ -169,10 +195,23 @@ def training_state(policy: torch.nn.Module, optimizer, lr_schedule, ema, batch_g
 
 
 def restore_training(state: dict, policy: torch.nn.Module, optimizer, lr_schedule, ema, batch_gen: torch.Generator) -> None:
-    """Load what `training_state` saved: the next batches and random draws are the ones the killed run would have made."""
+    """Load what `training_state` saved: the next batches and random draws are the ones the killed run would have made.
+    The learning rate, weight decay and EMA warm-up power stay those `optimizer`, `lr_schedule` and `ema` were built with."""
     policy.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_schedule.load_state_dict(state["lr_schedule"])
+    load_optimization(optimizer, lr_schedule, state["optimizer"], state["lr_schedule"])
+    power = ema.power
     ema.load_state_dict(state["ema_state"])
+    ema.power = power
     checkpoints.set_rng_state(state["rng"])
     batch_gen.set_state(state["batch_rng"])
+
+
+def load_optimization(optimizer, lr_schedule, optimizer_state: dict, schedule_state: dict) -> None:
+    """Load a checkpoint's optimizer and learning-rate schedule states, keeping the peak learning rate and weight decay
+    they were built with (the command line's, else the resumed run's own): the saved states' would silently win."""
+    peaks, decays = list(lr_schedule.base_lrs), [group["weight_decay"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    lr_schedule.load_state_dict(schedule_state)
+    lr_schedule.base_lrs = peaks
+    for group, peak, decay, factor in zip(optimizer.param_groups, peaks, decays, lr_schedule.lr_lambdas):
+        group.update(initial_lr=peak, lr=peak * factor(lr_schedule.last_epoch), weight_decay=decay)

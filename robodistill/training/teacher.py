@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,8 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, restore_training, resumed_env, schedule_note, set_threads,
-                                      training_state)
+from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, command_line, ema_weights,
+                                      find_resume, restore_training, resumed_env, resumed_settings, schedule_note, set_threads, training_state)
 
 
 @dataclass
@@ -131,11 +131,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
 
     resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
     if resume_path is not None:
-        state = checkpoints.load(resume_path, map_location=device)
-        if state.get("kind") != KIND or "optimizer" not in state:  # a distill checkpoint holds a teacher, not its training
-            what = "a distilled head" if "consistency" in state else f"a '{state.get('kind')}'"
-            raise UserError(f"{resume_path} holds {what}, not a train-teacher run's state: resume from "
-                            "runs/train-teacher/<run>/checkpoints/last.pt")
+        state = resumable(resume_path, device)
         if state["policy"] != policy.spec():
             raise UserError(f"{resume_path} was written for another model config: {state['policy']} vs {policy.spec()}")
         restore_training(replicas.local(state), policy, optimizer, lr_schedule, ema, batch_gen)
@@ -250,6 +246,37 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {"obs": {k: v.to(device) for k, v in batch["obs"].items()}, "actions": batch["actions"].to(device)}
 
 
+def resumable(path: Path, device: torch.device | str = "cpu") -> dict:
+    """The checkpoint a train-teacher run continues from."""
+    state = checkpoints.load(path, map_location=device)
+    if state.get("kind") != KIND or "optimizer" not in state:  # a distill checkpoint holds a teacher, not its training
+        what = "a distilled head" if "consistency" in state else f"a '{state.get('kind')}'"
+        raise UserError(f"{path} holds {what}, not a train-teacher run's state: resume from runs/train-teacher/<run>/checkpoints/last.pt")
+    return state
+
+
+# What a resumed run keeps of its own unless the command line sets it: its budget, data, optimizer, evaluations and seed
+# (the evaluations' episodes), so that `resume=true` alone goes on as the run was, not with the defaults'.
+RESUMED = ("dataset", "num_demos", "val_fraction", "iterations", "minutes", "batch_size", "lr", "weight_decay", "warmup",
+           "ema_power", "eval_every", "eval_episodes", "checkpoint_every", "seed")
+
+
+def resumed_config(cfg: TrainTeacherConfig, path: Path, given: set[str]) -> TrainTeacherConfig:
+    """`cfg` as the run that the checkpoint `path` continues was trained, where `given` leaves a field unset (see RESUMED);
+    its policy is its weights', so a `policy.<field>` given with another value is refused."""
+    state = resumable(path)
+    built = state["policy"]["config"]
+    changed = [k for k in built if f"policy.{k}" in given and getattr(cfg.policy, k) != built[k]]
+    if changed:
+        raise UserError(f"{' '.join(f'policy.{k}={command_line(getattr(cfg.policy, k))}' for k in changed)}: the resumed run's policy "
+                        f"was built with {' '.join(f'policy.{k}={command_line(built[k])}' for k in changed)} ({path}); drop "
+                        f"{' '.join(f'policy.{k}=' for k in changed)} to continue it, or train a new teacher without resume")
+    trained = {**state["train"], **{f"policy.{k}": v for k, v in built.items()}}
+    taken = resumed_settings(cfg, trained, (*RESUMED, *(f"policy.{k}" for k in built)), given)
+    policy = replace(cfg.policy, **{k.removeprefix("policy."): v for k, v in taken.items() if k.startswith("policy.")})
+    return replace(cfg, policy=policy, **{k: v for k, v in taken.items() if not k.startswith("policy.")})
+
+
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
@@ -258,7 +285,10 @@ def main(cfg: DictConfig) -> dict:
     raw = OmegaConf.to_container(cfg, resolve=True)
     config = TrainTeacherConfig(**{**raw, "env": EnvConfig.from_mapping(raw["env"]), "policy": DiffusionConfig(**raw["policy"])})
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config.env = resumed_env(config.env, find_resume(config.resume, config.resume_from, config.name, run_dir), given_fields())
+    resume_path = find_resume(config.resume, config.resume_from, config.name, run_dir)
+    config.env = resumed_env(config.env, resume_path, given_fields())
+    if resume_path is not None:
+        config = resumed_config(config, resume_path, given_fields())
     result = train(config, run_dir)
     if not result["main"]:
         return result
