@@ -227,6 +227,26 @@ def test_distill_killed_in_its_final_evaluation_resumes_and_evaluates_again(cli,
     assert checkpoints.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["consistency"]["step"] == 20
 
 
+def test_distill_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(cli, cli_here, tmp_path, pushcube_demos):
+    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
+    assert train.returncode == 0, train.stderr[-3000:]
+    teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
+    first = cli("distill", f"teacher={teacher}", "variant=consistency", "target_decay=0.9", "iterations=10", "checkpoint_every=5",
+                "batch_size=16", "eval_episodes=0", "threads=1", "name=c")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # `resume=true` alone: the run's teacher, variant and settings, not the defaults' (teacher='' was refused as missing);
+    # the learning rate given reaches the optimizer, where the checkpoint's used to win while the config recorded the given one.
+    more = cli("distill", "name=c", "resume=true", "iterations=20", "lr=3e-4", "threads=1")
+    assert more.returncode == 0 and "at iteration 10" in more.stdout, more.stderr[-3000:]
+    assert (f"as the resumed run was trained: teacher={teacher} variant=consistency target_decay=0.9 batch_size=16 eval_episodes=0 "
+            "checkpoint_every=5") in more.stdout, more.stdout
+    done = checkpoints.load(sorted((tmp_path / "runs" / "distill").glob("*-c"))[-1] / "checkpoints" / "last.pt")["consistency"]
+    assert done["step"] == 20 and done["config"]["batch_size"] == 16 and done["target_ema"]["decay"] == 0.9
+    assert done["optimizer"]["param_groups"][0]["initial_lr"] == done["lr_schedule"]["base_lrs"][0] == 3e-4
+    other = cli_here("distill", f"resume_from={teacher}", "iterations=20")  # a teacher, not a distill run
+    assert other.returncode == 2 and f"{teacher} holds no distilled head, so no distill run's state" in other.stderr, other.stderr[-2000:]
+
+
 def test_bench_latency_rates_a_sampler_as_eval_does_whatever_was_measured_before(cli, tmp_path, pushcube_demos, monkeypatch):
     """A sampler's episodes do not depend on calls= nor on the samplers measured before it: they are those
     `robodistill eval` runs with the same seed."""

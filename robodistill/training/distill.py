@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,8 @@ from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.summary import counted
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, schedule_note, set_threads
+from robodistill.training.runs import (check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, load_optimization,
+                                      resumed_settings, schedule_note, set_threads)
 
 
 @dataclass
@@ -132,9 +133,9 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         if done.get("config", {}).get("variant") != cfg.variant or state.get("policy") != payload["policy"]:
             raise UserError(f"{resume_path} is not a '{cfg.variant}' distillation of this teacher: start a new run (another name=)")
         head.load_state_dict(done["weights"])
-        optimizer.load_state_dict(done["optimizer"])
-        lr_schedule.load_state_dict(done["lr_schedule"])
+        load_optimization(optimizer, lr_schedule, done["optimizer"], done["lr_schedule"])
         target_ema.load_state_dict(done["target_ema"])
+        target_ema.decay = cfg.target_decay  # the saved state's would win over the one given
         step, train_seconds = done["step"], done["train_seconds"]
         checkpoints.set_rng_state(done["rng"])
         batch_gen.set_state(done["batch_rng"])
@@ -249,11 +250,30 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     return {**result, "main": True}
 
 
+# What a resumed run keeps of its own unless the command line sets it: its teacher, variant, data, budget, optimizer,
+# evaluation and seed, so that `resume=true` alone goes on as the run was, not with the defaults'.
+RESUMED = ("teacher", "variant", "dataset", "teacher_steps", "skip", "target_decay", "iterations", "minutes", "batch_size", "lr",
+           "warmup", "eval_episodes", "checkpoint_every", "seed")
+
+
+def resumed_config(cfg: DistillConfig, path: Path, given: set[str]) -> DistillConfig:
+    """`cfg` as the run that the checkpoint `path` continues was trained, where `given` leaves a field unset (see RESUMED)."""
+    state = checkpoints.load(path)
+    if "consistency" not in state:
+        raise UserError(f"{path} holds no distilled head, so no distill run's state: resume from runs/distill/<run>/checkpoints/last.pt")
+    return replace(cfg, **resumed_settings(cfg, state["consistency"]["config"], RESUMED, given))
+
+
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    from robodistill.configs import given_fields
+
     config = DistillConfig(**OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume_path = find_resume(config.resume, config.resume_from, config.name, run_dir)
+    if resume_path is not None:
+        config = resumed_config(config, resume_path, given_fields())
     result = train(config, run_dir)
     if not result.pop("main"):
         return result
