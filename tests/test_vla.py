@@ -98,6 +98,24 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cl
     assert unknown.returncode == 2 and "no instructions for OpenCabinetDrawer-v1" in unknown.stderr
 
 
+def test_train_vla_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(vla_run, cli, cli_here):
+    root = vla_run["root"]
+    # Only what changes: the run's demos, batch size, evaluations and network stay its own (the defaults' demos=20 and
+    # datasets=datasets made 20 new demos per task); the learning rate given reaches the optimizer, where the
+    # checkpoint's used to win while the config recorded the given one.
+    again = cli("train-vla", "iterations=12", "lr=3e-4", "threads=1", f"resume_from={root / 'run'}", f"hydra.run.dir={root / 'run3'}",
+                timeout=240)
+    assert again.returncode == 0 and "at iteration 10" in again.stdout, again.stderr[-3000:]
+    assert (f"as the resumed run was trained: tasks=[PushCube-v1,PickCube-v1] control_mode=pd_ee_delta_pos image_size=48 "
+            f"max_episode_steps=20 demos=2 datasets={root / 'datasets'} batch_size=8 eval_every=10 eval_episodes=1 checkpoint_every=10 "
+            "policy.pred_horizon=8 policy.act_horizon=4 policy.mlp_hidden=[64,64]") in again.stdout, again.stdout
+    saved = checkpoints.load(root / "run3" / "checkpoints" / "last.pt")
+    assert saved["step"] == 12 and saved["train"]["batch_size"] == 8 and saved["train"]["demos"] == 2
+    assert saved["optimizer"]["param_groups"][0]["initial_lr"] == saved["lr_schedule"]["base_lrs"][0] == 3e-4
+    other = cli_here("train-vla", "iterations=14", "policy.mlp_hidden=[32]", f"resume_from={root / 'run3'}")
+    assert other.returncode == 2 and "policy.mlp_hidden=[32]: the resumed run's policy was built with policy.mlp_hidden=[64,64]" in other.stderr, other.stderr
+
+
 def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, tmp_path):
     ckpt = str(vla_run["ckpt"])
     with make_env(PICK) as env:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -157,6 +158,22 @@ def resumed_settings(cfg, trained: dict, fields: tuple[str, ...], given: set[str
         print(f"as the resumed run was trained: {' '.join(f'{k}={command_line(v)}' for k, v in taken.items())} (set <field>= to change)")
     record_taken(taken)
     return taken
+
+
+def resumed_trainer(cfg, state: dict, fields: tuple[str, ...], given: set[str], path: Path):
+    """An imitation trainer's `cfg` (with a DiffusionConfig `policy`) as the run whose checkpoint `state` (at `path`) it
+    continues: its `fields` and its policy's where `given` leaves them unset (see resumed_settings). The policy is its
+    weights', so a `policy.<field>` given with another value is refused."""
+    built = state["policy"]["config"]
+    changed = [k for k in built if f"policy.{k}" in given and getattr(cfg.policy, k) != built[k]]
+    if changed:
+        raise UserError(f"{' '.join(f'policy.{k}={command_line(getattr(cfg.policy, k))}' for k in changed)}: the resumed run's policy "
+                        f"was built with {' '.join(f'policy.{k}={command_line(built[k])}' for k in changed)} ({path}); drop "
+                        f"{' '.join(f'policy.{k}=' for k in changed)} to continue it, or train a new policy without resume")
+    trained = {**state["train"], **{f"policy.{k}": v for k, v in built.items()}}
+    taken = resumed_settings(cfg, trained, (*fields, *(f"policy.{k}" for k in built)), given)
+    policy = replace(cfg.policy, **{k.removeprefix("policy."): v for k, v in taken.items() if k.startswith("policy.")})
+    return replace(cfg, policy=policy, **{k: v for k, v in taken.items() if not k.startswith("policy.")})
 
 
 def command_line(value) -> str:

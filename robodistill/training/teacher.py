@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,8 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, command_line, ema_weights,
-                                      find_resume, restore_training, resumed_env, resumed_settings, schedule_note, set_threads, training_state)
+from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume,
+                                      restore_training, resumed_env, resumed_trainer, schedule_note, set_threads, training_state)
 
 
 @dataclass
@@ -261,22 +261,6 @@ RESUMED = ("dataset", "num_demos", "val_fraction", "iterations", "minutes", "bat
            "ema_power", "eval_every", "eval_episodes", "checkpoint_every", "seed")
 
 
-def resumed_config(cfg: TrainTeacherConfig, path: Path, given: set[str]) -> TrainTeacherConfig:
-    """`cfg` as the run that the checkpoint `path` continues was trained, where `given` leaves a field unset (see RESUMED);
-    its policy is its weights', so a `policy.<field>` given with another value is refused."""
-    state = resumable(path)
-    built = state["policy"]["config"]
-    changed = [k for k in built if f"policy.{k}" in given and getattr(cfg.policy, k) != built[k]]
-    if changed:
-        raise UserError(f"{' '.join(f'policy.{k}={command_line(getattr(cfg.policy, k))}' for k in changed)}: the resumed run's policy "
-                        f"was built with {' '.join(f'policy.{k}={command_line(built[k])}' for k in changed)} ({path}); drop "
-                        f"{' '.join(f'policy.{k}=' for k in changed)} to continue it, or train a new teacher without resume")
-    trained = {**state["train"], **{f"policy.{k}": v for k, v in built.items()}}
-    taken = resumed_settings(cfg, trained, (*RESUMED, *(f"policy.{k}" for k in built)), given)
-    policy = replace(cfg.policy, **{k.removeprefix("policy."): v for k, v in taken.items() if k.startswith("policy.")})
-    return replace(cfg, policy=policy, **{k: v for k, v in taken.items() if not k.startswith("policy.")})
-
-
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
@@ -288,7 +272,7 @@ def main(cfg: DictConfig) -> dict:
     resume_path = find_resume(config.resume, config.resume_from, config.name, run_dir)
     config.env = resumed_env(config.env, resume_path, given_fields())
     if resume_path is not None:
-        config = resumed_config(config, resume_path, given_fields())
+        config = resumed_trainer(config, resumable(resume_path), RESUMED, given_fields(), resume_path)
     result = train(config, run_dir)
     if not result["main"]:
         return result

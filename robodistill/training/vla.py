@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, schedule_note, set_threads, training_state
+from robodistill.training.runs import carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, resumed_trainer, schedule_note, set_threads, training_state
 
 
 @dataclass
@@ -238,26 +238,23 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
 
 
 ENV_FIELDS = ("tasks", "control_mode", "image_size", "max_episode_steps")  # train-vla's env.<field>s
+# What else a resumed run keeps of its own unless the command line sets it: its demos, budget, optimizer, evaluations and
+# seed (the evaluations' episodes), so that `resume=true` alone goes on as the run was, not with the defaults'.
+RESUMED = ("demos", "demo_seed", "datasets", "iterations", "minutes", "batch_size", "lr", "weight_decay", "warmup", "ema_power",
+           "eval_every", "eval_episodes", "checkpoint_every", "seed")
 
 
 def resumed_config(cfg: TrainVLAConfig, path: Path, given: set[str]) -> TrainVLAConfig:
-    """A resumed run goes on in the envs it trained in: its checkpoint's ENV_FIELDS fill those the
-    command line (`given`) leaves unset. A checkpoint it cannot go on from is refused here, before
-    minutes of making demos."""
-    from robodistill.configs import record_taken
-
+    """A resumed run goes on in the envs it trained in and as it was trained: its checkpoint's ENV_FIELDS and RESUMED fill
+    those the command line (`given`) leaves unset. A checkpoint it cannot go on from is refused here, before minutes of
+    making demos."""
     state = checkpoints.load(path)
     if state.get("kind") != KIND or "optimizer" not in state:
         raise UserError(f"{path} holds a '{state.get('kind')}' checkpoint, not a train-vla run's state: resume from "
                         "runs/train-vla/<run>/checkpoints/last.pt")
+    cfg = resumed_trainer(cfg, state, (*ENV_FIELDS, *RESUMED), given, path)
     check_unfinished(path, state["step"], cfg.iterations, seconds=state["train_seconds"], minutes=cfg.minutes)
-    trained = state["train"]
-    taken = {k: trained[k] for k in ENV_FIELDS if k in trained and k not in given and trained[k] != getattr(cfg, k)}
-    if taken:
-        said = {k: f"[{','.join(v)}]" if isinstance(v, list) else v for k, v in taken.items()}  # as the command line writes it
-        print(f"as the resumed run was trained: {' '.join(f'{k}={v}' for k, v in said.items())} (set <field>= to change)")
-    record_taken(taken)
-    return replace(cfg, **taken)
+    return cfg
 
 
 def main(cfg: DictConfig) -> dict:
