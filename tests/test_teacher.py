@@ -161,6 +161,7 @@ def test_teacher_bad_input(cli_here, pushcube_demos, tmp_path):
     for args, message in {("iterations=0",): "iterations=0 and batch_size=64 must be >= 1",
                           ("minutes=-1",): "minutes=-1.0 must be > 0",
                           ("checkpoint_every=0",): "checkpoint_every=0 must be >= 1",
+                          ("eval_every=-1", "iterations=2"): "eval_every=-1 must be >= 0 (iterations between evaluations; 0: only at the end)",
                           ("num_demos=50",): "holds 3 episodes: give 1 to 3 (0 or unset: all)",
                           ("val_fraction=1.5", "iterations=2"): "val_fraction=1.5 must be >= 0 and < 1",
                           ("val_fraction=-0.1", "iterations=2"): "val_fraction=-0.1 must be >= 0 and < 1",

@@ -63,11 +63,14 @@ def check_optimizer(lr: float, warmup: int) -> None:
         raise UserError(f"warmup={warmup} must be >= 0 (iterations of linear learning-rate warm-up)")
 
 
-def check_eval_episodes(episodes: int, least: int = 0) -> None:
-    """`least`=0 where eval_episodes=0 turns evaluation off; 1 where the run always rates its final policy."""
+def check_eval_episodes(episodes: int, least: int = 0, every: int = 0) -> None:
+    """`least`=0 where eval_episodes=0 turns evaluation off; 1 where the run always rates its final policy. `every`: the
+    imitation trainers' eval_every, in iterations."""
     if episodes < least:
         why = "0 turns evaluation off" if least == 0 else "the run rates its final policy on them"
         raise UserError(f"eval_episodes={episodes} must be >= {least} ({why})")
+    if every < 0:  # `step % every == 0` holds for a negative one as for its opposite: eval_every=-1 evaluated every iteration
+        raise UserError(f"eval_every={every} must be >= 0 (iterations between evaluations; 0: only at the end)")
 
 
 def budget_spent(step: int, budget: int, seconds: float = 0.0, minutes: float | None = None) -> bool:

@@ -92,7 +92,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
         raise UserError("tasks= is empty: name at least one task, e.g. tasks=[PushCube-v1,PickCube-v1]")
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
     check_optimizer(cfg.lr, cfg.warmup)
-    check_eval_episodes(cfg.eval_episodes)
+    check_eval_episodes(cfg.eval_episodes, every=cfg.eval_every)
     if cfg.demos < 1:
         raise UserError(f"demos={cfg.demos} must be >= 1 (demonstrations per task)")
     if cfg.batch_size < len(cfg.tasks):
