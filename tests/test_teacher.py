@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import h5py
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -273,3 +274,13 @@ def test_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(cl
     other = cli_here("train-teacher", "name=r", "resume=true", "iterations=40", "policy.mlp_hidden=[32]")
     assert other.returncode == 2 and ("policy.mlp_hidden=[32]: the resumed run's policy was built with policy.mlp_hidden=[64,64]"
                                       in other.stderr and "drop policy.mlp_hidden= to continue it" in other.stderr), other.stderr[-2000:]
+    # Another dataset whose actions make another model (no open/close gripper dim): what differs, not both specs in full.
+    half = tmp_path / "half_gripper.h5"
+    shutil.copy(pushcube_demos, half)
+    shutil.copy(pushcube_demos.with_suffix(".json"), half.with_suffix(".json"))
+    with h5py.File(half, "r+") as f:
+        for traj in f.values():
+            traj["actions"][:, 3] *= 0.5
+    data = cli_here("train-teacher", "name=r", "resume=true", "iterations=40", f"dataset={half}")
+    assert data.returncode == 2 and (f"holds a policy with gripper_dims=[3], where dataset={half} in PushCube-v1 (state, pd_ee_delta_pos) "
+                                     "makes gripper_dims=[]: resume with the run's own dataset= and env") in data.stderr, data.stderr[-2000:]

@@ -132,8 +132,13 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
     if resume_path is not None:
         state = resumable(resume_path, device)
-        if state["policy"] != policy.spec():
-            raise UserError(f"{resume_path} was written for another model config: {state['policy']} vs {policy.spec()}")
+        if state["policy"] != policy.spec():  # its config was taken or refused (main): the data's dims or the gripper's differ
+            saved, built = ({**spec["config"], **spec["dims"]} for spec in (state["policy"], policy.spec()))
+            differ = [k for k in built if saved.get(k) != built[k]]
+            raise UserError(f"{resume_path} holds a policy with {' '.join(f'{k}={saved.get(k)}' for k in differ)}, where dataset="
+                            f"{cfg.dataset} in {cfg.env.task} ({cfg.env.obs_mode}, {cfg.env.control_mode}) makes "
+                            f"{' '.join(f'{k}={built[k]}' for k in differ)}: resume with the run's own dataset= and env, or train a new "
+                            "teacher without resume")
         restore_training(replicas.local(state), policy, optimizer, lr_schedule, ema, batch_gen)
         step, best, train_seconds = state["step"], state["best"], state["train_seconds"]
         check_unfinished(resume_path, step, cfg.iterations, seconds=train_seconds, minutes=cfg.minutes)
