@@ -157,7 +157,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     more = cli("rpd", *[a for a in args if a not in ("env.max_episode_steps=25", "teacher=scripted")], "total_steps=400", "resume=true")
     assert more.returncode == 0 and "at step 200" in more.stdout, more.stderr[-3000:]
     assert "as the resumed run was trained: env.max_episode_steps=25" in more.stdout
-    assert "as the resumed run was: teacher=scripted (set them to change)" in more.stdout
+    assert "as the resumed run was trained: teacher=scripted (set <field>= to change)" in more.stdout
     first_run, run = sorted((tmp_path / "runs" / "rpd").glob("*-r"))  # the resumed run logs in a directory of its own
     # ...whose config records the teacher it went on with, so resuming it again keeps the teacher too
     assert "teacher: scripted" in (run / ".hydra" / "config.yaml").read_text().splitlines()
@@ -234,14 +234,14 @@ def test_a_resumed_run_keeps_its_ppo_settings_and_network_unless_given(tmp_path)
     (tmp_path / "first" / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.structured(cfg), tmp_path / "first" / ".hydra" / "config.yaml")  # as hydra keeps a run's config
     resumed = RPDConfig(env=cfg.env, total_steps=150, n_steps=50, lr=0.1, progress=False, resume_from=str(tmp_path / "first"))
-    rpd.resumed_settings(resumed, tmp_path / "first" / "checkpoints" / "last.zip", {"env", "total_steps", "n_steps", "lr"})
+    rpd.take_resumed_settings(resumed, tmp_path / "first" / "checkpoints" / "last.zip", {"env", "total_steps", "n_steps", "lr"})
     assert (resumed.batch_size, resumed.n_epochs, resumed.hidden) == (50, 1, [32, 32])  # the run's own
     assert (resumed.eval_every, resumed.eval_episodes) == (0, 1)  # its history goes on with evaluations of the same size
     rpd.train(resumed, tmp_path / "resumed")
     student = PPO.load(tmp_path / "resumed" / "student.zip", device="cpu")
     assert (student.learning_rate, student.n_steps, student.batch_size, student.num_timesteps) == (0.1, 50, 50, 150)
     with pytest.raises(UserError, match=r"hidden=\[8\]: the resumed run's student was built with hidden=\[32, 32\]"):
-        rpd.resumed_settings(replace(resumed, hidden=[8]), tmp_path / "first" / "student.zip", {"hidden"})
+        rpd.take_resumed_settings(replace(resumed, hidden=[8]), tmp_path / "first" / "student.zip", {"hidden"})
 
 
 def test_rpd_killed_in_its_final_evaluation_resumes_and_finishes(tmp_path, monkeypatch):

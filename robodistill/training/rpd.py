@@ -72,7 +72,7 @@ from robodistill.policies.student import GaussianStudent, NormalizedState, State
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.summary import counted
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_env, set_threads
+from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_env, resumed_settings, set_threads
 from robodistill.wire import served_env
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
@@ -596,14 +596,12 @@ def ppo_settings(data: dict) -> dict:
     return {**settings, "hidden": list(network["net_arch"]["pi"]), "log_std_init": network["log_std_init"]}
 
 
-def resumed_settings(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None:
+def take_resumed_settings(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None:
     """Takes the DISTILLATION, EVALUATION and PPO_SETTINGS of the run `resume_path` belongs to (its .hydra/config.yaml,
     or the zip's own where it has none) that `given` leaves unset and that differ, and says so: `rpd resume=true` after
     `rpd teacher=X` goes on with teacher X, not as the plain PPO that the default teacher=none is. They are written
     into this run's .hydra/config.yaml too, so that resuming this run again keeps them. The student's network is
     its weights': another `hidden` or `log_std_init` is refused."""
-    from robodistill.configs import record_taken
-
     trained = ppo_settings(zip_data(resume_path))
     for key in ("hidden", "log_std_init"):
         if key in given and getattr(cfg, key) != trained[key]:
@@ -611,13 +609,8 @@ def resumed_settings(cfg: RPDConfig, resume_path: Path, given: set[str]) -> None
                             f"({resume_path}); drop {key}= to continue it (or train a new student, without resume)")
     saved = resume_path.parent.parent / ".hydra" / "config.yaml"
     earlier = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else trained  # a zip kept outside its run directory
-    taken = {k: earlier[k] for k in (*DISTILLATION, *EVALUATION, *PPO_SETTINGS, "hidden", "log_std_init")
-             if k in earlier and k not in given and earlier[k] != getattr(cfg, k)}
-    for key, value in taken.items():
+    for key, value in resumed_settings(cfg, earlier, (*DISTILLATION, *EVALUATION, *PPO_SETTINGS, "hidden", "log_std_init"), given).items():
         setattr(cfg, key, value)
-    if taken and os.environ.get("RANK", "0") == "0":
-        print(f"as the resumed run was: {' '.join(f'{k}={v}' for k, v in taken.items())} (set them to change)")
-    record_taken(taken)
 
 
 def train(cfg: RPDConfig, run_dir: Path) -> dict:
@@ -644,7 +637,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         history: list[dict] = []
         if resume_path is not None:
             # the zip remembers the old run's TensorBoard folder: this run logs into its own
-            # as the run was unless the command line changed them (see resumed_settings)
+            # as the run was unless the command line changed them (see take_resumed_settings)
             ppo = {attr: getattr(cfg, field) for field, attr in PPO_SETTINGS.items()} | {"gamma": gamma}
             model = RPD.load(resume_path, env=vec, device=device, tensorboard_log=str(run_dir / "tb") if ranks.main else None, **rpd, **ppo)
             model.num_timesteps = model.num_timesteps * getattr(model, "robodistill_ranks", 1) // ranks.world
@@ -708,7 +701,7 @@ def main(cfg: DictConfig) -> dict:
     resume_path = resume_checkpoint(config, run_dir)
     if resume_path is not None:
         config.env = resumed_env(config.env, resume_path, given_fields())
-        resumed_settings(config, resume_path, given_fields())
+        take_resumed_settings(config, resume_path, given_fields())
         check_unfinished(resume_path, trained_steps(resume_path), config.total_steps, "total_steps", "env step")
     else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained
         # on 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
