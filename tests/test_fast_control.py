@@ -20,7 +20,7 @@ from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_ti
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
 from robodistill.summary import summarize
-from tests.conftest import ROBODISTILL
+from tests.conftest import ROBODISTILL, run_cli
 from tests.test_teacher import TINY, run_dir
 
 
@@ -245,6 +245,19 @@ def test_distill_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_
     assert done["optimizer"]["param_groups"][0]["initial_lr"] == done["lr_schedule"]["base_lrs"][0] == 3e-4
     other = cli_here("distill", f"resume_from={teacher}", "iterations=20")  # a teacher, not a distill run
     assert other.returncode == 2 and f"{teacher} holds no distilled head, so no distill run's state" in other.stderr, other.stderr[-2000:]
+
+
+def test_distill_finds_the_teachers_dataset_from_another_directory(cli, tmp_path, pushcube_demos):
+    # the teacher recorded dataset=data/<file> as given, so distill run anywhere but there could not find it
+    (tmp_path / "data").mkdir()
+    for suffix in (".h5", ".json"):
+        shutil.copy(pushcube_demos.with_suffix(suffix), tmp_path / "data" / pushcube_demos.with_suffix(suffix).name)
+    train = cli("train-teacher", f"dataset=data/{pushcube_demos.name}", *TINY, "iterations=4", "eval_every=0", "eval_episodes=0", "name=t")
+    assert train.returncode == 0, train.stderr[-3000:]
+    teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
+    (tmp_path / "elsewhere").mkdir()
+    r = run_cli("distill", f"teacher={teacher}", "iterations=2", "batch_size=8", "eval_episodes=0", "threads=1", cwd=tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_bench_latency_rates_a_sampler_as_eval_does_whatever_was_measured_before(cli, tmp_path, pushcube_demos, monkeypatch):

@@ -38,7 +38,7 @@ from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.summary import counted
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, load_optimization,
+from robodistill.training.runs import (absolute_paths, check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, load_optimization,
                                       resumed_settings, schedule_note, set_threads)
 
 
@@ -93,6 +93,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     if not cfg.teacher or not Path(cfg.teacher).is_file():
         why = "no such file" if cfg.teacher else "required"
         raise UserError(f"teacher={cfg.teacher!r}: {why}; give the path of a train-teacher checkpoint (runs/train-teacher/<run>/checkpoints/last.pt)")
+    cfg = replace(cfg, teacher=absolute_paths(cfg.teacher), dataset=cfg.dataset and absolute_paths(cfg.dataset))
     payload = checkpoints.load(cfg.teacher, map_location=device)
     if payload.get("kind") != KIND:
         raise UserError(f"teacher={cfg.teacher} holds a '{payload.get('kind')}', not a Diffusion Policy teacher")

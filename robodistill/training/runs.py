@@ -44,6 +44,13 @@ def set_threads(threads: int, ranks: int = 1) -> None:
     torch.set_num_threads(max(1, threads // ranks))
 
 
+def absolute_paths(spec: str) -> str:
+    """`spec`'s comma-separated paths, absolute where they exist, as a run records them: a later command that reads
+    them from its checkpoint (distill's default dataset, resume=true) finds them from any directory, not only from
+    the one the run was started in. One that does not exist is left as given, for the error that names it."""
+    return ",".join(str(Path(p).resolve()) if Path(p).exists() else p for p in spec.split(","))
+
+
 def check_budget(iterations: int, batch_size: int, minutes: float | None, checkpoint_every: int) -> None:
     """The imitation trainers' budget: a run that would train on nothing is an error, not an empty run."""
     if iterations < 1 or batch_size < 1:

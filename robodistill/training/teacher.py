@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume,
+from robodistill.training.runs import (absolute_paths, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume,
                                       restore_training, resumed_env, resumed_trainer, schedule_note, set_threads, training_state)
 
 
@@ -75,6 +75,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     # ---- data: episodes split by episode; normalizers fitted on the training split only
     if not cfg.dataset:
         raise UserError("dataset= is required: the .h5 written by `robodistill demos` (several: dataset='a.h5,b.h5', quoted)")
+    cfg = replace(cfg, dataset=absolute_paths(cfg.dataset))
     episodes = load_episodes(cfg.dataset.split(","), control_mode=cfg.env.control_mode, obs_mode=cfg.env.obs_mode, task=cfg.env.task)
     if cfg.num_demos is not None and not 0 <= cfg.num_demos <= len(episodes):
         raise UserError(f"num_demos={cfg.num_demos}, but dataset={cfg.dataset} holds {len(episodes)} episodes: give 1 to "
