@@ -128,12 +128,21 @@ def _export(run: Path) -> list[str]:
             f"parity {m['parity']['max_abs_diff']:.1e}: {e['bundle']}"]
 
 
+def kept_hz(timing: dict) -> float | None:
+    """The rate a paced control loop (its control.json `timing`) kept where it fell short of its hz=: a robot step
+    slower than a period stretches every period (the loop only sleeps what one leaves). None where it kept hz=."""
+    period = timing["period_ms_p50_p99"][0]
+    return 1e3 / period if timing["hz"] > 0 and period > 1.1e3 / timing["hz"] else None
+
+
 def _control(run: Path) -> list[str]:
     c = json.loads((run / "control.json").read_text())
     t = c["timing"]
     jitter = f"jitter p99 {t['jitter_ms_p50_p99_max'][1]:.1f} ms, " if "jitter_ms_p50_p99_max" in t else ""
     outcome = f"success_once {_rate(c['summary'])}" if c["summary"]["episodes"] else "no episode finished"
-    lines = [f"{outcome} through the server at {t['hz']:g} Hz",
+    kept = kept_hz(t)
+    pace = "unpaced (hz=0)" if not t["hz"] else f"at {t['hz']:g} Hz" + (f" (it kept {kept:.0f} Hz)" if kept else "")
+    lines = [f"{outcome} through the server {pace}",
              f"{jitter}{t['late_steps']}/{t['steps']} deadline misses, round trip p50 {t['round_trip_ms_p50_p99'][0]:.1f} ms"]
     return lines + ([f"stopped early: {c['stopped']}"] if c.get("stopped") else [])
 

@@ -268,7 +268,7 @@ def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bun
     assert (c / "telemetry.csv").read_text().count("\n") == 61
 
     table = cli("summary", "--name", "c")
-    assert table.returncode == 0 and "through the server at 0 Hz" in table.stdout and "0/60 deadline misses" in table.stdout
+    assert table.returncode == 0 and "through the server unpaced (hz=0)" in table.stdout and "0/60 deadline misses" in table.stdout
 
     wrong = cli("control", f"server=ws://127.0.0.1:{server}", "episodes=1", env={"ROBODISTILL_API_KEY": "nope"})
     assert wrong.returncode == 2 and "refused the connection (HTTP 401)" in wrong.stderr
@@ -313,6 +313,8 @@ def test_control_at_a_rate_the_robot_cannot_step_says_the_rate_it_kept(bundle, c
     assert r.returncode == 0, r.stderr[-2000:]
     kept = re.search(r"it kept (\d+) Hz, not 2000: the robot's step takes longer than a period; lower hz=", r.stdout)
     assert kept and int(kept.group(1)) < 2000, r.stdout[-2000:]
+    table = cli_here("summary")  # it said 'through the server at 2000 Hz'
+    assert re.search(rf"through the server at 2000 Hz \(it kept {kept.group(1)} Hz\)", table.stdout), table.stdout
 
 
 def test_a_port_that_is_not_a_policy_server_is_one_line(cli_here):
@@ -437,13 +439,13 @@ def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bu
     assert "closed the connection" in c["stopped"] and 1 <= len(c["episodes"]) < 3 and c["timing"]["steps"] > 30 * len(c["episodes"])
     assert (run / "telemetry.csv").read_text().count("\n") == 1 + c["timing"]["steps"]
     table = cli_here("summary", "--name", "gone")
-    assert "through the server at 0 Hz" in table.stdout and "stopped early: inference failed: the policy server" in table.stdout, table.stdout
+    assert "through the server unpaced (hz=0)" in table.stdout and "stopped early: inference failed: the policy server" in table.stdout, table.stdout
     # Stopped before any episode ended (control writes that as no episodes): still what stopped it, not "(incomplete run)".
     first = run.with_name(run.name.replace("-gone", "-gone-first"))
     shutil.copytree(run, first)
     (first / "control.json").write_text(json.dumps({**c, "summary": {"episodes": 0}, "episodes": []}))
     table = cli_here("summary", "--name", "gone").stdout
-    assert f"{first.name}  no episode finished through the server at 0 Hz" in table and "stopped early: inference failed" in table, table
+    assert f"{first.name}  no episode finished through the server unpaced (hz=0)" in table and "stopped early: inference failed" in table, table
 
 
 def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):
