@@ -168,9 +168,12 @@ def tiny(tmp_path, **kw):
     return AGVTrainConfig(**{**base, **kw})
 
 
-def test_ppo_rnd_updates_change_parameters_and_intrinsic_normalizer(tmp_path):
-    cfg = tiny(tmp_path)
+def test_ppo_rnd_updates_change_parameters_and_intrinsic_normalizer(tmp_path, capsys):
+    cfg = tiny(tmp_path, total_steps=300)
     result = train(cfg, tmp_path)
+    # rounded down to whole updates without a word
+    assert result["step"] == 256 and ("total_steps=300 trains 256 env steps: whole updates of num_envs * num_steps = 128"
+                                      in capsys.readouterr().out)
     torch.manual_seed(cfg.seed)
     initial = Agent(21, 2, cfg.hidden).state_dict()
     ck = checkpoints.load(result["checkpoint"])

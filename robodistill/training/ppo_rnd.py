@@ -211,6 +211,8 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
     int_filter = torch.zeros(cfg.num_envs)  # discounted intrinsic return per env (the forward filter)
     batch = cfg.num_envs * cfg.num_steps
     num_updates = cfg.total_steps // batch
+    if cfg.total_steps % batch:
+        print(f"total_steps={cfg.total_steps} trains {num_updates * batch} env steps: whole updates of num_envs * num_steps = {batch}")
     update, history = 0, []
 
     if resume_path is not None:
