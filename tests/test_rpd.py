@@ -378,3 +378,19 @@ def test_rpd_trains_a_state_student_of_an_rgb_teacher_it_shows_rendered_states(p
                          ({"teacher": "ws://127.0.0.1:9"}, "a served teacher is sent the student's observations")):
         with pytest.raises(UserError, match=message):
             check(replace(cfg, **bad))
+
+
+def test_rpd_resumed_from_another_directory_finds_its_teacher(cli, tmp_path, pushcube_demos):
+    # the run recorded teacher= as given, relative to where it started: resume=true took it and, run elsewhere, could not find it
+    from tests.conftest import run_cli
+    from tests.test_teacher import TINY, run_dir
+
+    t = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "eval_every=0", "eval_episodes=0", "name=t")
+    assert t.returncode == 0, t.stderr[-3000:]
+    teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
+    args = ["n_steps=50", "batch_size=50", "n_epochs=1", "hidden=[16]", "eval_every=0", "eval_episodes=1", "threads=1"]
+    first = cli("rpd", f"teacher={teacher.relative_to(tmp_path)}", *args, "total_steps=50", "name=r")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "elsewhere").mkdir()
+    more = run_cli("rpd", f"resume_from={run_dir(tmp_path, 'r', 'rpd')}", *args, "total_steps=100", cwd=tmp_path / "elsewhere")
+    assert more.returncode == 0 and f"teacher={teacher}" in more.stdout, more.stderr[-3000:]

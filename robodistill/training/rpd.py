@@ -72,7 +72,7 @@ from robodistill.policies.student import GaussianStudent, NormalizedState, State
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.summary import counted
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
-from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_env, resumed_settings, set_threads
+from robodistill.training.runs import absolute_paths, check_eval_episodes, check_unfinished, find_resume, resumed_env, resumed_settings, set_threads
 from robodistill.wire import served_env
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
@@ -692,7 +692,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    from robodistill.configs import given_fields
+    from robodistill.configs import given_fields, record_taken
 
     container = OmegaConf.to_container(cfg, resolve=True)
     container["env"] = EnvConfig.from_mapping(container["env"])
@@ -706,6 +706,10 @@ def main(cfg: DictConfig) -> dict:
     else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained
         # on 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
         served = config.teacher.startswith(("ws://", "wss://"))
+        if not served and config.teacher not in ("none", "random", "scripted"):
+            # recorded absolute, so that resume=true (which takes the run's teacher) finds it from any directory
+            config.teacher = absolute_paths(config.teacher)
+            record_taken({"teacher": config.teacher})
         recorded = served_env(config.teacher, config.api_key) if served else trained_env(config.teacher)
         config.env = take_env(config.env, recorded, given_fields(), ("control_mode", "max_episode_steps", "image_size"), who="the teacher")
     result = train(config, run_dir)
