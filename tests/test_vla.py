@@ -46,7 +46,7 @@ def vla_run(tmp_path_factory, pickcube_rgb_demos):
     for suffix in (".h5", ".json"):
         src = pickcube_rgb_demos["path"].replace(".h5", suffix)
         (root / "datasets" / "PickCube-v1" / f"mp_n2_seed0.rgb.pd_ee_delta_pos{suffix}").symlink_to(src)
-    common = ["tasks=[PushCube-v1,PickCube-v1]", "demos=2", f"datasets={root / 'datasets'}", "workers=1", "image_size=48",
+    common = ["tasks=[PushCube-v1,PickCube-v1]", "demos=2", "datasets=datasets", "workers=1", "image_size=48",
               "control_mode=pd_ee_delta_pos", "max_episode_steps=20", "batch_size=8", "policy.mlp_hidden=[64,64]",
               "policy.pred_horizon=8", "policy.act_horizon=4", "checkpoint_every=10"]
     r = run_cli("train-vla", "iterations=10", "eval_every=10", "eval_episodes=1", *common, f"hydra.run.dir={root / 'run'}", cwd=root)
@@ -66,7 +66,7 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cl
     assert (root / "run" / "curves.png").stat().st_size > 10_000
 
     # Resumed without its tasks, camera size and episode limit: it goes on in the envs it trained in.
-    envs = ("tasks=", "image_size=", "max_episode_steps=")
+    envs = ("tasks=", "image_size=", "max_episode_steps=", "datasets=")
     again = cli("train-vla", "iterations=12", "eval_every=0", "eval_episodes=0", *[a for a in vla_run["common"] if not a.startswith(envs)],
                 f"resume_from={root / 'run'}", f"hydra.run.dir={root / 'run2'}")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -100,7 +100,7 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cl
 
 def test_train_vla_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(vla_run, cli, cli_here):
     root = vla_run["root"]
-    # Only what changes: the run's demos, batch size, evaluations and network stay its own (the defaults' demos=20 and
+    # Only what changes: the run's demos (the folder it was given relative to where it ran, found from here), batch size, evaluations and network stay its own (the defaults' demos=20 and
     # datasets=datasets made 20 new demos per task); the learning rate given reaches the optimizer, where the
     # checkpoint's used to win while the config recorded the given one.
     again = cli("train-vla", "iterations=12", "lr=3e-4", "threads=1", f"resume_from={root / 'run'}", f"hydra.run.dir={root / 'run3'}",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {len(cfg.tasks)} tasks it must hold")
     if Path(cfg.datasets).exists() and not Path(cfg.datasets).is_dir():
         raise UserError(f"datasets={cfg.datasets} is a file: give the folder that holds (or will hold) <task>/mp_n*.h5")
+    cfg = replace(cfg, datasets=str(Path(cfg.datasets).resolve()))  # recorded so: a resumed run finds its demos from any directory
     resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)  # before minutes of making demos
     prompts = {task: phrasings(task) for task in cfg.tasks}
 
