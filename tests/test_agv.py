@@ -281,6 +281,8 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, cli_here, t
     more = cli("agv-train", "resume=true", "name=nav", "total_steps=256", "progress=false")
     assert more.returncode == 0 and "ppo_rnd on simple_static: 256 env steps" in more.stdout, more.stderr[-2000:]
     assert "checkpoints/last.pt at env step 128" in more.stdout, more.stdout
+    assert ("as the resumed run was trained: scene=simple_static num_envs=4 num_steps=32 obs_norm_init_steps=2 eval_episodes=2 "
+            "(set <field>= to change)") in more.stdout, more.stdout  # said as every training command says it
     first, run = sorted((tmp_path / "runs" / "agv-train").iterdir())
     assert checkpoints.load(run / "checkpoints" / "last.pt")["config"]["num_envs"] == 4
     kept = OmegaConf.load(run / ".hydra" / "config.yaml")  # the run's config says the settings it kept, as it ran

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
 from robodistill.summary import counted
-from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume
+from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_settings
 
 ALGOS = ("ppo", "ppo_rnd")
 COMBINES = ("advantages", "sum")
@@ -376,7 +376,7 @@ def main(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from robodistill.configs import given_fields, record_taken
+    from robodistill.configs import given_fields
 
     conf = AGVTrainConfig(**OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -386,9 +386,8 @@ def main(cfg) -> dict:
         given, saved = given_fields(), checkpoints.load(resume_path)
         if saved.get("kind") != "agv_trainer":  # said before its fields are taken for this run's
             raise UserError(f"{resume_path} holds a '{saved.get('kind')}', not an agv-train run's state")
-        kept = {k: v for k, v in saved["config"].items() if k in AGVTrainConfig.__dataclass_fields__ and k not in given and k not in ("resume", "resume_from", "name")}
-        record_taken({k: v for k, v in kept.items() if v != getattr(conf, k)})
-        conf = AGVTrainConfig(**{**asdict(conf), **kept, "resume": False, "resume_from": str(resume_path)})
+        kept = resumed_settings(conf, saved["config"], tuple(k for k in AGVTrainConfig.__dataclass_fields__ if k not in ("resume", "resume_from", "name")), given)
+        conf = replace(conf, **kept, resume=False, resume_from=str(resume_path))
         check_continues(saved["config"], conf, resume_path)  # before the budget, which counts in its updates
         # The budget as train() counts it: whole updates of num_envs * num_steps env steps.
         batch = conf.num_envs * conf.num_steps
