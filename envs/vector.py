@@ -11,7 +11,10 @@ Convention (ManiSkill's own `ManiSkillVectorEnv` conventions, whatever the backe
 
 from __future__ import annotations
 
+import signal
+import time
 from collections import deque
+from contextlib import contextmanager
 from typing import Any
 
 import gymnasium as gym
@@ -19,7 +22,12 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv as SB3VecEnv
 
+from robodistill.errors import CutShort
+
 Obs = dict[str, torch.Tensor]
+# What gymnasium's AsyncVectorEnv raises when a worker process is gone (a simulator crash, the out-of-memory killer):
+# its pipe at end of file, from deep inside the step, and again from every later close.
+WORKER_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
 
 
 class StateDictObservation(gym.ObservationWrapper):
@@ -70,6 +78,15 @@ def _stack_final_obs(final_obs: np.ndarray, current: Obs) -> Obs:
     return out
 
 
+def _death(exitcode: int) -> str:
+    """How a worker process ended, by its exit code, with the usual cause."""
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    name = signal.Signals(-exitcode).name
+    causes = {"SIGKILL": "the out-of-memory killer, or a kill -9", "SIGSEGV": "a crash in the simulator"}
+    return f"was ended by {name}" + (f" ({causes[name]})" if name in causes else "")
+
+
 class VecEnv:
     """A batch of ManiSkill envs behind the convention above.
 
@@ -97,7 +114,8 @@ class VecEnv:
         on what follows (the same as in a fresh env). On physx_cuda it is skipped: rebuilding every parallel
         scene is slow there, and its determinism is not checked here."""
         rebuild = rebuild and self.cfg.sim_backend == "physx_cpu"
-        obs, _ = self._vec.reset(seed=seed, options={"reconfigure": True} if rebuild else None)
+        with self._workers():
+            obs, _ = self._vec.reset(seed=seed, options={"reconfigure": True} if rebuild else None)
         return obs if self.batched else _to_torch(obs, self.device)
 
     def step(self, action: torch.Tensor | np.ndarray):
@@ -105,7 +123,8 @@ class VecEnv:
             action = torch.as_tensor(action, device=self.device, dtype=torch.float32)
             return self._vec.step(action)
         action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
-        obs, reward, terminated, truncated, info = self._vec.step(action.astype(np.float32))
+        with self._workers():
+            obs, reward, terminated, truncated, info = self._vec.step(action.astype(np.float32))
         obs = _to_torch(obs, self.device)
         if "final_info" in info:
             info["final_observation"] = _stack_final_obs(info.pop("final_obs"), obs)
@@ -118,7 +137,8 @@ class VecEnv:
         exactly what that env would observe here."""
         if self.batched:
             return self._vec.base_env.get_state().cpu().numpy().astype(np.float32)
-        return np.concatenate([np.asarray(s) for s in self._vec.call("get_state")]).astype(np.float32)
+        with self._workers():
+            return np.concatenate([np.asarray(s) for s in self._vec.call("get_state")]).astype(np.float32)
 
     def observe_states(self, states: np.ndarray) -> Obs:
         """This env's observations (its obs_mode, camera) of the simulator states `states` (N, S), taken
@@ -141,7 +161,31 @@ class VecEnv:
         if self.batched:
             frames = self._vec.render()
             return frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-        return np.stack(self._vec.call("render"))
+        with self._workers():
+            return np.stack(self._vec.call("render"))
+
+    @contextmanager
+    def _workers(self):
+        """A call to the worker processes: one of them gone ends it in one line that says which and how, and the
+        others are stopped (gymnasium's close would wait on the dead one's pipe, then raise again)."""
+        try:
+            yield
+        except WORKER_GONE as err:
+            processes = self._vec.processes
+            deadline = time.monotonic() + 2  # its pipe closes as it dies: the exit code follows at once
+            while all(p.exitcode is None for p in processes) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gone = [(i, p.pid, p.exitcode) for i, p in enumerate(processes) if p.exitcode is not None]
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+                p.join()
+            for pipe in self._vec.parent_pipes:
+                pipe.close()
+            self._vec.closed = True
+            said = "; ".join(f"env worker {i} of {len(processes)} (pid {pid}) {_death(code)}" for i, pid, code in gone)
+            raise CutShort(f"{said or 'an env worker process closed its pipe'} while running {self.cfg.task}; the other "
+                           f"workers were stopped") from err
 
     def close(self) -> None:
         self._vec.close()

@@ -5,7 +5,7 @@ import torch
 from stable_baselines3 import PPO
 
 from robodistill.envs import SUPPORTED_TASKS, EnvConfig, SB3View, make_env
-from robodistill.errors import UserError
+from robodistill.errors import CutShort, UserError
 
 
 def rollout(env, steps, seeds):
@@ -70,6 +70,22 @@ def test_process_vector_env_auto_resets_repeat_with_the_seed():
             runs.append(rollout(env, 6, seeds=[0, 1]))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0][:, 3], runs[0][:, 5])  # each auto-reset starts a new episode
+
+
+def test_a_worker_process_that_dies_ends_the_run_in_one_line_and_stops_the_others():
+    # a simulator crash or the out-of-memory killer: gymnasium raised EOFError from deep in the step, then again from close
+    import os
+    import signal
+
+    env = make_env(EnvConfig(num_envs=2))
+    env.reset(seed=0)
+    workers = env._vec.processes
+    os.kill(workers[1].pid, signal.SIGKILL)
+    with pytest.raises(CutShort, match=rf"env worker 1 of 2 \(pid {workers[1].pid}\) was ended by SIGKILL \(the out-of-memory "
+                                       r"killer, or a kill -9\) while running PushCube-v1; the other workers were stopped"):
+        env.step(torch.zeros(2, 4))
+    env.close()
+    assert not any(p.is_alive() for p in workers)
 
 
 def test_rgb_observations():
