@@ -8,7 +8,9 @@ and a checkpoint can never run code on load.
 
 from __future__ import annotations
 
+import errno
 import glob
+import io
 import json
 import os
 import random
@@ -21,14 +23,15 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
-from robodistill.errors import UserError
+from robodistill.errors import CutShort, UserError
 
 FORMAT = "robodistill-checkpoint-v1"
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Write a file through `write(f)` under a temp name beside it, then rename it into place: a crash
-    mid-write leaves the previous file intact (checkpoints, and the files a resumed run reads)."""
+    mid-write leaves the previous file intact (checkpoints, and the files a resumed run reads). A full disk ends the
+    run in one line that says so."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(), not mkstemp: the umask's mode, not 0600
@@ -38,8 +41,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            kept = f"{path.name} as it was is kept" if path.exists() else f"there is no {path.name} yet"
+            fix = "raise the file-size limit (ulimit -f)" if err.errno == errno.EFBIG else "make room on that disk, or run in a folder on another one"
+            raise CutShort(f"could not write {path}: {os.strerror(err.errno)} ({kept}); {fix}") from err
         raise
     remove_orphaned(path.parent, f".{path.name}.")
     return path
@@ -74,7 +81,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write `payload` atomically (see `write_atomic`)."""
-    return write_atomic(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+    # Serialised in memory first: torch.save into a file that runs out of space reports "[enforce fail at
+    # inline_container.cc] unexpected pos", not the OSError that says the disk is full.
+    data = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, data)
+    return write_atomic(path, lambda f: f.write(data.getbuffer()))
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

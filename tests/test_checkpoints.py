@@ -7,7 +7,7 @@ import torch
 
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
-from robodistill.errors import UserError
+from robodistill.errors import CutShort, UserError
 from robodistill.policies import load_policy
 
 
@@ -36,6 +36,21 @@ def test_failed_save_keeps_previous_file_and_leaves_no_temp(tmp_path):
         checkpoints.save(path, {"kind": "test", "step": 2, "bad": lambda: None})  # unpicklable
     assert checkpoints.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_says_so_and_keeps_the_previous_one(tmp_path):
+    # torch.save into a file that could not grow said "[enforce fail at inline_container.cc] unexpected pos"
+    import resource
+
+    checkpoints.save(tmp_path / "last.pt", {"w": torch.ones(10)})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))  # a full disk as one process meets it: writes fail (EFBIG)
+    try:
+        with pytest.raises(CutShort, match=r"could not write .*last.pt: File too large \(last.pt as it was is kept\); raise the"):
+            checkpoints.save(tmp_path / "last.pt", {"w": torch.zeros(100_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert checkpoints.load(tmp_path / "last.pt")["w"].tolist() == [1.0] * 10 and os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_save_removes_what_a_writer_killed_mid_write_left_and_only_that(tmp_path):
