@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,15 +94,17 @@ def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
     max_failures = int(cfg.max_failure_rate * cfg.n / (1 - cfg.max_failure_rate)) + 2
     seed_lists = [[cfg.seed + w + k * workers for k in range(quotas[w] + max_failures + 1)] for w in range(workers)]
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
-    with ctx.Manager() as manager, ctx.Pool(workers) as pool:
+    # An executor, not multiprocessing.Pool: a Pool replaces a worker that dies (a crash in the simulator or the HDF5
+    # writer, the out-of-memory killer) and leaves its job pending, so the command waited for it forever.
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         progress = manager.Queue()
         jobs = [
-            pool.apply_async(_plan_worker, (cfg.env.task, seed_lists[w], quotas[w], max_failures // workers + 1, str(tmp), w, cfg.env.image_size, progress))
+            pool.submit(_plan_worker, cfg.env.task, seed_lists[w], quotas[w], max_failures // workers + 1, str(tmp), w, cfg.env.image_size, progress)
             for w in range(workers)
         ]
         ok = fail = 0
         with tqdm(total=cfg.n, desc=f"planning {cfg.env.task}", unit="demo") as bar:
-            while not all(j.ready() for j in jobs) or not progress.empty():
+            while not all(j.done() for j in jobs) or not progress.empty():
                 try:
                     success = progress.get(timeout=0.2)
                 except Exception:
@@ -107,7 +112,13 @@ def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
                 ok, fail = ok + success, fail + (not success)
                 bar.update(int(success))
                 bar.set_postfix(failed_plans=fail)
-        results = [j.get() for j in jobs]
+        try:
+            results = [j.result() for j in jobs]
+        except BrokenProcessPool as err:
+            free = shutil.disk_usage(tmp).free / 2**30
+            raise UserError(f"a planning worker process died after {ok} of {cfg.n} demos (a crash in the motion planner, the "
+                            f"simulator or the HDF5 writer, or the out-of-memory killer; {free:.1f} GiB free where the demos "
+                            f"are written, {tmp.parent}); nothing was kept: run it again, with fewer workers= if memory is short") from err
     seeds = sorted(s for r in results for s in r["seeds"])
     failed = sorted(s for r in results for s in r["failed_seeds"])
     if len(seeds) < cfg.n:

@@ -309,6 +309,20 @@ def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tm
     assert "env.max_episode_steps: not used, demos are planned until solved" in out, out  # not ignored without a word
 
 
+def test_a_planning_worker_that_dies_ends_demos_in_one_line_not_a_wait_forever(tmp_path):
+    # A disk with no room (here a file-size limit, as one process meets a full disk): HDF5 crashes the worker closing its
+    # file, and multiprocessing.Pool, which replaces a dead worker and leaves its job pending, waited for it forever.
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))
+
+    r = subprocess.run([*ROBODISTILL, "demos", "env=PushCube-v1", "n=1", f"out={tmp_path / 'ds'}"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, preexec_fn=small_files)
+    assert r.returncode == 2 and "error: a planning worker process died after 1 of 1 demos (a crash in" in r.stderr, r.stderr[-2000:]
+    assert os.listdir(tmp_path / "ds") == []  # nothing half-written left behind
+
+
 def test_failed_episodes_in_a_file_are_noted(pushcube, tmp_path, capsys):
     # a RecordEpisode of a policy holds failures; they were imitated without a word (`demos` never writes them)
     mixed = copy_pair(pushcube, tmp_path, "mixed")
