@@ -8,11 +8,46 @@ from __future__ import annotations
 
 import os
 
-from openpi_client import base_policy
+from openpi_client import base_policy, msgpack_numpy
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from robodistill.errors import CutShort, UserError
 
 API_KEY_ENV = "ROBODISTILL_API_KEY"
+METADATA_TIMEOUT_S = 10.0  # a policy server sends its metadata as soon as it accepts; websockets' own handshake waits as long
+
+
+class _Client(WebsocketClientPolicy):
+    """openpi's `WebsocketClientPolicy`, whose wait for the server's metadata is bounded and checked: its own waits
+    forever on a websocket server that sends nothing on connect, and ends in a traceback from msgpack or websockets
+    on one that sends text or other bytes, or closes at once."""
+
+    def _wait_for_server(self):
+        headers = {"Authorization": f"Api-Key {self._api_key}"} if self._api_key else None
+        conn = ws_connect(self._uri, compression=None, max_size=None, additional_headers=headers)
+        fix = "check the port, or start one with `robodistill serve bundle=<dir>`"
+        try:
+            frame = conn.recv(timeout=METADATA_TIMEOUT_S)
+        except TimeoutError as err:
+            conn.close()
+            raise UserError(f"{self._uri} sent no metadata within {METADATA_TIMEOUT_S:g} s of connecting: it is not a "
+                            f"policy server, or one that is stuck; {fix}") from err
+        except ConnectionClosed as err:
+            raise UserError(f"{self._uri} closed the connection before sending its metadata ({err})") from err
+        opened = f"text ({frame.strip()[:200]!r})"
+        if not isinstance(frame, str):
+            try:
+                metadata = msgpack_numpy.unpackb(frame)
+            except Exception:  # noqa: BLE001 - msgpack's errors are of several types; any means the same here
+                opened = f"{len(frame)} bytes that are not msgpack"
+            else:
+                if isinstance(metadata, dict):
+                    return conn, metadata
+                opened = f"a msgpack {type(metadata).__name__}"
+        conn.close()
+        raise UserError(f"{self._uri} is not a policy server: it opened with {opened}, not metadata; {fix}")
 
 
 class ServedPolicy(base_policy.BasePolicy):
@@ -26,8 +61,6 @@ class ServedPolicy(base_policy.BasePolicy):
         return self.client.get_server_metadata()
 
     def infer(self, obs: dict) -> dict:
-        from websockets.exceptions import ConnectionClosed
-
         try:
             return self.client.infer(obs)
         except ConnectionClosed as err:
@@ -45,14 +78,13 @@ class ServedPolicy(base_policy.BasePolicy):
 def connect(url: str, api_key: str | None = None) -> ServedPolicy:
     """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line.
     `api_key` defaults to the ROBODISTILL_API_KEY env var."""
-    from openpi_client.websocket_client_policy import WebsocketClientPolicy
     from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
     if not url.startswith(("ws://", "wss://")):
         raise UserError(f"{url!r} is not a websocket URL: use e.g. ws://127.0.0.1:8000")
     api_key = api_key or os.environ.get(API_KEY_ENV)
     try:
-        return ServedPolicy(WebsocketClientPolicy(url, api_key=api_key), url)
+        return ServedPolicy(_Client(url, api_key=api_key), url)
     except InvalidStatus as err:
         code = err.response.status_code
         hint = f": set api_key= (or {API_KEY_ENV}) to the server's key" if code == 401 else ""
@@ -68,5 +100,5 @@ def served_env(url: str, api_key: str | None = None) -> dict:
     """The env the policy served at `url` was trained in, as its metadata records it (a robodistill
     bundle's `env`: task, control mode, episode limit, ...); {} from a server whose metadata has none (openpi's)."""
     meta = connect(url, api_key).get_server_metadata()
-    env = meta.get("env") if isinstance(meta, dict) else None
+    env = meta.get("env")
     return env if isinstance(env, dict) else {}

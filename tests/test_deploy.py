@@ -17,9 +17,9 @@ import pytest
 import torch
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from stable_baselines3 import PPO
-from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
-from robodistill import checkpoints
+from robodistill import checkpoints, wire
 from robodistill.deploy.controller import ChunkAgent, ControllerConfig
 from robodistill.deploy.export import ExportConfig, export
 from robodistill.envs import EnvConfig, make_env
@@ -327,6 +327,37 @@ def test_a_port_that_is_not_a_policy_server_is_one_line(cli_here):
             assert r.returncode == 2 and f"error: {url} is not a websocket policy server" in r.stderr, r.stderr[-2000:]
     finally:
         plain.shutdown()
+
+
+@pytest.mark.timeout(60)  # a hang fails the test
+def test_a_websocket_server_that_does_not_open_with_metadata_is_one_line(cli_here, monkeypatch):
+    from websockets.sync.server import serve
+
+    monkeypatch.setattr(wire, "METADATA_TIMEOUT_S", 0.5, raising=False)  # openpi's client waited for it forever
+    opens = {  # what each server does on connect; the line control ends with
+        "nothing": (lambda ws: ws.recv(), "sent no metadata within 0.5 s of connecting: it is not a policy server"),
+        "text": (lambda ws: ws.send("Traceback (most recent call last): ..."),  # was msgpack's TypeError traceback
+                 "is not a policy server: it opened with text ('Traceback (most recent call last): ...'), not metadata"),
+        "bytes": (lambda ws: ws.send(b"\xc1\xc1\xc1"), "is not a policy server: it opened with 3 bytes that are not msgpack"),
+        "list": (lambda ws: ws.send(msgpack.packb([1, 2])), "is not a policy server: it opened with a msgpack list"),
+        "close": (lambda ws: ws.close(1013, "busy"), "closed the connection before sending its metadata (received 1013"),
+    }
+    for name, (handler, message) in opens.items():
+        def quietly(ws, handler=handler):
+            try:
+                handler(ws)
+                ws.recv()  # until the client goes
+            except ConnectionClosed:
+                pass
+
+        with serve(quietly, "127.0.0.1", 0) as server:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+            said = [cli_here("control", f"server={url}", "episodes=1"), cli_here("rpd", f"teacher={url}", "total_steps=400")]
+            server.shutdown()
+        for r in said:  # rpd's teacher= ended a list in AttributeError's traceback
+            assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(f"error: {url} "), (name, r.stderr[-2000:])
+            assert message in r.stderr, (name, r.stderr[-2000:])
 
 
 @pytest.mark.parametrize("on_late", ["hold", "stop"])

@@ -373,7 +373,7 @@ def main(cfg: DictConfig) -> EvalReport:
     url = server.url if server else str(cfg.server)
     policy = connect(url, api_key)
     meta = policy.get_server_metadata()
-    if not isinstance(meta, dict) or not {"env", "observation", "action", "policy"} <= set(meta):
+    if not {"env", "observation", "action", "policy"} <= set(meta):
         raise UserError(f"the server at {url} sent no robodistill bundle metadata (env, observation, action, policy)")
     e = meta["env"]
     hz = float(e["control_freq"]) if cfg.hz is None else float(cfg.hz)
