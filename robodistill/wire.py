@@ -79,9 +79,13 @@ def connect(url: str, api_key: str | None = None) -> ServedPolicy:
     """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line.
     `api_key` defaults to the ROBODISTILL_API_KEY env var."""
     from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+    from websockets.uri import parse_uri
 
-    if not url.startswith(("ws://", "wss://")):
-        raise UserError(f"{url!r} is not a websocket URL: use e.g. ws://127.0.0.1:8000")
+    try:
+        parse_uri(url)
+    except (InvalidURI, ValueError) as err:  # ValueError: urllib's, for a port out of range or not a number
+        reason = err.msg if isinstance(err, InvalidURI) else str(err)
+        raise UserError(f"{url!r} is not a websocket URL ({reason}): use e.g. ws://127.0.0.1:8000") from err
     api_key = api_key or os.environ.get(API_KEY_ENV)
     try:
         return ServedPolicy(_Client(url, api_key=api_key), url)
@@ -92,7 +96,7 @@ def connect(url: str, api_key: str | None = None) -> ServedPolicy:
     except InvalidHandshake as err:  # something answers there, but not in websocket (e.g. a plain HTTP server)
         raise UserError(f"{url} is not a websocket policy server ({err}): check the port, or start one with "
                         "`robodistill serve bundle=<dir>`") from err
-    except (OSError, InvalidURI) as err:
+    except OSError as err:
         raise UserError(f"no policy server at {url} ({err}): start one with `robodistill serve bundle=<dir>`") from err
 
 

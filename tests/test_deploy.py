@@ -329,6 +329,13 @@ def test_a_port_that_is_not_a_policy_server_is_one_line(cli_here):
         plain.shutdown()
 
 
+def test_a_server_url_with_a_port_out_of_range_is_one_line(cli_here):
+    for url, reason in (("ws://127.0.0.1:99999", "Port out of range 0-65535"), ("ws://127.0.0.1:8OOO", "Port could not be cast")):
+        for args in (("control", f"server={url}", "episodes=1"), ("rpd", f"teacher={url}", "total_steps=400")):
+            r = cli_here(*args)  # was urllib's ValueError, in a traceback
+            assert r.returncode == 2 and f"error: '{url}' is not a websocket URL ({reason}" in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.timeout(60)  # a hang fails the test
 def test_a_websocket_server_that_does_not_open_with_metadata_is_one_line(cli_here, monkeypatch):
     from websockets.sync.server import serve
