@@ -74,6 +74,9 @@ class ServedPolicy(base_policy.BasePolicy):
     def reset(self) -> None:
         self.client.reset()
 
+    def close(self) -> None:
+        self.client._ws.close()
+
 
 def connect(url: str, api_key: str | None = None) -> ServedPolicy:
     """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line.
@@ -103,6 +106,7 @@ def connect(url: str, api_key: str | None = None) -> ServedPolicy:
 def served_env(url: str, api_key: str | None = None) -> dict:
     """The env the policy served at `url` was trained in, as its metadata records it (a robodistill
     bundle's `env`: task, control mode, episode limit, ...); {} from a server whose metadata has none (openpi's)."""
-    meta = connect(url, api_key).get_server_metadata()
-    env = meta.get("env")
+    policy = connect(url, api_key)
+    policy.close()  # the metadata is all it needs: open, the connection (and its two threads) stayed for the whole run
+    env = policy.get_server_metadata().get("env")
     return env if isinstance(env, dict) else {}

@@ -28,7 +28,7 @@ from robodistill.deploy.server import PolicyServer
 from robodistill.policies.bundle import Bundle, BundleError, metadata_checksum
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
-from robodistill.wire import connect
+from robodistill.wire import connect, served_env
 from tests.conftest import ROBODISTILL, SlowPolicy
 
 ENV = EnvConfig(task="PushCube-v1", max_episode_steps=30)
@@ -499,6 +499,20 @@ def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):
         actions = remote.act(history)
         assert remote.obs_horizon == 2 and remote.act_horizon > 1  # from the bundle's metadata
         assert actions.shape == (3, remote.act_horizon, 4) and actions.abs().max() <= 1
+
+
+def test_reading_a_served_policy_s_env_leaves_no_connection_open(bundle):
+    server = PolicyServer(Bundle.load(bundle), port=0).start()
+    try:
+        before = set(threading.enumerate())
+        assert served_env(server.url)["task"] == "PushCube-v1"  # what rpd teacher=ws://... reads before it starts
+        # its connection (websockets' receiving and keepalive threads) stayed open, idle, for the whole run
+        deadline = time.monotonic() + 5  # the keepalive thread ends just after the connection closes
+        while not set(threading.enumerate()) <= before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(threading.enumerate()) <= before, set(threading.enumerate()) - before
+    finally:
+        server.stop()
 
 
 def test_rpd_from_a_served_teacher_acts_in_the_env_its_metadata_records(server, cli, tmp_path):
