@@ -446,6 +446,18 @@ def test_a_request_the_server_refuses_stops_the_robot_and_says_why_in_one_line(b
                                "contains NaN or inf; the robot was sent its stop action")
 
 
+def test_a_stopped_server_has_freed_its_port_and_threads(bundle):
+    loaded = Bundle.load(bundle)
+    before = set(threading.enumerate())
+    server = PolicyServer(loaded, port=0).start()
+    client = connect(server.url)
+    client.infer({"state": np.zeros(loaded.metadata["observation"]["state"]["shape"], np.float32)})
+    server.stop()
+    # stop() returned with the port still listening, and every server left its inference thread behind
+    assert not {t.name for t in set(threading.enumerate()) - before} & {"policy-server", "inference_0"}
+    PolicyServer(loaded, port=server.port).start().stop()  # was "address already in use"
+
+
 def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bundle, cli_here, tmp_path):
     loaded = Bundle.load(bundle)
     server = PolicyServer(loaded, port=0).start()

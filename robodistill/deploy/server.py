@@ -120,6 +120,7 @@ class PolicyServer:
         self._ready = threading.Event()
         self._stop: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     # ---- HTTP side: health and authentication, before the websocket handshake
     def _process_request(self, connection: ServerConnection, request):
@@ -207,12 +208,17 @@ class PolicyServer:
         self._stop = self._loop.create_future()
         self._queue = asyncio.Queue()
         batcher = asyncio.create_task(self._batcher())
-        async with serve(self._handle, self.host, self.port, process_request=self._process_request,
-                         max_size=self.max_bytes, compression=None) as server:
-            self.port = server.sockets[0].getsockname()[1]
-            self._ready.set()
-            await self._stop
-        batcher.cancel()
+        try:
+            async with serve(self._handle, self.host, self.port, process_request=self._process_request,
+                             max_size=self.max_bytes, compression=None) as server:
+                self.port = server.sockets[0].getsockname()[1]
+                self._ready.set()
+                await self._stop
+        finally:  # every handler has had its answer: nothing is left for the pools' threads, which would outlive the server
+            batcher.cancel()
+            for pool in (self._pool, self._text_pool):
+                if pool is not None:
+                    pool.shutdown()
 
     def start(self) -> "PolicyServer":
         """Serve from a daemon thread; returns once the port is bound (`self.port`, `self.url`)."""
@@ -223,7 +229,8 @@ class PolicyServer:
                 self._error = err
                 self._ready.set()
 
-        threading.Thread(target=run, daemon=True, name="policy-server").start()
+        self._thread = threading.Thread(target=run, daemon=True, name="policy-server")
+        self._thread.start()
         if not self._ready.wait(timeout=30):
             raise RuntimeError("the policy server did not start within 30 s")
         if isinstance(self._error, OSError):
@@ -233,8 +240,12 @@ class PolicyServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving; a server from `start()` is stopped when this returns: its connections closed (websockets
+        waits up to 10 s for each client's reply) and its port free to bind again."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     @property
     def url(self) -> str:
