@@ -446,6 +446,42 @@ def test_a_request_the_server_refuses_stops_the_robot_and_says_why_in_one_line(b
                                "contains NaN or inf; the robot was sent its stop action")
 
 
+def test_a_server_whose_actions_are_not_a_chunk_of_the_robot_s_stops_the_robot_and_says_so(bundle):
+    from openpi_client import msgpack_numpy
+    from websockets.sync.server import serve
+
+    loaded = Bundle.load(bundle)
+    n, dims = loaded.metadata["action"]["chunk_length"], len(loaded.metadata["action"]["low"])
+    replies = {  # what a server other than ours might answer; what the run ends with
+        "NaN": (np.full((n, dims), np.nan, np.float32), "the policy server's actions hold NaN or inf"),  # went to the robot
+        "flat": (np.full(dims, 0.5, np.float32), f"reply has actions of shape ({dims},), not a chunk"),  # 4 actions of 0.5s
+        "wide": (np.zeros((n, dims + 3), np.float32), f"actions of shape ({n}, {dims + 3}), not a chunk of this robot's actions (n, {dims})"),
+        "empty": (np.zeros((0, dims), np.float32), f"actions of shape (0, {dims})"),  # every step late, no word
+    }
+    frame = {"state": np.zeros(loaded.metadata["observation"]["state"]["shape"][1], np.float32)}
+    for name, (actions, message) in replies.items():
+        def answer(ws, actions=actions):
+            ws.send(msgpack_numpy.packb(loaded.metadata))
+            try:
+                for _ in ws:
+                    ws.send(msgpack_numpy.packb({"actions": actions}))
+            except ConnectionClosed:
+                pass
+
+        with serve(answer, "127.0.0.1", 0) as server:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            client = connect(f"ws://127.0.0.1:{server.socket.getsockname()[1]}")
+            agent = ChunkAgent(client, loaded.metadata, ControllerConfig(hz=0))
+            agent.reset()
+            first = agent.get_action(frame)["actions"]
+            with pytest.raises(UserError) as said:
+                agent.get_action(frame)
+            client.close()
+            server.shutdown()
+        assert first.shape == (dims,) and not first.any(), name  # the stop action: zero motion under delta control
+        assert message in str(said.value) and str(said.value).endswith("the robot was sent its stop action"), (name, str(said.value))
+
+
 def test_a_stopped_server_has_freed_its_port_and_threads(bundle):
     loaded = Bundle.load(bundle)
     before = set(threading.enumerate())

@@ -20,7 +20,7 @@ never blocks on the network for longer than its deadline.
      first step of an episode has no target to hold yet, so it waits for the first chunk up to `timeout_ms`;
   5. clamps the action to the bounds in the bundle's metadata.
 A request unanswered for `timeout_ms` (a hung or vanished server), or one that fails (a server that closed
-the connection), ends the run: that step sends the stop action (as `on_late=stop`), and the next step, or the
+the connection, or answered with anything but a finite (n, A) chunk of the robot's actions), ends the run: that step sends the stop action (as `on_late=stop`), and the next step, or the
 next reset, fails with one line. Requests run on daemon threads, so a server that never answers cannot keep
 the process alive, nor Ctrl-C from ending it.
 With `replan_below=0` and no late steps, the loop executes exactly what `robodistill eval` does.
@@ -166,7 +166,23 @@ class ChunkAgent(openpi_agent.Agent):
         start = time.perf_counter()
         result = self.policy.infer(obs)
         rtt = (time.perf_counter() - start) * 1e3
-        return np.asarray(result["actions"], np.float32), rtt, float(result.get("server_timing", {}).get("infer_ms", float("nan")))
+        return self._chunk(result), rtt, float(result.get("server_timing", {}).get("infer_ms", float("nan")))
+
+    def _chunk(self, result) -> np.ndarray:
+        """The reply's actions as (n, A), or why they cannot go to the robot: the clamp keeps a NaN, and a chunk of
+        another shape was broadcast, a flat (A,) one into actions of one value each."""
+        actions = result.get("actions") if isinstance(result, dict) else None
+        dims = len(self.low)
+        try:
+            chunk = np.asarray(actions, np.float32)
+            got = "no 'actions'" if actions is None else f"actions of shape {chunk.shape}"
+        except (TypeError, ValueError):
+            chunk, got = None, f"'actions' that are not numbers ({type(actions).__name__})"
+        if chunk is None or chunk.ndim != 2 or len(chunk) == 0 or chunk.shape[1] != dims:
+            raise UserError(f"the policy server's reply has {got}, not a chunk of this robot's actions (n, {dims})")
+        if not np.isfinite(chunk).all():
+            raise UserError("the policy server's actions hold NaN or inf")
+        return chunk
 
     def _adopt(self) -> None:
         future, obs_step, _ = self._pending
