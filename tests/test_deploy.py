@@ -367,6 +367,29 @@ def test_a_websocket_server_that_does_not_open_with_metadata_is_one_line(cli_her
             assert message in r.stderr, (name, r.stderr[-2000:])
 
 
+def test_control_given_metadata_it_cannot_read_says_whose_it_is(bundle, cli_here):
+    from openpi_client import msgpack_numpy
+    from websockets.sync.server import serve
+
+    meta = Bundle.load(bundle).metadata
+    newer = {**meta, "format": "robodistill-bundle-v2", "env": {"id": meta["env"]["task"]}}  # was KeyError's traceback
+    cases = ((newer, "sent the metadata of a robodistill-bundle-v2 bundle (robodistill "),
+             ({"policy_name": "pi0"}, "sent no robodistill bundle metadata, which control takes"))  # openpi's
+    for metadata, message in cases:
+        def opens(ws, metadata=metadata):
+            ws.send(msgpack_numpy.packb(metadata))
+            try:
+                ws.recv()
+            except ConnectionClosed:
+                pass
+
+        with serve(opens, "127.0.0.1", 0) as server:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            r = cli_here("control", f"server=ws://127.0.0.1:{server.socket.getsockname()[1]}", "episodes=1")
+            server.shutdown()
+        assert r.returncode == 2 and message in r.stderr.splitlines()[-1], r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("on_late", ["hold", "stop"])
 def test_late_inference_holds_or_stops_and_stale_actions_are_skipped(bundle, on_late):
     loaded = Bundle.load(bundle)

@@ -57,6 +57,7 @@ from openpi_client.runtime import environment as openpi_environment
 from openpi_client.runtime import subscriber as openpi_subscriber
 from openpi_client.runtime.runtime import Runtime
 
+import robodistill
 from robodistill.envs import EnvConfig, VecEnv, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, check_seed, episode_metrics
@@ -367,7 +368,7 @@ def main(cfg: DictConfig) -> EvalReport:
     from hydra.core.hydra_config import HydraConfig
 
     from robodistill.deploy.server import PolicyServer
-    from robodistill.policies.bundle import Bundle
+    from robodistill.policies.bundle import FORMAT, Bundle
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if bool(cfg.bundle) == bool(cfg.server):
@@ -389,8 +390,12 @@ def main(cfg: DictConfig) -> EvalReport:
     url = server.url if server else str(cfg.server)
     policy = connect(url, api_key)
     meta = policy.get_server_metadata()
-    if not {"env", "observation", "action", "policy"} <= set(meta):
-        raise UserError(f"the server at {url} sent no robodistill bundle metadata (env, observation, action, policy)")
+    if meta.get("format") != FORMAT:  # another format's fields are other fields: KeyError's traceback, below
+        said = ("no robodistill bundle metadata, which control takes the robot's observation keys, action bounds and env "
+                "from: serve a bundle with `robodistill serve bundle=<dir>`" if meta.get("format") is None else
+                f"the metadata of a {meta['format']} bundle (robodistill {meta.get('robodistill_version', '?')}); this "
+                f"robodistill ({robodistill.__version__}) reads {FORMAT}: run the same version on both sides")
+        raise UserError(f"the server at {url} sent {said}")
     e = meta["env"]
     hz = float(e["control_freq"]) if cfg.hz is None else float(cfg.hz)
     controller = ControllerConfig(hz, int(cfg.replan_below), cfg.deadline_ms, str(cfg.on_late), float(cfg.timeout_ms))
