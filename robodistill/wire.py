@@ -69,6 +69,9 @@ class ServedPolicy(base_policy.BasePolicy):
             said = str(err).partition("Error in inference server:\n")[2]
             if not said:
                 raise
+            lines = said.strip().splitlines()
+            if len(lines) > 1:  # openpi's server sends its exception's whole traceback (then closes the connection)
+                said = f"{lines[-1]} (the last line of the traceback it sent)"
             raise UserError(f"the policy server at {self.url} refused the request: {said.removeprefix('error: ')}") from err
 
     def reset(self) -> None:

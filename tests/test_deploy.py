@@ -517,6 +517,29 @@ def test_a_stopped_server_has_freed_its_port_and_threads(bundle):
     PolicyServer(loaded, port=server.port).start().stop()  # was "address already in use"
 
 
+def test_an_openpi_server_s_traceback_is_one_line():
+    from websockets.sync.server import serve
+
+    def openpi_like(ws):  # openpi's WebsocketPolicyServer on an exception in its policy
+        from openpi_client import msgpack_numpy
+
+        ws.send(msgpack_numpy.packb({"reset_pose": [0.0]}))
+        ws.recv()
+        ws.send("Traceback (most recent call last):\n  File \"serve_policy.py\", line 9, in infer\n"
+                "KeyError: 'observation/exterior_image_1_left'\n")
+        ws.close(1011, "Internal server error. Traceback included in previous frame.")
+
+    with serve(openpi_like, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+        with pytest.raises(UserError) as said:
+            connect(url).infer({"state": np.zeros(3, np.float32)})  # what rpd teacher= and control ask
+        server.shutdown()
+    # rpd ended with 'error: ... refused the request: Traceback (most recent call last):' and the traceback's lines
+    assert str(said.value) == (f"the policy server at {url} refused the request: KeyError: 'observation/exterior_image_1_left' "
+                               "(the last line of the traceback it sent)")
+
+
 def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bundle, cli_here, tmp_path):
     loaded = Bundle.load(bundle)
     server = PolicyServer(loaded, port=0).start()
