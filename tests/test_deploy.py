@@ -505,6 +505,17 @@ def test_a_server_whose_actions_are_not_a_chunk_of_the_robot_s_stops_the_robot_a
         assert message in str(said.value) and str(said.value).endswith("the robot was sent its stop action"), (name, str(said.value))
 
 
+def test_a_server_on_an_ipv6_address_gives_a_url_that_connects(bundle):
+    server = PolicyServer(Bundle.load(bundle), host="::1", port=0).start()
+    try:  # was ws://::1:<port>, which no client parses
+        assert server.url == f"ws://[::1]:{server.port}"
+        assert connect(server.url).get_server_metadata()["env"]["task"] == "PushCube-v1"
+        with urllib.request.urlopen(f"http://{server.address}/healthz") as r:  # the health URL serve prints
+            assert r.status == 200
+    finally:
+        server.stop()
+
+
 def test_a_stopped_server_has_freed_its_port_and_threads(bundle):
     loaded = Bundle.load(bundle)
     before = set(threading.enumerate())

@@ -249,7 +249,12 @@ class PolicyServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}"
+        return f"ws://{self.address}"
+
+    @property
+    def address(self) -> str:
+        """host:port as a URL writes it: an IPv6 host in brackets (ws://::1:8000 is no URL)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def main(cfg: DictConfig) -> None:
@@ -274,7 +279,7 @@ def main(cfg: DictConfig) -> None:
             asyncio.get_running_loop().add_signal_handler(sig, server.stop)
         m = bundle.metadata
         print(f"serving {cfg.bundle} ({m['env']['task']}, {sampler_words(m['policy']['sampler'], m['policy']['steps'])}) "
-              f"on {server.url}  health: http://{server.host}:{server.port}/healthz"
+              f"on {server.url}  health: http://{server.address}/healthz"
               f"{'  (API key required)' if api_key else ''}", flush=True)
         await task
 
