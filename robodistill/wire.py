@@ -6,6 +6,7 @@ connect through here; the server (deploy) speaks the same protocol.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from openpi_client import base_policy, msgpack_numpy
@@ -17,6 +18,10 @@ from robodistill.errors import CutShort, UserError
 
 API_KEY_ENV = "ROBODISTILL_API_KEY"
 METADATA_TIMEOUT_S = 10.0  # a policy server sends its metadata as soon as it accepts; websockets' own handshake waits as long
+KEEPALIVE_S = 20.0  # websockets' pings (its defaults): a server that answers none for this long has stopped answering
+# websockets logs its keepalive's failure with a traceback; the request it fails says what happened, in one line
+_WEBSOCKETS_LOG = logging.getLogger(f"{__name__}.websockets")
+_WEBSOCKETS_LOG.setLevel(logging.CRITICAL)
 
 
 class _Client(WebsocketClientPolicy):
@@ -26,7 +31,8 @@ class _Client(WebsocketClientPolicy):
 
     def _wait_for_server(self):
         headers = {"Authorization": f"Api-Key {self._api_key}"} if self._api_key else None
-        conn = ws_connect(self._uri, compression=None, max_size=None, additional_headers=headers)
+        conn = ws_connect(self._uri, compression=None, max_size=None, additional_headers=headers,
+                          ping_interval=KEEPALIVE_S, ping_timeout=KEEPALIVE_S, logger=_WEBSOCKETS_LOG)
         fix = "check the port, or start one with `robodistill serve bundle=<dir>`"
         try:
             frame = conn.recv(timeout=METADATA_TIMEOUT_S)
@@ -64,6 +70,9 @@ class ServedPolicy(base_policy.BasePolicy):
         try:
             return self.client.infer(obs)
         except ConnectionClosed as err:
+            if err.sent is not None and err.sent.reason == "keepalive ping timeout":  # this side gave up, in websockets' words
+                raise CutShort(f"the policy server at {self.url} stopped answering: no reply to the connection's pings for "
+                               f"{KEEPALIVE_S:g} s (a hung server, or the network to it is down)") from err
             raise CutShort(f"the policy server at {self.url} closed the connection ({err})") from err
         except RuntimeError as err:  # openpi's client raises the server's text frame as "Error in inference server:\n<text>"
             said = str(err).partition("Error in inference server:\n")[2]

@@ -551,6 +551,40 @@ def test_an_openpi_server_s_traceback_is_one_line():
                                "(the last line of the traceback it sent)")
 
 
+@pytest.mark.timeout(60)
+def test_a_server_that_stops_answering_is_one_line_that_says_so(monkeypatch, caplog):
+    """What rpd teacher=ws:// sees of a hung server (control's timeout_ms comes first): websockets' keepalive gives up."""
+    import base64
+    import hashlib
+    import socket
+
+    from openpi_client import msgpack_numpy
+
+    monkeypatch.setattr(wire, "KEEPALIVE_S", 0.3, raising=False)  # 20 s, the default
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def hung() -> None:  # accepts, sends its metadata, then answers nothing, not even pings: a SIGSTOPped server
+        conn, _ = listener.accept()
+        key = re.search(rb"Sec-WebSocket-Key: (\S+)", conn.recv(4096)).group(1)
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        meta = msgpack_numpy.packb({"reset_pose": [0.0]})
+        conn.sendall(bytes([0x82, len(meta)]) + meta)
+        time.sleep(30)
+
+    threading.Thread(target=hung, daemon=True).start()
+    url = f"ws://127.0.0.1:{listener.getsockname()[1]}"
+    with pytest.raises(UserError) as said:
+        connect(url).infer({"state": np.zeros(3, np.float32)})
+    listener.close()
+    # was "closed the connection (sent 1011 (internal error) keepalive ping timeout; ...)", after websockets' logged traceback
+    assert str(said.value) == (f"the policy server at {url} stopped answering: no reply to the connection's pings for 0.3 s "
+                               "(a hung server, or the network to it is down)")
+    time.sleep(0.5)  # websockets' keepalive thread logs its failure ("keepalive ping failed", a traceback) just after
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
 def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bundle, cli_here, tmp_path):
     loaded = Bundle.load(bundle)
     server = PolicyServer(loaded, port=0).start()
