@@ -119,9 +119,10 @@ def _guarded(task_fn, command: str = ""):
             return ": the run keeps its last checkpoint; the same command with resume=true continues it"
         return ": it stopped before its first checkpoint, so there is nothing to resume; the same command starts it again"
 
-    def interrupted(cfg: DictConfig):
+    def interrupted(cfg: DictConfig, said: str = ""):
+        """`said`: what the command itself says of how it stopped (control: the robot's stop action, the run kept)."""
         end_progress_bars()
-        print("interrupted" + how_it_continues(cfg), file=sys.stderr)
+        print("interrupted" + (f": {said}" if said else how_it_continues(cfg)), file=sys.stderr)
         drop_empty_run_dir()
         sys.exit(130)
 
@@ -133,8 +134,8 @@ def _guarded(task_fn, command: str = ""):
             print(f"error: {err}{how_it_continues(cfg) if isinstance(err, CutShort) else ''}", file=sys.stderr)
             drop_empty_run_dir()
             sys.exit(2)
-        except KeyboardInterrupt:
-            interrupted(cfg)
+        except KeyboardInterrupt as err:
+            interrupted(cfg, str(err))
         except Exception:
             # The interrupt can land while pybind11 converts a call's arguments (SAPIEN, ManiSkill's kinematics),
             # which reports it as a TypeError ("incompatible function arguments"): after a signal, any error is it.

@@ -4,6 +4,7 @@ import http.server
 import json
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -623,6 +624,33 @@ def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bu
     (first / "control.json").write_text(json.dumps({**c, "summary": {"episodes": 0}, "episodes": []}))
     table = cli_here("summary", "--name", "gone").stdout
     assert f"{first.name}  no episode finished through the server unpaced (hz=0)" in table and "stopped early: inference failed" in table, table
+
+
+def test_control_stopped_with_ctrl_c_stops_the_robot_and_keeps_the_run(bundle, tmp_path):
+    # Ctrl-C dropped the run directory, telemetry and all, and sent the robot nothing: a failure stopped it, a person not
+    proc = subprocess.Popen([*ROBODISTILL, "control", f"bundle={bundle}", "episodes=1000", "hz=0", "max_episode_steps=20", "name=c"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "| 2/1000" not in seen and proc.poll() is None:  # two episodes done: the bar's count, on stderr
+        seen += proc.stderr.read(64)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    (run,) = (tmp_path / "runs" / "control").glob("*-c")
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == (
+        f"interrupted: the robot was sent its stop action; the run up to it is saved in {run}"), err[-2000:]
+    c = json.loads((run / "control.json").read_text())
+    assert c["stopped"] == "interrupted" and len(c["episodes"]) >= 2
+    assert (run / "telemetry.csv").read_text().count("\n") == 1 + c["timing"]["steps"]
+
+
+def test_the_stop_action_holds_the_arm_and_is_none_before_a_position_target(bundle):
+    loaded = Bundle.load(bundle)
+    agent = ChunkAgent(SlowPolicy(loaded, delay=0.0), loaded.metadata, ControllerConfig(hz=20))
+    agent.reset()
+    moving = agent.get_action({"state": np.zeros(loaded.metadata["observation"]["state"]["shape"][1], np.float32)})["actions"]
+    np.testing.assert_array_equal(agent.stop_command(), np.where(agent.stop_zeroes, 0.0, moving))  # the gripper keeps its command
+    position = {**loaded.metadata, "env": {**loaded.metadata["env"], "control_mode": "pd_joint_pos"}}
+    assert ChunkAgent(SlowPolicy(loaded, delay=0.0), position, ControllerConfig(hz=20)).stop_command() is None
 
 
 def test_teachers_from_a_checkpoint_a_server_or_nothing(checkpoint, server):

@@ -22,7 +22,8 @@ never blocks on the network for longer than its deadline.
 A request unanswered for `timeout_ms` (a hung or vanished server), or one that fails (a server that closed
 the connection, or answered with anything but a finite (n, A) chunk of the robot's actions), ends the run: that step sends the stop action (as `on_late=stop`), and the next step, or the
 next reset, fails with one line. Requests run on daemon threads, so a server that never answers cannot keep
-the process alive, nor Ctrl-C from ending it.
+the process alive, nor Ctrl-C from ending it. Ctrl-C (or SIGTERM) sends the stop action too; either way the run's
+episodes and telemetry up to the stop are saved.
 With `replan_below=0` and no late steps, the loop executes exactly what `robodistill eval` does.
 
 A robot is anything with openpi's `Environment` methods: `reset()`, `get_observation()` (one
@@ -226,27 +227,34 @@ class ChunkAgent(openpi_agent.Agent):
                 self._pending[0].exception(timeout=self._timeout_left() if guess else min(deadline, self._timeout_left()))
                 self._adopt()
             except FutureTimeout:
-                if self._timeout_left() == 0:
+                if guess or self._timeout_left() == 0:  # a guess waited out all of timeout_ms (to within the clock's grain)
                     self._hung()
         if guess and self._failure:
             self._raise_failure()  # nothing sent yet, and no stop action to send
         late = self._left() == 0
         stop = self._failure is not None or self.cfg.on_late == "stop"
         if not late:
-            action = self.chunk[self.step - self.chunk_step]
-        elif self.stop_action is not None and (self.last is None or stop):
-            action = self.stop_action
+            action = np.clip(self.chunk[self.step - self.chunk_step], self.low, self.high)
         elif self.last is None or stop:
-            base = self.last if self.last is not None else np.zeros_like(self.low)
-            action = np.where(self.stop_zeroes, 0.0, base).astype(np.float32)
+            action = self.stop_command()
         else:
             action = self.last
-        action = np.clip(action, self.low, self.high)
         sent = time.perf_counter()
         self.records.append({"episode": self.episode, "step": self.step, "sent": sent, "wait_ms": (sent - start) * 1e3, "late": late})
         self.last = action
         self.step += 1
         return {"actions": action}
+
+
+    def stop_command(self) -> np.ndarray | None:
+        """The stop action (see the module doc); None under position control before the first target was sent, where
+        no action holds the robot where it is."""
+        if self.stop_action is not None:
+            return np.clip(self.stop_action, self.low, self.high)
+        if self.last is None and not self.stop_zeroes.any():
+            return None
+        base = self.last if self.last is not None else np.zeros_like(self.low)
+        return np.clip(np.where(self.stop_zeroes, 0.0, base), self.low, self.high).astype(np.float32)
 
 
 class EpisodeProgress(openpi_subscriber.Subscriber):
@@ -415,6 +423,11 @@ def main(cfg: DictConfig) -> EvalReport:
             Runtime(robot, agent, [progress], max_hz=controller.hz, num_episodes=int(cfg.episodes)).run()
         except UserError as err:  # a server hung or gone: the steps up to it are what diagnose it, so they are saved
             stopped = err
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the robot stops where it is, and the run is kept as for a failure
+            stopped = KeyboardInterrupt("interrupted")
+            halt = agent.stop_command()
+            if halt is not None:
+                robot.apply_action({"actions": halt})
         progress.bar.close()
     if server is not None:
         server.stop()
@@ -427,6 +440,9 @@ def main(cfg: DictConfig) -> EvalReport:
     report.save(run_dir / "control.json", env=env_cfg.__dict__, server=url, bundle=cfg.bundle,
                 controller=asdict(controller), timing=timing, requests=agent.requests,
                 stopped=None if stopped is None else str(stopped))
+    if isinstance(stopped, KeyboardInterrupt):
+        sent = "the robot was sent its stop action" if halt is not None else "no action was sent (nothing to hold yet)"
+        raise KeyboardInterrupt(f"{sent}; the run up to it is saved in {run_dir}")  # said as the CLI's one line
     if stopped is not None:
         raise UserError(f"{stopped}; the run up to it is saved in {run_dir}") from stopped
     print(report.table(f"{e['task']} through {url} at {controller.hz:g} Hz ({counted(report.summary['episodes'], 'episode')}, seed {cfg.seed})"))
