@@ -108,7 +108,9 @@ def check_trained_on(what: str, trained_on: dict, env) -> None:
     theirs = {k: trained_on.get(k) for k in ("task", "obs_mode", "control_mode")}
     here = {k: getattr(env.cfg, k) for k in theirs}
     if here != theirs:
-        raise UserError(f"{what} was trained on {theirs}, but the env is {here}: set env=... to match")
+        # the settings that match, each as its flag: "env=..." alone sent users to change the task for an obs_mode
+        fix = " ".join(f"env={v}" if k == "task" else f"env.{k}={v}" for k, v in theirs.items() if here[k] != v)
+        raise UserError(f"{what} was trained on {theirs}, but the env is {here}: set {fix}")
 
 
 def run_output(run: str | Path) -> Path | None:

@@ -88,6 +88,22 @@ def pickcube_rgb_demos(tmp_path_factory) -> dict:
     return generate(DemosConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out)))
 
 
+@pytest.fixture(scope="session")
+def pickcube_rgb_teacher(tmp_path_factory, pickcube_rgb_demos) -> Path:
+    """A 4-iteration RGB teacher (MLP denoiser, distilled head) of the 48 px PickCube demos: a checkpoint that sees images."""
+    from robodistill.envs import EnvConfig
+    from robodistill.training.distill import DistillConfig
+    from robodistill.training.distill import train as distill
+    from robodistill.training.teacher import TrainTeacherConfig, train
+
+    root = tmp_path_factory.mktemp("pickcube_rgb_teacher")
+    train(TrainTeacherConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), dataset=str(pickcube_rgb_demos["path"]),
+                             iterations=4, batch_size=8, eval_every=0, eval_episodes=0, val_fraction=0, threads=1), root / "teacher")
+    distill(DistillConfig(teacher=str(root / "teacher" / "checkpoints" / "last.pt"), iterations=2, batch_size=8, eval_episodes=0,
+                          threads=1), root / "distill")
+    return root / "distill" / "checkpoints" / "last.pt"
+
+
 class SlowPolicy(BasePolicy):
     """A bundle behind a slow link: every answer takes `delay` seconds."""
 

@@ -36,6 +36,15 @@ def test_a_recorded_env_fills_what_the_command_line_leaves_unset(capsys):
     assert take_env(EnvConfig(task="PickCube-v1"), pick, set()).image_size == 48
 
 
+def test_a_policy_for_another_env_is_refused_naming_the_settings_that_match(cli_here, pickcube_rgb_teacher):
+    # "set env=... to match" sent the user to change the task, where the observation mode was what differed.
+    r = cli_here("eval", f"policy={pickcube_rgb_teacher}", "env=PickCube-v1", "env.obs_mode=state", "episodes=1")
+    assert r.returncode == 2 and "but the env is {'task': 'PickCube-v1', 'obs_mode': 'state'" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.rstrip().endswith(": set env.obs_mode=rgb"), r.stderr[-2000:]
+    other = cli_here("eval", f"policy={pickcube_rgb_teacher}", "env=PushCube-v1", "env.obs_mode=state", "episodes=1")
+    assert other.returncode == 2 and ": set env=PickCube-v1 env.obs_mode=rgb" in other.stderr, other.stderr[-2000:]
+
+
 class CountingPolicy:
     """Chunks whose actions encode (call number, position in chunk) so the order of execution shows."""
 
