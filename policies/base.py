@@ -104,8 +104,11 @@ def check_policy_spec(spec: str, flag: str = "policy") -> None:
 
 
 def check_trained_on(what: str, trained_on: dict, env) -> None:
-    """Refuses an env whose task, observation or control mode differ from those `what` was trained on."""
-    theirs = {k: trained_on.get(k) for k in ("task", "obs_mode", "control_mode")}
+    """Refuses an env whose task, observation or control mode, or camera size (a policy that sees images), differ from
+    those `what` was trained on. The camera's too: a CNN that pools its features takes any size, and rates (or teaches
+    with) images at a scale it never saw without a word."""
+    sees_images = trained_on.get("obs_mode") == "rgb" and "image_size" in trained_on
+    theirs = {k: trained_on.get(k) for k in ("task", "obs_mode", "control_mode", *(("image_size",) if sees_images else ()))}
     here = {k: getattr(env.cfg, k) for k in theirs}
     if here != theirs:
         # the settings that match, each as its flag: "env=..." alone sent users to change the task for an obs_mode

@@ -45,6 +45,13 @@ def test_a_policy_for_another_env_is_refused_naming_the_settings_that_match(cli_
     assert other.returncode == 2 and ": set env=PickCube-v1 env.obs_mode=rgb" in other.stderr, other.stderr[-2000:]
 
 
+def test_a_policy_that_sees_images_is_refused_a_camera_of_another_size(cli_here, pickcube_rgb_teacher):
+    # Its CNN pools over any image size: at 64 px it was rated (and taught RPD students) on images it never saw, unsaid.
+    r = cli_here("eval", f"policy={pickcube_rgb_teacher}", "env=PickCube-v1", "env.image_size=64", "episodes=1")
+    assert r.returncode == 2 and "'image_size': 48}, but the env is" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.rstrip().endswith(": set env.image_size=48"), r.stderr[-2000:]
+
+
 class CountingPolicy:
     """Chunks whose actions encode (call number, position in chunk) so the order of execution shows."""
 
