@@ -260,6 +260,24 @@ def test_distill_finds_the_teachers_dataset_from_another_directory(cli, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_distill_refuses_images_of_another_size_than_the_teachers(cli_here, tmp_path, pickcube_rgb_demos, pickcube_rgb_teacher):
+    import h5py
+
+    # The teacher's 48 px demos at half the size: its CNN took them, and the head was fitted on them without a word.
+    small = tmp_path / "small.h5"
+    shutil.copy(pickcube_rgb_demos["path"], small)
+    shutil.copy(pickcube_rgb_demos["path"].replace(".h5", ".json"), small.with_suffix(".json"))
+    with h5py.File(small, "r+") as f:
+        for traj in f.values():
+            camera = traj["obs/sensor_data/base_camera"]
+            images = camera["rgb"][:, ::2, ::2]
+            del camera["rgb"]
+            camera["rgb"] = images
+    teacher = pickcube_rgb_teacher.parents[2] / "teacher" / "checkpoints" / "last.pt"
+    r = cli_here("distill", f"teacher={teacher}", f"dataset={small}", "iterations=2", "batch_size=8", "eval_episodes=0")
+    assert r.returncode == 2 and "holds 24x24 px images, but the teacher saw 48 px ones (its env.image_size)" in r.stderr, r.stderr[-2000:]
+
+
 def test_bench_latency_rates_a_sampler_as_eval_does_whatever_was_measured_before(cli, tmp_path, pushcube_demos, monkeypatch):
     """A sampler's episodes do not depend on calls= nor on the samplers measured before it: they are those
     `robodistill eval` runs with the same seed."""

@@ -110,6 +110,11 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     env_cfg = EnvConfig.from_mapping(payload["env"])
     dataset = cfg.dataset or payload["train"]["dataset"]
     episodes = load_episodes(dataset.split(","), control_mode=env_cfg.control_mode, obs_mode=env_cfg.obs_mode, task=env_cfg.task)
+    rgb = episodes[0].obs.get("rgb")  # the teacher's CNN pools over any size: a head fitted on others would go unnoticed
+    if rgb is not None and rgb.shape[1:3] != (env_cfg.image_size, env_cfg.image_size):
+        raise UserError(f"dataset={dataset} holds {rgb.shape[2]}x{rgb.shape[1]} px images, but the teacher saw {env_cfg.image_size} px "
+                        f"ones (its env.image_size): give a dataset recorded with env.image_size={env_cfg.image_size}, such as the "
+                        f"teacher's own ({payload['train']['dataset']}, the default)")
     p = teacher.cfg
     windows = WindowDataset(episodes, Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon),
                             delta_actions=zero_action_holds_still(env_cfg.control_mode))
