@@ -79,13 +79,18 @@ def check_observation(obs: dict, spec: dict, batched: bool) -> dict[str, np.ndar
         if not isinstance(x, np.ndarray):
             raise ObservationError(f"observation['{key}'] must be a numpy array of {_describe({key: s})}, got {type(x).__name__}")
         shape = tuple(x.shape[1:] if batched else x.shape)
+        image = s["dtype"] == "uint8" and len(s["shape"]) == 4  # camera frames: (history, H, W, C) pixels
         if shape != tuple(s["shape"]) or (batched and x.ndim == 0):
             want = ("(B, " if batched else "(") + ", ".join(map(str, s["shape"])) + ")"
-            raise ObservationError(f"observation['{key}'] has shape {tuple(x.shape)}, expected {want}: "
-                                   f"the last {s['shape'][0]} observations, oldest first")
+            channels_first = image and shape[:-3] + shape[-2:] + shape[-3:-2] == tuple(s["shape"])
+            why = ("images go channel-last, (H, W, C): send np.moveaxis(x, -3, -1)" if channels_first else
+                   f"the last {s['shape'][0]} observations, oldest first")
+            raise ObservationError(f"observation['{key}'] has shape {tuple(x.shape)}, expected {want}: {why}")
         if x.dtype != np.dtype(s["dtype"]):
-            raise ObservationError(f"observation['{key}'] has dtype {x.dtype}, expected {s['dtype']} "
-                                   f"(send np.asarray(x, dtype=np.{s['dtype']}))")
+            # np.asarray(x, dtype=np.uint8) of an image scaled to [0, 1] is all zeros and ones: a black frame, unsaid
+            fix = ("pixels 0-255: send an image in [0, 1] as (x * 255).round().astype(np.uint8), one in 0-255 as x.astype(np.uint8)"
+                   if image and x.dtype.kind == "f" else f"send np.asarray(x, dtype=np.{s['dtype']})")
+            raise ObservationError(f"observation['{key}'] has dtype {x.dtype}, expected {s['dtype']} ({fix})")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             raise ObservationError(f"observation['{key}'] contains NaN or inf")
         if batched:

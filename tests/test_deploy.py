@@ -247,6 +247,29 @@ def test_server_speaks_openpi_protocol_and_survives_bad_input(server, bundle):
         np.testing.assert_allclose(np.stack(answers[i]), np.stack(answers[0]), atol=1e-5)
 
 
+def test_a_served_rgb_bundle_says_how_to_send_its_images(pickcube_rgb_teacher, tmp_path):
+    out, meta = export(ExportConfig(ckpt=str(pickcube_rgb_teacher)), tmp_path / "bundle")
+    assert meta["observation"]["rgb"] == {"shape": [2, 48, 48, 3], "dtype": "uint8"} and meta["env"]["image_size"] == 48
+    server = PolicyServer(Bundle.load(out), port=0).start()
+    try:
+        client = WebsocketClientPolicy("127.0.0.1", server.port)
+        rng = np.random.default_rng(0)
+        obs = {"rgb": rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8), "state": np.zeros(meta["observation"]["state"]["shape"], np.float32)}
+        assert client.infer(obs)["actions"].shape == (meta["action"]["chunk_length"], meta["action"]["dim"])
+        bad = {  # the advice for a float image was np.asarray(x, dtype=np.uint8): a [0, 1] image became a black one
+            "float in [0, 1]": ({**obs, "rgb": obs["rgb"] / np.float32(255)}, "send an image in [0, 1] as (x * 255).round().astype(np.uint8)"),
+            "channel-first": ({**obs, "rgb": np.moveaxis(obs["rgb"], -1, -3)}, "images go channel-last, (H, W, C): send np.moveaxis(x, -3, -1)"),
+            "another size": ({**obs, "rgb": np.zeros((2, 64, 64, 3), np.uint8)}, "expected (2, 48, 48, 3): the last 2 observations"),
+            "no image": ({"state": obs["state"]}, "missing key(s) ['rgb']"),
+            "integers": ({**obs, "rgb": obs["rgb"].astype(np.int64)}, "expected uint8 (send np.asarray(x, dtype=np.uint8))"),
+        }
+        for case, (payload, message) in bad.items():
+            with pytest.raises(RuntimeError, match=re.escape(message)):
+                client.infer(payload)
+    finally:
+        server.stop()
+
+
 def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bundle, cli, tmp_path):
     env = {"ROBODISTILL_API_KEY": "sesame"}
     # seed=0 resets the episodes with seeds 0, 1 and is the server's noise seed (the fixture's default),
