@@ -189,6 +189,21 @@ def test_rgb_teacher_trains_and_evaluates(cli, cli_here, tmp_path, pickcube_rgb_
     assert any(k.startswith("encoder.cnn") for k in saved["model"])
 
 
+def test_an_rgb_policy_driven_from_python_refuses_float_or_channel_first_images(pickcube_rgb_teacher):
+    from robodistill.envs import EnvConfig, make_env
+    from robodistill.policies import load_policy
+
+    with make_env(EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48)) as env:
+        policy = load_policy(pickcube_rgb_teacher, env)
+        first = env.reset(seed=[0])
+    obs = {k: v[:, None].repeat_interleave(policy.obs_horizon, 1) for k, v in first.items()}
+    assert policy.predict_chunk(obs).shape[1] == policy.act_horizon
+    # A float image in [0, 1] was divided by 255 again and acted on as a black frame; a channel-first one failed in conv2d.
+    for rgb in (obs["rgb"].float() / 255, obs["rgb"].movedim(-1, -3)):
+        with pytest.raises(UserError, match=r"takes camera images as uint8 pixels 0-255, \(B, T, H, W, 3\) channel-last"):
+            policy.predict_chunk({**obs, "rgb": rgb})
+
+
 def test_a_resumed_run_keeps_the_best_checkpoint_it_resumed_with(cli, tmp_path, pushcube_demos):
     args = [f"dataset={pushcube_demos}", *TINY, "eval_every=10", "checkpoint_every=10", "name=b"]
     first = cli("train-teacher", *args, "iterations=20")

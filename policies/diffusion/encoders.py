@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robodistill.errors import UserError
+
 
 class StateEncoder(nn.Module):
     """The (normalized) state history, flattened: (B, T, D) -> (B, T * D)."""
@@ -24,7 +26,7 @@ class RgbEncoder(nn.Module):
 
     def __init__(self, channels: int, state_dim: int, horizon: int, features: int = 64, crop: float = 0.9):
         super().__init__()
-        self.crop = crop
+        self.crop, self.channels = crop, channels
         self.cnn = nn.Sequential(
             nn.Conv2d(channels, 32, 5, stride=2, padding=2), nn.GroupNorm(8, 32), nn.Mish(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.Mish(),
@@ -45,6 +47,11 @@ class RgbEncoder(nn.Module):
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         rgb = obs["rgb"]  # (B, T, H, W, C) uint8
+        # A float image would be divided by 255 again (a black frame) and a channel-first one fail deep in a convolution.
+        if rgb.dtype != torch.uint8 or rgb.ndim != 5 or rgb.shape[-1] != self.channels:
+            raise UserError(f"obs['rgb'] is {rgb.dtype} {tuple(rgb.shape)}; the policy takes camera images as uint8 pixels 0-255, "
+                            f"(B, T, H, W, {self.channels}) channel-last (an image in [0, 1]: (x * 255).round().to(torch.uint8); "
+                            "channel-first: x.movedim(-3, -1))")
         b, t = rgb.shape[:2]
         img = rgb.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
         feats = self.cnn(self._crop(img)).view(b, t, -1)
