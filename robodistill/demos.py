@@ -177,6 +177,13 @@ def generate(cfg: DemosConfig) -> dict:
         raise UserError(f"out={out_dir} is a file: give the folder the demonstrations go to")
     with make_env(replace(cfg.env, num_envs=1)):  # every env field checked now, not after minutes of planning
         pass
+    final = out_dir / demos_file(cfg.n, cfg.seed, cfg.env.obs_mode, cfg.env.control_mode)
+    if cfg.env.obs_mode == "rgb" and final.with_suffix(".json").is_file():  # its name does not say the camera's size
+        kwargs = json.loads(final.with_suffix(".json").read_text()).get("env_info", {}).get("env_kwargs", {})
+        size = kwargs.get("sensor_configs", {}).get("width")
+        if size is not None and size != cfg.env.image_size:
+            raise UserError(f"{final} holds these demos with {size} px images, which env.image_size={cfg.env.image_size} would replace "
+                            f"(a teacher trained on them records that file): give another out=, or move it away first")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file on the way, no permission, a read-only disk: said now, not as a traceback
@@ -197,7 +204,6 @@ def generate(cfg: DemosConfig) -> dict:
         if kept == 0:
             raise UserError(f"none of the {cfg.n} plans replayed successfully under env.control_mode={cfg.env.control_mode}: "
                             "nothing was written; try another control mode (pd_joint_pos replays plans exactly)")
-        final = out_dir / demos_file(cfg.n, cfg.seed, cfg.env.obs_mode, cfg.env.control_mode)
         raw = out_dir / demos_file(cfg.n, cfg.seed, "none", "pd_joint_pos")
         for src, dst in ((plans, raw), (converted, final)):
             os.replace(src.with_suffix(".json"), dst.with_suffix(".json"))

@@ -146,6 +146,21 @@ def test_rgb_demos_match_the_live_rgb_env(pickcube_rgb_demos):
     assert sample["obs"]["rgb"].shape == (2, 48, 48, 3) and sample["obs"]["rgb"].dtype == torch.uint8
 
 
+def test_rgb_demos_of_another_camera_size_do_not_replace_those_on_disk(pickcube_rgb_demos, tmp_path):
+    from pathlib import Path
+
+    from robodistill.demos import DemosConfig, generate
+
+    # The same n, seed and modes write the same file name whatever the camera: 32 px demos replaced the 48 px ones unsaid.
+    held = Path(pickcube_rgb_demos["path"])
+    for suffix in (".h5", ".json"):
+        shutil.copy(held.with_suffix(suffix), tmp_path / held.with_suffix(suffix).name)
+    before = (tmp_path / held.name).read_bytes()
+    with pytest.raises(UserError, match="holds these demos with 48 px images, which env.image_size=32 would replace"):
+        generate(DemosConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=32), n=2, seed=0, out=str(tmp_path)))
+    assert (tmp_path / held.name).read_bytes() == before
+
+
 def test_dataset_info_prints_and_plots(pushcube, tmp_path):
     r = run_cli("dataset", "info", str(pushcube), "--plot", str(tmp_path / "ranges.png"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
