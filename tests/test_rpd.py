@@ -394,3 +394,11 @@ def test_rpd_resumed_from_another_directory_finds_its_teacher(cli, tmp_path, pus
     (tmp_path / "elsewhere").mkdir()
     more = run_cli("rpd", f"resume_from={run_dir(tmp_path, 'r', 'rpd')}", *args, "total_steps=100", cwd=tmp_path / "elsewhere")
     assert more.returncode == 0 and f"teacher={teacher}" in more.stdout, more.stderr[-3000:]
+
+
+def test_a_state_student_of_an_rgb_teacher_is_told_to_show_it_images(cli_here, pickcube_rgb_teacher):
+    # The loader said "set env.obs_mode=rgb" alone: an RGB student, whose NatureCNN needs 36 px or more where the
+    # teacher's camera (taken for the student) may be smaller, and a teacher refuses another camera size.
+    r = cli_here("rpd", "env=PickCube-v1", f"teacher={pickcube_rgb_teacher}", "total_steps=40", "n_steps=20", "batch_size=20")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "sees rgb observations, the student state ones: add teacher_obs_mode=rgb" in r.stderr, r.stderr[-2000:]

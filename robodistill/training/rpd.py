@@ -712,6 +712,12 @@ def main(cfg: DictConfig) -> dict:
             record_taken({"teacher": config.teacher})
         recorded = served_env(config.teacher, config.api_key) if served else trained_env(config.teacher)
         config.env = take_env(config.env, recorded, given_fields(), ("control_mode", "max_episode_steps", "image_size"), who="the teacher")
+        sees = recorded.get("obs_mode")
+        if not served and config.teacher_obs_mode is None and sees not in (None, config.env.obs_mode):
+            # the loader's own "set env.obs_mode=rgb" alone makes an RGB student, whose CNN a small teacher camera cannot feed
+            raise UserError(f"teacher={config.teacher} sees {sees} observations, the student {config.env.obs_mode} ones: add "
+                            f"teacher_obs_mode={sees} (the teacher is shown its {sees} observations of the student's simulator "
+                            f"states), or set env.obs_mode={sees} (a student that sees them too)")
     result = train(config, run_dir)
     if not result["main"]:
         return result
