@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from robodistill import checkpoints
 from robodistill.envs import EnvConfig, VecEnv, make_env
 from robodistill.errors import UserError
 from robodistill.inference.chunks import ChunkExecutor
@@ -112,10 +113,8 @@ class EvalReport:
         return "\n".join(lines)
 
     def save(self, path: str | Path, **extra) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**extra, "summary": self.summary, "episodes": self.episodes}, indent=2))
-        return path
+        # Atomic: a full disk ends the run in one line and leaves no cut-short file that `summary` fails to parse.
+        return checkpoints.write_json(path, {**extra, "summary": self.summary, "episodes": self.episodes})
 
 
 def _write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:

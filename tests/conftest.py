@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,19 @@ def run_cli_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         os.chdir(here)
         sys.argv = argv
     return subprocess.CompletedProcess(["robodistill", *args], code, out.getvalue(), err.getvalue())
+
+
+@contextmanager
+def disk_full_past(size: int):
+    """A full disk as one process meets it: writes past `size` bytes of a file fail (EFBIG, as ENOSPC would)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from robodistill.evaluation import TRAINED_FIELDS, evaluate, take_env, wilson_in
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies import RandomPolicy
 from robodistill.policies.scripted import PushCubeScripted
+from tests.conftest import disk_full_past
 
 
 @pytest.mark.parametrize(
@@ -124,3 +125,14 @@ def test_an_evaluation_rates_as_in_a_fresh_env():
     with make_env(EnvConfig(task="PushCube-v1"), ignore_terminations=True) as env:
         first, again = (evaluate(PushCubeScripted(), env, episodes=4, seed=5, progress=False) for _ in range(2))
     assert [e["return"] for e in first.episodes] == [e["return"] for e in again.episodes]
+
+
+def test_an_eval_json_the_disk_has_no_room_for_says_so_and_leaves_no_cut_short_file(tmp_path):
+    # It was written in place: a traceback, and a cut-short eval.json that summary then failed to parse.
+    from robodistill.errors import CutShort
+    from robodistill.evaluation import EvalReport
+
+    report = EvalReport([{"episode": k, "seed": k, "success_once": True, "return": 1.0} for k in range(100)], 1.0, 5000)
+    with disk_full_past(2000), pytest.raises(CutShort, match=r"could not write .*eval.json: File too large \(there is no eval.json yet\)"):
+        report.save(tmp_path / "eval.json")
+    assert list(tmp_path.iterdir()) == []
