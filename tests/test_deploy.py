@@ -732,3 +732,20 @@ def test_rpd_whose_served_teacher_goes_away_says_how_to_continue_in_one_line(bun
     assert line.startswith(f"error: the policy server at {server.url} closed the connection"), line
     # gone at the first labels, before the first checkpoint (test_cli has a run stopped after one)
     assert line.endswith("it stopped before its first checkpoint, so there is nothing to resume; the same command starts it again"), line
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_the_disk_has_no_room_for_says_so_and_keeps_the_bundle_it_would_replace(checkpoint, bundle, tmp_path, fmt):
+    # onnx ended in OSError's traceback; TorchScript's zip writer aborted the process ('unexpected pos', core dumped).
+    import os
+    import resource
+
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = subprocess.run([*ROBODISTILL, "export", f"ckpt={checkpoint}", "sampler=consistency", "steps=2", f"format={fmt}",
+                        f"out={out}", "overwrite=true"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY)))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: could not write {out}: File too large (the bundle in bundle as it was is kept); raise the file-size limit (ulimit -f)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and os.listdir(tmp_path) == ["bundle", "runs"]

@@ -19,6 +19,7 @@ PyTorch on the same observations and noise; a max abs difference above `toleranc
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -282,7 +283,11 @@ def write_graph(graph: nn.Module, fmt: str, inputs: dict[str, np.ndarray], path:
     else:
         with warnings.catch_warnings():  # TorchScript is deprecated in torch, still what libtorch loads
             warnings.simplefilter("ignore")
-            torch.jit.trace(graph, args, check_trace=False).save(str(path))
+            traced = torch.jit.trace(graph, args, check_trace=False)
+        # Serialised in memory first: torch's zip writer, out of space, aborts the process from a destructor.
+        data = io.BytesIO()
+        torch.jit.save(traced, data)
+        path.write_bytes(data.getbuffer())
 
 
 def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
@@ -362,6 +367,11 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
             shutil.rmtree(out)
         tmp.chmod(0o755)
         tmp.rename(out)
+    except OSError as err:
+        full = checkpoints.no_room(err, out, f"the bundle in {out.name} as it was is kept" if out.exists() else "nothing was written there")
+        if full is None:
+            raise
+        raise full from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, metadata
@@ -376,7 +386,7 @@ def main(cfg: DictConfig) -> Path:
     torch.manual_seed(cfg.seed)
     path, meta = export(config, out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "export.json").write_text(json.dumps({"bundle": str(path.resolve()), "metadata": meta}, indent=2))
+    checkpoints.write_json(run_dir / "export.json", {"bundle": str(path.resolve()), "metadata": meta})
     size = sum(f.stat().st_size for f in path.iterdir())
     p, e = meta["policy"], meta["env"]
     print(f"bundle: {path}  ({meta['graph']['format']}, {f'{size / 1e6:.1f} MB' if size >= 1e6 else f'{size / 1e3:.0f} kB'})")
