@@ -299,3 +299,20 @@ def test_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(cl
     data = cli_here("train-teacher", "name=r", "resume=true", "iterations=40", f"dataset={half}")
     assert data.returncode == 2 and (f"holds a policy with gripper_dims=[3], where dataset={half} in PushCube-v1 (state, pd_ee_delta_pos) "
                                      "makes gripper_dims=[]: resume with the run's own dataset= and env") in data.stderr, data.stderr[-2000:]
+
+
+def test_metrics_the_disk_has_no_room_for_end_the_run_in_one_line_keeping_the_rows_before(tmp_path, pushcube_demos, capsys):
+    # metrics.jsonl, open for the whole run, ended it in OSError's traceback from metrics.flush(). (capsys: what the
+    # run prints goes to memory, not to pytest's capture file, which the limit would cut short too.)
+    from robodistill.envs import EnvConfig
+    from robodistill.errors import CutShort
+    from robodistill.summary import jsonl_rows
+    from robodistill.training.teacher import TrainTeacherConfig, train
+    from tests.conftest import disk_full_past
+
+    cfg = TrainTeacherConfig(env=EnvConfig(task="PushCube-v1"), dataset=str(pushcube_demos), iterations=40, batch_size=8,
+                             eval_every=1, eval_episodes=0, val_fraction=0, threads=1)
+    with disk_full_past(2000), pytest.raises(CutShort, match=r"could not write .*metrics.jsonl: File too large \(the rows before this one are kept\)"):
+        train(cfg, tmp_path / "run")
+    rows = jsonl_rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > 5

@@ -132,6 +132,20 @@ def carry_metrics(resume_path: Path | None, step: int, run_dir: Path) -> None:
     checkpoints.write_atomic(run_dir / "metrics.jsonl", lambda f: f.write("".join(f"{json.dumps(row)}\n" for row in kept).encode()))
 
 
+def append_metrics(run_dir: Path, row: dict) -> None:
+    """Append `row` to the run's metrics.jsonl, opened for it alone: a full disk ends the run in one line (the rows
+    before it are kept; `jsonl_rows` skips the cut-short one), not in the traceback of a file left open."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as err:
+        full = checkpoints.no_room(err, path, "the rows before this one are kept")
+        if full is None:
+            raise
+        raise full from err
+
+
 def carry_best(resume_path: Path | None, step: int, run_dir: Path) -> None:
     """A resumed run's checkpoints/best.pt starts as its earlier run's, if that one was made by `step`: the resumed
     run saves best.pt only when it beats the best so far, so without it the best it reports would be in another

@@ -28,7 +28,7 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
-from robodistill.training.runs import (absolute_paths, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume,
+from robodistill.training.runs import (absolute_paths, append_metrics, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume,
                                       restore_training, resumed_env, resumed_trainer, schedule_note, set_threads, training_state)
 
 
@@ -183,7 +183,6 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     if ranks.main:
         carry_metrics(resume_path, step, run_dir)
         carry_best(resume_path, step, run_dir)
-    metrics = (run_dir / "metrics.jsonl").open("a") if ranks.main else None
     batches = sample_batches(train_ds, cfg.batch_size, batch_gen, part=(ranks.rank, ranks.world))
     policy.train()
     bar = tqdm(total=cfg.iterations, initial=step, desc="train-teacher", unit="it", disable=not ranks.main)
@@ -227,8 +226,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
                     best = row["success_once"]
                     save("best", *whole)
             history.append(row)
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            append_metrics(run_dir, row)
             tqdm.write(json.dumps(row))
             tick = time.perf_counter()  # evaluation time is not training time
         if saving:
@@ -237,7 +235,6 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     bar.close()
     if ranks.main:
         writer.close()
-        metrics.close()
     eval_env.close()
     in_sync = replicas_identical(policy, ranks)
     sharded = replicas.sharded

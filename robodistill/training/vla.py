@@ -33,7 +33,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
-from robodistill.training.runs import carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, resumed_trainer, schedule_note, set_threads, training_state
+from robodistill.training.runs import append_metrics, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, resumed_trainer, schedule_note, set_threads, training_state
 
 
 @dataclass
@@ -189,7 +189,6 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     writer = SummaryWriter(str(run_dir / "tb"))
     carry_metrics(resume_path, step, run_dir)
     carry_best(resume_path, step, run_dir)
-    metrics = (run_dir / "metrics.jsonl").open("a")
     policy.train()
     bar = tqdm(total=cfg.iterations, initial=step, desc="train-vla", unit="it")
     history: list[dict] = []
@@ -223,8 +222,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
                     best = row["mean_success_once"]
                     save("best")
             history.append(row)
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            append_metrics(run_dir, row)
             tqdm.write(json.dumps(row))
             tick = time.perf_counter()  # evaluation time is not training time
         if step % cfg.checkpoint_every == 0 or last:
@@ -232,7 +230,6 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
             tick = time.perf_counter()
     bar.close()
     writer.close()
-    metrics.close()
     for env in eval_envs.values():
         env.close()
     return {"step": step, "train_seconds": train_seconds, "best_mean_success_once": best, "history": history}
