@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+from robodistill import checkpoints
 from robodistill.errors import UserError
 from robodistill.summary import RUN_STAMP, jobs, jsonl_rows
 
@@ -142,13 +143,21 @@ def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
+        save_figure(fig, out, dpi=110)
     except OSError as err:  # a file on its path, no permission, a read-only disk
         raise UserError(f"cannot write {out} ({err.strerror}: {err.filename}): give --out <a path you can write>") from err
+    return out
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Write `fig` to `path` atomically and close it: a full disk ends the command in one line naming the file and
+    keeps the figure that was there, never a cut-short PNG (see checkpoints.write_atomic)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return checkpoints.write_atomic(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:], dpi=dpi))
     finally:
         plt.close(fig)
-    return out
 
 
 def draw_line(ax, points: list[tuple[float, float]], **style) -> None:

@@ -92,3 +92,17 @@ def test_split_is_by_episode_disjoint_and_repeatable():
     assert (train, val) == split_episodes(20, 0.2, seed=3)
     assert split_episodes(1, 0.2) == ([0], [])
     assert len(split_episodes(3, 0.1)[1]) == 1  # a validation episode whenever one is asked for
+
+
+def test_a_plot_the_disk_has_no_room_for_says_so_and_keeps_the_one_there(pushcube_demos, tmp_path):
+    # savefig wrote in place: a cut-short PNG replaced the previous one, said as 'cannot write ... (File too large: None)'
+    from robodistill.data.info import describe, plot_action_ranges
+    from robodistill.errors import CutShort
+    from tests.conftest import disk_full_past
+
+    out = tmp_path / "actions.png"
+    plot_action_ranges(describe(pushcube_demos)[1], "before", out)
+    before = out.read_bytes()
+    with disk_full_past(len(before) // 2), pytest.raises(CutShort, match=r"could not write .*actions.png: File too large \(actions.png as it was is kept\)"):
+        plot_action_ranges(describe(pushcube_demos)[1], "after", out)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["actions.png"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from robodistill.curves import save_figure
 from robodistill.data.trajectories import Episode, open_trajectory
 from robodistill.errors import UserError
 
@@ -50,9 +51,7 @@ def plot_action_ranges(episodes: list[Episode], title: str, out: Path) -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def format_summary(s: dict) -> str:

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robodistill import checkpoints
+from robodistill.curves import save_figure
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, env_for_policy, evaluate, note_unused_rti
@@ -200,10 +201,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig = figure(rows)
     if fig is None:
         return
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(cfg: DictConfig) -> list[dict]:

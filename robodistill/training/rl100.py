@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from robodistill import checkpoints
-from robodistill.curves import draw_line
+from robodistill.curves import draw_line, save_figure
 from robodistill.data import load_episodes
 from robodistill.data.trajectories import Episode
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
@@ -662,8 +662,7 @@ def plot_ope(decisions: list[dict], path: Path) -> None:
         ax.locator_params(axis="x", nbins=4)
         ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_online(history: list[dict], evals: list[dict], path: Path) -> None:
@@ -699,8 +698,7 @@ def plot_online(history: list[dict], evals: list[dict], path: Path) -> None:
     for ax in axes[1:]:
         ax.ticklabel_format(axis="y", useOffset=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------- main
