@@ -390,3 +390,17 @@ def test_rl100_bad_input_is_one_clear_line(cli_here, tmp_path):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
     assert not list(tmp_path.glob("runs/rl100/*"))  # bad input leaves no run behind
+
+
+def test_a_report_the_disk_has_no_room_for_says_so_and_keeps_the_one_there(tmp_path):
+    # report.md was written in place: OSError's traceback, and a cut-short table where the last one was
+    from robodistill.errors import CutShort
+    from robodistill.training.rl100 import Run
+    from tests.conftest import disk_full_past
+
+    run = Run(tmp_path)
+    run.save_report()
+    before = (tmp_path / "report.md").read_text()
+    with disk_full_past(60), pytest.raises(CutShort, match=r"could not write .*report.md: File too large \(report.md as it was is kept\)"):
+        run.save_report()
+    assert (tmp_path / "report.md").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]

@@ -207,7 +207,7 @@ class Run:
 
     def save_report(self) -> None:
         checkpoints.write_json(self.path, self.report)
-        (self.dir / "report.md").write_text(report_markdown(self.report))
+        checkpoints.write_atomic(self.dir / "report.md", lambda f: f.write(report_markdown(self.report).encode()))
         if self.report["decisions"]:
             plot_ope(self.report["decisions"], self.dir / "ope.png")
         if self.report.get("online_history"):
