@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from robodistill.checkpoints import remove_orphaned
 from robodistill.data.trajectories import demos_file
 from robodistill.envs import EnvConfig, make_env
+from robodistill.envs.vector import _death
 from robodistill.errors import UserError
 
 
@@ -156,7 +158,13 @@ def _convert(cfg: DemosConfig, plans: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     out = plans.with_name(f"{plans.stem}.{obs_mode}.{cfg.env.control_mode}.physx_cpu.h5")
     if result.returncode != 0 or not out.exists():
-        raise RuntimeError(f"replay_trajectory failed ({' '.join(cmd)}):\n{result.stderr[-3000:]}")
+        # Its stderr is a traceback (often two, h5py's as it closes): its last exception line says what went wrong.
+        raised = [line for line in result.stderr.splitlines() if re.match(r"[\w.]*(Error|Exception)\b", line)]
+        ended = _death(result.returncode) if result.returncode else "wrote no file"
+        free = shutil.disk_usage(plans.parent).free / 2**30
+        raise UserError(f"converting the plans to {obs_mode}/{cfg.env.control_mode} with ManiSkill's replay_trajectory failed: it {ended}"
+                        f"{f' ({raised[-1][:300]})' if raised else ''}; {free:.1f} GiB free where the demos are written "
+                        f"({plans.parent.parent}); nothing was kept: run it again, with fewer workers= if memory is short")
     return out
 
 

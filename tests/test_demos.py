@@ -349,3 +349,17 @@ def test_failed_episodes_in_a_file_are_noted(pushcube, tmp_path, capsys):
             "drop them from its .json's episodes to leave them out") in capsys.readouterr().out
     load_episodes(pushcube)
     assert "success: false" not in capsys.readouterr().out
+
+
+def test_a_conversion_the_disk_has_no_room_for_is_one_line(tmp_path):
+    # replay_trajectory's failure was a RuntimeError traceback holding the whole command and its stderr's tracebacks
+    import resource
+
+    r = subprocess.run([*ROBODISTILL, "demos", "env=PushCube-v1", "n=1", "seed=3", "workers=1", f"out={tmp_path / 'ds'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,  # plans fit below the limit, states do not
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (32_000, resource.RLIM_INFINITY)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search(r"^error: converting the plans to state/pd_ee_delta_pos with ManiSkill's replay_trajectory failed: it .*"
+                     r"\(RuntimeError: .*\); [\d.]+ GiB free where the demos are written \(.*ds\); nothing was kept", r.stderr, re.M)
+    assert os.listdir(tmp_path / "ds") == []
+
