@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.managers import SyncManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -90,6 +93,18 @@ def _plan_worker(task: str, seeds: list[int], quota: int, max_failures: int, out
     return {"path": path, "seeds": done, "failed_seeds": failed}
 
 
+def _end_with_parent() -> None:
+    """The initializer of planning workers and their progress queue's process: each exits once the `demos` process is gone (kill -9, the out-of-memory
+    killer), where it planned on, orphaned, for minutes, and then waited for work forever."""
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
     workers = min(cfg.workers, cfg.n)
     quotas = [cfg.n // workers + (w < cfg.n % workers) for w in range(workers)]
@@ -98,7 +113,9 @@ def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     # An executor, not multiprocessing.Pool: a Pool replaces a worker that dies (a crash in the simulator or the HDF5
     # writer, the out-of-memory killer) and leaves its job pending, so the command waited for it forever.
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    manager = SyncManager(ctx=ctx)  # the progress queue's process, which ends with this one as the workers do
+    manager.start(_end_with_parent)
+    with manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_end_with_parent) as pool:
         progress = manager.Queue()
         jobs = [
             pool.submit(_plan_worker, cfg.env.task, seed_lists[w], quotas[w], max_failures // workers + 1, str(tmp), w, cfg.env.image_size, progress)

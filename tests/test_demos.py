@@ -363,3 +363,24 @@ def test_a_conversion_the_disk_has_no_room_for_is_one_line(tmp_path):
                      r"\(RuntimeError: .*\); [\d.]+ GiB free where the demos are written \(.*ds\); nothing was kept", r.stderr, re.M)
     assert os.listdir(tmp_path / "ds") == []
 
+
+def test_demos_killed_with_sigkill_leaves_no_process_behind(tmp_path):
+    # Its planning workers planned on, orphaned, then waited for work forever, holding the progress queue's process,
+    # the forkserver and the resource tracker with them.
+    import psutil
+
+    proc = subprocess.Popen([*ROBODISTILL, "demos", "env=PushCube-v1", "n=40", "workers=2", f"out={tmp_path / 'ds'}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main = psutil.Process(proc.pid)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(main.children(recursive=True)) < 5:  # tracker, forkserver, queue, 2 workers
+        time.sleep(0.2)
+    left = main.children(recursive=True)
+    assert len(left) >= 5
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(left, timeout=20)
+    said = [p.cmdline()[-1][:80] for p in alive]
+    for p in alive:  # not left to the next tests
+        p.kill()
+    assert alive == [], said
