@@ -12,7 +12,6 @@ both success_once (ever succeeded) and success_at_end (succeeded at the last ste
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
