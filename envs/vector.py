@@ -78,7 +78,7 @@ def _stack_final_obs(final_obs: np.ndarray, current: Obs) -> Obs:
     return out
 
 
-def _death(exitcode: int) -> str:
+def how_it_ended(exitcode: int) -> str:
     """How a worker process ended, by its exit code, with the usual cause."""
     if exitcode >= 0:
         return f"exited with code {exitcode}"
@@ -183,7 +183,7 @@ class VecEnv:
             for pipe in self._vec.parent_pipes:
                 pipe.close()
             self._vec.closed = True
-            said = "; ".join(f"env worker {i} of {len(processes)} (pid {pid}) {_death(code)}" for i, pid, code in gone)
+            said = "; ".join(f"env worker {i} of {len(processes)} (pid {pid}) {how_it_ended(code)}" for i, pid, code in gone)
             raise CutShort(f"{said or 'an env worker process closed its pipe'} while running {self.cfg.task}; the other "
                            f"workers were stopped") from err
 

@@ -26,8 +26,8 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing.managers import SyncManager
 from dataclasses import dataclass, field, replace
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import h5py
@@ -37,7 +37,7 @@ from tqdm import tqdm
 from robodistill.checkpoints import remove_orphaned
 from robodistill.data.trajectories import demos_file
 from robodistill.envs import EnvConfig, make_env
-from robodistill.envs.vector import _death
+from robodistill.envs.vector import how_it_ended
 from robodistill.errors import UserError
 
 
@@ -177,7 +177,7 @@ def _convert(cfg: DemosConfig, plans: Path) -> Path:
     if result.returncode != 0 or not out.exists():
         # Its stderr is a traceback (often two, h5py's as it closes): its last exception line says what went wrong.
         raised = [line for line in result.stderr.splitlines() if re.match(r"[\w.]*(Error|Exception)\b", line)]
-        ended = _death(result.returncode) if result.returncode else "wrote no file"
+        ended = how_it_ended(result.returncode) if result.returncode else "wrote no file"
         free = shutil.disk_usage(plans.parent).free / 2**30
         raise UserError(f"converting the plans to {obs_mode}/{cfg.env.control_mode} with ManiSkill's replay_trajectory failed: it {ended}"
                         f"{f' ({raised[-1][:300]})' if raised else ''}; {free:.1f} GiB free where the demos are written "
