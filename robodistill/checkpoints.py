@@ -43,21 +43,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        full = no_room(err, path, f"{path.name} as it was is kept" if path.exists() else f"there is no {path.name} yet")
-        if full is not None:
-            raise full from err
+        raise_if_no_room(err, path, f"{path.name} as it was is kept" if path.exists() else f"there is no {path.name} yet")
         raise
     remove_orphaned(path.parent, f".{path.name}.")
     return path
 
 
-def no_room(err: BaseException, path: Path, kept: str) -> CutShort | None:
-    """A write of `path` that failed for lack of space (or over the file-size limit) as one line naming it, what
-    is `kept` and the fix; None for any other error."""
+def raise_if_no_room(err: BaseException, path: Path, kept: str) -> None:
+    """A write of `path` that failed for lack of space (or over the file-size limit) ends the run in one line naming
+    it, what is `kept` and the fix; any other error is left to the caller to re-raise."""
     if not isinstance(err, OSError) or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return None
+        return
     fix = "raise the file-size limit (ulimit -f)" if err.errno == errno.EFBIG else "make room on that disk, or run in a folder on another one"
-    return CutShort(f"could not write {path}: {os.strerror(err.errno)} ({kept}); {fix}")
+    raise CutShort(f"could not write {path}: {os.strerror(err.errno)} ({kept}); {fix}") from err
 
 
 def remove_orphaned(folder: Path, prefix: str) -> None:

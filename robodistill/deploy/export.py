@@ -368,10 +368,8 @@ def export(cfg: ExportConfig, out: Path) -> tuple[Path, dict]:
         tmp.chmod(0o755)
         tmp.rename(out)
     except OSError as err:
-        full = checkpoints.no_room(err, out, f"the bundle in {out.name} as it was is kept" if out.exists() else "nothing was written there")
-        if full is None:
-            raise
-        raise full from err
+        checkpoints.raise_if_no_room(err, out, f"the bundle in {out.name} as it was is kept" if out.exists() else "nothing was written there")
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, metadata

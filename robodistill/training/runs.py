@@ -140,10 +140,8 @@ def append_metrics(run_dir: Path, row: dict) -> None:
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
     except OSError as err:
-        full = checkpoints.no_room(err, path, "the rows before this one are kept")
-        if full is None:
-            raise
-        raise full from err
+        checkpoints.raise_if_no_room(err, path, "the rows before this one are kept")
+        raise
 
 
 def carry_best(resume_path: Path | None, step: int, run_dir: Path) -> None:
