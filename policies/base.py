@@ -43,6 +43,9 @@ def register_loader(kind: str):
     return add
 
 
+NAMED_POLICIES = ("random", "scripted")  # policy specs that name a policy rather than a file
+
+
 def load_policy(spec: str | os.PathLike, env, seed: int = 0) -> Policy:
     """`random`, `scripted` (PushCube-v1 only), a bundle directory (`robodistill export`), a VLA in
     Hugging Face format (a directory with config.json), an RL student's SB3 zip (`robodistill rpd`),
@@ -86,7 +89,7 @@ def check_policy_spec(spec: str, flag: str = "policy") -> None:
     from robodistill.policies.bundle import METADATA, is_bundle
     from robodistill.policies.vla.hf import is_hf_model
 
-    if spec in ("random", "scripted") or is_bundle(spec) or is_hf_model(spec) or Path(spec).is_file():
+    if spec in NAMED_POLICIES or is_bundle(spec) or is_hf_model(spec) or Path(spec).is_file():
         return
     if not spec:  # Path("") is the current folder: it would be called a folder that holds no policy
         raise UserError(f"{flag}= is empty: give random, scripted, an export bundle directory or a checkpoint file "

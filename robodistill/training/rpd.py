@@ -67,7 +67,7 @@ from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
 from robodistill.evaluation import HELD_OUT_SEEDS, evaluate, take_env
 from robodistill.inference.chunks import ChunkExecutor
-from robodistill.policies.base import trained_env
+from robodistill.policies.base import NAMED_POLICIES, trained_env
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.summary import counted
@@ -706,7 +706,7 @@ def main(cfg: DictConfig) -> dict:
     else:  # the student acts in the teacher's action space and episode limit unless told otherwise: a teacher trained
         # on 100-step episodes of 70-step demos never finishes PushCube's default 50. What it sees is the student's choice.
         served = config.teacher.startswith(("ws://", "wss://"))
-        if not served and config.teacher not in ("none", "random", "scripted"):
+        if not served and config.teacher not in ("none", *NAMED_POLICIES):
             # recorded absolute, so that resume=true (which takes the run's teacher) finds it from any directory
             config.teacher = absolute_paths(config.teacher)
             record_taken({"teacher": config.teacher})
