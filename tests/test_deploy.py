@@ -493,6 +493,25 @@ def test_a_request_the_server_refuses_stops_the_robot_and_says_why_in_one_line(b
                                "contains NaN or inf; the robot was sent its stop action")
 
 
+def test_a_request_refused_as_an_episode_ends_ends_the_run(bundle):
+    loaded = Bundle.load(bundle)
+    n = loaded.metadata["action"]["chunk_length"]
+    good = {"state": np.zeros(loaded.metadata["observation"]["state"]["shape"][1], np.float32)}
+    glitch = {"state": np.full_like(good["state"], np.nan)}
+    server = PolicyServer(loaded, port=0).start()
+    try:  # re-planning at every step, the last step's request (with the sensor's NaN) is in flight when the episode ends
+        agent = ChunkAgent(connect(server.url), loaded.metadata, ControllerConfig(hz=0, replan_below=n - 1))
+        agent.reset()
+        agent.get_action(good)
+        agent.get_action(glitch)
+        with pytest.raises(UserError) as said:  # reset() dropped the refusal, and the next episode ran on
+            agent.reset()
+    finally:
+        server.stop()
+    assert str(said.value) == (f"inference failed: the policy server at {server.url} refused the request: observation['state'] "
+                               "contains NaN or inf; the run ended with the episode it was for")
+
+
 def test_a_server_whose_actions_are_not_a_chunk_of_the_robot_s_stops_the_robot_and_says_so(bundle):
     from openpi_client import msgpack_numpy
     from websockets.sync.server import serve

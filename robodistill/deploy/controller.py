@@ -132,11 +132,13 @@ class ChunkAgent(openpi_agent.Agent):
         self._raise_failure()
         if self._pending is not None:  # let a request in flight finish; its chunk is for the old episode
             try:
-                self._pending[0].exception(timeout=self._timeout_left())
+                err = self._pending[0].exception(timeout=self._timeout_left())
             except FutureTimeout:
                 self._hung()
                 self._raise_failure()
             self._pending = None
+            if err is not None:  # a server that failed as the episode ended would fail the next one's robot
+                raise UserError(self._failed(err, "the run ended with the episode it was for"))
         self._clear()
         self.episode += 1
         self.policy.reset()
@@ -186,6 +188,12 @@ class ChunkAgent(openpi_agent.Agent):
             raise UserError("the policy server's actions hold NaN or inf")
         return chunk
 
+    @staticmethod
+    def _failed(err: Exception, then: str) -> str:
+        # a server that refused the request (a NaN from a sensor) or went away says so itself
+        hint = "" if isinstance(err, UserError) else "; check the server"
+        return f"inference failed: {err}; {then}{hint}"
+
     def _adopt(self) -> None:
         future, obs_step, _ = self._pending
         self._pending = None
@@ -193,9 +201,7 @@ class ChunkAgent(openpi_agent.Agent):
             chunk, rtt, server_ms = future.result()
         except Exception as err:  # a server gone or failing ends the run as a hung one does
             self.chunk = None  # nothing more of it: this step sends the stop action
-            # a server that refused the request (a NaN from a sensor) or went away says so itself
-            hint = "" if isinstance(err, UserError) else "; check the server"
-            self._failure = f"inference failed: {err}; the robot was sent its stop action{hint}"
+            self._failure = self._failed(err, "the robot was sent its stop action")
             return
         skipped = min(self.step - obs_step, len(chunk))
         self.chunk, self.chunk_step = chunk, obs_step
