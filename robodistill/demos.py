@@ -71,8 +71,9 @@ def _plan_worker(task: str, seeds: list[int], quota: int, max_failures: int, out
         task, obs_mode="none", control_mode="pd_joint_pos", render_mode="rgb_array", sim_backend="physx_cpu",
         render_backend="cpu", sensor_configs=dict(width=image_size, height=image_size),
     )
+    # no dot in the name: replay_trajectory names what it writes by the part before the first one
     env = RecordEpisode(
-        env, output_dir=out_dir, trajectory_name=f"plan.{worker}", save_video=False, save_on_reset=False,
+        env, output_dir=out_dir, trajectory_name=f"plan_{worker}", save_video=False, save_on_reset=False,
         source_type="motionplanning", source_desc="ManiSkill motion-planning solution, recorded by robodistill demos",
     )
     solve = solutions()[task]
@@ -105,7 +106,7 @@ def _end_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
+def _plan(cfg: DemosConfig, tmp: Path) -> tuple[list[Path], dict]:
     workers = min(cfg.workers, cfg.n)
     quotas = [cfg.n // workers + (w < cfg.n % workers) for w in range(workers)]
     max_failures = int(cfg.max_failure_rate * cfg.n / (1 - cfg.max_failure_rate)) + 2
@@ -142,9 +143,7 @@ def _plan(cfg: DemosConfig, tmp: Path) -> tuple[Path, dict]:
     failed = sorted(s for r in results for s in r["failed_seeds"])
     if len(seeds) < cfg.n:
         raise UserError(f"the motion planner failed too often on {cfg.env.task}: {len(seeds)} successes, {len(failed)} failures (max_failure_rate={cfg.max_failure_rate})")
-    merged = tmp / "plans.h5"
-    _merge_in_seed_order(merged, [Path(r["path"]) for r in results])
-    return merged, {"seeds": seeds, "failed_seeds": failed}
+    return [Path(r["path"]) for r in results], {"seeds": seeds, "failed_seeds": failed}
 
 
 def _merge_in_seed_order(out: Path, paths: list[Path]) -> None:
@@ -163,26 +162,43 @@ def _merge_in_seed_order(out: Path, paths: list[Path]) -> None:
     out.with_suffix(".json").write_text(json.dumps({**metas[0], "episodes": episodes}, indent=2))
 
 
-def _convert(cfg: DemosConfig, plans: Path) -> Path:
-    """ManiSkill's own replay tool turns joint-position plans into the requested modes."""
-    obs_mode = cfg.env.obs_mode
-    cmd = [
-        sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(plans),
-        "--use-first-env-state", "-c", cfg.env.control_mode, "-o", obs_mode, "--save-traj",
-        "-b", "physx_cpu", "--num-envs", str(cfg.workers),
-    ]
+def _convert(cfg: DemosConfig, plans: list[Path]) -> list[Path]:
+    """ManiSkill's own replay tool turns each worker's joint-position plans into the requested modes, one process per
+    file. Not its --num-envs: its multiprocessing.Pool waits forever for a worker that dies (a full disk crashes HDF5 as
+    it closes the file), where a process of ours that dies is seen."""
+    obs_mode, control_mode = cfg.env.obs_mode, cfg.env.control_mode
+    outs = [path.with_name(f"{path.stem}.{obs_mode}.{control_mode}.physx_cpu.h5") for path in plans]
+    logs = [path.with_suffix(".log") for path in plans]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    out = plans.with_name(f"{plans.stem}.{obs_mode}.{cfg.env.control_mode}.physx_cpu.h5")
-    if result.returncode != 0 or not out.exists():
-        # Its stderr is a traceback (often two, h5py's as it closes): its last exception line says what went wrong.
-        raised = [line for line in result.stderr.splitlines() if re.match(r"[\w.]*(Error|Exception)\b", line)]
-        ended = how_it_ended(result.returncode) if result.returncode else "wrote no file"
-        free = shutil.disk_usage(plans.parent).free / 2**30
-        raise UserError(f"converting the plans to {obs_mode}/{cfg.env.control_mode} with ManiSkill's replay_trajectory failed: it {ended}"
-                        f"{f' ({raised[-1][:300]})' if raised else ''}; {free:.1f} GiB free where the demos are written "
-                        f"({plans.parent.parent}); nothing was kept: run it again, with fewer workers= if memory is short")
-    return out
+    procs: list[subprocess.Popen] = []
+    try:
+        for path, log in zip(plans, logs):
+            with open(log, "w") as stderr:  # a file, not a pipe: its progress bar would fill a pipe no one reads yet
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(path),
+                     "--use-first-env-state", "-c", control_mode, "-o", obs_mode, "--save-traj", "-b", "physx_cpu"],
+                    stdout=subprocess.DEVNULL, stderr=stderr, env=env))
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [i for i, code in enumerate(codes) if code is not None and (code != 0 or not outs[i].exists())]
+            if failed:
+                break
+            if None not in codes:
+                return outs
+            time.sleep(0.2)
+    finally:  # the others' work is lost with the failed one's (nothing is kept); Ctrl-C ends them too
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    code = procs[failed[0]].returncode
+    # Its stderr is a traceback (often two, h5py's as it closes): its last exception line says what went wrong.
+    raised = [line for line in logs[failed[0]].read_text().splitlines() if re.match(r"[\w.]*(Error|Exception)\b", line)]
+    ended = how_it_ended(code) if code else "wrote no file"
+    free = shutil.disk_usage(plans[0].parent).free / 2**30
+    raise UserError(f"converting the plans to {obs_mode}/{control_mode} with ManiSkill's replay_trajectory failed: it {ended}"
+                    f"{f' ({raised[-1][:300]})' if raised else ''}; {free:.1f} GiB free where the demos are written "
+                    f"({plans[0].parent.parent}); nothing was kept: run it again, with fewer workers= if memory is short")
 
 
 def generate(cfg: DemosConfig) -> dict:
@@ -216,9 +232,12 @@ def generate(cfg: DemosConfig) -> dict:
     remove_orphaned(out_dir, ".demos-")  # the temp folders of runs killed with SIGKILL
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".demos-{os.getpid()}-", dir=out_dir) as tmp:
-        plans, plan_report = _plan(cfg, Path(tmp))
+        parts, plan_report = _plan(cfg, Path(tmp))
         plan_seconds = time.perf_counter() - start
-        converted = _convert(cfg, plans)
+        converted_parts = _convert(cfg, parts)
+        plans, converted = Path(tmp) / "plans.h5", Path(tmp) / "demos.h5"
+        _merge_in_seed_order(plans, parts)
+        _merge_in_seed_order(converted, converted_parts)
         convert_seconds = time.perf_counter() - start - plan_seconds
         meta = json.loads(converted.with_suffix(".json").read_text())
         plan_meta = json.loads(plans.with_suffix(".json").read_text())

@@ -355,7 +355,8 @@ def test_a_conversion_the_disk_has_no_room_for_is_one_line(tmp_path):
     # replay_trajectory's failure was a RuntimeError traceback holding the whole command and its stderr's tracebacks
     import resource
 
-    r = subprocess.run([*ROBODISTILL, "demos", "env=PushCube-v1", "n=1", "seed=3", "workers=1", f"out={tmp_path / 'ds'}"],
+    # With workers=2, ManiSkill's converter (its --num-envs: a multiprocessing.Pool) waited forever for the worker that died.
+    r = subprocess.run([*ROBODISTILL, "demos", "env=PushCube-v1", "n=2", "seed=3", "workers=2", f"out={tmp_path / 'ds'}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300,  # plans fit below the limit, states do not
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (32_000, resource.RLIM_INFINITY)))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
