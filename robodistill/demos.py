@@ -154,12 +154,19 @@ def _merge_in_seed_order(out: Path, paths: list[Path]) -> None:
     rows = sorted(((row["episode_seed"], path, row) for path, meta in zip(paths, metas) for row in meta["episodes"]),
                   key=lambda item: item[0])
     episodes = []
-    with h5py.File(out, "w") as merged:
-        for i, (_, path, row) in enumerate(rows):
-            with h5py.File(path, "r") as part:
-                part.copy(f"traj_{row['episode_id']}", merged, f"traj_{i}")
-            episodes.append({**row, "episode_id": i})
-    out.with_suffix(".json").write_text(json.dumps({**metas[0], "episodes": episodes}, indent=2))
+    try:
+        with h5py.File(out, "w") as merged:
+            for i, (_, path, row) in enumerate(rows):
+                with h5py.File(path, "r") as part:
+                    part.copy(f"traj_{row['episode_id']}", merged, f"traj_{i}")
+                episodes.append({**row, "episode_id": i})
+        out.with_suffix(".json").write_text(json.dumps({**metas[0], "episodes": episodes}, indent=2))
+    except (OSError, RuntimeError) as err:  # h5py says a failed write in a RuntimeError of many lines
+        said = re.search(r"error message = '([^']*)'", str(err))
+        why = said.group(1) if said else str(err).splitlines()[0]
+        free = shutil.disk_usage(out.parent).free / 2**30
+        raise UserError(f"writing the demos into one file failed: {why}; {free:.1f} GiB free where the demos are written "
+                        f"({out.parent.parent}); nothing was kept") from err
 
 
 def _convert(cfg: DemosConfig, plans: list[Path]) -> list[Path]:

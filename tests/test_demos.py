@@ -17,7 +17,7 @@ from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_epis
 from robodistill.data.info import describe, format_summary
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
-from tests.conftest import ROBODISTILL, run_cli
+from tests.conftest import ROBODISTILL, disk_full_past, run_cli
 
 
 @pytest.fixture
@@ -363,6 +363,17 @@ def test_a_conversion_the_disk_has_no_room_for_is_one_line(tmp_path):
     assert re.search(r"^error: converting the plans to state/pd_ee_delta_pos with ManiSkill's replay_trajectory failed: it .*"
                      r"\(RuntimeError: .*\); [\d.]+ GiB free where the demos are written \(.*ds\); nothing was kept", r.stderr, re.M)
     assert os.listdir(tmp_path / "ds") == []
+
+
+def test_demos_the_disk_has_no_room_for_as_one_file_are_one_line(pushcube, tmp_path):
+    # the workers' files are merged by h5py's copy, whose failed write was a RuntimeError traceback of many lines
+    from robodistill.demos import _merge_in_seed_order
+
+    (tmp_path / "part").mkdir()
+    with disk_full_past(pushcube.stat().st_size // 2), pytest.raises(UserError) as said:
+        _merge_in_seed_order(tmp_path / "part" / "demos.h5", [pushcube])
+    assert re.fullmatch(rf"writing the demos into one file failed: File too large; [\d.]+ GiB free where the demos are written "
+                        rf"\({tmp_path}\); nothing was kept", str(said.value)), str(said.value)
 
 
 def test_demos_killed_with_sigkill_leaves_no_process_behind(tmp_path):
