@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from urllib.parse import urlsplit
 
 from openpi_client import base_policy, msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
@@ -98,6 +99,8 @@ def connect(url: str, api_key: str | None = None) -> ServedPolicy:
 
     try:
         parse_uri(url)
+        if urlsplit(url).port == 0:  # websockets reads it as no port, and connected to 80 (or 443)
+            raise ValueError("port 0 is no server's: `robodistill serve port=0` prints the port it took")
     except (InvalidURI, ValueError) as err:  # ValueError: urllib's, for a port out of range or not a number
         reason = err.msg if isinstance(err, InvalidURI) else str(err)
         raise UserError(f"{url!r} is not a websocket URL ({reason}): use e.g. ws://127.0.0.1:8000") from err

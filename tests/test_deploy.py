@@ -358,6 +358,8 @@ def test_a_server_url_with_a_port_out_of_range_is_one_line(cli_here):
         for args in (("control", f"server={url}", "episodes=1"), ("rpd", f"teacher={url}", "total_steps=400")):
             r = cli_here(*args)  # was urllib's ValueError, in a traceback
             assert r.returncode == 2 and f"error: '{url}' is not a websocket URL ({reason}" in r.stderr, r.stderr[-2000:]
+    with pytest.raises(UserError, match=r"'ws://127.0.0.1:0' is not a websocket URL \(port 0 is no server's: `robodistill serve port=0` prints"):
+        connect("ws://127.0.0.1:0")  # was a connection to port 80
 
 
 @pytest.mark.timeout(60)  # a hang fails the test
