@@ -770,3 +770,16 @@ def test_an_export_the_disk_has_no_room_for_says_so_and_keeps_the_bundle_it_woul
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         f"error: could not write {out}: File too large (the bundle in bundle as it was is kept); raise the file-size limit (ulimit -f)")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and os.listdir(tmp_path) == ["bundle", "runs"]
+
+
+def test_a_loop_that_kept_a_lower_rate_says_whether_the_robot_or_the_policy_slowed_it():
+    from robodistill.deploy.controller import timing_table
+
+    run = {"hz": 50.0, "steps": 100, "late_steps": 0, "deadline_ms": 200.0, "on_late": "hold", "requests": 100,
+           "skipped_actions": 0, "period_ms_p50_p99": [40.0, 45.0], "jitter_ms_p50_p99_max": [20.0, 25.0, 30.0],
+           "round_trip_ms_p50_p99": [35.0, 40.0], "server_infer_ms_p50_p99": [33.0, 38.0]}
+    robot = timing_table({**run, "wait_ms_p50_p99": [1.0, 2.0]})
+    policy = timing_table({**run, "wait_ms_p50_p99": [35.0, 40.0]})
+    assert "it kept 25 Hz, not 50: the robot's step takes longer than a period; lower hz=" in robot
+    # a loop waiting (under a deadline longer than a period) on a policy slower than a period blamed the robot
+    assert "it kept 25 Hz, not 50: its steps wait p50 35.0 ms for the policy's actions (deadline_ms 200)" in policy, policy

@@ -350,7 +350,7 @@ def timing_summary(agent: ChunkAgent, cfg: ControllerConfig) -> dict:
         "hz": cfg.hz, "steps": len(agent.records), "late_steps": sum(r["late"] for r in agent.records),
         "deadline_ms": cfg.deadline_s() * 1e3, "on_late": cfg.on_late, "requests": len(agent.requests),
         "skipped_actions": sum(r["skipped"] for r in agent.requests),
-        "period_ms_p50_p99": _percentiles(periods),
+        "period_ms_p50_p99": _percentiles(periods), "wait_ms_p50_p99": _percentiles([r["wait_ms"] for r in agent.records]),
         "round_trip_ms_p50_p99": _percentiles(rtt), "server_infer_ms_p50_p99": _percentiles(server),
     }
     if cfg.hz > 0 and periods:
@@ -366,8 +366,12 @@ def timing_table(t: dict) -> str:
         j = t["jitter_ms_p50_p99_max"]
         lines.append(f"{'loop':<16} {t['hz']:g} Hz: period p50 {p50:.2f} ms, p99 {p99:.2f} ms; "
                      f"jitter p50 {j[0]:.2f} ms, p99 {j[1]:.2f} ms, max {j[2]:.2f} ms")
-        if kept_hz(t):
-            lines.append(f"{'':<16} it kept {kept_hz(t):.0f} Hz, not {t['hz']:g}: the robot's step takes longer than a period; lower hz=")
+        if kept_hz(t):  # a period is the step's wait for its action, then the robot's step: the longer one is why
+            wait = t["wait_ms_p50_p99"][0]
+            why = (f"its steps wait p50 {wait:.1f} ms for the policy's actions (deadline_ms {t['deadline_ms']:g}); lower hz=, "
+                   "or a deadline_ms= within a period, so that a late step holds instead" if wait > p50 - wait else
+                   "the robot's step takes longer than a period; lower hz=")
+            lines.append(f"{'':<16} it kept {kept_hz(t):.0f} Hz, not {t['hz']:g}: {why}")
     else:
         lines.append(f"{'loop':<16} unpaced: period p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     lines.append(f"{'deadline misses':<16} {t['late_steps']} of {t['steps']} steps (deadline {t['deadline_ms']:.1f} ms, "
