@@ -30,7 +30,7 @@ from robodistill.policies.bundle import Bundle, BundleError, metadata_checksum
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
 from robodistill.wire import connect, served_env
-from tests.conftest import ROBODISTILL, SlowPolicy
+from tests.conftest import ROBODISTILL, SlowPolicy, disk_full_past
 
 ENV = EnvConfig(task="PushCube-v1", max_episode_steps=30)
 
@@ -783,3 +783,12 @@ def test_a_loop_that_kept_a_lower_rate_says_whether_the_robot_or_the_policy_slow
     assert "it kept 25 Hz, not 50: the robot's step takes longer than a period; lower hz=" in robot
     # a loop waiting (under a deadline longer than a period) on a policy slower than a period blamed the robot
     assert "it kept 25 Hz, not 50: its steps wait p50 35.0 ms for the policy's actions (deadline_ms 200)" in policy, policy
+
+
+def test_control_s_telemetry_the_disk_has_no_room_for_is_one_line(bundle, cli_here, tmp_path):
+    with disk_full_past(4_000):  # hydra's files fit, the telemetry of 100 steps does not
+        r = cli_here("control", f"bundle={bundle}", "hz=0", "episodes=1", "max_episode_steps=100", "name=full")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]  # was OSError's, and a cut-short table
+    assert re.search(r"^error: could not write .*telemetry.csv: File too large \(there is no telemetry.csv yet\); raise the "
+                     r"file-size limit", r.stderr, re.M), r.stderr[-2000:]
+    assert not list(tmp_path.glob("runs/control/*/telemetry.csv"))

@@ -39,6 +39,7 @@ or a success detector.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import threading
@@ -59,6 +60,7 @@ from openpi_client.runtime import subscriber as openpi_subscriber
 from openpi_client.runtime.runtime import Runtime
 
 import robodistill
+from robodistill import checkpoints
 from robodistill.envs import EnvConfig, VecEnv, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, check_seed, episode_metrics
@@ -443,10 +445,11 @@ def main(cfg: DictConfig) -> EvalReport:
         server.stop()
     report = EvalReport(robot.episodes, time.perf_counter() - start, robot.steps)
     timing = timing_summary(agent, controller)
-    with open(run_dir / "telemetry.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["episode", "step", "sent", "wait_ms", "late"])
-        writer.writeheader()
-        writer.writerows(agent.records)
+    telemetry = io.StringIO()  # written atomically: a full disk is one line, not a traceback and a cut-short table
+    writer = csv.DictWriter(telemetry, fieldnames=["episode", "step", "sent", "wait_ms", "late"])
+    writer.writeheader()
+    writer.writerows(agent.records)
+    checkpoints.write_atomic(run_dir / "telemetry.csv", lambda f: f.write(telemetry.getvalue().encode()))
     report.save(run_dir / "control.json", env=env_cfg.__dict__, server=url, bundle=cfg.bundle,
                 controller=asdict(controller), timing=timing, requests=agent.requests,
                 stopped=None if stopped is None else str(stopped))
