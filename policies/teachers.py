@@ -24,7 +24,7 @@ import torch
 
 from robodistill.errors import UserError
 from robodistill.policies.base import Obs, Policy, load_policy
-from robodistill.wire import connect
+from robodistill.wire import chunk_in, connect
 
 
 @runtime_checkable
@@ -55,9 +55,9 @@ class RemoteTeacher:
     """A policy behind openpi's websocket protocol. Its metadata must say `policy.obs_horizon`
     (robodistill bundles do); a server without it (e.g. openpi's) gets single frames."""
 
-    def __init__(self, url: str, api_key: str | None = None, prompt: str | None = None):
+    def __init__(self, url: str, action_dims: int, api_key: str | None = None, prompt: str | None = None):
         self.client = connect(url, api_key)
-        self.prompt = prompt
+        self.url, self.action_dims, self.prompt = url, action_dims, prompt
         meta = self.client.get_server_metadata() or {}
         self.obs_horizon = int(meta.get("policy", {}).get("obs_horizon", 1))
         self.act_horizon = int(meta.get("action", {}).get("chunk_length", 1))
@@ -71,8 +71,12 @@ class RemoteTeacher:
             row = {k: (v[i, -1] if self.single_frame else v[i]) for k, v in arrays.items()}
             if self.prompt is not None:
                 row["prompt"] = self.prompt
-            actions = np.asarray(self.client.infer(row)["actions"], np.float32)
-            out.append(actions.reshape(-1, actions.shape[-1])[: self.act_horizon])
+            reply = self.client.infer(row)
+            try:  # a reply of NaN was trained on until the student's own actions were NaN; another shape, a traceback
+                chunk = chunk_in(reply, self.action_dims, "this env's")
+            except UserError as err:
+                raise UserError(f"teacher={self.url}: {err}") from err
+            out.append(chunk[: self.act_horizon])
         return torch.from_numpy(np.stack(out)).to(next(iter(obs.values())).device)
 
 
@@ -83,7 +87,7 @@ def load_teacher(spec: str, env, api_key: str | None = None) -> Teacher | None:
     if spec.startswith(("ws://", "wss://")):
         from robodistill.policies.vla.instructions import INSTRUCTIONS
 
-        return RemoteTeacher(spec, api_key, INSTRUCTIONS.get(env.cfg.task, [None])[0])
+        return RemoteTeacher(spec, len(env.action_low), api_key, INSTRUCTIONS.get(env.cfg.task, [None])[0])
     try:
         policy = load_policy(spec, env)
     except UserError as err:

@@ -10,6 +10,7 @@ import logging
 import os
 from urllib.parse import urlsplit
 
+import numpy as np
 from openpi_client import base_policy, msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosed
@@ -89,6 +90,23 @@ class ServedPolicy(base_policy.BasePolicy):
 
     def close(self) -> None:
         self.client._ws.close()
+
+
+def chunk_in(reply, dims: int, whose: str) -> np.ndarray:
+    """The actions of a policy server's reply as a finite (n, dims) chunk of `whose` actions, or a UserError saying what
+    came instead: a chunk of another shape was broadcast (a flat (dims,) one into actions of one value each), and NaN
+    passes a clamp and a distillation loss."""
+    actions = reply.get("actions") if isinstance(reply, dict) else None
+    try:
+        chunk = np.asarray(actions, np.float32)
+        got = "no 'actions'" if actions is None else f"actions of shape {chunk.shape}"
+    except (TypeError, ValueError):
+        chunk, got = None, f"'actions' that are not numbers ({type(actions).__name__})"
+    if chunk is None or chunk.ndim != 2 or len(chunk) == 0 or chunk.shape[1] != dims:
+        raise UserError(f"the policy server's reply has {got}, not a chunk of {whose} actions (n, {dims})")
+    if not np.isfinite(chunk).all():
+        raise UserError("the policy server's actions hold NaN or inf")
+    return chunk
 
 
 def connect(url: str, api_key: str | None = None) -> ServedPolicy:

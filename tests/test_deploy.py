@@ -792,3 +792,35 @@ def test_control_s_telemetry_the_disk_has_no_room_for_is_one_line(bundle, cli_he
     assert re.search(r"^error: could not write .*telemetry.csv: File too large \(there is no telemetry.csv yet\); raise the "
                      r"file-size limit", r.stderr, re.M), r.stderr[-2000:]
     assert not list(tmp_path.glob("runs/control/*/telemetry.csv"))
+
+
+def test_a_teacher_server_whose_actions_are_not_the_env_s_says_so_in_one_line():
+    from openpi_client import msgpack_numpy
+    from websockets.sync.server import serve
+
+    from robodistill.policies.teachers import RemoteTeacher
+
+    replies = {  # what rpd teacher=ws:// ended in: the student trained on NaN until its own actions were NaN (a torch
+        # traceback), a numpy broadcast traceback, and a KeyError
+        "NaN": (np.full((8, 4), np.nan, np.float32), "the policy server's actions hold NaN or inf"),
+        "wide": (np.zeros((8, 7), np.float32), "the policy server's reply has actions of shape (8, 7), not a chunk of this env's actions (n, 4)"),
+        "none": (None, "the policy server's reply has no 'actions', not a chunk of this env's actions (n, 4)"),
+    }
+    for name, (actions, message) in replies.items():
+        def answer(ws, actions=actions):
+            ws.send(msgpack_numpy.packb({}))  # an openpi server's metadata: no robodistill fields
+            try:
+                for _ in ws:
+                    ws.send(msgpack_numpy.packb({"actions": actions} if actions is not None else {"action": 0}))
+            except ConnectionClosed:
+                pass
+
+        with serve(answer, "127.0.0.1", 0) as server:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+            teacher = RemoteTeacher(url, action_dims=4)
+            with pytest.raises(UserError) as said:
+                teacher.act({"state": torch.zeros(2, 1, 35)})
+            teacher.client.close()
+            server.shutdown()
+        assert str(said.value) == f"teacher={url}: {message}", (name, str(said.value))

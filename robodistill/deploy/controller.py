@@ -65,7 +65,7 @@ from robodistill.envs import EnvConfig, VecEnv, make_env, zero_action_holds_stil
 from robodistill.errors import UserError
 from robodistill.evaluation import EvalReport, check_seed, episode_metrics
 from robodistill.summary import counted, kept_hz
-from robodistill.wire import API_KEY_ENV, connect
+from robodistill.wire import API_KEY_ENV, chunk_in, connect
 
 ON_LATE = ("hold", "stop")
 
@@ -172,23 +172,7 @@ class ChunkAgent(openpi_agent.Agent):
         start = time.perf_counter()
         result = self.policy.infer(obs)
         rtt = (time.perf_counter() - start) * 1e3
-        return self._chunk(result), rtt, float(result.get("server_timing", {}).get("infer_ms", float("nan")))
-
-    def _chunk(self, result) -> np.ndarray:
-        """The reply's actions as (n, A), or why they cannot go to the robot: the clamp keeps a NaN, and a chunk of
-        another shape was broadcast, a flat (A,) one into actions of one value each."""
-        actions = result.get("actions") if isinstance(result, dict) else None
-        dims = len(self.low)
-        try:
-            chunk = np.asarray(actions, np.float32)
-            got = "no 'actions'" if actions is None else f"actions of shape {chunk.shape}"
-        except (TypeError, ValueError):
-            chunk, got = None, f"'actions' that are not numbers ({type(actions).__name__})"
-        if chunk is None or chunk.ndim != 2 or len(chunk) == 0 or chunk.shape[1] != dims:
-            raise UserError(f"the policy server's reply has {got}, not a chunk of this robot's actions (n, {dims})")
-        if not np.isfinite(chunk).all():
-            raise UserError("the policy server's actions hold NaN or inf")
-        return chunk
+        return chunk_in(result, len(self.low), "this robot's"), rtt, float(result.get("server_timing", {}).get("infer_ms", float("nan")))
 
     @staticmethod
     def _failed(err: Exception, then: str) -> str:
