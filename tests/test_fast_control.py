@@ -350,3 +350,12 @@ def test_latency_plot_labels_stay_apart_when_samplers_are_close(spread):
         for i, a in enumerate(boxes):
             assert not any(a.overlaps(b) for b in boxes[i + 1:]), [t.get_text() for t in group]
     assert all(fig.bbox.contains(*box.p0) and fig.bbox.contains(*box.p1) for box in (t.get_window_extent(renderer) for t in texts))
+
+
+def test_distill_whose_loss_diverges_ends_in_one_line_saving_nothing_of_it(tmp_path, pickcube_rgb_teacher):
+    from robodistill.training.distill import DistillConfig, train
+
+    cfg = DistillConfig(teacher=str(pickcube_rgb_teacher), iterations=60, batch_size=8, lr=1e30, warmup=0, eval_episodes=0, threads=1)
+    with pytest.raises(UserError, match=r"^the training loss stopped being finite by iteration 50: training diverged at lr=1e\+30"):
+        train(cfg, tmp_path / "run")  # trained on: a consistency head of NaN weights, saved as a finished run
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

@@ -316,3 +316,17 @@ def test_metrics_the_disk_has_no_room_for_end_the_run_in_one_line_keeping_the_ro
         train(cfg, tmp_path / "run")
     rows = jsonl_rows(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > 5
+
+
+def test_training_whose_loss_diverges_ends_in_one_line_saving_nothing_of_it(tmp_path, pushcube_demos):
+    # it trained on with a NaN loss, and its NaN weights met the evaluation as ManiSkill's "Action cannot be NaN"
+    # traceback (or, with no evaluation, were saved as a finished run)
+    from robodistill.envs import EnvConfig
+    from robodistill.training.teacher import TrainTeacherConfig, train
+
+    cfg = TrainTeacherConfig(env=EnvConfig(task="PushCube-v1"), dataset=str(pushcube_demos), iterations=60, batch_size=8, lr=1e30,
+                             warmup=0, eval_every=0, eval_episodes=0, val_fraction=0, threads=1)
+    with pytest.raises(UserError, match=r"^the training loss stopped being finite by iteration 50: training diverged at lr=1e\+30: "
+                                        r"lower lr= \(or raise warmup=\) and start again$"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

@@ -37,7 +37,7 @@ from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.summary import counted
-from robodistill.training.distributed import any_rank, data_parallel, describe, finish, replicas_identical, setup
+from robodistill.training.distributed import any_rank, data_parallel, describe, finish, finite_loss, replicas_identical, setup
 from robodistill.training.runs import (absolute_paths, check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, load_optimization,
                                       resumed_settings, schedule_note, set_threads)
 
@@ -220,14 +220,16 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         target_ema.step(head.parameters())
         step += 1
         bar.update(1)
-        if step % 50 == 0 and ranks.main:
-            bar.set_postfix(loss=f"{loss.item():.5f}")
-            writer.add_scalar("distill/loss", loss.item(), step)
         now = time.perf_counter()
         train_seconds += now - tick
         tick = now
         out_of_time = ranks.main and cfg.minutes is not None and train_seconds >= cfg.minutes * 60
         last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(out_of_time, ranks))
+        if step % 50 == 0 or step % cfg.checkpoint_every == 0 or last:  # checked before a head that diverged is saved
+            value = finite_loss(loss, step, cfg.lr, ranks)
+            if step % 50 == 0 and ranks.main:
+                bar.set_postfix(loss=f"{value:.5f}")
+                writer.add_scalar("distill/loss", value, step)
         if step % cfg.checkpoint_every == 0 and not last and ranks.main:
             checkpoints.save(ckpt_path, state())
             tick = time.perf_counter()

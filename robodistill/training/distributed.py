@@ -16,6 +16,7 @@ teacher's loop goes further there (`Replicas`): each rank updates only its shard
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import time
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from robodistill.errors import UserError
 from robodistill.training.runs import pick_device
 
 
@@ -298,6 +300,16 @@ def any_rank(flag: bool, ranks: Ranks) -> bool:
     t = torch.tensor([float(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def finite_loss(loss: torch.Tensor, step: int, lr: float, ranks: Ranks = Ranks()) -> float:
+    """`loss` as a float; a run whose loss is no longer finite (on any rank) ends in one line. Trained on, it only
+    saved NaN weights, which an evaluation then met as ManiSkill's "Action cannot be NaN" traceback."""
+    value = loss.item()
+    if any_rank(not math.isfinite(value), ranks):
+        raise UserError(f"the training loss stopped being finite by iteration {step}: training diverged at lr={lr:g}: "
+                        "lower lr= (or raise warmup=) and start again")
+    return value
 
 
 def average_gradients(module: torch.nn.Module, ranks: Ranks, *scalars: float) -> list[float]:

@@ -27,7 +27,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
-from robodistill.training.distributed import Replicas, any_rank, describe, finish, replicas_identical, setup
+from robodistill.training.distributed import Replicas, any_rank, describe, finish, finite_loss, replicas_identical, setup
 from robodistill.training.runs import (absolute_paths, append_metrics, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume,
                                       restore_training, resumed_env, resumed_trainer, schedule_note, set_threads, training_state)
 
@@ -202,20 +202,22 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         replicas.gather_parameters()
         step += 1
         bar.update(1)
-        if step % 50 == 0 and ranks.main:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/lr", lr_schedule.get_last_lr()[0], step)
         now = time.perf_counter()
         train_seconds += now - tick
         tick = now
         out_of_time = ranks.main and cfg.minutes is not None and train_seconds >= cfg.minutes * 60
         last = step >= cfg.iterations or (cfg.minutes is not None and any_rank(out_of_time, ranks))
         evaluating, saving = (cfg.eval_every and step % cfg.eval_every == 0) or last, step % cfg.checkpoint_every == 0 or last
+        if step % 50 == 0 or evaluating or saving:  # checked before weights that diverged are saved
+            value = finite_loss(loss, step, cfg.lr, ranks)
+            if step % 50 == 0 and ranks.main:
+                bar.set_postfix(loss=f"{value:.4f}")
+                writer.add_scalar("train/loss", value, step)
+                writer.add_scalar("train/lr", lr_schedule.get_last_lr()[0], step)
         # the optimizer and EMA over every parameter (on rank 0); a collective: every rank asks
         whole = replicas.full(optimizer, ema) if evaluating or saving else (None, None)
         if ranks.main and evaluating:
-            row = {"step": step, "train_seconds": round(train_seconds, 1), "loss": loss.item(), "val_loss": val_loss()}
+            row = {"step": step, "train_seconds": round(train_seconds, 1), "loss": value, "val_loss": val_loss()}
             summary = run_eval(whole[1]) if cfg.eval_episodes else {}
             if summary:
                 row.update(success_once=summary["success_once"]["rate"], success_at_end=summary["success_at_end"]["rate"],

@@ -33,6 +33,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
+from robodistill.training.distributed import finite_loss
 from robodistill.training.runs import append_metrics, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, resumed_trainer, schedule_note, set_threads, training_state
 
 
@@ -202,15 +203,18 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
         ema.step(policy.parameters())
         step += 1
         bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            writer.add_scalar("train/loss", loss.item(), step)
         now = time.perf_counter()
         train_seconds += now - tick
         tick = now
         last = step >= cfg.iterations or (cfg.minutes is not None and train_seconds >= cfg.minutes * 60)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-            row = {"step": step, "train_seconds": round(train_seconds, 1), "loss": loss.item()}
+        evaluating, saving = (cfg.eval_every and step % cfg.eval_every == 0) or last, step % cfg.checkpoint_every == 0 or last
+        if step % 50 == 0 or evaluating or saving:  # checked before weights that diverged are saved
+            value = finite_loss(loss, step, cfg.lr)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{value:.4f}")
+                writer.add_scalar("train/loss", value, step)
+        if evaluating:
+            row = {"step": step, "train_seconds": round(train_seconds, 1), "loss": value}
             if cfg.eval_episodes:
                 per_task = run_eval()
                 row["tasks"] = {t: {"success_once": s["success_once"]["rate"], "ci95": s["success_once"]["ci95"]} for t, s in per_task.items()}
@@ -225,7 +229,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
             append_metrics(run_dir, row)
             tqdm.write(json.dumps(row))
             tick = time.perf_counter()  # evaluation time is not training time
-        if step % cfg.checkpoint_every == 0 or last:
+        if saving:
             save("last")
             tick = time.perf_counter()
     bar.close()
