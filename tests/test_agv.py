@@ -385,3 +385,10 @@ def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, 
         for _ in range(20):
             env.step(torch.as_tensor(action)[None])
         assert np.abs(env.batch.pos - start).max() < 1e-6  # metres: float32 rounding of the command
+
+
+def test_training_that_diverges_ends_in_one_line(tmp_path):
+    # the NaN weights' next rollout ended in torch's "Expected parameter scale ... found invalid values" traceback
+    with pytest.raises(UserError, match=r"^the policy's weights stopped being finite by env step \d+: training diverged at lr=100: "
+                                        r"lower lr= and start again$"):
+        train(tiny(tmp_path, lr=100.0, total_steps=1024), tmp_path)

@@ -402,3 +402,11 @@ def test_a_state_student_of_an_rgb_teacher_is_told_to_show_it_images(cli_here, p
     r = cli_here("rpd", "env=PickCube-v1", f"teacher={pickcube_rgb_teacher}", "total_steps=40", "n_steps=20", "batch_size=20")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "sees rgb observations, the student state ones: add teacher_obs_mode=rgb" in r.stderr, r.stderr[-2000:]
+
+
+def test_rpd_that_diverges_ends_in_one_line(cli_here):
+    # the NaN weights' next rollout ended in torch's "Expected parameter scale ... found invalid values" traceback
+    r = cli_here("rpd", "env=PushCube-v1", "lr=100", "total_steps=400", "n_steps=100", "batch_size=50", "eval_every=0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(r"^error: the policy's weights stopped being finite by env step \d+: training diverged at lr=100: lower lr= "
+                     r"and start again", r.stderr, re.M), r.stderr[-2000:]

@@ -312,6 +312,13 @@ def finite_loss(loss: torch.Tensor, step: int, lr: float, ranks: Ranks = Ranks()
     return value
 
 
+def finite_weights(params, at: str, lr: float, ranks: Ranks = Ranks()) -> None:
+    """An RL update that left weights NaN or inf (on any rank) ends the run in one line; the next rollout ended in
+    torch's "Expected parameter scale ... found invalid values" traceback from the action distribution."""
+    if any_rank(not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()), ranks):
+        raise UserError(f"the policy's weights stopped being finite by {at}: training diverged at lr={lr:g}: lower lr= and start again")
+
+
 def average_gradients(module: torch.nn.Module, ranks: Ranks, *scalars: float) -> list[float]:
     """Replace every gradient of `module` by its mean over the ranks, in place, and return the
     ranks' mean of `scalars`: all in one all-reduce (for loops that step their own optimizer)."""

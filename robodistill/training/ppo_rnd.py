@@ -36,6 +36,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
 from robodistill.summary import counted
+from robodistill.training.distributed import finite_weights
 from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_settings
 
 ALGOS = ("ppo", "ppo_rnd")
@@ -341,6 +342,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
                 loss.backward()
                 nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
+                finite_weights(params, f"env step {(update + 1) * batch}", cfg.lr)
 
         update += 1
         step = update * batch

@@ -71,7 +71,7 @@ from robodistill.policies.base import NAMED_POLICIES, trained_env
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.summary import counted
-from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, replicas_identical, setup
+from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, finite_weights, replicas_identical, setup
 from robodistill.training.runs import absolute_paths, check_eval_episodes, check_unfinished, find_resume, resumed_env, resumed_settings, set_threads
 from robodistill.wire import served_env
 
@@ -342,6 +342,7 @@ class RPD(PPO):
                     break
                 nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
+                finite_weights(self.policy.parameters(), f"env step {self.num_timesteps}", self.learning_rate, self.ranks)
             self._n_updates += 1
             if not continue_training:
                 break
