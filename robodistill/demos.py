@@ -3,9 +3,9 @@
 1. Plan: worker processes run ManiSkill's solver for the task (pd_joint_pos, no observations),
    recording with ManiSkill's `RecordEpisode`; a failed plan is dropped and the next seed tried.
    Worker w tries seeds seed + w, seed + w + workers, ...: the set of files is repeatable.
-2. Merge the workers' files into one, episodes in seed order (whatever `workers`).
-3. Convert to the requested obs and control mode with ManiSkill's `replay_trajectory`
-   (`--use-first-env-state`), which keeps only episodes that still succeed.
+2. Convert each worker's file to the requested obs and control mode with ManiSkill's `replay_trajectory`
+   (`--use-first-env-state`, a process per file), which keeps only episodes that still succeed.
+3. Merge the workers' plans, and their converted files, into one each, episodes in seed order (whatever `workers`).
 Everything is written in a temp folder next to the output and renamed into place at the end, so
 an interrupted run leaves nothing half-written. Output (named by `robodistill.data.trajectories.demos_file`): `<out>/mp_n<n>_seed<seed>.<obs_mode>.<control_mode>.h5/.json`
 (converted) and `<out>/mp_n<n>_seed<seed>.none.pd_joint_pos.h5/.json` (the plans, to convert to other modes later).
