@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 
 import h5py
 import pytest
@@ -330,3 +331,27 @@ def test_training_whose_loss_diverges_ends_in_one_line_saving_nothing_of_it(tmp_
                                         r"lower lr= \(or raise warmup=\) and start again$"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_run_resumed_in_its_own_directory_logs_each_step_once_to_tensorboard(tmp_path, pushcube_demos):
+    """rl100 resumes its imitation stage in place: the steps a killed run had logged after its checkpoint were
+    logged again, so TensorBoard drew each of them twice, and metrics.jsonl must not hold them twice either."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from robodistill.envs import EnvConfig
+    from robodistill.summary import jsonl_rows
+    from robodistill.training.teacher import TrainTeacherConfig, train
+
+    run = tmp_path / "imitation"
+    last = run / "checkpoints" / "last.pt"
+    cfg = TrainTeacherConfig(env=EnvConfig(task="PushCube-v1"), dataset=str(pushcube_demos), iterations=100, batch_size=8,
+                             eval_every=0, eval_episodes=0, val_fraction=0, threads=1)
+    train(cfg, run)  # its checkpoint at iteration 100
+    kept = last.read_bytes()
+    train(replace(cfg, iterations=150, resume_from=str(last)), run)  # logs iteration 150, then is killed before
+    last.write_bytes(kept)  # its next checkpoint: it goes on from iteration 100, as rl100 resume=true does
+    train(replace(cfg, iterations=150, resume_from=str(last)), run)
+    logged = EventAccumulator(str(run / "tb"))
+    logged.Reload()
+    assert [e.step for e in logged.Scalars("train/loss")] == [50, 100, 150]
+    assert [r["step"] for r in jsonl_rows(run / "metrics.jsonl")] == [100, 150]

@@ -26,7 +26,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from robodistill import checkpoints
@@ -39,7 +38,7 @@ from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.summary import counted
 from robodistill.training.distributed import any_rank, data_parallel, describe, finish, finite_loss, replicas_identical, setup
 from robodistill.training.runs import (absolute_paths, check_budget, check_eval_episodes, check_optimizer, check_unfinished, find_resume, load_optimization,
-                                      resumed_settings, schedule_note, set_threads)
+                                      resumed_settings, schedule_note, set_threads, tensorboard)
 
 
 @dataclass
@@ -196,7 +195,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
     # ---- optimisation
     if ranks.world > 1:  # each rank its own noise and timesteps (weights stay identical)
         torch.manual_seed(cfg.seed * 1000 + 100 * ranks.rank + step)
-    writer = SummaryWriter(str(run_dir / "tb")) if ranks.main else None
+    writer = tensorboard(run_dir, step) if ranks.main else None
     batches = sample_batches(windows, cfg.batch_size, batch_gen, part=(ranks.rank, ranks.world))
     bar = tqdm(total=cfg.iterations, initial=step, desc=f"distill ({cfg.variant})", unit="it", disable=not ranks.main)
     tick = time.perf_counter()

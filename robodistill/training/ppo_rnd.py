@@ -37,7 +37,7 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
 from robodistill.summary import counted
 from robodistill.training.distributed import finite_weights
-from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_settings
+from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_settings, tensorboard
 
 ALGOS = ("ppo", "ppo_rnd")
 COMBINES = ("advantages", "sum")
@@ -188,8 +188,6 @@ def gae(rewards, values, next_value, nonterminal, gamma, lam):
 def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
     """Train into `run_dir`; returns the eval history and the paths written. `resume`/`resume_from` continue
     an earlier run's checkpoints/last.pt (`resume_from=run_dir`: in place)."""
-    from torch.utils.tensorboard import SummaryWriter
-
     check(cfg)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -237,7 +235,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
             obs_rms.update(obs)
             obs = env.step(torch.rand(cfg.num_envs, act_dim) * 2 - 1)[0]["state"]
 
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = tensorboard(run_dir, update * batch)
     bar = tqdm(total=num_updates * batch, initial=update * batch, unit="step", desc=f"{cfg.algo} {cfg.scene}", disable=not cfg.progress)
     T, B = cfg.num_steps, cfg.num_envs
     obs_buf, next_raw = torch.zeros(T, B, obs_dim), torch.zeros(T, B, obs_dim)

@@ -132,6 +132,15 @@ def carry_metrics(resume_path: Path | None, step: int, run_dir: Path) -> None:
     checkpoints.write_atomic(run_dir / "metrics.jsonl", lambda f: f.write("".join(f"{json.dumps(row)}\n" for row in kept).encode()))
 
 
+def tensorboard(run_dir: Path, step: int):
+    """The run's TensorBoard writer (`run_dir`/tb) for a run that goes on from `step` (0: a new one). One resumed in the
+    directory it was killed in (rl100 resumes its stages in place) had logged the steps after its checkpoint, and logs
+    them again: TensorBoard hides the earlier ones from `step` + 1 on, which it would otherwise show twice."""
+    from torch.utils.tensorboard import SummaryWriter  # here: tensorboard costs every command importing this module
+
+    return SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
+
+
 def append_metrics(run_dir: Path, row: dict) -> None:
     """Append `row` to the run's metrics.jsonl, opened for it alone: a full disk ends the run in one line (the rows
     before it are kept; `jsonl_rows` skips the cut-short one), not in the traceback of a file left open."""

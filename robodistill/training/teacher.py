@@ -16,7 +16,6 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from robodistill import checkpoints
@@ -29,7 +28,7 @@ from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, finite_loss, replicas_identical, setup
 from robodistill.training.runs import (absolute_paths, append_metrics, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume,
-                                      restore_training, resumed_env, resumed_trainer, schedule_note, set_threads, training_state)
+                                      restore_training, resumed_env, resumed_trainer, schedule_note, set_threads, tensorboard, training_state)
 
 
 @dataclass
@@ -179,7 +178,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     # ---- optimisation
     if ranks.world > 1:  # each rank its own diffusion noise and timesteps (weights stay identical)
         torch.manual_seed(cfg.seed * 1000 + 100 * ranks.rank + step)
-    writer = SummaryWriter(str(run_dir / "tb")) if ranks.main else None
+    writer = tensorboard(run_dir, step) if ranks.main else None
     if ranks.main:
         carry_metrics(resume_path, step, run_dir)
         carry_best(resume_path, step, run_dir)

@@ -19,7 +19,6 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from robodistill import checkpoints
@@ -34,7 +33,7 @@ from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
 from robodistill.training.distributed import finite_loss
-from robodistill.training.runs import append_metrics, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, resumed_trainer, schedule_note, set_threads, training_state
+from robodistill.training.runs import append_metrics, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume, pick_device, restore_training, resumed_trainer, schedule_note, set_threads, tensorboard, training_state
 
 
 @dataclass
@@ -187,7 +186,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
         return {"obs": obs, "actions": torch.cat([b["actions"] for b in parts]).to(device)}
 
     # ---- optimisation
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = tensorboard(run_dir, step)
     carry_metrics(resume_path, step, run_dir)
     carry_best(resume_path, step, run_dir)
     policy.train()
