@@ -3,6 +3,7 @@
 import json
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +164,17 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     assert "teacher: scripted" in (run / ".hydra" / "config.yaml").read_text().splitlines()
     assert OmegaConf.load(run / ".hydra" / "config.yaml").env.max_episode_steps == 25  # and the env it took, as it ran
     assert len(list((first_run / "tb").rglob("events.*"))) == 1 and list((run / "tb").rglob("events.*"))
+    # TensorBoard draws each evaluation at its step, as history.json has it, the final one too: SB3's logger drew each
+    # one rollout late (at its next dump), and the one after learning ended never.
+    def logged(run: Path) -> list[int]:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (tb,) = (run / "tb").iterdir()
+        events = EventAccumulator(str(tb))
+        events.Reload()
+        return [e.step for e in events.Scalars("eval/success_once")]
+
+    assert logged(first_run) == [100, 200] and logged(run) == [400]
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
     assert (run / "curves.png").stat().st_size > 10_000  # success and return at 100, 200 and 400 env steps

@@ -54,7 +54,7 @@ from stable_baselines3 import PPO
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 from torch.nn import functional as F
@@ -492,8 +492,13 @@ class RunCallback(BaseCallback):
                "train_steps_per_second": (self.model.global_steps - self.start_steps) / max(train_seconds, 1e-9)}
         self.history.append(row)
         checkpoints.write_json(self.run_dir / "history.json", self.history)
-        self.logger.record("eval/success_once", row["success_once"])
-        self.logger.record("eval/return", row["return"])
+        # Written now, at the step it rates: SB3's logger.record would have it drawn at its next dump, after the next
+        # rollout (one rollout later than history.json has it), and the final evaluation, after learning, never.
+        for out in self.logger.output_formats:
+            if isinstance(out, TensorBoardOutputFormat):
+                for key in ("success_once", "return"):
+                    out.writer.add_scalar(f"eval/{key}", row[key], row["step"])
+                out.writer.flush()
         if self.bar is not None:
             self.bar.set_postfix(success=f"{row['success_once']:.0%}")
         return row
