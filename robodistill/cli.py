@@ -179,6 +179,10 @@ def drop_empty_run_dir() -> None:
             command_dir.rmdir()
 
 
+# A progress bar's every redraw stays in a log file or CI's log as a line of its own, and tqdm redraws up to ten times a
+# second: thousands of lines in a training run. Where stderr is not a terminal, bars are redrawn this often (seconds).
+LOG_REDRAW_SECONDS = 30
+
 _signals: list[int] = []  # those received (a list: submitit's launcher pickles what a command's function refers to)
 
 
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     command, overrides = argv[0], argv[1:]
+    if not sys.stderr.isatty():  # tqdm reads it when imported: by the command's modules here, by torchrun's ranks and sweeps' jobs
+        os.environ.setdefault("TQDM_MININTERVAL", str(LOG_REDRAW_SECONDS))
     if command not in COMMANDS:
         print(f"error: unknown command '{command}'.\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)

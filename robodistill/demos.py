@@ -131,7 +131,7 @@ def _plan(cfg: DemosConfig, tmp: Path) -> tuple[list[Path], dict]:
                     continue
                 ok, fail = ok + success, fail + (not success)
                 bar.update(int(success))
-                bar.set_postfix(failed_plans=fail)
+                bar.set_postfix(refresh=False, failed_plans=fail)
         try:
             results = [j.result() for j in jobs]
         except BrokenProcessPool as err:

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -211,3 +212,19 @@ def test_distill_refuses_a_target_decay_its_ema_would_clip(cli_here):
     for decay in ("1.5", "-0.1", "1"):  # quietly ran as diffusers' warm-up schedule (1.5, 1) or as no EMA at all (-0.1)
         r = cli_here("distill", "variant=consistency", f"target_decay={decay}")
         assert r.returncode == 2 and f"target_decay={float(decay)} must be in [0, 1)" in r.stderr, r.stderr[-2000:]
+
+
+def test_progress_bars_written_to_a_log_are_redrawn_seldom_and_say_where_the_run_went(tmp_path):
+    """With stderr in a file or CI's log (not a terminal), every redraw of a bar stayed in it as a line: ten a
+    second, thousands in a training run. Here the bar's 25 updates take a few seconds: it is drawn when it starts
+    and when it ends; the run's last lines say where it went."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}  # as a user's shell has it
+    r = subprocess.run([*ROBODISTILL, "agv-train", "scene=simple_static", "num_envs=4", "num_steps=32", "total_steps=3200",
+                        "eval_every=0", "eval_episodes=1", "obs_norm_init_steps=2", "name=log"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    frames = r.stderr.replace("\r", "\n").splitlines()
+    drawn = [f for f in frames if f.startswith("ppo_rnd simple_static:")]
+    assert 1 < len(drawn) <= 3 and "3200/3200" in drawn[-1], r.stderr[-2000:]
+    (run,) = (tmp_path / "runs" / "agv-train").iterdir()
+    assert r.stdout.splitlines()[-2:] == [f"run: {run}", f"curves: {run / 'curves.png'}"]

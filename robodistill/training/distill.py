@@ -227,7 +227,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         if step % 50 == 0 or step % cfg.checkpoint_every == 0 or last:  # checked before a head that diverged is saved
             value = finite_loss(loss, step, cfg.lr, ranks)
             if step % 50 == 0 and ranks.main:
-                bar.set_postfix(loss=f"{value:.5f}")
+                bar.set_postfix(refresh=False, loss=f"{value:.5f}")
                 writer.add_scalar("distill/loss", value, step)
         if step % cfg.checkpoint_every == 0 and not last and ranks.main:
             checkpoints.save(ckpt_path, state())

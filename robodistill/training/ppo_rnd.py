@@ -355,7 +355,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         if finished:
             for k in ("success_once", "collision", "return"):
                 writer.add_scalar(f"train/{k}", float(np.mean([f[k] for f in finished])), step)
-            bar.set_postfix(success=f"{np.mean([f['success_once'] for f in finished]):.2f}")
+            bar.set_postfix(refresh=False, success=f"{np.mean([f['success_once'] for f in finished]):.2f}")
             finished = []
         if (cfg.eval_every and update % cfg.eval_every == 0) or update == num_updates:
             evaluate_now(step)

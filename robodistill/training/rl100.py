@@ -578,7 +578,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
             if o.eval_every and (len(history) % o.eval_every == 0 or env_steps >= o.env_steps):
                 evaluate_and_keep()
             bar.update(env_steps - bar.n)
-            bar.set_postfix(success=row["train_success"], **({"eval": evals[-1]["success_once"]} if evals else {}))
+            bar.set_postfix(refresh=False, success=row["train_success"], **({"eval": evals[-1]["success_once"]} if evals else {}))
             checkpoints.save(state_path, {"actor": actor.state_dict(), "value": value.state_dict(), "actor_opt": actor_opt.state_dict(),
                                           "critic_opt": critic_opt.state_dict(), "env_steps": env_steps, "history": history,
                                           "evals": evals, "best": best, "gen": gen.get_state()})

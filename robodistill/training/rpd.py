@@ -500,7 +500,7 @@ class RunCallback(BaseCallback):
                     out.writer.add_scalar(f"eval/{key}", row[key], row["step"])
                 out.writer.flush()
         if self.bar is not None:
-            self.bar.set_postfix(success=f"{row['success_once']:.0%}")
+            self.bar.set_postfix(refresh=False, success=f"{row['success_once']:.0%}")
         return row
 
     def _on_step(self) -> bool:

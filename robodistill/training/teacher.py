@@ -210,7 +210,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         if step % 50 == 0 or evaluating or saving:  # checked before weights that diverged are saved
             value = finite_loss(loss, step, cfg.lr, ranks)
             if step % 50 == 0 and ranks.main:
-                bar.set_postfix(loss=f"{value:.4f}")
+                bar.set_postfix(refresh=False, loss=f"{value:.4f}")
                 writer.add_scalar("train/loss", value, step)
                 writer.add_scalar("train/lr", lr_schedule.get_last_lr()[0], step)
         # the optimizer and EMA over every parameter (on rank 0); a collective: every rank asks

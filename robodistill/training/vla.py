@@ -210,7 +210,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
         if step % 50 == 0 or evaluating or saving:  # checked before weights that diverged are saved
             value = finite_loss(loss, step, cfg.lr)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{value:.4f}")
+                bar.set_postfix(refresh=False, loss=f"{value:.4f}")
                 writer.add_scalar("train/loss", value, step)
         if evaluating:
             row = {"step": step, "train_seconds": round(train_seconds, 1), "loss": value}
