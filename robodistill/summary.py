@@ -61,7 +61,8 @@ def jsonl_rows(path: Path) -> list[dict]:
 def _teacher(run: Path) -> list[str]:
     rows = jsonl_rows(run / "metrics.jsonl")
     last = rows[-1]
-    return [f"{last['step']} iterations in {last['train_seconds'] / 60:.1f} min, loss {last['loss']:.4f}"]
+    rated = f", success_once {_ci(last['success_once'], last['ci95'])}" if "success_once" in last else ""  # eval_episodes > 0
+    return [f"{last['step']} iterations in {last['train_seconds'] / 60:.1f} min, loss {last['loss']:.4f}{rated}"]
 
 
 def _policy(spec: str) -> str:
