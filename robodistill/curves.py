@@ -23,15 +23,21 @@ SOURCES = {"train-teacher": ("metrics.jsonl", "iterations"), "train-vla": ("metr
            "rpd": ("history.json", "env steps"), "agv-train": ("history.json", "env steps")}
 
 
+# the training commands whose runs plot does not draw, and what shows how their training went
+DRAWN_ELSEWHERE = {"rl100": "it draws its own: each stage's success in report.md, the online stage in online.png, the "
+                            "offline gate's decisions in ope.png",
+                   "distill": "it evaluates once, when it ends (result.json; `robodistill summary` shows it)"}
+
+
 def _command(run: Path) -> str:
     """The command that made `run`: runs/<command>/<run> (or <run>/<job> of a sweep), else its files' config."""
-    for part in (run.parent.name, run.parent.parent.name):
-        if part in SOURCES:
-            return part
     config = run / ".hydra" / "hydra.yaml"
     found = re.search(r"config_name: (\S+)", config.read_text()) if config.is_file() else None
-    if found and found.group(1) in SOURCES:
-        return found.group(1)
+    for part in (run.parent.name, run.parent.parent.name, found.group(1) if found else None):
+        if part in SOURCES:
+            return part
+        if part in DRAWN_ELSEWHERE:
+            raise UserError(f"{run} is a run of {part}, which plot does not draw: {DRAWN_ELSEWHERE[part]}")
     raise UserError(f"{run} is not the run directory of a training command with evaluations "
                     f"({', '.join(SOURCES)}): give runs/<command>/<run>")
 

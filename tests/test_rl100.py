@@ -404,3 +404,13 @@ def test_a_report_the_disk_has_no_room_for_says_so_and_keeps_the_one_there(tmp_p
     with disk_full_past(60), pytest.raises(CutShort, match=r"could not write .*report.md: File too large \(report.md as it was is kept\)"):
         run.save_report()
     assert (tmp_path / "report.md").read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+
+
+def test_plot_of_an_rl100_run_says_where_its_curves_are(rl100_run, cli_here, tmp_path):
+    """It said the run was not a training command's and to give runs/<command>/<run>, which it was."""
+    run, _ = rl100_run
+    r = cli_here("plot", str(run), "--out", str(tmp_path / "curves.png"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {run} is a run of rl100, which plot does not draw: it draws its own: each stage's success in report.md, "
+        "the online stage in online.png, the offline gate's decisions in ope.png"], r.stderr[-2000:]
+    assert not (tmp_path / "curves.png").exists()
