@@ -414,3 +414,23 @@ def test_plot_of_an_rl100_run_says_where_its_curves_are(rl100_run, cli_here, tmp
         f"error: {run} is a run of rl100, which plot does not draw: it draws its own: each stage's success in report.md, "
         "the online stage in online.png, the offline gate's decisions in ope.png"], r.stderr[-2000:]
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_rl100_offline_and_online_stages_write_tensorboard(rl100_run):
+    """Of rl100's stages only imitation and distill (the trainers it runs) wrote TensorBoard; its RL stages, the long
+    ones, showed how they went only once they had ended (online.png, ope.png)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = rl100_run
+    report = json.loads((run / "report.json").read_text())
+
+    def logged(stage: str, tag: str) -> list[tuple[int, float]]:
+        events = EventAccumulator(str(run / stage / "tb"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    # each gate decision against the offline PPO updates made (SMALL: one iteration of 4, a decision every 2)
+    assert logged("offline", "offline/gate/true") == [(d["update"], pytest.approx(d["true"], rel=1e-5)) for d in report["decisions"]]
+    assert [s for s, _ in logged("offline", "offline/iteration/collect_success")] == [4]
+    # each online update against env steps
+    assert logged("online", "online/v_loss") == [(r["env_steps"], pytest.approx(r["v_loss"], rel=1e-5)) for r in report["online_history"]]

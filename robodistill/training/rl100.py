@@ -54,7 +54,7 @@ from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, c
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.summary import counted
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
-from robodistill.training.runs import budget_spent, latest_run, set_threads
+from robodistill.training.runs import budget_spent, latest_run, set_threads, tensorboard
 
 STAGES = ("imitation", "offline", "online", "distill")
 GATES = {"amq": ("amq",), "fqe": ("fqe",), "both": ("amq", "fqe")}  # the estimators whose verdicts must all be "no worse"
@@ -284,6 +284,13 @@ def collect(policy: DiffusionPolicy, env, episodes: int, seed: int) -> list[Epis
 # ---------------------------------------------------------------------------------------------- stages
 
 
+def log_scalars(writer, prefix: str, row: dict, step: int, leave_out: tuple[str, ...] = ()) -> None:
+    """A report row's numbers (not its intervals, nor the Nones of what was not measured) to TensorBoard at `step`."""
+    for key, value in row.items():
+        if key not in leave_out and isinstance(value, (int, float)):  # a bool (accepted) is drawn as 0 or 1
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+
+
 def imitation(cfg: RL100Config, run: Run) -> Path:
     from robodistill.training.teacher import TrainTeacherConfig, train
 
@@ -342,6 +349,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
         if ref_true is None:
             ref_true = gate_truth(reference, train_env, o.gate_eval_episodes, 20_000 + cfg.seed, cfg.gamma)
         bar = tqdm(total=o.iterations, initial=iteration, desc="offline", unit="iter")
+        writer = tensorboard(out, iteration * o.updates)  # against the offline PPO updates made so far
         while iteration < o.iterations:
             iteration += 1
             # 1. experience from the reference policy's stochastic chain
@@ -393,6 +401,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                            "true_discounted": cand_true["discounted"], "true_discounted_reference": ref_true["discounted"],
                            "ratio_clipped": float(((ratio - 1).abs() > clip).float().mean()), "loss": loss.item(), **losses}
                     run.report["decisions"].append(row)
+                    log_scalars(writer, "offline/gate", row, (iteration - 1) * o.updates + update, ("iteration", "update"))
                     tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
                     if accepted:
                         reference.load_state_dict(actor.state_dict())
@@ -401,6 +410,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
             run.report["stages"].setdefault("offline_iterations", []).append(
                 {"iteration": iteration, "collect_success": float(np.mean([e.success for e in rollouts])),
                  "buffer": len(buffer), **ref_true})
+            log_scalars(writer, "offline/iteration", run.report["stages"]["offline_iterations"][-1], iteration * o.updates, ("iteration",))
             checkpoints.save(state_path, {
                 "actor": actor.state_dict(), "reference": reference.state_dict(), "iql": iql.state_dict(),
                 "dynamics": dynamics.state_dict(), "optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
@@ -409,6 +419,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
             run.save_report()
             bar.update(1)
         bar.close()
+        writer.close()
     path = out / "policy.pt"
     save_policy(path, base, reference, env_cfg, rl100={"stage": "offline", "value": iql.v.state_dict()})
     return path
@@ -492,6 +503,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         env_steps, history, evals, best = state["env_steps"], state["history"], state.get("evals", []), state.get("best")
         gen.set_state(state["gen"])
         print(f"online: resumed at {env_steps} env steps")
+    writer = tensorboard(out, env_steps)  # against env steps
 
     def evaluate_and_keep() -> None:
         """As diffusion_policy's top-k checkpoints and SB3's EvalCallback: the stage returns the best
@@ -501,6 +513,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         with make_env(env_cfg, ignore_terminations=True) as eval_env:
             result = success(actor, eval_env, o.eval_episodes, 50_000 + cfg.seed * 1000)
         evals.append({"env_steps": env_steps, "updates": len(history), **result})
+        writer.add_scalar("online/eval_success_once", result["success_once"], env_steps)
         if best is None or result["success_once"] > best["success_once"]:  # strictly better, as RL-100's gate
             best = {"env_steps": env_steps, "success_once": result["success_once"], "weights": copy.deepcopy(actor.state_dict())}
 
@@ -575,6 +588,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                    "train_success": float(np.mean(finished)) if finished else None, "pi_loss": pi_loss.item(), "v_loss": v_loss.item(),
                    "explained_variance": explained, **{k: float(np.mean(v)) if v else None for k, v in stats.items()}}
             history.append(row)
+            log_scalars(writer, "online", row, env_steps, ("env_steps",))
             if o.eval_every and (len(history) % o.eval_every == 0 or env_steps >= o.env_steps):
                 evaluate_and_keep()
             bar.update(env_steps - bar.n)
@@ -583,6 +597,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                                           "critic_opt": critic_opt.state_dict(), "env_steps": env_steps, "history": history,
                                           "evals": evals, "best": best, "gen": gen.get_state()})
         bar.close()
+    writer.close()
     run.report["online_history"] = history
     if best is not None:
         actor.load_state_dict(best["weights"])
