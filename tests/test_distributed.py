@@ -74,6 +74,13 @@ def test_ppo_student_on_two_ranks_counts_global_steps_and_resumes_on_one(cli, tm
     # 2 ranks x 1 env x 2 rollouts of 100 steps: 400 env steps in all, counted once, by rank 0.
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [0, 400]
     assert PPO.load(run / "student.zip").num_timesteps == 200  # SB3's own count: one rank's steps
+    # TensorBoard counts them alike: SB3's scalars (fps, losses) and the evaluations, at env steps of both ranks
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tb,) = (run / "tb").iterdir()
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert [[e.step for e in events.Scalars(tag)] for tag in ("time/fps", "eval/success_once")] == [[200, 400], [0, 400]]
     # One process takes over the run, found by its name: it continues from the global count, not from one rank's.
     one = cli("rpd", "total_steps=600", "resume=true", *common)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -215,6 +215,16 @@ class RPD(PPO):
         """Env steps of all ranks together (SB3's `num_timesteps` counts this process's)."""
         return self.num_timesteps * self.ranks.world
 
+    def dump_logs(self, iteration: int = 0) -> None:
+        """SB3's, at the env steps of all ranks: SB3 writes its scalars (losses, returns, fps) at `num_timesteps`, this
+        rank's, which under torchrun put them at half the step (2 ranks) of the evaluations and of history.json."""
+        own = self.num_timesteps, self._num_timesteps_at_start
+        self.num_timesteps, self._num_timesteps_at_start = self.global_steps, own[1] * self.ranks.world
+        try:
+            super().dump_logs(iteration)
+        finally:
+            self.num_timesteps, self._num_timesteps_at_start = own
+
     def coef(self) -> float:
         """lambda at the current env step."""
         if self.teacher is None or self.distill_coef == 0:
