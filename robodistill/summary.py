@@ -192,7 +192,9 @@ def summarize(runs: Path, name: str | None = None) -> list[tuple[str, str, str]]
     """(command, run directory name, one line of result) rows, newest run of each command."""
     rows = []
     for command, read in READERS.items():
-        found = sorted(p for p in (runs / command).glob("*") if p.is_dir()) if (runs / command).is_dir() else []
+        # Not one holding only hydra's config: a run killed (kill -9) or crashed before it wrote anything, as the one an
+        # rl100 resume=true makes while it goes on in the earlier run's directory; the newest would hide the run before it.
+        found = sorted(p for p in (runs / command).glob("*") if p.is_dir() and {q.name for q in p.iterdir()} - {".hydra"}) if (runs / command).is_dir() else []
         if name:
             found = [p for p in found if any(named(job, name) for _, job in jobs(p))]
         # Every eval run of the name (e.g. the teacher's and the scripted expert's), else the newest.

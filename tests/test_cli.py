@@ -228,3 +228,17 @@ def test_progress_bars_written_to_a_log_are_redrawn_seldom_and_say_where_the_run
     assert 1 < len(drawn) <= 3 and "3200/3200" in drawn[-1], r.stderr[-2000:]
     (run,) = (tmp_path / "runs" / "agv-train").iterdir()
     assert r.stdout.splitlines()[-2:] == [f"run: {run}", f"curves: {run / 'curves.png'}"]
+
+
+def test_summary_passes_over_a_run_that_wrote_nothing(cli_here, tmp_path):
+    """A run killed with kill -9 (or crashed) before writing anything keeps only hydra's config: as the command's newest
+    run it was listed as "(incomplete run)" in place of the run before it, e.g. after an rl100 resume=true, which goes on
+    in the earlier run's directory."""
+    runs = tmp_path / "runs" / "train-teacher"
+    done, killed = runs / "2026-01-01_00-00-00-t", runs / "2026-01-02_00-00-00-t"
+    done.mkdir(parents=True)
+    (done / "metrics.jsonl").write_text(json.dumps({"step": 100, "loss": 0.01, "train_seconds": 60}) + "\n")
+    (killed / ".hydra").mkdir(parents=True)
+    (killed / ".hydra" / "config.yaml").write_text("name: t\n")
+    r = cli_here("summary")
+    assert r.returncode == 0 and r.stdout.splitlines()[2:] == [f"train-teacher  {done.name}  100 iterations in 1.0 min, loss 0.0100"], r.stdout
