@@ -434,3 +434,22 @@ def test_rl100_offline_and_online_stages_write_tensorboard(rl100_run):
     assert [s for s, _ in logged("offline", "offline/iteration/collect_success")] == [4]
     # each online update against env steps
     assert logged("online", "online/v_loss") == [(r["env_steps"], pytest.approx(r["v_loss"], rel=1e-5)) for r in report["online_history"]]
+
+
+def test_rl100_offline_killed_between_its_report_and_checkpoint_keeps_each_gate_decision_once(rl100_run, pushcube_demos, cli, tmp_path):
+    """The report was saved after offline/state.pt, so a kill between them lost the iteration's gate decisions (the
+    iteration done, its rows in no report); saved before, the resumed run makes them again and drops the kept ones."""
+    run, _ = rl100_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    report = json.loads((copy / "report.json").read_text())
+    for stage in ("offline", "online", "distill"):
+        del report["stages"][stage]
+    (copy / "report.json").write_text(json.dumps(report))  # the report of iteration 1 saved, then killed before its
+    (copy / "offline" / "state.pt").unlink()  # checkpoint
+    (copy / "offline" / "policy.pt").unlink()
+    r = cli("rl100", f"dataset={pushcube_demos}", *SMALL, "stages=[offline]", f"resume_from={copy}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((copy / "report.json").read_text())
+    assert [(d["iteration"], d["update"]) for d in report["decisions"]] == [(1, 2), (1, 4)]
+    assert [it["iteration"] for it in report["stages"]["offline_iterations"]] == [1]

@@ -344,6 +344,10 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
         gen.set_state(state["gen"])
         checkpoints.set_rng_state(state["rng"])
         print(f"offline: resumed after iteration {iteration}")
+    # The report is saved before state.pt (below): its rows past the checkpoint's iteration are made again.
+    run.report["decisions"] = [d for d in run.report["decisions"] if d["iteration"] <= iteration]
+    if "offline_iterations" in run.report["stages"]:
+        run.report["stages"]["offline_iterations"] = [r for r in run.report["stages"]["offline_iterations"] if r["iteration"] <= iteration]
     total_updates = o.iterations * o.updates
     with make_env(replace(env_cfg, reward_mode="sparse")) as train_env:
         if ref_true is None:
@@ -406,17 +410,19 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                     if accepted:
                         reference.load_state_dict(actor.state_dict())
                         ref_score, ref_true = cand, cand_true
-            # 4. the iteration's result: the reference policy, checkpointed with everything to resume
+            # 4. the iteration's result: the reference policy, checkpointed with everything to resume. The report first:
+            # a kill between the two leaves its rows past the checkpoint, which the resumed run drops (above), where one
+            # after state.pt would lose them (the iteration done, its gate decisions in no report).
             run.report["stages"].setdefault("offline_iterations", []).append(
                 {"iteration": iteration, "collect_success": float(np.mean([e.success for e in rollouts])),
                  "buffer": len(buffer), **ref_true})
             log_scalars(writer, "offline/iteration", run.report["stages"]["offline_iterations"][-1], iteration * o.updates, ("iteration",))
+            run.save_report()
             checkpoints.save(state_path, {
                 "actor": actor.state_dict(), "reference": reference.state_dict(), "iql": iql.state_dict(),
                 "dynamics": dynamics.state_dict(), "optimizer": optimizer.state_dict(), "buffer": buffer.state_dict(),
                 "iql_optimizer": iql.opt.state_dict(), "dynamics_optimizer": dynamics.opt.state_dict(),
                 "iteration": iteration, "ref_true": ref_true, "gen": gen.get_state(), "rng": checkpoints.rng_state()})
-            run.save_report()
             bar.update(1)
         bar.close()
         writer.close()
