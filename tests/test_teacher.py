@@ -178,6 +178,23 @@ def test_teacher_bad_input(cli_here, pushcube_demos, tmp_path):
     assert negative.returncode == 2 and "eval_episodes=-1 must be >= 0 (0 turns evaluation off)" in negative.stderr, negative.stderr[-2000:]
 
 
+def test_a_policy_block_that_cannot_train_or_sample_is_one_clear_line(cli_here, pushcube_demos):
+    # each was a traceback from torch or diffusers, one at the first evaluation after training (sampler_steps=0),
+    # or a run that trained on (prediction_type=foo: trained as `sample`, sampled as something else)
+    for arg, message in {"policy.num_train_timesteps=0": "policy.num_train_timesteps=0 must be >= 1",
+                         "policy.sampler_steps=0": "policy.sampler_steps=0 must be between 1 and policy.num_train_timesteps=100",
+                         "policy.sampler=foo": "policy.sampler=foo is not one of ddim, ddpm",
+                         "policy.beta_schedule=foo": "policy.beta_schedule=foo is not one of squaredcos_cap_v2, linear",
+                         "policy.prediction_type=foo": "policy.prediction_type=foo is not one of sample, epsilon",
+                         "policy.normalizer=foo": "policy.normalizer=foo is not one of minmax, meanstd",
+                         "policy.crop=0": "policy.crop=0.0 must be in (0, 1]",
+                         "policy.rgb_features=0": "policy.rgb_features=0 must be >= 1"}.items():
+        r = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", arg)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (arg, r.stderr[-2000:])
+    r = cli_here("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=2", "policy.denoiser=unet", "policy.kernel_size=4")
+    assert r.returncode == 2 and "policy.kernel_size=4 must be odd and >= 1" in r.stderr, r.stderr[-2000:]
+
+
 def test_rgb_teacher_trains_and_evaluates(cli, cli_here, tmp_path, pickcube_rgb_demos):
     # The 48 px demos against the env's default 128 px camera: said before any training, not saved as a 128 px policy.
     wrong = cli_here("train-teacher", f"dataset={pickcube_rgb_demos['path']}", *TINY, "env=PickCube-v1", "env.obs_mode=rgb")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from robodistill.data.normalizers import MODES as NORMALIZER_MODES
 from robodistill.data.normalizers import Normalizer
 from robodistill.errors import UserError
 from robodistill.inference.samplers import (
@@ -26,6 +27,35 @@ from robodistill.policies.diffusion.encoders import RgbEncoder, StateEncoder
 KIND = "diffusion"
 
 
+# What the training schedule takes (diffusers' DDPMScheduler; the loss knows these two prediction types) and the default samplers.
+CHOICES = {"denoiser": ("mlp", "unet"), "beta_schedule": ("squaredcos_cap_v2", "linear", "scaled_linear", "sigmoid", "laplace"),
+           "prediction_type": ("sample", "epsilon"), "sampler": ("ddim", "ddpm"), "normalizer": NORMALIZER_MODES}
+
+
+def check_config(cfg: DiffusionConfig) -> None:
+    """The `policy` block, before any weights are built: a value out of range was torch's or diffusers' traceback, or
+    one at the first evaluation after training (sampler_steps=0), or trained on quietly (prediction_type=foo: the
+    loss's `sample`, sampled as something else)."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"policy.{key}={getattr(cfg, key)} is not one of {', '.join(allowed)}")
+    if cfg.num_train_timesteps < 1:
+        raise UserError(f"policy.num_train_timesteps={cfg.num_train_timesteps} must be >= 1 (the DDPM training schedule's steps)")
+    if not 1 <= cfg.sampler_steps <= cfg.num_train_timesteps:
+        raise UserError(f"policy.sampler_steps={cfg.sampler_steps} must be between 1 and policy.num_train_timesteps="
+                        f"{cfg.num_train_timesteps} (denoiser calls per action chunk)")
+    if cfg.denoiser == "unet" and cfg.pred_horizon % 4:
+        raise UserError(f"policy.pred_horizon={cfg.pred_horizon} must be a multiple of 4 for the U-Net denoiser")
+    if cfg.denoiser == "unet" and (cfg.kernel_size < 1 or cfg.kernel_size % 2 == 0):
+        raise UserError(f"policy.kernel_size={cfg.kernel_size} must be odd and >= 1 (an even one shifts the U-Net's sequence)")
+    if cfg.rgb_features < 1:
+        raise UserError(f"policy.rgb_features={cfg.rgb_features} must be >= 1 (image features per frame)")
+    if not 0 < cfg.crop <= 1:
+        raise UserError(f"policy.crop={cfg.crop} must be in (0, 1] (the random crop's share of the image; 1: no crop)")
+    if cfg.gripper_scale <= 0:
+        raise UserError(f"policy.gripper_scale={cfg.gripper_scale} must be > 0 (1: off)")
+
+
 class DiffusionPolicy(nn.Module):
     def __init__(
         self,
@@ -38,14 +68,9 @@ class DiffusionPolicy(nn.Module):
         gripper_dims: list[int] | None = None,
     ):
         super().__init__()
-        if cfg.denoiser == "unet" and cfg.pred_horizon % 4:
-            raise UserError(f"policy.pred_horizon={cfg.pred_horizon} must be a multiple of 4 for the U-Net denoiser")
-        if cfg.denoiser not in ("unet", "mlp"):
-            raise UserError(f"policy.denoiser='{cfg.denoiser}' is not one of unet, mlp")
+        check_config(cfg)
         self.cfg = cfg
         self.obs_horizon = cfg.obs_horizon
-        if cfg.gripper_scale <= 0:
-            raise UserError(f"policy.gripper_scale={cfg.gripper_scale} must be > 0 (1: off)")
         # Binary gripper dims (-1 closed, 1 open): RTI snaps them and may train them scaled.
         self.dims = {"state_dim": state_dim, "action_dim": action_dim, "rgb_channels": rgb_channels,
                      "gripper_dims": list(gripper_dims or [])}
