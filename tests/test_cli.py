@@ -206,6 +206,9 @@ def test_an_optimizer_setting_that_cannot_train_is_one_clear_line(cli_here, comm
     for arg, message in (("lr=-1", "lr=-1.0 must be > 0"), ("lr=0", "lr=0.0 must be > 0"), ("warmup=-5", "warmup=-5 must be >= 0")):
         r = cli_here(command, arg)  # lr=-1 was torch's traceback, lr=0 and warmup=-5 trained as if nothing were wrong
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (arg, r.stderr[-2000:])
+    if command != "distill":  # AdamW's weight decay: torch's traceback for a negative one
+        r = cli_here(command, "weight_decay=-1")
+        assert r.returncode == 2 and "weight_decay=-1.0 must be >= 0" in r.stderr and r.stderr.count("\n") == 1, r.stderr[-2000:]
 
 
 def test_distill_refuses_a_target_decay_its_ema_would_clip(cli_here):

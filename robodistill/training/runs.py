@@ -61,13 +61,15 @@ def check_budget(iterations: int, batch_size: int, minutes: float | None, checkp
         raise UserError(f"minutes={minutes} must be > 0 (or null: no time limit)")
 
 
-def check_optimizer(lr: float, warmup: int) -> None:
-    """The imitation trainers' AdamW and warm-up: torch refuses a negative lr only in a traceback, and lr=0 or a
-    negative warm-up would train on without learning, or on a schedule nobody asked for."""
+def check_optimizer(lr: float, warmup: int, weight_decay: float = 0.0) -> None:
+    """The imitation trainers' AdamW and warm-up: torch refuses a negative lr or weight decay only in a traceback, and
+    lr=0 or a negative warm-up would train on without learning, or on a schedule nobody asked for."""
     if lr <= 0:
         raise UserError(f"lr={lr} must be > 0 (the peak learning rate of the cosine schedule)")
     if warmup < 0:
         raise UserError(f"warmup={warmup} must be >= 0 (iterations of linear learning-rate warm-up)")
+    if weight_decay < 0:
+        raise UserError(f"weight_decay={weight_decay} must be >= 0 (AdamW's decoupled weight decay; 0: none)")
 
 
 def check_eval_episodes(episodes: int, least: int = 0, every: int = 0) -> None:

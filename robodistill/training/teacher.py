@@ -64,7 +64,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     run_dir.mkdir(parents=True, exist_ok=True)
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
-    check_optimizer(cfg.lr, cfg.warmup)
+    check_optimizer(cfg.lr, cfg.warmup, cfg.weight_decay)
     check_eval_episodes(cfg.eval_episodes, every=cfg.eval_every)
     if not 0 <= cfg.val_fraction < 1:  # split_episodes would clip it silently: no validation, or one training episode
         raise UserError(f"val_fraction={cfg.val_fraction} must be >= 0 and < 1 (the share of episodes held out for the validation loss)")

@@ -91,7 +91,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     if not cfg.tasks:
         raise UserError("tasks= is empty: name at least one task, e.g. tasks=[PushCube-v1,PickCube-v1]")
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
-    check_optimizer(cfg.lr, cfg.warmup)
+    check_optimizer(cfg.lr, cfg.warmup, cfg.weight_decay)
     check_eval_episodes(cfg.eval_episodes, every=cfg.eval_every)
     if cfg.demos < 1:
         raise UserError(f"demos={cfg.demos} must be >= 1 (demonstrations per task)")
