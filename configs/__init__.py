@@ -38,13 +38,15 @@ def schema(command: str) -> type:
 
 
 def check_overrides(command: str, overrides: list[str]) -> None:
-    """Every `key=value` names a field of the command, or it is an error naming the closest field.
+    """Every `key=value` names a field of the command, or a config group of the user's own config folder (`--config-dir`,
+    e.g. `+experiment=NAME` from <dir>/experiment/NAME.yaml), or it is an error naming the closest field.
     Hydra's own message suggests `+key=value` instead, which it then accepts and the command ignores."""
+    groups = user_groups(overrides)
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
             continue
         key = arg.split("=", 1)[0].lstrip("+~")
-        if key.replace("/", ".").split(".")[0] in ("hydra", *LAUNCH_KEYS) or "@" in key:  # hydra's own, e.g. hydra/launcher=
+        if key.replace("/", ".").split(".")[0] in ("hydra", *LAUNCH_KEYS, *groups) or "@" in key:  # hydra's own, e.g. hydra/launcher=
             continue
         node, path = schema(command), []
         for part in key.split("."):
@@ -60,6 +62,23 @@ def check_overrides(command: str, overrides: list[str]) -> None:
                                 f"`robodistill {command} --help` lists them")
             path.append(part)
             node = _group_of_fields(typing.get_type_hints(node)[part])
+
+
+CONFIG_DIR_FLAGS = ("-cd", "--config-dir")
+
+
+def config_dirs(args: list[str]) -> list[str]:
+    """The user's own config folders that `args` add to the search path (`--config-dir DIR`, `--config-dir=DIR`)."""
+    dirs = [value for flag, value in zip(args, args[1:]) if flag in CONFIG_DIR_FLAGS]
+    return dirs + [a.split("=", 1)[1] for a in args if "=" in a and a.split("=", 1)[0] in CONFIG_DIR_FLAGS]
+
+
+def user_groups(args: list[str]) -> set[str]:
+    """The config groups (folders) of the user's config folders, e.g. experiment for +experiment=NAME."""
+    from pathlib import Path
+
+    folders = [Path(d) for d in config_dirs(args)]
+    return {p.name for d in folders if d.is_dir() for p in d.iterdir() if p.is_dir()}
 
 
 def _group_of_fields(hint) -> type | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from robodistill.configs import LAUNCH_KEYS, check_overrides, compose_checked, register_schemas
+from robodistill.configs import LAUNCH_KEYS, check_overrides, compose_checked, config_dirs, register_schemas
 from robodistill.errors import CutShort, UserError
 from robodistill.summary import RUN_STAMP
 
@@ -79,16 +79,20 @@ def _command_help(command: str, overrides: list[str]) -> str:
     return "\n".join(lines)
 
 
-# Flags after which the package's configs alone do not compose what hydra will: another config source, or sweeps.
-NOT_PRECHECKED = ("-m", "--multirun", "-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name", "hydra.mode")
+# Flags after which the package's configs (and the user's --config-dir) do not compose what hydra will: another
+# primary config, or sweeps.
+NOT_PRECHECKED = ("-m", "--multirun", "-cp", "--config-path", "-cn", "--config-name", "hydra.mode")
 
 
 def precheckable(args: list[str]) -> list[str] | None:
     """The overrides among `args` (not hydra's flags such as `--cfg job`, nor the launcher's keys) when the
-    package's configs compose the run as hydra will; None when they do not (see NOT_PRECHECKED)."""
+    package's configs compose the run as hydra will, with the user's --config-dir on the search path as hydra puts
+    it; None when they do not (see NOT_PRECHECKED)."""
     if any(a.split("=", 1)[0] in NOT_PRECHECKED for a in args):
         return None
-    return [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-") and a.split("=", 1)[0] not in LAUNCH_KEYS]
+    plain = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-") and a.split("=", 1)[0] not in LAUNCH_KEYS]
+    dirs = [f"file://{Path(d).absolute()}" for d in config_dirs(args)]
+    return plain + [f"hydra.searchpath=[{','.join(dirs)}]"] if dirs else plain
 
 
 def named_as_resumed(command: str, args: list[str]) -> list[str]:

@@ -105,12 +105,26 @@ def test_the_precheck_leaves_to_hydra_what_only_hydra_composes(cli_here, tmp_pat
 
     assert precheckable(["episodes=2", "--cfg", "job", "~video", "launcher=torchrun", "nproc=2", "hydra.run.dir=x"]) == [
         "episodes=2", "~video", "hydra.run.dir=x"]
-    for args in (["-m", "seed=1,2"], ["hydra.mode=MULTIRUN", "seed=1,2"], ["--config-dir", "cd", "env=mine"], ["--config-dir=cd"]):
+    for args in (["-m", "seed=1,2"], ["hydra.mode=MULTIRUN", "seed=1,2"], ["--config-name", "mine"], ["--config-path=cd"]):
         assert precheckable(args) is None, args
     (tmp_path / "cd" / "env").mkdir(parents=True)  # a user's own env config, found only through --config-dir
     (tmp_path / "cd" / "env" / "mine.yaml").write_text("task: PullCube-v1\n")
     r = cli_here("eval", "--config-dir", str(tmp_path / "cd"), "env=mine", "--cfg", "job")
     assert r.returncode == 0 and "task: PullCube-v1" in r.stdout, r.stdout + r.stderr
+
+
+def test_an_experiment_file_in_the_users_own_folder_runs_with_plus_experiment(cli_here, tmp_path):
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)  # the diffusion_policy habit: one file per experiment
+    (tmp_path / "mine" / "experiment" / "quick.yaml").write_text("# @package _global_\nepisodes: 3\npolicy: scripted\nname: quick\n")
+    r = cli_here("eval", "--config-dir", str(tmp_path / "mine"), "+experiment=quick", "seed=4", "--cfg", "job")
+    assert r.returncode == 0 and "episodes: 3\n" in r.stdout and "name: quick" in r.stdout and "seed: 4" in r.stdout, r.stdout + r.stderr
+    # was "has no field experiment"; a misspelt experiment and a bad value beside one are a line each, as without one
+    for args, message in ((["+experiment=quik"], "error: experiment=quik: there is no such experiment config (did you mean experiment=quick?)"),
+                          (["+experiment=quick", "episodes=abc"], "error: episodes=abc: Value 'abc' of type 'str' could not be converted")):
+        r = cli_here("eval", f"--config-dir={tmp_path / 'mine'}", *args)
+        assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, (args, r.stderr)
+    r = cli_here("eval", "+experiment=quick")  # without the folder that holds it, not a group: not accepted and ignored
+    assert r.returncode == 2 and "has no field experiment" in r.stderr, r.stderr
 
 
 def test_an_interrupt_that_a_binding_reports_as_another_error_still_ends_as_interrupted(monkeypatch, capsys):
