@@ -150,6 +150,45 @@ def _guarded(task_fn, command: str = ""):
     return run
 
 
+def _common_hydra() -> list[str]:
+    """configs/common.yaml's hydra settings (where runs go, console-only logging) as overrides, for a primary config
+    that does not include common (a run's .hydra/config.yaml holds its fields only)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    def leaves(node, path: str):
+        if isinstance(node, dict):
+            return [o for key, value in node.items() for o in leaves(value, f"{path}.{key}")]
+        if isinstance(node, list):
+            return [f"{path}=[{','.join(map(str, node))}]"]
+        return [f"{path}={str(node).lower()}" if isinstance(node, bool) else f"{path}='{node}'"]
+
+    common = OmegaConf.load(files("robodistill.configs").joinpath("common.yaml"))
+    return [f"++{o}" for o in leaves(OmegaConf.to_container(common.hydra), "hydra")]  # ++: set, or add (file.delay)
+
+
+def _typed(command: str, task_fn):
+    """A config that another primary config composed (--config-name: a run's saved .hydra/config.yaml, a file of the
+    user's) typed by the command's schema, as the package's own configs are: else `episodes=abc` was a TypeError
+    deep in the command, `video=maybe` a video recorded, and a misspelt field in the file ignored."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from robodistill.configs import schema
+
+    def run(cfg: DictConfig):
+        try:
+            cfg = OmegaConf.merge(OmegaConf.structured(schema(command)), cfg)
+        except OmegaConfBaseException as err:
+            value = OmegaConf.select(cfg, err.full_key, default=None, throw_on_missing=False) if err.full_key else None
+            raise UserError(f"{err.full_key}={value}: {str(err).splitlines()[0]}" if err.full_key and value is not None else
+                            f"{err.full_key}: {str(err).splitlines()[0]}") from None
+        return task_fn(cfg)
+
+    return run
+
+
 def end_progress_bars() -> None:
     """Close the progress bars still open, so that the line said next starts a line of its own, not the end of a bar's."""
     from tqdm import tqdm
@@ -225,8 +264,17 @@ def main(argv: list[str] | None = None) -> None:
     if "-h" in overrides or "--help" in overrides:
         print(_guarded(lambda args: _command_help(command, args))(overrides))
         return
-    sys.argv = [f"robodistill {command}", *overrides]
-    entry = hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(_guarded(module.main, command))
+    # hydra.job.name names the run's directory runs/<command>/ (configs/common.yaml) whatever the primary config is
+    ours = [f"hydra.job.name={command}"]
+    primary = any(a.split("=", 1)[0] in ("-cn", "--config-name", "-cp", "--config-path") for a in overrides)
+    if primary:  # a config without the command's defaults (a run's saved .hydra/config.yaml) has no hydra section of ours
+        given = {a.split("=", 1)[0].lstrip("+") for a in overrides}
+        ours += [o for o in _common_hydra() if o.split("=", 1)[0].lstrip("+") not in given]
+    # beside the overrides given: hydra's argparse takes its overrides as one run of words (not some after `--cfg job`)
+    at = next((i for i, a in enumerate(overrides) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(overrides))
+    sys.argv = [f"robodistill {command}", *overrides[:at], *ours, *overrides[at:]]
+    task = _typed(command, module.main) if primary else module.main
+    entry = hydra.main(config_path="pkg://robodistill.configs", config_name=command, version_base="1.3")(_guarded(task, command))
     if not any(o.startswith("hydra/launcher=submitit") for o in overrides):
         return entry()
     # A submitit job runs in a process of its own: its one line reaches this one inside the launcher's exception,

@@ -127,6 +127,30 @@ def test_an_experiment_file_in_the_users_own_folder_runs_with_plus_experiment(cl
     assert r.returncode == 2 and "has no field experiment" in r.stderr, r.stderr
 
 
+def test_a_run_is_reproduced_from_its_saved_config_into_runs_of_its_command(cli_here, tmp_path):
+    r = cli_here("eval", "policy=random", "episodes=1", "env.max_episode_steps=5", "seed=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (first,) = (tmp_path / "runs" / "eval").iterdir()
+    # was a run in outputs/<date>/<time>/ (which neither summary nor resume=true looks in), its values untyped:
+    # episodes=abc a TypeError traceback, video=maybe a video recorded
+    again = cli_here("eval", "--config-path", str(first / ".hydra"), "--config-name", "config", "seed=9")
+    assert again.returncode == 0 and not (tmp_path / "outputs").exists(), again.stderr[-2000:]
+    (second,) = [p for p in (tmp_path / "runs" / "eval").iterdir() if p != first]
+    assert second.name.endswith("-PushCube-v1") and not list(second.glob("*.log"))
+    report = json.loads((second / "eval.json").read_text())
+    assert report["seed"] == 9 and report["summary"]["mean_episode_len"] == 5
+    for arg, message in (("episodes=abc", "error: episodes=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+                         ("video=maybe", "error: video=maybe: Value 'maybe' is not a valid bool")):
+        r = cli_here("eval", "--config-path", str(first / ".hydra"), "--config-name", "config", arg)
+        assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, (arg, r.stderr[-2000:])
+    # a primary config of the user's that builds on the command's lands with the command's runs too (not in runs/quick)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "quick.yaml").write_text("defaults:\n  - eval\n  - _self_\nepisodes: 1\nenv:\n  max_episode_steps: 5\nname: quick\n")
+    r = cli_here("eval", "--config-dir", str(tmp_path / "mine"), "--config-name", "quick")
+    assert r.returncode == 0 and [p.name for p in (tmp_path / "runs").iterdir()] == ["eval"], r.stderr[-2000:]
+    assert len(list((tmp_path / "runs" / "eval").glob("*-quick/eval.json"))) == 1
+
+
 def test_an_interrupt_that_a_binding_reports_as_another_error_still_ends_as_interrupted(monkeypatch, capsys):
     from robodistill import cli as entry
 
