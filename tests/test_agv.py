@@ -251,6 +251,10 @@ def test_a_run_killed_writing_its_policy_resumes_and_writes_it(tmp_path, monkeyp
                                                    ("reward_mode", "shaped", "unknown reward_mode 'shaped'. Valid: sparse, dense"), ("total_steps", 10, "less than one update"),
                                                    ("collision_penalty", -1.0, "collision_penalty must be >= 0"),
                                                    ("num_envs", 0, "num_envs=0 must be >= 1"),
+                                                   # torch's traceback (lr), or trained on quietly (the others)
+                                                   ("lr", -1.0, "lr=-1.0 must be > 0"), ("gamma", 1.5, "gamma=1.5 must be in \\[0, 1\\]"),
+                                                   ("gae_lambda", -1.0, "gae_lambda=-1.0 must be in \\[0, 1\\]"),
+                                                   ("clip_coef", -1.0, "clip_coef=-1.0 must be > 0"),
                                                    ("eval_episodes", 0, "eval_episodes=0 must be >= 1 \\(the run rates its final policy")])
 def test_bad_training_input_is_a_user_error(field, value, message):
     with pytest.raises(UserError, match=message):

@@ -422,3 +422,12 @@ def test_rpd_that_diverges_ends_in_one_line(cli_here):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert re.search(r"^error: the policy's weights stopped being finite by env step \d+: training diverged at lr=100: lower lr= "
                      r"and start again", r.stderr, re.M), r.stderr[-2000:]
+
+
+def test_ppo_settings_that_cannot_train_are_one_clear_line(cli_here):
+    # lr=-1 was torch's traceback; the others trained on quietly (n_epochs=-1: no update at all)
+    for arg, message in (("lr=-1", "lr=-1.0 must be > 0"), ("gamma=-1", "gamma=-1.0 must be in [0, 1] (a discount)"),
+                         ("gae_lambda=2", "gae_lambda=2.0 must be in [0, 1] (GAE lambda)"), ("clip_range=0", "clip_range=0.0 must be > 0"),
+                         ("n_epochs=-1", "n_epochs=-1 must be >= 1")):
+        r = cli_here("rpd", "teacher=none", arg)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (arg, r.stderr[-2000:])

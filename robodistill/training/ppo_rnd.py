@@ -37,7 +37,7 @@ from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
 from robodistill.summary import counted
 from robodistill.training.distributed import finite_weights
-from robodistill.training.runs import check_eval_episodes, check_unfinished, find_resume, resumed_settings, tensorboard
+from robodistill.training.runs import check_eval_episodes, check_ppo, check_unfinished, find_resume, resumed_settings, tensorboard
 
 ALGOS = ("ppo", "ppo_rnd")
 COMBINES = ("advantages", "sum")
@@ -146,6 +146,8 @@ def check(cfg: AGVTrainConfig) -> None:
     if cfg.collision_penalty is not None and not cfg.collision_penalty >= 0:
         raise UserError(f"collision_penalty must be >= 0 (a collision's reward is minus it), got {cfg.collision_penalty}")
     check_eval_episodes(cfg.eval_episodes, least=1)
+    check_ppo(lr=cfg.lr, gamma=cfg.gamma, gamma_int=cfg.gamma_int, gae_lambda=cfg.gae_lambda, clip_coef=cfg.clip_coef,
+              max_grad_norm=cfg.max_grad_norm, update_proportion=cfg.update_proportion)
     for key in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "checkpoint_every"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}={getattr(cfg, key)} must be >= 1")

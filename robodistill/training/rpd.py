@@ -72,7 +72,7 @@ from robodistill.policies.student import GaussianStudent, NormalizedState, State
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.summary import counted
 from robodistill.training.distributed import Ranks, average_gradients, broadcast_module, describe, finish, finite_weights, replicas_identical, setup
-from robodistill.training.runs import absolute_paths, check_eval_episodes, check_unfinished, find_resume, resumed_env, resumed_settings, set_threads
+from robodistill.training.runs import absolute_paths, check_eval_episodes, check_ppo, check_unfinished, find_resume, resumed_env, resumed_settings, set_threads
 from robodistill.wire import served_env
 
 DISTILL_LOSSES = ("mse", "l1", "bc")
@@ -544,6 +544,8 @@ def check(cfg: RPDConfig) -> None:
     if cfg.distill_coef < 0:
         raise UserError(f"distill_coef={cfg.distill_coef} must be >= 0")
     check_eval_episodes(cfg.eval_episodes, least=1)
+    check_ppo(lr=cfg.lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range, max_grad_norm=cfg.max_grad_norm,
+              target_kl=cfg.target_kl, n_epochs=cfg.n_epochs)
     if cfg.total_steps < 1 or cfg.n_steps < 1 or cfg.batch_size < 2:
         raise UserError("total_steps and n_steps must be >= 1 and batch_size >= 2")
     rollout = cfg.n_steps * cfg.env.num_envs * int(os.environ.get("WORLD_SIZE", 1))  # every rank's envs count

@@ -72,6 +72,23 @@ def check_optimizer(lr: float, warmup: int, weight_decay: float = 0.0) -> None:
         raise UserError(f"weight_decay={weight_decay} must be >= 0 (AdamW's decoupled weight decay; 0: none)")
 
 
+def check_ppo(**settings: float | None) -> None:
+    """PPO's settings, by their fields' names (None: the default): torch refuses a negative learning rate only in a
+    traceback, and a discount or GAE lambda outside [0, 1], a clip range, gradient norm or KL target not above 0, or no
+    epochs trained on without complaint, on returns or updates nobody asked for."""
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if key.startswith(("gamma", "gae_lambda")):
+            if not 0 <= value <= 1:
+                raise UserError(f"{key}={value} must be in [0, 1] ({'a discount' if key.startswith('gamma') else 'GAE lambda'})")
+        elif key.endswith("epochs"):
+            if value < 1:
+                raise UserError(f"{key}={value} must be >= 1 (passes over each rollout)")
+        elif not value > 0:
+            raise UserError(f"{key}={value} must be > 0")
+
+
 def check_eval_episodes(episodes: int, least: int = 0, every: int = 0) -> None:
     """`least`=0 where eval_episodes=0 turns evaluation off; 1 where the run always rates its final policy. `every`: the
     imitation trainers' eval_every, in iterations."""
