@@ -106,6 +106,12 @@ def compose_checked(command: str, overrides: list[str]):
             hint = f"; any other registered ManiSkill task: env.task={option or '<id>'}" if group == "env" and not near else ""
             raise UserError(f"{group}={option}: there is no such {group} config{guess}. Choose one of: "
                             f"{', '.join(err.options)}{hint}") from None
+        except ValueError as err:  # hydra's words for `group=null` (env=null), raised with its traceback
+            nulled = [o.split("=", 1)[0].lstrip("+") for o in overrides if o.split("=", 1)[-1] == "null"]
+            if "Config group override" not in str(err) or not nulled:
+                raise
+            raise UserError(f"{nulled[0]}=null: {nulled[0]} is a config group, not a value: choose one of "
+                            f"{', '.join(group_options(nulled[0]))}") from None
         except HydraException as err:
             cause = str(err.__cause__).splitlines()[0] if err.__cause__ else ""
             override = str(err).removeprefix("Error merging override ")
@@ -113,6 +119,14 @@ def compose_checked(command: str, overrides: list[str]):
                 hint = " (a list is written key=[a,b])" if "ListConfig" in cause else ""
                 raise UserError(f"{override}: {cause}{hint}") from None
             raise UserError("; ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
+
+
+def group_options(group: str) -> list[str]:
+    """The options of one of the package's config groups (configs/<group>/<option>.yaml)."""
+    from importlib.resources import files
+
+    folder = files("robodistill.configs").joinpath(group)
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []
 
 
 def given_fields() -> set[str]:

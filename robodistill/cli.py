@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from robodistill.configs import LAUNCH_KEYS, check_overrides, compose_checked, config_dirs, register_schemas
+from robodistill.configs import LAUNCH_KEYS, check_overrides, compose_checked, config_dirs, group_options, register_schemas
 from robodistill.errors import CutShort, UserError
 from robodistill.summary import RUN_STAMP
 
@@ -63,17 +63,13 @@ def _usage() -> str:
 def _command_help(command: str, overrides: list[str]) -> str:
     """The command's config with its defaults (and the overrides given), and the env options where it
     has an env; hydra's own help would also list groups the command does not have."""
-    from importlib.resources import files
-
     from omegaconf import OmegaConf
 
     cfg = compose_checked(command, precheckable(overrides) or [])
     lines = [f"usage: robodistill {command} [key=value ...]  (hydra overrides; `robodistill --help` lists the commands)",
              COMMANDS[command][1], ""]
     if "env" in cfg:
-        envs = sorted(p.name.removesuffix(".yaml") for p in files("robodistill.configs").joinpath("env").iterdir()
-                      if p.name.endswith(".yaml"))
-        lines += ["Config groups (choose with group=option):", f"env: {', '.join(envs)}", ""]
+        lines += ["Config groups (choose with group=option):", f"env: {', '.join(group_options('env'))}", ""]
     lines += ["Config, with defaults:", OmegaConf.to_yaml(cfg).rstrip(), "",
               "Runs go to runs/<command>/<time>-<name>/ with the resolved config in .hydra/config.yaml."]
     return "\n".join(lines)

@@ -43,6 +43,7 @@ def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
         ("env.task=NoSuchTask-v9",): "Supported tasks: PushCube-v1",
         ("env=NoSuchTask-v9",): "env=NoSuchTask-v9: there is no such env config. Choose one of: LiftPegUpright-v1",
         ("env=PushCub-v1",): "env=PushCub-v1: there is no such env config (did you mean env=PushCube-v1?). Choose one of:",
+        ("env=null",): "env=null: env is a config group, not a value: choose one of LiftPegUpright-v1, ",  # was hydra's ValueError traceback
         ("env.task=PickCub-v1",): "unknown task 'PickCub-v1' (env.task): did you mean env.task=PickCube-v1? Supported tasks: PushCube-v1",
         ("env.control_mode=teleport",): "Valid: pd_joint_delta_pos",
         ("episodes=many",): "episodes=many: Value 'many' of type 'str' could not be converted to Integer",
