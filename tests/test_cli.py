@@ -238,6 +238,17 @@ def test_resume_true_finds_the_newest_run_of_exactly_that_name(tmp_path):
     assert latest_run("agv", new, "checkpoints/last.zip").name == "2026-01-02_00-00-00-agv"
     with pytest.raises(UserError, match="no earlier run named 'gv'"):
         latest_run("gv", new, "checkpoints/last.zip")
+    # in a sweep (-m), job n of the newest earlier sweep of that name: was "no earlier run" under the new sweep's directory
+    for sweep, job_name in (("2026-01-06_00-00-00-multirun", "agv"), ("2026-01-07_00-00-00-multirun", "other")):
+        for n in ("0", "1"):
+            (runs / sweep / n / "checkpoints").mkdir(parents=True)
+            (runs / sweep / n / "checkpoints" / "last.zip").write_bytes(b"")
+            (runs / sweep / n / ".hydra").mkdir()
+            (runs / sweep / n / ".hydra" / "config.yaml").write_text(f"name: {job_name}\n")
+    job = runs / "2026-01-08_00-00-00-multirun" / "1"
+    assert latest_run("agv", job, "checkpoints/last.zip") == runs / "2026-01-06_00-00-00-multirun" / "1"
+    with pytest.raises(UserError, match="no earlier sweep under .* has a job 2 named 'agv'"):
+        latest_run("agv", job.parent / "2", "checkpoints/last.zip")
 
 
 @pytest.mark.parametrize("command", ["train-teacher", "train-vla", "distill"])

@@ -15,7 +15,7 @@ from robodistill import checkpoints
 from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
 from robodistill.evaluation import TRAINED_FIELDS, env_for_policy
-from robodistill.summary import RUN_STAMP, jsonl_rows
+from robodistill.summary import RUN_STAMP, jsonl_rows, named
 
 
 def pick_device(name: str) -> torch.device:
@@ -133,9 +133,17 @@ def find_resume(resume: bool, resume_from: str | None, name: str, run_dir: Path,
 
 def latest_run(name: str, run_dir: Path, holding: str) -> Path:
     """`resume=true`: the newest earlier run of this command (beside `run_dir`, the new one) named `name`
-    that holds `holding`."""
-    named = re.compile(RUN_STAMP + re.escape(name.replace("/", "-")))  # as configs/common.yaml names run directories
-    runs = sorted(p for p in run_dir.parent.glob("*") if named.fullmatch(p.name) and p != run_dir and (p / holding).is_file())
+    that holds `holding`; for a sweep's job (`-m`, <time>-multirun/<n>), job n of the newest earlier sweep, so that
+    the same sweep again with resume=true continues each of its jobs."""
+    if run_dir.name.isdigit() and re.fullmatch(RUN_STAMP + "multirun", run_dir.parent.name):
+        sweeps = sorted(p / run_dir.name for p in run_dir.parent.parent.glob("*-multirun") if p != run_dir.parent)
+        runs = [job for job in sweeps if (job / holding).is_file() and named(job, name)]
+        if not runs:
+            raise UserError(f"resume=true: no earlier sweep under {run_dir.parent.parent} has a job {run_dir.name} named '{name}' "
+                            f"with {holding}: resume a sweep with the values it was started with")
+        return runs[-1]
+    pattern = re.compile(RUN_STAMP + re.escape(name.replace("/", "-")))  # as configs/common.yaml names run directories
+    runs = sorted(p for p in run_dir.parent.glob("*") if pattern.fullmatch(p.name) and p != run_dir and (p / holding).is_file())
     if not runs:
         raise UserError(f"resume=true: no earlier run named '{name}' with {holding} under {run_dir.parent}")
     return runs[-1]
