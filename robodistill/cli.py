@@ -76,8 +76,8 @@ def _command_help(command: str, overrides: list[str]) -> str:
 
 
 # Flags after which the package's configs (and the user's --config-dir) do not compose what hydra will: another
-# primary config, or sweeps.
-NOT_PRECHECKED = ("-m", "--multirun", "-cp", "--config-path", "-cn", "--config-name", "hydra.mode")
+# primary config.
+NOT_PRECHECKED = ("-cp", "--config-path", "-cn", "--config-name")
 
 
 def precheckable(args: list[str]) -> list[str] | None:
@@ -89,6 +89,22 @@ def precheckable(args: list[str]) -> list[str] | None:
     plain = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-") and a.split("=", 1)[0] not in LAUNCH_KEYS]
     dirs = [f"file://{Path(d).absolute()}" for d in config_dirs(args)]
     return plain + [f"hydra.searchpath=[{','.join(dirs)}]"] if dirs else plain
+
+
+def sweep_settings(overrides: list[str]) -> list[list[str]]:
+    """A sweep's (-m) overrides once per value of each swept key, the other keys at their first value: each value the
+    sweep will run, composed before its first job, is one line when bad, not hydra's many after the jobs before it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:  # composing them says which, in one line
+        return [overrides]
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [] for o in parsed]
+    first = [f"{o.get_key_element()}={v[0]}" if v else o.input_line for o, v in zip(parsed, values)]
+    return [first] + [[*first[:i], f"{o.get_key_element()}={value}", *first[i + 1:]]
+                      for i, (o, v) in enumerate(zip(parsed, values)) for value in v[1:]]
 
 
 def named_as_resumed(command: str, args: list[str]) -> list[str]:
@@ -252,7 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         register_schemas(command)
         plain = precheckable(overrides)
         if plain is not None and not {"-h", "--help"} & set(overrides):  # hydra would say the same in many lines
-            _guarded(lambda args: compose_checked(command, args))(plain)
+            sweep = {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(overrides)
+            for setting in sweep_settings(plain) if sweep else [plain]:
+                _guarded(lambda args: compose_checked(command, args))(setting)
     _guarded(lambda args: launch(command, args))(overrides)  # launcher=torchrun: re-run on N ranks
     module = importlib.import_module(COMMANDS[command][0])
     if command in ARGV_COMMANDS:

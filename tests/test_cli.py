@@ -106,7 +106,7 @@ def test_the_precheck_leaves_to_hydra_what_only_hydra_composes(cli_here, tmp_pat
 
     assert precheckable(["episodes=2", "--cfg", "job", "~video", "launcher=torchrun", "nproc=2", "hydra.run.dir=x"]) == [
         "episodes=2", "~video", "hydra.run.dir=x"]
-    for args in (["-m", "seed=1,2"], ["hydra.mode=MULTIRUN", "seed=1,2"], ["--config-name", "mine"], ["--config-path=cd"]):
+    for args in (["--config-name", "mine"], ["--config-path=cd"]):
         assert precheckable(args) is None, args
     (tmp_path / "cd" / "env").mkdir(parents=True)  # a user's own env config, found only through --config-dir
     (tmp_path / "cd" / "env" / "mine.yaml").write_text("task: PullCube-v1\n")
@@ -208,6 +208,16 @@ def test_a_sweep_that_stops_in_its_first_job_leaves_no_directory(cli, tmp_path):
     r = cli("eval", "-m", "seed=0,1", "policy=nothing.pt")
     assert r.returncode == 2 and "policy 'nothing.pt' is neither" in r.stderr, r.stderr
     assert not (tmp_path / "runs" / "eval").exists()  # no sweep directory holding only its multirun.yaml
+
+
+def test_a_bad_value_anywhere_in_a_sweep_is_one_line_before_its_first_job(cli_here, tmp_path):
+    # was hydra's "Error merging override" in six lines, after the jobs before it had run
+    for args, message in ((["seed=0,x"], "error: seed=x: Value 'x' of type 'str' could not be converted to Integer"),
+                          (["env=PushCube-v1,PickCub-v1"], "error: env=PickCub-v1: there is no such env config (did you mean env=PickCube-v1?)"),
+                          (["seed=0,1", "episodes=abc"], "error: episodes=abc: Value 'abc'")):
+        r = cli_here("eval", "-m", *args, "policy=random")
+        assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, (args, r.stderr[-2000:])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_submitit_job_that_stops_on_bad_input_is_its_one_line(cli, tmp_path):
