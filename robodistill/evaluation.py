@@ -238,6 +238,8 @@ def main(cfg: DictConfig) -> EvalReport:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.episodes < 1:
         raise UserError(f"episodes must be >= 1, got {cfg.episodes}")
+    if cfg.video and cfg.video_episodes < 1:  # else a run asked for videos that films none
+        raise UserError(f"video_episodes={cfg.video_episodes} must be >= 1 with video=true (the first episodes are filmed)")
     check_seed(cfg.seed)
     check_policy_spec(str(cfg.policy))
     note_unused_rti(given_fields(), cfg.sampler == "rti")

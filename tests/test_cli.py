@@ -53,6 +53,7 @@ def test_bad_input_is_one_clear_line(cli, cli_here, tmp_path):
         ("env.max_episode_steps=0",): "env.max_episode_steps must be >= 1",
         ("env.obs_mode=rgb", "env.image_size=0"): "env.image_size must be >= 1",
         ("seed=-1",): "seed must be >= 0",
+        ("video=true", "video_episodes=0"): "video_episodes=0 must be >= 1 with video=true",  # filmed nothing, without a word
         ("episdoes=1",): "has no field episdoes (did you mean episodes=?)",
         ("+episdoes=1",): "has no field episdoes (did you mean episodes=?)",  # hydra itself would accept and ignore it
     }
