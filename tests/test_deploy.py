@@ -2,6 +2,7 @@
 
 import http.server
 import json
+import os
 import re
 import shutil
 import signal
@@ -673,7 +674,8 @@ def test_a_server_that_goes_away_stops_the_robot_and_ends_the_run_in_one_line(bu
 def test_control_stopped_with_ctrl_c_stops_the_robot_and_keeps_the_run(bundle, tmp_path):
     # Ctrl-C dropped the run directory, telemetry and all, and sent the robot nothing: a failure stopped it, a person not
     proc = subprocess.Popen([*ROBODISTILL, "control", f"bundle={bundle}", "episodes=1000", "hz=0", "max_episode_steps=20", "name=c"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_MININTERVAL": "0.1"})  # the bar redrawn as at a terminal, not every 30 s
     seen = ""
     while "| 2/1000" not in seen and proc.poll() is None:  # two episodes done: the bar's count, on stderr
         seen += proc.stderr.read(64)
