@@ -10,6 +10,9 @@ from __future__ import annotations
 import difflib
 import functools
 import multiprocessing
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -70,8 +73,28 @@ def zero_action_holds_still(control_mode: str | None) -> bool:
     return control_mode is not None and ("delta" in control_mode or "vel" in control_mode)
 
 
+@contextmanager
+def signals_held():
+    """SIGINT and SIGTERM received inside are raised as they leave it, to the handler there was: ManiSkill imports
+    SAPIEN's renderer inside a bare `except:` (mani_skill/render/version.py), which swallowed the KeyboardInterrupt of a
+    Ctrl-C landing there, and the run went on as if nothing was pressed. Outside the main thread, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def _registered_tasks() -> dict:
-    import mani_skill.envs  # noqa: F401  (registers the tasks)
+    with signals_held():
+        import mani_skill.envs  # noqa: F401  (registers the tasks)
     from mani_skill.utils.registration import REGISTERED_ENVS
 
     return REGISTERED_ENVS

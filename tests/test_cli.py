@@ -3,6 +3,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -306,3 +307,30 @@ def test_summary_passes_over_a_run_that_wrote_nothing(cli_here, tmp_path):
     (killed / ".hydra" / "config.yaml").write_text("name: t\n")
     r = cli_here("summary")
     assert r.returncode == 0 and r.stdout.splitlines()[2:] == [f"train-teacher  {done.name}  100 iterations in 1.0 min, loss 0.0100"], r.stdout
+
+
+def test_a_ctrl_c_landing_in_maniskill_s_import_is_not_swallowed():
+    # ManiSkill imports SAPIEN's renderer inside a bare `except:` (mani_skill/render/version.py): a Ctrl-C landing
+    # there was swallowed, and the run trained on (rpd interrupted 0.3 s into its work: 1 run in 2)
+    code = """
+import os, signal, time
+from robodistill.envs.factory import signals_held
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, interrupt)
+try:
+    with signals_held():
+        try:  # as ManiSkill's import of the renderer
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        except:
+            pass
+        print("the import went on", flush=True)
+    print("the run went on")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.splitlines() == ["the import went on", "interrupted"], r.stdout + r.stderr[-2000:]
