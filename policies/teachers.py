@@ -58,10 +58,27 @@ class RemoteTeacher:
     def __init__(self, url: str, action_dims: int, api_key: str | None = None, prompt: str | None = None):
         self.client = connect(url, api_key)
         self.url, self.action_dims, self.prompt = url, action_dims, prompt
-        meta = self.client.get_server_metadata() or {}
-        self.obs_horizon = int(meta.get("policy", {}).get("obs_horizon", 1))
-        self.act_horizon = int(meta.get("action", {}).get("chunk_length", 1))
-        self.single_frame = "policy" not in meta
+        meta = self.client.get_server_metadata()
+        try:
+            horizon = self._count(meta, "policy", "obs_horizon")
+            self.act_horizon = self._count(meta, "action", "chunk_length") or 1
+        except UserError:
+            self.client.close()
+            raise
+        self.single_frame = horizon is None
+        self.obs_horizon = horizon or 1
+
+    def _count(self, meta: dict, block: str, field: str) -> int | None:
+        """`meta[block][field]`, a count >= 1; None where the metadata has no such block, which another server's
+        metadata (openpi's: whatever its config holds) may use for anything."""
+        fields = meta.get(block)
+        if not isinstance(fields, dict) or field not in fields:
+            return None
+        value = fields[field]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UserError(f"teacher={self.url}: the server's metadata says {block}.{field}={value!r}, not a count >= 1: "
+                            "serve a robodistill bundle (`robodistill serve bundle=<dir>`), or fix the server's metadata")
+        return int(value)
 
     def act(self, obs: Obs) -> torch.Tensor:
         arrays = {k: v.cpu().numpy() for k, v in obs.items()}

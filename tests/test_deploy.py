@@ -1,5 +1,6 @@
 """Deploy: export bundles, the openpi-protocol server, the fixed-rate controller."""
 
+import contextlib
 import http.server
 import json
 import os
@@ -34,6 +35,19 @@ from robodistill.wire import connect, served_env
 from tests.conftest import ROBODISTILL, SlowPolicy, disk_full_past
 
 ENV = EnvConfig(task="PushCube-v1", max_episode_steps=30)
+
+
+@contextlib.contextmanager
+def serving(handler):
+    """A websocket server that is not robodistill's, running `handler(ws)` for each connection: its URL."""
+    from websockets.sync.server import serve
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+        finally:
+            server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -365,8 +379,6 @@ def test_a_server_url_with_a_port_out_of_range_is_one_line(cli_here):
 
 @pytest.mark.timeout(60)  # a hang fails the test
 def test_a_websocket_server_that_does_not_open_with_metadata_is_one_line(cli_here, monkeypatch):
-    from websockets.sync.server import serve
-
     monkeypatch.setattr(wire, "METADATA_TIMEOUT_S", 0.5, raising=False)  # openpi's client waited for it forever
     opens = {  # what each server does on connect; the line control ends with
         "nothing": (lambda ws: ws.recv(), "sent no metadata within 0.5 s of connecting: it is not a policy server"),
@@ -384,11 +396,8 @@ def test_a_websocket_server_that_does_not_open_with_metadata_is_one_line(cli_her
             except ConnectionClosed:
                 pass
 
-        with serve(quietly, "127.0.0.1", 0) as server:
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+        with serving(quietly) as url:
             said = [cli_here("control", f"server={url}", "episodes=1"), cli_here("rpd", f"teacher={url}", "total_steps=400")]
-            server.shutdown()
         for r in said:  # rpd's teacher= ended a list in AttributeError's traceback
             assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(f"error: {url} "), (name, r.stderr[-2000:])
             assert message in r.stderr, (name, r.stderr[-2000:])
@@ -396,7 +405,6 @@ def test_a_websocket_server_that_does_not_open_with_metadata_is_one_line(cli_her
 
 def test_control_given_metadata_it_cannot_read_says_whose_it_is(bundle, cli_here):
     from openpi_client import msgpack_numpy
-    from websockets.sync.server import serve
 
     meta = Bundle.load(bundle).metadata
     newer = {**meta, "format": "robodistill-bundle-v2", "env": {"id": meta["env"]["task"]}}  # was KeyError's traceback
@@ -410,10 +418,8 @@ def test_control_given_metadata_it_cannot_read_says_whose_it_is(bundle, cli_here
             except ConnectionClosed:
                 pass
 
-        with serve(opens, "127.0.0.1", 0) as server:
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            r = cli_here("control", f"server=ws://127.0.0.1:{server.socket.getsockname()[1]}", "episodes=1")
-            server.shutdown()
+        with serving(opens) as url:
+            r = cli_here("control", f"server={url}", "episodes=1")
         assert r.returncode == 2 and message in r.stderr.splitlines()[-1], r.stderr[-2000:]
 
 
@@ -517,7 +523,6 @@ def test_a_request_refused_as_an_episode_ends_ends_the_run(bundle):
 
 def test_a_server_whose_actions_are_not_a_chunk_of_the_robot_s_stops_the_robot_and_says_so(bundle):
     from openpi_client import msgpack_numpy
-    from websockets.sync.server import serve
 
     loaded = Bundle.load(bundle)
     n, dims = loaded.metadata["action"]["chunk_length"], len(loaded.metadata["action"]["low"])
@@ -537,16 +542,14 @@ def test_a_server_whose_actions_are_not_a_chunk_of_the_robot_s_stops_the_robot_a
             except ConnectionClosed:
                 pass
 
-        with serve(answer, "127.0.0.1", 0) as server:
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            client = connect(f"ws://127.0.0.1:{server.socket.getsockname()[1]}")
+        with serving(answer) as url:
+            client = connect(url)
             agent = ChunkAgent(client, loaded.metadata, ControllerConfig(hz=0))
             agent.reset()
             first = agent.get_action(frame)["actions"]
             with pytest.raises(UserError) as said:
                 agent.get_action(frame)
             client.close()
-            server.shutdown()
         assert first.shape == (dims,) and not first.any(), name  # the stop action: zero motion under delta control
         assert message in str(said.value) and str(said.value).endswith("the robot was sent its stop action"), (name, str(said.value))
 
@@ -575,8 +578,6 @@ def test_a_stopped_server_has_freed_its_port_and_threads(bundle):
 
 
 def test_an_openpi_server_s_traceback_is_one_line():
-    from websockets.sync.server import serve
-
     def openpi_like(ws):  # openpi's WebsocketPolicyServer on an exception in its policy
         from openpi_client import msgpack_numpy
 
@@ -586,12 +587,8 @@ def test_an_openpi_server_s_traceback_is_one_line():
                 "KeyError: 'observation/exterior_image_1_left'\n")
         ws.close(1011, "Internal server error. Traceback included in previous frame.")
 
-    with serve(openpi_like, "127.0.0.1", 0) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
-        with pytest.raises(UserError) as said:
-            connect(url).infer({"state": np.zeros(3, np.float32)})  # what rpd teacher= and control ask
-        server.shutdown()
+    with serving(openpi_like) as url, pytest.raises(UserError) as said:
+        connect(url).infer({"state": np.zeros(3, np.float32)})  # what rpd teacher= and control ask
     # rpd ended with 'error: ... refused the request: Traceback (most recent call last):' and the traceback's lines
     assert str(said.value) == (f"the policy server at {url} refused the request: KeyError: 'observation/exterior_image_1_left' "
                                "(the last line of the traceback it sent)")
@@ -798,7 +795,6 @@ def test_control_s_telemetry_the_disk_has_no_room_for_is_one_line(bundle, cli_he
 
 def test_a_teacher_server_whose_actions_are_not_the_env_s_says_so_in_one_line():
     from openpi_client import msgpack_numpy
-    from websockets.sync.server import serve
 
     from robodistill.policies.teachers import RemoteTeacher
 
@@ -817,12 +813,40 @@ def test_a_teacher_server_whose_actions_are_not_the_env_s_says_so_in_one_line():
             except ConnectionClosed:
                 pass
 
-        with serve(answer, "127.0.0.1", 0) as server:
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+        with serving(answer) as url:
             teacher = RemoteTeacher(url, action_dims=4)
             with pytest.raises(UserError) as said:
                 teacher.act({"state": torch.zeros(2, 1, 35)})
             teacher.client.close()
-            server.shutdown()
         assert str(said.value) == f"teacher={url}: {message}", (name, str(said.value))
+
+
+def test_a_teacher_server_whose_metadata_holds_other_values_is_one_line_or_single_frames():
+    from openpi_client import msgpack_numpy
+
+    from robodistill.policies.teachers import RemoteTeacher
+
+    cases = {  # an openpi server's metadata holds whatever its config does: was AttributeError's or ValueError's traceback
+        "policy a name": ({"policy": "pi0", "action": {"chunk_length": 5}}, (1, 5, True)),
+        "action a list": ({"action": [1, 2]}, (1, 1, True)),
+        "ours": ({"policy": {"obs_horizon": 2}, "action": {"chunk_length": np.int64(8)}}, (2, 8, False)),
+        "a word": ({"policy": {"obs_horizon": "two"}}, "the server's metadata says policy.obs_horizon='two', not a count >= 1"),
+        "zero": ({"action": {"chunk_length": 0}}, "the server's metadata says action.chunk_length=0, not a count >= 1"),
+    }
+    for name, (metadata, expected) in cases.items():
+        def opens(ws, metadata=metadata):
+            ws.send(msgpack_numpy.packb(metadata))
+            try:
+                ws.recv()
+            except ConnectionClosed:
+                pass
+
+        with serving(opens) as url:
+            if isinstance(expected, str):
+                with pytest.raises(UserError) as said:
+                    RemoteTeacher(url, action_dims=4)
+                assert str(said.value).startswith(f"teacher={url}: {expected}"), (name, str(said.value))
+                continue
+            teacher = RemoteTeacher(url, action_dims=4)
+            teacher.client.close()
+        assert (teacher.obs_horizon, teacher.act_horizon, teacher.single_frame) == expected, name
