@@ -10,7 +10,6 @@ import torch
 
 # Offsets into PushCube-v1's flat state (pd_ee_* control): qpos 9, qvel 9, tcp_pose 7, goal_pos 3, obj_pose 7.
 TCP, GOAL, OBJ = slice(18, 21), slice(25, 28), slice(28, 31)
-STATE_DIM = 35
 MAX_STEP = 0.1  # metres per action unit of pd_ee_delta_pos
 
 

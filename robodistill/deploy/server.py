@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
@@ -84,7 +84,6 @@ class _Pending:
     obs: dict[str, np.ndarray]
     noise: np.ndarray | None
     future: asyncio.Future
-    queued: float = field(default_factory=time.perf_counter)
 
 
 def _listen_error(host: str, port: int, err: OSError) -> UserError:
