@@ -66,6 +66,24 @@ def test_both_denoisers_learn_and_return_bounded_chunks(denoiser, extra):
         policy.set_sampler("heun", 4)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "rti"])
+def test_a_meanstd_policy_samples_actions_more_than_one_std_from_the_mean(sampler):
+    """Under policy.normalizer=meanstd the data reach well past +-1 in model space, so the schedule's clip of the
+    clean-chunk estimate to [-1, 1] (diffusion_policy's, for its [-1, 1] min-max space) would cap every action at
+    one std from the demos' mean: a denoiser that knows the chunk exactly must get it back."""
+    cfg = DiffusionConfig(normalizer="meanstd", pred_horizon=8, act_horizon=4, mlp_hidden=[32], prediction_type="sample")
+    policy = DiffusionPolicy(cfg, 5, 3, -torch.ones(3) * 10, torch.ones(3) * 10).eval()
+    actions = torch.tensor([[0.0, 0, 0], [0, 0, 0], [0, 0, 0], [4, 4, 4]])  # mean 1, std sqrt(3): 4 is 1.73 std out
+    policy.load_normalizers({"state": Normalizer.fit(torch.randn(100, 5).numpy(), "meanstd"),
+                             "actions": Normalizer.fit(actions.numpy(), "meanstd")})
+    clean = policy.normalizers["actions"](torch.full((2, 8, 3), 4.0))
+    policy.set_sampler(sampler)
+    for _ in range(2):  # rti: a full denoise, then a warm-started tail
+        x0 = policy.sampler(lambda x, t, cond: clean, torch.zeros(2, 3), (2, 8, 3), torch.Generator().manual_seed(0))
+        torch.testing.assert_close(x0, clean)
+    torch.testing.assert_close(policy.to_actions(x0), torch.full((2, 4, 3), 4.0))
+
+
 def test_unet_needs_a_horizon_multiple_of_four():
     with pytest.raises(UserError, match="multiple of 4"):
         DiffusionPolicy(DiffusionConfig(denoiser="unet", pred_horizon=10, act_horizon=4), 5, 3, -torch.ones(3), torch.ones(3))

@@ -16,7 +16,7 @@ from robodistill.data.normalizers import MODES as NORMALIZER_MODES
 from robodistill.data.normalizers import Normalizer
 from robodistill.errors import UserError
 from robodistill.inference.samplers import (
-    SAMPLERS, ConsistencySampler, RTIConfig, RTISampler, Sampler, make_sampler, make_training_scheduler,
+    SAMPLERS, ConsistencySampler, RTIConfig, RTISampler, Sampler, clip_clean, make_sampler, make_training_scheduler,
 )
 from robodistill.policies.base import check_trained_on, register_loader
 from robodistill.policies.diffusion.config import DiffusionConfig
@@ -84,7 +84,9 @@ class DiffusionPolicy(nn.Module):
             self.denoiser: nn.Module = ConditionalUnet1D(action_dim, self.encoder.out_dim, tuple(cfg.unet_dims), cfg.kernel_size)
         else:
             self.denoiser = MlpDenoiser(action_dim, cfg.pred_horizon, self.encoder.out_dim, tuple(cfg.mlp_hidden))
-        self.noise_scheduler = make_training_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type)
+        # min-max maps the demos into [-1, 1], where clipping an estimate keeps it among them; mean/std data reach past it
+        self.noise_scheduler = make_training_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type,
+                                                       clip_sample=cfg.normalizer == "minmax")
         self.sampler: Sampler = make_sampler(cfg.sampler, cfg.sampler_steps, self.noise_scheduler)
         self.generator: torch.Generator | None = None
         self.consistency: ConsistencyHead | None = None  # attached by `robodistill distill`
@@ -191,7 +193,7 @@ class DiffusionPolicy(nn.Module):
         env units, within the action bounds."""
         start = self.obs_horizon - 1
         x0 = x0[:, start : start + self.act_horizon]
-        actions = self.normalizers["actions"].unnormalize(x0.clamp(-1, 1) if self.cfg.normalizer == "minmax" else x0)
+        actions = self.normalizers["actions"].unnormalize(clip_clean(x0, self.noise_scheduler))
         return torch.clamp(actions, self.action_low, self.action_high)
 
     def spec(self) -> dict:

@@ -40,7 +40,7 @@ import robodistill
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
 from robodistill.errors import UserError
-from robodistill.inference.samplers import consistency_timesteps
+from robodistill.inference.samplers import clip_clean, consistency_timesteps
 from robodistill.policies import agv
 from robodistill.policies.base import run_output
 from robodistill.policies.bundle import FORMAT, GRAPH_FILES, METADATA, Bundle, metadata_checksum, sha256
@@ -117,7 +117,7 @@ class ChunkGraph(nn.Module):
                 if i:  # multistep consistency: re-noise the jump's result to the next, lower timestep
                     a, s = self.renoise[i]
                     x = a * x + s * noise[:, i]
-                x = self.policy.consistency(x, steps, cond).clamp(-1, 1)
+                x = clip_clean(self.policy.consistency(x, steps, cond), self.policy.noise_scheduler)
             else:
                 x = self.scheduler.step(self.policy.denoiser(x, steps, cond), t, x).prev_sample
         return self.policy.to_actions(x)

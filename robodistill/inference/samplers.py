@@ -38,12 +38,23 @@ class Sampler(Protocol):
     def reset(self, streams: torch.Tensor | None = None) -> None: ...
 
 
-def make_training_scheduler(num_train_timesteps: int = 100, beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "epsilon") -> DDPMScheduler:
-    """The noise schedule a diffusion policy is trained with (and saved with)."""
+def make_training_scheduler(num_train_timesteps: int = 100, beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "epsilon",
+                            clip_sample: bool = True) -> DDPMScheduler:
+    """The noise schedule a diffusion policy is trained with (and saved with). `clip_sample`: clean-chunk estimates
+    are clipped to [-1, 1], the data's range in a min-max normalised space (a mean/std one reaches past it)."""
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-        clip_sample=True, prediction_type=prediction_type,
+        clip_sample=clip_sample, prediction_type=prediction_type,
     )
+
+
+def clip_clean(x0: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
+    """A clean-chunk estimate clipped as the schedule's own steps clip theirs (`clip_sample`), for the code that
+    forms one outside them (the chain's mean, the consistency head, distillation targets, the executed actions)."""
+    if not scheduler.config.clip_sample:
+        return x0
+    bound = scheduler.config.clip_sample_range
+    return x0.clamp(-bound, bound)
 
 
 def _device(cond) -> torch.device:
@@ -195,7 +206,7 @@ class ConsistencySampler:
             if i:
                 noise = torch.randn(shape, generator=generator, device=device)
                 x = self.scheduler.add_noise(x0, noise, torch.full((shape[0],), t, device=device))
-            x0 = self.head.jump(x, t, cond).clamp_(-1, 1)
+            x0 = clip_clean(self.head.jump(x, t, cond), self.scheduler)
         return x0
 
     def reset(self, streams: torch.Tensor | None = None) -> None:

@@ -33,6 +33,7 @@ from robodistill.data import Horizons, WindowDataset, load_episodes, sample_batc
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
+from robodistill.inference.samplers import clip_clean
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.summary import counted
@@ -72,7 +73,7 @@ def _predicted_x0(teacher: DiffusionPolicy, x_t: torch.Tensor, t: torch.Tensor, 
     if teacher.cfg.prediction_type == "epsilon":
         ab = teacher.noise_scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1)
         pred = (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
-    return pred.clamp(-1, 1)
+    return clip_clean(pred, teacher.noise_scheduler)
 
 
 def train(cfg: DistillConfig, run_dir: Path) -> dict:
@@ -169,7 +170,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
                 x = ddim.step(teacher.denoiser(x, t.expand(shape[0]), cond), t, x).prev_sample
                 states.append(x)
                 times.append((t - stride).clamp(min=0).expand(shape[0]))  # where the step landed
-            end = x.clamp(-1, 1)
+            end = clip_clean(x, teacher.noise_scheduler)
             x_in, t_in = [states[0]], [times[0]]
             if len(states) > 2:  # a one-step chain has no state inside it
                 pick = torch.randint(1, len(states) - 1, (shape[0],), device=device)
