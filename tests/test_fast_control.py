@@ -10,13 +10,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from robodistill import checkpoints
 from robodistill.data import Normalizer
 from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
 from robodistill.inference.latency import figure, measure
-from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_timesteps, make_training_scheduler
+from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_timesteps, ddim_step, make_training_scheduler
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
 from robodistill.summary import summarize
@@ -103,6 +104,25 @@ def test_consistency_head_keeps_clean_chunks_and_samples_in_its_steps():
     x, cond = torch.randn(2, 8, 3), torch.randn(2, 10)
     torch.testing.assert_close(head(x, torch.zeros(2, dtype=torch.long), cond), x)  # f(x, 0) = x
     assert consistency_timesteps(1, 100) == [99] and consistency_timesteps(3, 100) == [99, 66, 33]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_consistency_distillation_steps_the_teacher_as_its_ddim_sampler_does(prediction_type):
+    """variant=consistency's target is the head at t - skip after one step of the teacher's own DDIM sampler, which
+    takes epsilon from the unclipped clean-chunk estimate: one formed from the clipped estimate instead (4.2 apart at
+    t=50 for an epsilon teacher whose estimate leaves [-1, 1]) is the target of another ODE than the one it samples."""
+    policy = _policy(prediction_type=prediction_type)
+    x = torch.randn(2, 8, 3) * 1.5  # an epsilon teacher's estimates leave [-1, 1]
+    cond = policy.condition({"state": torch.randn(2, 2, 5)})
+    t_hi = torch.tensor([50, 30])  # a timestep per sample, as distillation draws them
+    alphas = policy.noise_scheduler.alphas_cumprod
+    with torch.no_grad():
+        pred = policy.denoiser(x, t_hi, cond)
+        step = ddim_step(pred, x, alphas[t_hi].view(-1, 1, 1), alphas[t_hi - 10].view(-1, 1, 1), policy.noise_scheduler)
+    ddim = DDIMScheduler.from_config(policy.noise_scheduler.config)
+    ddim.set_timesteps(10)  # a step spans 100 // 10 = skip timesteps
+    for i, t in enumerate(t_hi.tolist()):
+        torch.testing.assert_close(step[i], ddim.step(pred[i : i + 1], t, x[i : i + 1]).prev_sample[0])
 
 
 def test_a_sampler_without_steps_takes_its_own_default_not_the_previous_samplers():

@@ -24,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from robodistill.errors import UserError
-from robodistill.inference.samplers import clip_clean
+from robodistill.inference.samplers import ddim_step
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 
 # DPPO clamps each dimension's log-likelihood to [-5, 2] at its std of 0.1, which bounds the ratio of rare draws;
@@ -70,13 +70,7 @@ class DenoisingChain:
         """The DDIM (eta=0) update of step k (0: the noisiest) from x."""
         t = torch.full((x.shape[0],), self.timesteps[k], device=x.device, dtype=torch.long)
         a, a_prev = self.alpha[k].to(x.device), self.alpha_prev[k].to(x.device)
-        pred = self.policy.denoiser(x, t, cond)
-        # As diffusers' DDIMScheduler.step: epsilon from the unclipped estimate, x0 clipped as the schedule clips it.
-        if self.policy.cfg.prediction_type == "epsilon":
-            eps, x0 = pred, (x - (1 - a).sqrt() * pred) / a.sqrt()
-        else:
-            eps, x0 = (x - a.sqrt() * pred) / (1 - a).sqrt(), pred
-        return a_prev.sqrt() * clip_clean(x0, self.policy.noise_scheduler) + (1 - a_prev).sqrt() * eps
+        return ddim_step(self.policy.denoiser(x, t, cond), x, a, a_prev, self.policy.noise_scheduler)
 
     def _step_log_prob(self, mean: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
         """Mean over the executed actions' dimensions of the clamped per-dimension log-likelihood, (B,).

@@ -57,6 +57,18 @@ def clip_clean(x0: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
     return x0.clamp(-bound, bound)
 
 
+def ddim_step(pred: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
+    """The deterministic DDIM (eta=0) step from x, at cumulative alpha `alpha`, to `alpha_prev`, given the denoiser's
+    prediction `pred`: what diffusers' DDIMScheduler.step computes (epsilon from the unclipped clean-chunk estimate,
+    the estimate clipped by `clip_clean`), written out for steps it cannot take: a gradient through it (the RL
+    chain), a timestep per sample (consistency distillation)."""
+    if scheduler.config.prediction_type == "epsilon":
+        eps, x0 = pred, (x - (1 - alpha).sqrt() * pred) / alpha.sqrt()
+    else:
+        eps, x0 = (x - alpha.sqrt() * pred) / (1 - alpha).sqrt(), pred
+    return alpha_prev.sqrt() * clip_clean(x0, scheduler) + (1 - alpha_prev).sqrt() * eps
+
+
 def _device(cond) -> torch.device:
     return cond.device if isinstance(cond, torch.Tensor) else next(iter(cond.values())).device
 

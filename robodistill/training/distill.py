@@ -33,7 +33,7 @@ from robodistill.data import Horizons, WindowDataset, load_episodes, sample_batc
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
-from robodistill.inference.samplers import clip_clean
+from robodistill.inference.samplers import clip_clean, ddim_step
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.summary import counted
@@ -65,15 +65,6 @@ class DistillConfig:
     resume_from: str | None = None
     seed: int = 0
     name: str = "distill"
-
-
-def _predicted_x0(teacher: DiffusionPolicy, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """The teacher's clean-chunk estimate at (x_t, t), whichever quantity it was trained to predict."""
-    pred = teacher.denoiser(x_t, t, cond)
-    if teacher.cfg.prediction_type == "epsilon":
-        ab = teacher.noise_scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1)
-        pred = (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
-    return clip_clean(pred, teacher.noise_scheduler)
 
 
 def train(cfg: DistillConfig, run_dir: Path) -> dict:
@@ -185,11 +176,9 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         t_hi = torch.randint(cfg.skip, n_train, (b,), device=device)
         t_lo = t_hi - cfg.skip
         x_hi = teacher.noise_scheduler.add_noise(x0, torch.randn_like(x0), t_hi)
-        with torch.no_grad():
-            x0_hat = _predicted_x0(teacher, x_hi, t_hi, cond)
-            ab_hi, ab_lo = alphas[t_hi].view(-1, 1, 1), alphas[t_lo].view(-1, 1, 1)
-            eps_hat = (x_hi - ab_hi.sqrt() * x0_hat) / (1 - ab_hi).sqrt()
-            x_lo = ab_lo.sqrt() * x0_hat + (1 - ab_lo).sqrt() * eps_hat
+        with torch.no_grad():  # the teacher's own ddim sampler's step (its epsilon is not the clipped estimate's)
+            x_lo = ddim_step(teacher.denoiser(x_hi, t_hi, cond), x_hi, alphas[t_hi].view(-1, 1, 1), alphas[t_lo].view(-1, 1, 1),
+                             teacher.noise_scheduler)
             goal = target(x_lo, t_lo, cond)
         return F.mse_loss(model(x_hi, t_hi, cond), goal)
 
