@@ -225,6 +225,23 @@ def test_rgb_teacher_trains_and_evaluates(cli, cli_here, tmp_path, pickcube_rgb_
     assert any(k.startswith("encoder.cnn") for k in saved["model"])
 
 
+def test_rgb_training_crops_each_image_at_its_own_offset_and_evaluation_at_the_centre():
+    from robodistill.policies.diffusion.encoders import RgbEncoder
+
+    encoder = RgbEncoder(channels=3, state_dim=2, horizon=2, crop=0.75)
+    images = torch.arange(64 * 3 * 8 * 8, dtype=torch.float32).view(64, 3, 8, 8)  # every pixel tells where it was
+    torch.manual_seed(0)
+    crops = encoder.train()._crop(images)
+    assert crops.shape == (64, 3, 6, 6)
+    offsets = set()
+    for crop, image in zip(crops, images):  # a window of the image itself, every channel at the same place
+        top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 8)
+        torch.testing.assert_close(crop, image[:, top : top + 6, left : left + 6])
+        offsets.add((top, left))
+    assert len(offsets) > 4  # was one offset for the whole batch: every image shifted alike
+    torch.testing.assert_close(encoder.eval()._crop(images), images[..., 1:7, 1:7])
+
+
 def test_an_rgb_policy_driven_from_python_refuses_float_or_channel_first_images(pickcube_rgb_teacher):
     from robodistill.envs import EnvConfig, make_env
     from robodistill.policies import load_policy

@@ -36,14 +36,17 @@ class RgbEncoder(nn.Module):
         self.out_dim = (features + state_dim) * horizon
 
     def _crop(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
+        n, c, h, w = img.shape
         ch, cw = max(1, int(h * self.crop)), max(1, int(w * self.crop))
-        if self.training:
-            top = torch.randint(0, h - ch + 1, ()).item()
-            left = torch.randint(0, w - cw + 1, ()).item()
-        else:
+        if not self.training:
             top, left = (h - ch) // 2, (w - cw) // 2
-        return img[..., top : top + ch, left : left + cw]
+            return img[..., top : top + ch, left : left + cw]
+        # A crop of its own for every image (as diffusion_policy's CropRandomizer): one offset for the whole batch
+        # shifted all its images alike, so each gradient step saw the camera moved one way.
+        rows = torch.randint(0, h - ch + 1, (n, 1), device=img.device) + torch.arange(ch, device=img.device)
+        cols = torch.randint(0, w - cw + 1, (n, 1), device=img.device) + torch.arange(cw, device=img.device)
+        index = torch.arange(n, device=img.device)[:, None, None, None], torch.arange(c, device=img.device)[None, :, None, None]
+        return img[(*index, rows[:, None, :, None], cols[:, None, None, :])]
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         rgb = obs["rgb"]  # (B, T, H, W, C) uint8
