@@ -246,6 +246,31 @@ def test_a_run_killed_writing_its_policy_resumes_and_writes_it(tmp_path, monkeyp
     assert checkpoints.load(resumed["checkpoint"])["update"] == 2
 
 
+def test_a_killed_run_resumes_exactly_where_it_would_have_been(tmp_path, monkeypatch):
+    """The checkpoint holds the robots' episodes as they stood: a resumed run started fresh ones (seeded by the update),
+    so it trained on other episodes than the run it continued would have, and ended elsewhere."""
+    batch = 4 * 32
+    straight = train(tiny(tmp_path, total_steps=3 * batch, checkpoint_every=1), tmp_path / "straight")
+    save = checkpoints.save
+
+    def killed_at_the_policy(path, payload):
+        if Path(path).name == "policy.pt":
+            raise KeyboardInterrupt  # stands for a SIGKILL after the checkpoint at update 2
+        return save(path, payload)
+
+    monkeypatch.setattr(checkpoints, "save", killed_at_the_policy)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, total_steps=3 * batch, checkpoint_every=1), tmp_path / "killed")
+    monkeypatch.undo()
+    resumed = train(tiny(tmp_path, total_steps=3 * batch, checkpoint_every=1, resume_from=str(tmp_path / "killed")), tmp_path / "resumed")
+    ends = [checkpoints.load(run["checkpoint"]) for run in (straight, resumed)]
+    assert ends[0]["update"] == ends[1]["update"] == 3
+    for key in ("agent", "rnd"):
+        for name, tensor in ends[0][key].items():
+            torch.testing.assert_close(tensor, ends[1][key][name], rtol=0, atol=0, msg=f"{key}.{name}")
+    assert resumed["history"] == straight["history"]
+
+
 @pytest.mark.parametrize("field, value, message", [("scene", "warehouse", "unknown scene"), ("algo", "sac", "unknown algo"),
                                                    ("combine", "max", "unknown combine"),
                                                    ("reward_mode", "shaped", "unknown reward_mode 'shaped'. Valid: sparse, dense"), ("total_steps", 10, "less than one update"),

@@ -21,6 +21,8 @@ from robodistill.errors import UserError
 
 REWARD_MODES = {"sparse": Rewards(), "dense": Rewards(shaping=0.1)}
 DEFAULT_SCENE = "complex_dynamic"
+# What an episode in progress is (AGVBatch's arrays): its layout, movers, pose, velocity, clock and running totals.
+EPISODE_STATE = ("rects", "goal", "mover_a", "mover_b", "mover_speed", "mover_phase", "pos", "theta", "v", "w", "t", "ret", "path")
 
 OBSERVATION_SPACE = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
 ACTION_SPACE = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
@@ -122,6 +124,20 @@ class AGVVecEnv:
             }
         obs = {"state": torch.from_numpy(self.batch.observe())}
         return obs, torch.from_numpy(reward), torch.from_numpy(terminated), torch.from_numpy(truncated), info
+
+    def state(self) -> dict:
+        """Every robot's episode as it stands, its generator included (tensors and plain containers, as a checkpoint holds
+        them): a training run resumed with `load_state` goes on in the episodes it was in, not in fresh ones."""
+        return {**{k: torch.from_numpy(getattr(self.batch, k).copy()) for k in EPISODE_STATE},
+                "rngs": [rng.bit_generator.state for rng in self.batch.rngs]}
+
+    def load_state(self, state: dict) -> dict[str, torch.Tensor]:
+        """Put back what `state` returned (for as many robots); returns their observation."""
+        for k in EPISODE_STATE:
+            setattr(self.batch, k, state[k].numpy().copy())
+        for rng, saved in zip(self.batch.rngs, state["rngs"]):
+            rng.bit_generator.state = saved
+        return {"state": torch.from_numpy(self.batch.observe())}
 
     def render(self) -> np.ndarray:
         if not self._render:

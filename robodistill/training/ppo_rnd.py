@@ -229,10 +229,12 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
         int_filter = ck["int_filter"]
         update, history = ck["update"], json.loads(ck["history"])
         checkpoints.set_rng_state(ck["rng"])
+        # The robots go on in the episodes they were in, so the run makes the draws it would have made unkilled. A
+        # checkpoint written before it held them starts fresh episodes, seeded by the update (repeatable, not the same).
+        obs = (env.load_state(ck["env"]) if "env" in ck else env.reset(seed=cfg.seed * 100_003 + update * 1_009))["state"]
         print(f"resumed from {resume_path} at env step {ck['step']}")
-    # A resumed run starts fresh episodes: seeding by the update keeps it reproducible.
-    obs = env.reset(seed=cfg.seed * 100_003 + update * 1_009)["state"]
     if resume_path is None:
+        obs = env.reset(seed=cfg.seed * 100_003)["state"]  # robot i: seed * 100_003 + i, apart from other seeds' robots
         for _ in range(cfg.obs_norm_init_steps):
             obs_rms.update(obs)
             obs = env.step(torch.rand(cfg.num_envs, act_dim) * 2 - 1)[0]["state"]
@@ -263,7 +265,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
             "kind": "agv_trainer", "config": asdict(cfg), "step": update * batch, "update": update,
             "agent": agent.state_dict(), "rnd": rnd.state_dict(), "optimizer": optimizer.state_dict(),
             "obs_rms": obs_rms.state(), "int_rms": int_rms.state(), "int_filter": int_filter,
-            "history": json.dumps(history), "rng": checkpoints.rng_state(),
+            "history": json.dumps(history), "rng": checkpoints.rng_state(), "env": env.state(),
         })
 
     if resume_path is None and cfg.eval_every:
