@@ -15,10 +15,10 @@ from stable_baselines3.common.utils import explained_variance
 from robodistill.envs import EnvConfig, SB3View, make_env
 from robodistill.policies import load_policy
 from robodistill.policies.teachers import PolicyTeacher
-from robodistill.evaluation import evaluate
+from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.student import NormalizedState, StateAndImage
 from robodistill.training.distributed import Ranks
-from robodistill.training.rpd import RPD, RPDConfig, fit_normalizer, stack_history, teacher_rollout, warm_start
+from robodistill.training.rpd import RPD, RPDConfig, fit_normalizer, resumed_seed, stack_history, teacher_rollout, warm_start
 
 ENV = EnvConfig(task="PushCube-v1")
 SMALL = {"n_steps": 100, "batch_size": 25, "n_epochs": 10, "learning_rate": 1e-3, "device": "cpu",
@@ -254,6 +254,20 @@ def test_a_resumed_run_keeps_its_ppo_settings_and_network_unless_given(tmp_path)
     assert (student.learning_rate, student.n_steps, student.batch_size, student.num_timesteps) == (0.1, 50, 50, 150)
     with pytest.raises(UserError, match=r"hidden=\[8\]: the resumed run's student was built with hidden=\[32, 32\]"):
         rpd.take_resumed_settings(replace(resumed, hidden=[8]), tmp_path / "first" / "student.zip", {"hidden"})
+
+
+def test_a_resumed_run_starts_its_episodes_apart_from_the_ones_it_is_rated_on():
+    """A run resumed at 10,000 env steps (the default first checkpoint) reseeded SB3 with seed + steps, and its envs' first
+    episodes were the held-out evaluation's (HELD_OUT_SEEDS + seed + k): trained on, then rated on."""
+    cfg = RPDConfig()
+    with make_env(replace(ENV, num_envs=1)) as env:
+        rated = torch.cat([env.reset(seed=[HELD_OUT_SEEDS + cfg.seed + k])["state"] for k in range(3)])
+        vec = SB3View(env)
+        model = PPO("MlpPolicy", vec, n_steps=16, batch_size=16, device="cpu")
+        for steps in range(cfg.checkpoint_every, cfg.checkpoint_every + 3):
+            model.set_random_seed(resumed_seed(cfg.seed, steps))  # as a resumed run does: SB3 seeds the envs' next reset
+            trained = torch.as_tensor(vec.reset())
+            assert not torch.isclose(trained, rated).all(-1).any(), f"resumed at step {steps}: its first episode is rated on"
 
 
 def test_rpd_killed_in_its_final_evaluation_resumes_and_finishes(tmp_path, monkeypatch):

@@ -78,6 +78,15 @@ from robodistill.wire import served_env
 DISTILL_LOSSES = ("mse", "l1", "bc")
 SCHEDULES = ("constant", "cosine")
 LABELS = ("chunk", "step")
+RESUMED_SEEDS = 2**30  # past every seed a run trains from or evaluates on (numpy takes seeds below 2**32)
+
+
+def resumed_seed(seed: int, steps: int) -> int:
+    """The seed a run resumed at `steps` env steps reseeds SB3 with (its RNGs, and its envs' first episodes: env i's with
+    this + i): repeatable from the run's seed and step count, and apart from the evaluation's seeds. seed + steps was
+    those (HELD_OUT_SEEDS + seed + k) at 10,000 steps, the default first checkpoint: a resumed run began training on the
+    initial states of the episodes it is rated on."""
+    return RESUMED_SEEDS + seed + steps
 
 
 @dataclass
@@ -662,7 +671,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
             old = resume_path.parent.parent / "history.json"
             # evaluations after the checkpoint were lost with the kill: the resumed run makes them again
             history = [row for row in json.loads(old.read_text()) if row["step"] <= model.global_steps] if old.is_file() else []
-            model.set_random_seed(seed + model.num_timesteps)
+            model.set_random_seed(resumed_seed(seed, model.num_timesteps))
             if ranks.main:
                 print(f"resumed from {resume_path} at step {model.global_steps}")
         else:
