@@ -1,7 +1,9 @@
 """RL-100: the denoising chain as a policy, chunk-level transitions and critics, and the staged CLI."""
 
 import json
+import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,23 @@ def test_chain_mean_path_is_the_ddim_sampler_and_scores_its_own_draws(prediction
     moved = drawn.clone()
     moved[:, -1] += 0.3
     assert (chain.log_prob(cond, moved)[:, -1] < logp[:, -1]).all()
+
+
+def test_a_chain_whose_weights_are_finite_and_outputs_are_not_raises_floating_point_error():
+    """rl100 at offline.lr=1e6 left the denoiser's weights finite (no weight check fired) and its outputs NaN:
+    torch's Normal raised "Expected parameter loc ... found invalid values" from deep inside the OPE gate."""
+    policy = _policy()
+    chain = DenoisingChain(policy, steps=4, finetune_steps=2)
+    cond = policy.condition({"state": torch.randn(3, 2, 9)})
+    drawn, _ = chain.sample(cond, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in policy.denoiser.parameters():
+            p.fill_(1e30)
+    assert all(bool(torch.isfinite(p).all()) for p in policy.denoiser.parameters())
+    with pytest.raises(FloatingPointError, match="the denoising chain's mean is not finite"):
+        chain.sample(cond, deterministic=True)
+    with pytest.raises(FloatingPointError, match="the denoising chain's mean is not finite"):
+        chain.log_prob(cond, drawn)
 
 
 @pytest.mark.parametrize("std", [0.02, 0.1])
@@ -259,6 +278,25 @@ def test_rl100_online_critic_warmup_holds_the_actor_until_it_ends(rl100_run, cli
         assert all(np.isfinite(row["explained_variance"]) and row["explained_variance"] <= 1 for row in history)
         assert all(row["approx_kl"] is None and row["clip_frac"] is None for row in history[:warmup])
         assert all(row["approx_kl"] >= 0 and 0 <= row["clip_frac"] <= 1 for row in history[warmup:])
+
+
+def test_rl100_that_diverges_ends_in_one_line(rl100_run, tmp_path):
+    # The chain's weights stayed finite and its outputs went NaN: torch's "Expected parameter loc" traceback. A critic
+    # that diverged first sent NaN advantages to the actor, which then ended as if online.lr were too high.
+    from robodistill.envs import EnvConfig
+    from robodistill.errors import UserError
+    from robodistill.training.rl100 import OnlineConfig, RL100Config, run_stages
+
+    init = rl100_run[0] / "imitation" / "checkpoints" / "last.pt"
+    for i, (online, line) in enumerate((
+            (OnlineConfig(lr=1e6), "the denoising chain's actions stopped being finite in the online stage: training diverged at "
+                                   "online.lr=1e+06: lower online.lr= and start again"),
+            (OnlineConfig(critic_lr=1e30), "the critic's loss stopped being finite by env step 32: training diverged at "
+                                           "online.critic_lr=1e+30: lower online.critic_lr= and start again"))):
+        cfg = RL100Config(env=EnvConfig(task="PushCube-v1", max_episode_steps=40), init=str(init), stages=["online"],
+                          online=replace(online, env_steps=64, decisions=4), eval_episodes=1)
+        with pytest.raises(UserError, match=f"^{re.escape(line)}$"):
+            run_stages(cfg, tmp_path / str(i))
 
 
 def test_rl100_online_keeps_its_best_evaluated_policy(rl100_run, cli, tmp_path):

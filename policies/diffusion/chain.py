@@ -75,7 +75,11 @@ class DenoisingChain:
     def _step_log_prob(self, mean: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
         """Mean over the executed actions' dimensions of the clamped per-dimension log-likelihood, (B,).
         As DPPO: the chunk's other actions never reach the env, so their noise only added variance to
-        the ratio."""
+        the ratio. A mean that is not finite (weights a diverged update left finite but too large) raises
+        FloatingPointError, which the training stage words as its divergence; Normal would raise its own
+        "Expected parameter loc" traceback after the same device sync."""
+        if not bool(torch.isfinite(mean).all()):
+            raise FloatingPointError("the denoising chain's mean is not finite")
         logp = torch.distributions.Normal(self.executed(mean), self.std).log_prob(self.executed(x_next))
         return logp.clamp(min=self.peak_log_prob - LOGPROB_FLOOR).mean(1)
 

@@ -302,13 +302,18 @@ def any_rank(flag: bool, ranks: Ranks) -> bool:
     return bool(t.item())
 
 
+def diverged(what: str, when: str, lr: float, flag: str = "lr", also: str = "") -> UserError:
+    """The one line every training command ends in when its training stops being finite: `what` (the loss, the
+    weights, a chain's outputs) `when` ("by iteration 50"), at the learning rate `flag`=`lr`, and the fix (`also`: another)."""
+    return UserError(f"{what} stopped being finite {when}: training diverged at {flag}={lr:g}: lower {flag}={also} and start again")
+
+
 def finite_loss(loss: torch.Tensor, step: int, lr: float, ranks: Ranks = Ranks()) -> float:
     """`loss` as a float; a run whose loss is no longer finite (on any rank) ends in one line. Trained on, it only
     saved NaN weights, which an evaluation then met as ManiSkill's "Action cannot be NaN" traceback."""
     value = loss.item()
     if any_rank(not math.isfinite(value), ranks):
-        raise UserError(f"the training loss stopped being finite by iteration {step}: training diverged at lr={lr:g}: "
-                        "lower lr= (or raise warmup=) and start again")
+        raise diverged("the training loss", f"by iteration {step}", lr, also=" (or raise warmup=)")
     return value
 
 
@@ -316,7 +321,7 @@ def finite_weights(params, at: str, lr: float, ranks: Ranks = Ranks()) -> None:
     """An RL update that left weights NaN or inf (on any rank) ends the run in one line; the next rollout ended in
     torch's "Expected parameter scale ... found invalid values" traceback from the action distribution."""
     if any_rank(not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()), ranks):
-        raise UserError(f"the policy's weights stopped being finite by {at}: training diverged at lr={lr:g}: lower lr= and start again")
+        raise diverged("the policy's weights", f"by {at}", lr)
 
 
 def average_gradients(module: torch.nn.Module, ranks: Ranks, *scalars: float) -> list[float]:

@@ -54,6 +54,7 @@ from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, c
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.summary import counted
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
+from robodistill.training.distributed import diverged
 from robodistill.training.runs import budget_spent, latest_run, set_threads, tensorboard
 
 STAGES = ("imitation", "offline", "online", "distill")
@@ -581,6 +582,8 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                             stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
                             stats["clip_frac"].append(((ratio - 1).abs() > clip).float().mean().item())
                     v_loss = F.mse_loss(value(s).squeeze(-1), flat["returns"][idx])
+                    if not bool(torch.isfinite(v_loss)):  # else its NaN advantages reach the actor, blamed on online.lr
+                        raise diverged("the critic's loss", f"by env step {env_steps}", o.critic_lr, "online.critic_lr")
                     actor_opt.zero_grad(set_to_none=True)
                     critic_opt.zero_grad(set_to_none=True)
                     (pi_loss + 0.5 * v_loss).backward()
@@ -588,6 +591,8 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
                         nn.utils.clip_grad_norm_(actor.denoiser.parameters(), 1.0)
                         actor_opt.step()
                     critic_opt.step()
+            with torch.no_grad():  # no rollout has used the last step yet: checked before it is evaluated or saved
+                chain.log_prob(actor.encoder({"state": flat["state"][:1].view(1, oh, -1)}), flat["chain"][:1])
             # explained variance of the rollout's values (SB3): near 0 or below, V cannot tell good states from bad and the advantages are noise
             explained = 1 - (flat["returns"] - flat["value"]).var().item() / max(flat["returns"].var().item(), 1e-8)
             row = {"env_steps": env_steps, "episodes": len(finished),
@@ -751,10 +756,11 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
         tick = time.perf_counter()
         if stage == "imitation":
             policy_path = imitation(cfg, run)
-        elif stage == "offline":
-            policy_path = offline(cfg, run, policy_path, env_cfg)
-        elif stage == "online":
-            policy_path = online(cfg, run, policy_path, env_cfg)
+        elif stage in ("offline", "online"):
+            try:
+                policy_path = (offline if stage == "offline" else online)(cfg, run, policy_path, env_cfg)
+            except FloatingPointError as err:  # the chain's outputs (chain.py): its weights may still be finite
+                raise diverged("the denoising chain's actions", f"in the {stage} stage", getattr(cfg, stage).lr, f"{stage}.lr") from err
         else:
             policy_path = distill(cfg, run, policy_path)
         if stage == "distill":
