@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -416,8 +417,10 @@ def test_policy_exports_serves_and_drives_the_robot_through_the_controller(cli, 
         assert np.abs(env.batch.pos - start).max() < 1e-6  # metres: float32 rounding of the command
 
 
-def test_training_that_diverges_ends_in_one_line(tmp_path):
-    # the NaN weights' next rollout ended in torch's "Expected parameter scale ... found invalid values" traceback
-    with pytest.raises(UserError, match=r"^the policy's weights stopped being finite by env step \d+: training diverged at lr=100: "
-                                        r"lower lr= and start again$"):
-        train(tiny(tmp_path, lr=100.0, total_steps=1024), tmp_path)
+@pytest.mark.parametrize("lr, scene", [(100.0, "simple_dynamic"), (1e30, "complex_dynamic")])
+def test_training_that_diverges_ends_in_one_line(tmp_path, lr, scene):
+    # the NaN weights' next rollout ended in torch's "Expected parameter scale ... found invalid values" traceback; at
+    # lr=1e30 the weights stayed finite and the log std went to about -1e30 or 1e30, a std of 0 or inf: the same traceback
+    with pytest.raises(UserError, match=r"^the policy's weights stopped being finite by env step \d+: training diverged at "
+                                        + re.escape(f"lr={lr:g}: lower lr= and start again") + "$"):
+        train(tiny(tmp_path, lr=lr, scene=scene, total_steps=1024), tmp_path)

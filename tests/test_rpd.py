@@ -438,6 +438,17 @@ def test_rpd_that_diverges_ends_in_one_line(cli_here):
                      r"and start again", r.stderr, re.M), r.stderr[-2000:]
 
 
+def test_rpd_at_an_absurd_lr_ends_in_one_line_though_its_weights_stay_finite():
+    # lr=1e30 left every weight finite and the log std at about -1e30 or 1e30, a std of 0 or inf: torch's "Expected
+    # parameter scale ... found invalid values" traceback in the next rollout (lr=100's NaN weights were caught)
+    from robodistill.errors import UserError
+
+    with make_env(ENV) as env:
+        model = RPD("MlpPolicy", SB3View(env), seed=0, **{**SMALL, "learning_rate": 1e30, "n_epochs": 1})
+        with pytest.raises(UserError, match=r"^the policy's weights stopped being finite by env step 100: training diverged at lr=1e\+30: "):
+            model.learn(300)
+
+
 def test_ppo_settings_that_cannot_train_are_one_clear_line(cli_here):
     # lr=-1 was torch's traceback; the others trained on quietly (n_epochs=-1: no update at all)
     for arg, message in (("lr=-1", "lr=-1.0 must be > 0"), ("gamma=-1", "gamma=-1.0 must be in [0, 1] (a discount)"),

@@ -317,10 +317,15 @@ def finite_loss(loss: torch.Tensor, step: int, lr: float, ranks: Ranks = Ranks()
     return value
 
 
-def finite_weights(params, at: str, lr: float, ranks: Ranks = Ranks()) -> None:
+def finite_weights(params, at: str, lr: float, ranks: Ranks = Ranks(), log_std: torch.Tensor | None = None) -> None:
     """An RL update that left weights NaN or inf (on any rank) ends the run in one line; the next rollout ended in
-    torch's "Expected parameter scale ... found invalid values" traceback from the action distribution."""
-    if any_rank(not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()), ranks):
+    torch's "Expected parameter scale ... found invalid values" traceback from the action distribution. So did a
+    finite `log_std` (the action distribution's) whose std is 0 or inf in float32 (below about -104: lr=1e30)."""
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+    if log_std is not None:
+        std = log_std.exp()
+        finite = finite & (std > 0).all() & torch.isfinite(std).all()
+    if any_rank(not bool(finite), ranks):
         raise diverged("the policy's weights", f"by {at}", lr)
 
 

@@ -344,7 +344,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
                 loss.backward()
                 nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                finite_weights(params, f"env step {(update + 1) * batch}", cfg.lr)
+                finite_weights(params, f"env step {(update + 1) * batch}", cfg.lr, log_std=agent.actor.log_std)
 
         update += 1
         step = update * batch

@@ -361,7 +361,8 @@ class RPD(PPO):
                     break
                 nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
-                finite_weights(self.policy.parameters(), f"env step {self.num_timesteps}", self.learning_rate, self.ranks)
+                finite_weights(self.policy.parameters(), f"env step {self.num_timesteps}", self.learning_rate, self.ranks,
+                               self.policy.log_std)
             self._n_updates += 1
             if not continue_training:
                 break
