@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import h5py
 import pytest
@@ -408,3 +409,19 @@ def test_a_run_resumed_in_its_own_directory_logs_each_step_once_to_tensorboard(t
     logged.Reload()
     assert [e.step for e in logged.Scalars("train/loss")] == [50, 100, 150]
     assert [r["step"] for r in jsonl_rows(run / "metrics.jsonl")] == [100, 150]
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "rl100"])
+def test_demo_trained_episodes_are_never_shorter_than_the_task_s_own_nor_its_demos(command):
+    # Every task got 100 steps: PlugCharger half of its own 200, StackCube (demos to 107 steps), LiftPegUpright (183)
+    # and PegInsertionSide (189) less than their motion-planning demos take.
+    from robodistill.configs import compose_checked, register_schemas
+    from robodistill.envs.factory import _registered_tasks
+
+    register_schemas(command)
+    tasks = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "env").glob("*-v*.yaml"))
+    limits = {t: OmegaConf.to_container(compose_checked(command, [f"env={t}"]).env, resolve=True)["max_episode_steps"] for t in tasks}
+    assert all(limits[t] >= _registered_tasks()[t].max_episode_steps for t in tasks), limits
+    assert {t: limits[t] for t in ("PushCube-v1", "PickCube-v1", "PlugCharger-v1", "StackCube-v1", "LiftPegUpright-v1",
+                                   "PegInsertionSide-v1")} == {"PushCube-v1": 100, "PickCube-v1": 100, "PlugCharger-v1": 200,
+                                                               "StackCube-v1": 150, "LiftPegUpright-v1": 250, "PegInsertionSide-v1": 250}
