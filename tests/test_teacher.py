@@ -425,3 +425,14 @@ def test_demo_trained_episodes_are_never_shorter_than_the_task_s_own_nor_its_dem
     assert {t: limits[t] for t in ("PushCube-v1", "PickCube-v1", "PlugCharger-v1", "StackCube-v1", "LiftPegUpright-v1",
                                    "PegInsertionSide-v1")} == {"PushCube-v1": 100, "PickCube-v1": 100, "PlugCharger-v1": 200,
                                                                "StackCube-v1": 150, "LiftPegUpright-v1": 250, "PegInsertionSide-v1": 250}
+
+
+def test_a_camera_too_small_for_the_cnn_is_one_clear_line(tmp_path):
+    # env.image_size=3 trained: the CNN pools any size, here a 2 px crop that cannot move, pooled from one position
+    from robodistill.envs import EnvConfig
+    from robodistill.training.teacher import TrainTeacherConfig, train
+
+    for size, crop, smallest in ((3, 0.9, 10), (9, 0.9, 10), (8, 1.0, 9)):
+        cfg = TrainTeacherConfig(env=EnvConfig(obs_mode="rgb", image_size=size), policy=DiffusionConfig(crop=crop), dataset="none.h5")
+        with pytest.raises(UserError, match=rf"^env.image_size={size} is too small for the policy's camera CNN: use {smallest} or more"):
+            train(cfg, tmp_path)

@@ -98,6 +98,16 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cl
     assert unknown.returncode == 2 and "no instructions for OpenCabinetDrawer-v1" in unknown.stderr
 
 
+def test_train_vla_refuses_a_camera_too_small_for_its_cnn(tmp_path):
+    # image_size=3 trained: the CNN pools any size, here a 2 px crop that cannot move, pooled from one position
+    from robodistill.errors import UserError
+    from robodistill.training.vla import TrainVLAConfig, train
+
+    with pytest.raises(UserError, match=r"^image_size=3 is too small for the policy's camera CNN: use 10 or more"):
+        train(TrainVLAConfig(image_size=3, datasets=str(tmp_path / "datasets")), tmp_path / "run")
+    assert not (tmp_path / "datasets").exists()  # said before any demos are made
+
+
 def test_train_vla_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(vla_run, cli, cli_here):
     root = vla_run["root"]
     # Only what changes: the run's demos (the folder it was given relative to where it ran, found from here), batch size, evaluations and network stay its own (the defaults' demos=20 and

@@ -19,6 +19,19 @@ class StateEncoder(nn.Module):
         return obs["state"].flatten(1)
 
 
+def check_image_size(size: int, crop: float, flag: str) -> None:
+    """A camera too small for RgbEncoder to be what it is meant to be: its training crop (`crop` of each side) must
+    move by a pixel or more (unless crop=1) and keep 9 px or more, which its three stride-2 convolutions reduce to
+    2x2 for the average pooling. Smaller ones trained without a word (the pooling takes any size): at 3 px the crop
+    is 2 px, one position, pooled from a single feature. Values out of range are EnvConfig's and check_config's to name."""
+    if size < 1 or not 0 < crop <= 1:
+        return
+    smallest = next(s for s in range(1, 10_000) if max(1, int(s * crop)) >= 9 and (crop == 1 or int(s * crop) < s))
+    if size < smallest:
+        raise UserError(f"{flag}={size} is too small for the policy's camera CNN: use {smallest} or more (64 is typical), so that its "
+                        f"policy.crop={crop:g} crop keeps 9 px (2x2 after its stride-2 convolutions){' and can move' if crop < 1 else ''}")
+
+
 class RgbEncoder(nn.Module):
     """A small CNN per frame (trained from scratch, GroupNorm, global average pooling) whose
     features are joined with the proprioceptive state. Training takes random crops of `crop` of

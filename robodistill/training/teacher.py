@@ -25,6 +25,7 @@ from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
+from robodistill.policies.diffusion.encoders import check_image_size
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
 from robodistill.training.distributed import Replicas, any_rank, describe, finish, finite_loss, replicas_identical, setup
 from robodistill.training.runs import (absolute_paths, append_metrics, carry_best, carry_metrics, check_budget, check_eval_episodes, check_optimizer, check_unfinished, ema_weights, find_resume,
@@ -70,6 +71,9 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
         raise UserError(f"val_fraction={cfg.val_fraction} must be >= 0 and < 1 (the share of episodes held out for the validation loss)")
     if cfg.batch_size % ranks.world:
         raise UserError(f"batch_size={cfg.batch_size} (the global batch) must divide evenly over nproc={ranks.world} ranks")
+
+    if cfg.env.obs_mode == "rgb":
+        check_image_size(cfg.env.image_size, cfg.policy.crop, "env.image_size")
 
     # ---- data: episodes split by episode; normalizers fitted on the training split only
     if not cfg.dataset:

@@ -29,6 +29,7 @@ from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
 from robodistill.policies.diffusion.config import DiffusionConfig
+from robodistill.policies.diffusion.encoders import check_image_size
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.policy import KIND, VLAPolicy
 from robodistill.policies.vla.text import TextEncoder
@@ -95,6 +96,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     check_eval_episodes(cfg.eval_episodes, every=cfg.eval_every)
     if cfg.demos < 1:
         raise UserError(f"demos={cfg.demos} must be >= 1 (demonstrations per task)")
+    check_image_size(cfg.image_size, cfg.policy.crop, "image_size")
     if cfg.batch_size < len(cfg.tasks):
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {len(cfg.tasks)} tasks it must hold")
     if Path(cfg.datasets).exists() and not Path(cfg.datasets).is_dir():
