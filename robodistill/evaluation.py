@@ -165,7 +165,12 @@ def evaluate(
             while len(finished) < n_envs:
                 if film > 0:
                     frames.append(env.render()[:film])
-                obs, _, terminated, truncated, info = env.step(executor.act())
+                action = executor.act()
+                if not bool(torch.isfinite(action).all()):  # else ManiSkill's "Action cannot be NaN" traceback (the AGV env's own)
+                    bad = int((~torch.isfinite(action)).flatten(1).any(1).nonzero()[0])
+                    raise UserError(f"the policy's actions are not finite (NaN or inf) in the episode with seed {seeds[bad]}: "
+                                    "its weights or normalisers are not, as a training run that diverged leaves them")
+                obs, _, terminated, truncated, info = env.step(action)
                 steps += n_envs
                 done = (terminated | truncated).cpu()
                 for i in done.nonzero().flatten().tolist():

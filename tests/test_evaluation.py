@@ -136,3 +136,18 @@ def test_an_eval_json_the_disk_has_no_room_for_says_so_and_leaves_no_cut_short_f
     with disk_full_past(2000), pytest.raises(CutShort, match=r"could not write .*eval.json: File too large \(there is no eval.json yet\)"):
         report.save(tmp_path / "eval.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_policy_whose_actions_are_not_finite_is_one_clear_line():
+    # a checkpoint with NaN weights (as a run that diverged leaves them) ended in ManiSkill's "Action cannot be NaN" traceback
+    from robodistill.errors import UserError
+    from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
+
+    with make_env(EnvConfig(task="PushCube-v1", max_episode_steps=5), ignore_terminations=True) as env:
+        policy = DiffusionPolicy(DiffusionConfig(mlp_hidden=[16]), env.single_observation_space["state"].shape[0], 4,
+                                 env.action_low.cpu(), env.action_high.cpu()).eval()
+        with torch.no_grad():
+            for p in policy.denoiser.parameters():
+                p.fill_(float("nan"))
+        with pytest.raises(UserError, match=r"^the policy's actions are not finite \(NaN or inf\) in the episode with seed 7: "):
+            evaluate(policy, env, 1, seed=7, progress=False)
