@@ -449,6 +449,22 @@ def test_rpd_at_an_absurd_lr_ends_in_one_line_though_its_weights_stay_finite():
             model.learn(300)
 
 
+def test_a_teacher_whose_actions_are_not_finite_is_one_clear_line():
+    # a teacher with NaN weights taught the student NaN, and the run ended saying the student's lr= diverged
+    from robodistill.errors import UserError
+    from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
+
+    with make_env(ENV) as env:
+        teacher = DiffusionPolicy(DiffusionConfig(mlp_hidden=[16]), env.single_observation_space["state"].shape[0], 4,
+                                  env.action_low.cpu(), env.action_high.cpu()).eval()
+        with torch.no_grad():
+            for p in teacher.denoiser.parameters():
+                p.fill_(float("nan"))
+        model = RPD("MlpPolicy", SB3View(env), teacher=PolicyTeacher(teacher), seed=0, **{**SMALL, "n_epochs": 1})
+        with pytest.raises(UserError, match=r"^the teacher's actions are not finite \(NaN or inf\)"):
+            model.learn(100)
+
+
 def test_ppo_settings_that_cannot_train_are_one_clear_line(cli_here):
     # lr=-1 was torch's traceback; the others trained on quietly (n_epochs=-1: no update at all)
     for arg, message in (("lr=-1", "lr=-1.0 must be > 0"), ("gamma=-1", "gamma=-1.0 must be in [0, 1] (a discount)"),

@@ -295,6 +295,9 @@ class RPD(PPO):
                 asked = self._render(asked.pop("sim").numpy())
             chunks = np.concatenate([self.teacher.act({k: v[i : i + self.teacher_batch] for k, v in asked.items()})[:, :every].cpu().numpy()
                                      for i in range(0, q, self.teacher_batch)])
+            if not np.isfinite(chunks).all():  # else the student learnt NaN, ended as if its own lr= diverged
+                raise UserError("the teacher's actions are not finite (NaN or inf): its weights or normalisers are not, as a training "
+                                "run that diverged leaves them: give another teacher=")
         # Chunk ids: the carried chunks are 0..envs-1, this rollout's queries follow in row-major order.
         chunks = np.concatenate([carried if carried is not None else np.zeros((envs, *chunks.shape[1:]), np.float32), chunks])
         ids = np.zeros((n, envs), np.int64)
