@@ -50,6 +50,20 @@ def serving(handler):
             server.shutdown()
 
 
+def opens_with(metadata):
+    """A handler for `serving`: a server that sends `metadata` on connect and answers nothing more."""
+    from openpi_client import msgpack_numpy
+
+    def opens(ws):
+        ws.send(msgpack_numpy.packb(metadata))
+        try:
+            ws.recv()
+        except ConnectionClosed:
+            pass
+
+    return opens
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A small diffusion checkpoint with a consistency head: untrained weights, real shapes for PushCube."""
@@ -404,21 +418,12 @@ def test_a_websocket_server_that_does_not_open_with_metadata_is_one_line(cli_her
 
 
 def test_control_given_metadata_it_cannot_read_says_whose_it_is(bundle, cli_here):
-    from openpi_client import msgpack_numpy
-
     meta = Bundle.load(bundle).metadata
     newer = {**meta, "format": "robodistill-bundle-v2", "env": {"id": meta["env"]["task"]}}  # was KeyError's traceback
     cases = ((newer, "sent the metadata of a robodistill-bundle-v2 bundle (robodistill "),
              ({"policy_name": "pi0"}, "sent no robodistill bundle metadata, which control takes"))  # openpi's
     for metadata, message in cases:
-        def opens(ws, metadata=metadata):
-            ws.send(msgpack_numpy.packb(metadata))
-            try:
-                ws.recv()
-            except ConnectionClosed:
-                pass
-
-        with serving(opens) as url:
+        with serving(opens_with(metadata)) as url:
             r = cli_here("control", f"server={url}", "episodes=1")
         assert r.returncode == 2 and message in r.stderr.splitlines()[-1], r.stderr[-2000:]
 
@@ -822,8 +827,6 @@ def test_a_teacher_server_whose_actions_are_not_the_env_s_says_so_in_one_line():
 
 
 def test_a_teacher_server_whose_metadata_holds_other_values_is_one_line_or_single_frames():
-    from openpi_client import msgpack_numpy
-
     from robodistill.policies.teachers import RemoteTeacher
 
     cases = {  # an openpi server's metadata holds whatever its config does: was AttributeError's or ValueError's traceback
@@ -834,14 +837,7 @@ def test_a_teacher_server_whose_metadata_holds_other_values_is_one_line_or_singl
         "zero": ({"action": {"chunk_length": 0}}, "the server's metadata says action.chunk_length=0, not a count >= 1"),
     }
     for name, (metadata, expected) in cases.items():
-        def opens(ws, metadata=metadata):
-            ws.send(msgpack_numpy.packb(metadata))
-            try:
-                ws.recv()
-            except ConnectionClosed:
-                pass
-
-        with serving(opens) as url:
+        with serving(opens_with(metadata)) as url:
             if isinstance(expected, str):
                 with pytest.raises(UserError) as said:
                     RemoteTeacher(url, action_dims=4)
