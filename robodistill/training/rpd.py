@@ -99,7 +99,9 @@ class RPDConfig:
     total_steps: int = 200_000  # env steps, all envs (and all ranks) together
     seed: int = 0
     # RPD
-    distill: str = "mse"  # mse | l1 | bc (-log pi(a_T|s))
+    # mse | l1 (the mean action's, averaged over action dims) | bc (-log pi(a_T|s), summed over action dims as SB3's
+    # log_prob is): a distill_coef tuned for one is not the same weight for another
+    distill: str = "mse"
     distill_coef: float = 1.0  # lambda; 0: plain PPO
     schedule: str = "constant"  # constant | cosine (lambda * (0.5 cos(pi t / anneal_steps) + 0.5), then 0)
     anneal_steps: int | None = None  # default: total_steps
