@@ -108,7 +108,7 @@ def _describe(spec: dict) -> str:
 class Bundle:
     """A loaded, verified bundle: `infer(obs, noise) -> (B, chunk_length, A)` float32 actions."""
 
-    def __init__(self, path: Path, metadata: dict, threads: int = 1):
+    def __init__(self, path: Path, metadata: dict, threads: int | None = None):
         self.path, self.metadata = path, metadata
         self.observation: dict = metadata["observation"]
         self.noise_shape: tuple[int, ...] | None = tuple(metadata["noise"]["shape"]) if metadata["noise"] else None
@@ -120,10 +120,14 @@ class Bundle:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
-            opts.intra_op_num_threads = opts.inter_op_num_threads = threads
+            opts.intra_op_num_threads = opts.inter_op_num_threads = threads or 1
             self._session = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
             self._run = lambda inputs: self._session.run(["actions"], inputs)[0]
         else:
+            # TorchScript runs on torch's pool, one per process: set where asked (serve), not for a bundle loaded
+            # beside training (a teacher) or an evaluation, whose threads are the run's
+            if threads is not None:
+                torch.set_num_threads(threads)
             with warnings.catch_warnings():  # TorchScript is deprecated in torch, still what libtorch loads
                 warnings.simplefilter("ignore", DeprecationWarning)
                 module = torch.jit.load(str(file), map_location="cpu")
@@ -136,8 +140,9 @@ class Bundle:
                 self.infer(zeros, None if self.noise_shape is None else np.zeros((1, *self.noise_shape), np.float32))
 
     @classmethod
-    def load(cls, path: str | Path, threads: int = 1) -> "Bundle":
-        """Read and verify `<path>/metadata.json` and the graph it names."""
+    def load(cls, path: str | Path, threads: int | None = None) -> "Bundle":
+        """Read and verify `<path>/metadata.json` and the graph it names. `threads`: the graph's inference threads
+        (None: one for ONNX, and a TorchScript graph takes the process's torch threads as they are)."""
         path = Path(path)
         meta_file = path / METADATA
         if not meta_file.is_file():

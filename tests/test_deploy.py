@@ -131,6 +131,19 @@ def test_a_torchscript_bundle_answers_its_first_request_within_a_20_hz_deadline(
         proc.wait(timeout=30)
 
 
+def test_serve_threads_bound_a_torchscript_graph_and_other_loads_leave_torch_s_as_they_are(checkpoint, tmp_path):
+    out, _ = export(ExportConfig(ckpt=str(checkpoint), sampler="consistency", steps=1, format="torchscript"), tmp_path / "b")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Bundle.load(out)  # a teacher's or an evaluation's bundle: the process's threads are the run's
+        assert torch.get_num_threads() == 2
+        Bundle.load(out, threads=1)  # serve threads=1: was ignored, the graph ran on every core torch found
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_path, cli):
     bad = cli("export", f"ckpt={checkpoint}", "format=tflite")
     assert bad.returncode == 2 and "format='tflite' is not one of onnx, torchscript" in bad.stderr
