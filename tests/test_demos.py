@@ -124,6 +124,29 @@ def test_files_recorded_without_an_obs_mode_or_as_state_dict_read_as_state(tmp_p
         load_episodes(tmp_path / "state_dict.h5", control_mode="pd_ee_delta_pos", obs_mode="state")
 
 
+def test_cameras_written_without_track_order_are_refused_not_swapped(tmp_path):
+    """Several cameras' images are concatenated channel by channel in the env's camera order (ManiSkill's
+    FlattenRGBDObservationWrapper). A sensor_data group written without track_order lists its cameras
+    alphabetically: a file of the cameras wrist then base read base's pixels as the first 3 channels, silently."""
+    T, size = 2, 4
+    path = tmp_path / "cameras.h5"
+    with h5py.File(path, "w") as f:
+        group = f.create_group("traj_0", track_order=True)
+        group["actions"] = np.zeros((T, 4), np.float32)
+        obs = group.create_group("obs", track_order=True)
+        obs.create_group("agent", track_order=True)["qpos"] = np.zeros((T + 1, 9), np.float32)
+        obs.create_group("extra", track_order=True)["tcp_pose"] = np.zeros((T + 1, 7), np.float32)
+        cameras = obs.create_group("sensor_data")  # h5py's default: no track_order
+        for name, value in (("wrist", 10), ("base", 200)):  # the env's order: wrist first
+            cameras.create_group(name)["rgb"] = np.full((T + 1, size, size, 3), value, np.uint8)
+    path.with_suffix(".json").write_text(json.dumps({
+        "env_info": {"env_id": "PushCube-v1", "env_kwargs": {"obs_mode": "rgb", "control_mode": "pd_ee_delta_pos"}},
+        "episodes": [{"episode_id": 0, "episode_seed": 0, "success": True}]}))
+    with pytest.raises(UserError, match="cameras.h5, episode traj_0: /traj_0/obs/sensor_data was written without h5py's "
+                                        "track_order, so the order of its members \\['base', 'wrist'\\]"):
+        load_episodes(path, obs_mode="rgb")
+
+
 def test_the_obs_mode_error_names_the_fix(pushcube, pickcube_rgb_demos):
     # it named the mismatch only; env.obs_mode=state, say, is the setting the user can change
     with pytest.raises(UserError, match="holds obs_mode=state observations, but obs_mode=rgb was asked for: train with "

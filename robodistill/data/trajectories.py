@@ -99,7 +99,8 @@ def _observations(obs: h5py.Dataset | h5py.Group, in_memory: bool, where: str) -
     out: dict[str, ArrayLike] = {"state": np.concatenate(parts, axis=1).astype(np.float32)}
     cameras = obs.get("sensor_data")
     if cameras is not None:
-        rgb = [cameras[c]["rgb"] for c in cameras if "rgb" in cameras[c]]
+        # concatenated in the env's camera order, as FlattenRGBDObservationWrapper does: the recorded one
+        rgb = [cameras[c]["rgb"] for c in _in_recorded_order(cameras, where) if "rgb" in cameras[c]]
         if not rgb:
             raise UserError(f"{where}: sensor_data has no rgb images")
         if len(rgb) == 1 and not in_memory:
