@@ -124,27 +124,47 @@ def test_files_recorded_without_an_obs_mode_or_as_state_dict_read_as_state(tmp_p
         load_episodes(tmp_path / "state_dict.h5", control_mode="pd_ee_delta_pos", obs_mode="state")
 
 
-def test_cameras_written_without_track_order_are_refused_not_swapped(tmp_path):
-    """Several cameras' images are concatenated channel by channel in the env's camera order (ManiSkill's
-    FlattenRGBDObservationWrapper). A sensor_data group written without track_order lists its cameras
-    alphabetically: a file of the cameras wrist then base read base's pixels as the first 3 channels, silently."""
-    T, size = 2, 4
-    path = tmp_path / "cameras.h5"
+def two_camera_file(path, track_order: bool, T: int = 2, size: int = 4):
+    """A hand-made rgb trajectory file whose cameras are, in the env's order, wrist (pixels 10 + t) then base
+    (200 + t)."""
     with h5py.File(path, "w") as f:
         group = f.create_group("traj_0", track_order=True)
         group["actions"] = np.zeros((T, 4), np.float32)
         obs = group.create_group("obs", track_order=True)
         obs.create_group("agent", track_order=True)["qpos"] = np.zeros((T + 1, 9), np.float32)
         obs.create_group("extra", track_order=True)["tcp_pose"] = np.zeros((T + 1, 7), np.float32)
-        cameras = obs.create_group("sensor_data")  # h5py's default: no track_order
-        for name, value in (("wrist", 10), ("base", 200)):  # the env's order: wrist first
-            cameras.create_group(name)["rgb"] = np.full((T + 1, size, size, 3), value, np.uint8)
+        cameras = obs.create_group("sensor_data", track_order=track_order)  # h5py's default: no track_order
+        for name, value in (("wrist", 10), ("base", 200)):
+            frames = value + np.arange(T + 1, dtype=np.uint8)[:, None, None, None]
+            cameras.create_group(name)["rgb"] = np.broadcast_to(frames, (T + 1, size, size, 3))
     path.with_suffix(".json").write_text(json.dumps({
         "env_info": {"env_id": "PushCube-v1", "env_kwargs": {"obs_mode": "rgb", "control_mode": "pd_ee_delta_pos"}},
         "episodes": [{"episode_id": 0, "episode_seed": 0, "success": True}]}))
+    return path
+
+
+def test_cameras_written_without_track_order_are_refused_not_swapped(tmp_path):
+    """Several cameras' images are concatenated channel by channel in the env's camera order (ManiSkill's
+    FlattenRGBDObservationWrapper). A sensor_data group written without track_order lists its cameras
+    alphabetically: a file of the cameras wrist then base read base's pixels as the first 3 channels, silently."""
+    path = two_camera_file(tmp_path / "cameras.h5", track_order=False)
     with pytest.raises(UserError, match="cameras.h5, episode traj_0: /traj_0/obs/sensor_data was written without h5py's "
                                         "track_order, so the order of its members \\['base', 'wrist'\\]"):
         load_episodes(path, obs_mode="rgb")
+
+
+def test_several_cameras_stay_on_disk_beyond_max_memory_gb_as_one_camera_does(tmp_path):
+    """They were concatenated in memory whatever their size; now a window reads its frames of each camera."""
+    path = two_camera_file(tmp_path / "cameras.h5", track_order=True, T=5)
+    (on_disk,), (in_memory,) = load_episodes(path, obs_mode="rgb", max_memory_gb=0), load_episodes(path, obs_mode="rgb")
+    assert not isinstance(on_disk.obs["rgb"], np.ndarray)
+    assert on_disk.obs["rgb"].shape == in_memory.obs["rgb"].shape == (6, 4, 4, 6)
+    np.testing.assert_array_equal(in_memory.obs["rgb"][2, 0, 0], [12, 12, 12, 202, 202, 202])  # wrist, then base
+    h = Horizons(obs=2, pred=4, act=2)
+    windows = [WindowDataset([ep], h, delta_actions=True) for ep in (on_disk, in_memory)]
+    assert len(windows[0]) == len(windows[1]) == 4
+    for i in range(len(windows[0])):
+        torch.testing.assert_close(windows[0][i]["obs"]["rgb"], windows[1][i]["obs"]["rgb"])
 
 
 def test_the_obs_mode_error_names_the_fix(pushcube, pickcube_rgb_demos):

@@ -21,7 +21,7 @@ import numpy as np
 
 from robodistill.errors import UserError
 
-ArrayLike = Any  # np.ndarray, or h5py.Dataset when left on disk
+ArrayLike = Any  # np.ndarray, or h5py.Dataset / CameraStack when left on disk
 
 
 @dataclass
@@ -103,11 +103,33 @@ def _observations(obs: h5py.Dataset | h5py.Group, in_memory: bool, where: str) -
         rgb = [cameras[c]["rgb"] for c in _in_recorded_order(cameras, where) if "rgb" in cameras[c]]
         if not rgb:
             raise UserError(f"{where}: sensor_data has no rgb images")
-        if len(rgb) == 1 and not in_memory:
-            out["rgb"] = rgb[0]
-        else:
+        if in_memory:
             out["rgb"] = np.concatenate([r[:] for r in rgb], axis=-1)
+        else:
+            out["rgb"] = rgb[0] if len(rgb) == 1 else CameraStack(rgb)
     return out
+
+
+class CameraStack:
+    """Several cameras' images left on disk, read as one array of their channels side by side: a window reads
+    its frames of each camera, not the whole episode."""
+
+    def __init__(self, cameras: list[h5py.Dataset]):
+        self.cameras = cameras
+
+    def __len__(self) -> int:
+        return len(self.cameras[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.cameras[0].shape[:-1], sum(c.shape[-1] for c in self.cameras))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.cameras[0].dtype
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.concatenate([c[index] for c in self.cameras], axis=-1)
 
 
 def _flatten(node: h5py.Dataset | h5py.Group, where: str) -> np.ndarray:
