@@ -167,6 +167,12 @@ def test_several_cameras_stay_on_disk_beyond_max_memory_gb_as_one_camera_does(tm
         torch.testing.assert_close(windows[0][i]["obs"]["rgb"], windows[1][i]["obs"]["rgb"])
 
 
+def test_dataset_info_reads_shapes_not_images(tmp_path):
+    summary, (episode,) = describe(two_camera_file(tmp_path / "cameras.h5", track_order=True))
+    assert summary["observations"]["rgb"] == {"shape": [4, 4, 6], "dtype": "uint8"}
+    assert not isinstance(episode.obs["rgb"], np.ndarray)  # every frame of every camera was read to print a shape
+
+
 def test_the_obs_mode_error_names_the_fix(pushcube, pickcube_rgb_demos):
     # it named the mismatch only; env.obs_mode=state, say, is the setting the user can change
     with pytest.raises(UserError, match="holds obs_mode=state observations, but obs_mode=rgb was asked for: train with "

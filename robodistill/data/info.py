@@ -15,7 +15,7 @@ from robodistill.errors import UserError
 def describe(path: str | Path) -> tuple[dict, list[Episode]]:
     traj = open_trajectory(path)
     try:
-        episodes = traj.episodes(need_obs=False)
+        episodes = traj.episodes(need_obs=False, in_memory=False)  # images: their shapes only, not every frame
         lengths = np.array([len(e) for e in episodes])
         successes = [e.success for e in episodes if e.success is not None]
         summary = {

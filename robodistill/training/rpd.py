@@ -19,7 +19,8 @@ is fixed during a rollout's update, so its actions are computed once per rollout
 stored observations (with the observation history a diffusion teacher takes, rebuilt from the
 buffer's episode starts), not per minibatch per epoch as in the authors' code: the same numbers,
 several times cheaper. Truncated episodes bootstrap from the value of their last observation (SB3's
-time-limit handling, ManiSkill's finite-horizon GAE); envs reset independently (partial resets).
+time-limit handling, as ManiSkill's PPO baseline bootstraps at truncation; not its finite-horizon GAE variant);
+envs reset independently (partial resets).
 
 `teacher_obs_mode=rgb` with a state student: the training envs log the simulator state behind every
 observation they return (`SB3View.log_sim_states`), and the teacher is shown camera observations of
