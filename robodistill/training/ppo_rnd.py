@@ -187,9 +187,18 @@ def gae(rewards, values, next_value, nonterminal, gamma, lam):
     return adv, adv + values
 
 
-def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
+def resumable(path: Path) -> dict:
+    """The checkpoint an agv-train run continues from."""
+    ck = checkpoints.load(path)
+    if ck.get("kind") != "agv_trainer":
+        raise UserError(f"{path} holds a '{ck.get('kind')}', not an agv-train run's state")
+    return ck
+
+
+def train(cfg: AGVTrainConfig, run_dir: str | Path, saved: dict | None = None) -> dict:
     """Train into `run_dir`; returns the eval history and the paths written. `resume`/`resume_from` continue
-    an earlier run's checkpoints/last.pt (`resume_from=run_dir`: in place)."""
+    an earlier run's checkpoints/last.pt (`resume_from=run_dir`: in place); `saved` is that checkpoint where the
+    caller has loaded it already (main, to take the run's settings from it)."""
     check(cfg)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -217,9 +226,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path) -> dict:
     update, history = 0, []
 
     if resume_path is not None:
-        ck = checkpoints.load(resume_path)
-        if ck.get("kind") != "agv_trainer":
-            raise UserError(f"{resume_path} holds a '{ck.get('kind')}', not an agv-train run's state")
+        ck = saved if saved is not None else resumable(resume_path)
         check_continues(ck["config"], cfg, resume_path)
         agent.load_state_dict(ck["agent"])
         rnd.load_state_dict(ck["rnd"])
@@ -385,18 +392,17 @@ def main(cfg) -> dict:
     conf = AGVTrainConfig(**OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resume_path = find_resume(conf.resume, conf.resume_from, conf.name, run_dir)
+    saved = None
     if resume_path is not None:
         # A resumed run keeps its own settings (scene, algo, evaluation, ...); only what is given now changes.
-        given, saved = given_fields(), checkpoints.load(resume_path)
-        if saved.get("kind") != "agv_trainer":  # said before its fields are taken for this run's
-            raise UserError(f"{resume_path} holds a '{saved.get('kind')}', not an agv-train run's state")
+        given, saved = given_fields(), resumable(resume_path)  # its kind checked before its fields are taken for this run's
         kept = resumed_settings(conf, saved["config"], tuple(k for k in AGVTrainConfig.__dataclass_fields__ if k not in ("resume", "resume_from", "name")), given)
         conf = replace(conf, **kept, resume=False, resume_from=str(resume_path))
         check_continues(saved["config"], conf, resume_path)  # before the budget, which counts in its updates
         # The budget as train() counts it: whole updates of num_envs * num_steps env steps.
         batch = conf.num_envs * conf.num_steps
         check_unfinished(resume_path, saved["step"], conf.total_steps // batch * batch, "total_steps", "env step")
-    result = train(conf, run_dir)
+    result = train(conf, run_dir, saved)
     last = result["history"][-1]
     lo, hi = last["success_ci95"]
     print(f"{conf.algo} on {conf.scene}: {result['step']} env steps, eval success {last['success']:.1%} [{lo:.1%}, {hi:.1%}] "
