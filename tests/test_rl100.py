@@ -210,6 +210,23 @@ def test_rl100_killed_while_rating_a_finished_stage_resumes_to_its_rating(rl100_
     assert trained == {stage: (copy / stage / "checkpoints" / "last.pt").stat().st_mtime_ns for stage in trained}  # not trained again
 
 
+def test_rl100_resumed_with_another_init_is_refused_in_one_line(rl100_run, pushcube_demos, cli, tmp_path):
+    """A run past its imitation stage, resumed with init=: the policy was rated and reported as the run's start while
+    the finished imitation stage went on in its place."""
+    run, _ = rl100_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    report = json.loads((copy / "report.json").read_text())
+    del report["stages"]["distill"]  # killed while rating the head: one stage left to do
+    (copy / "report.json").write_text(json.dumps(report))
+    other = run / "online" / "policy.pt"
+    r = cli("rl100", f"dataset={pushcube_demos}", *SMALL, "stages=[offline,online,distill]", f"init={other}", f"resume_from={copy}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: init={other}: {copy} started from {copy / 'imitation' / 'checkpoints' / 'last.pt'}; resume it with no init=, "
+        f"or start a new run from init={other}"), r.stderr[-2000:]
+    assert "init" not in json.loads((copy / "report.json").read_text())["stages"]
+
+
 def test_rl100_resuming_a_finished_run_says_there_is_nothing_left(rl100_run, pushcube_demos, cli_here):
     """It exited 0 reprinting the old report, dropping a budget raised now (online.env_steps=) unsaid."""
     run, _ = rl100_run

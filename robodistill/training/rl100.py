@@ -735,9 +735,11 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     policy_path = Path(cfg.init) if cfg.init else None
-    start = load(policy_path, cfg.chain.steps)[1] if policy_path is not None else None  # not one: said before the run has a report
-    run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(run_dir)
+    check_same_start(cfg.init, run)
+    # Loaded only to be rated as the line to beat (a resumed run rated it already), and so checked before the run has a report.
+    start = load(policy_path, cfg.chain.steps)[1] if policy_path is not None and "init" not in run.report["stages"] else None
+    run_dir.mkdir(parents=True, exist_ok=True)
     env_cfg = cfg.env
     run.report["env"] = asdict(env_cfg)  # recorded now, so that a run killed in its first stage resumes in it
     run.save_report()
@@ -775,6 +777,16 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
         print(f"{stage}: success_once {result['success_once']:.1%} [{result['ci95'][0]:.1%}, {result['ci95'][1]:.1%}] "
               f"over {counted(cfg.eval_episodes, 'episode')} ({policy_path})")
     return run.report
+
+
+def check_same_start(init: str | None, run: Run) -> None:
+    """A resumed run goes on from the policy it started from: another init= would be rated and reported as its start
+    while its finished imitation stage replaced it, or be trained on from a report that rates another."""
+    started = run.report["stages"].get("init", {}).get("policy") or (str(run.policy_path("imitation")) if run.done("imitation") else None)
+    if init is None or started is None or Path(init).resolve() == Path(started).resolve():
+        return
+    keep = f"init={started}" if "init" in run.report["stages"] else "no init="
+    raise UserError(f"init={init}: {run.dir} started from {started}; resume it with {keep}, or start a new run from init={init}")
 
 
 def check_unfinished_stages(stages: list[str], run: Run) -> None:
