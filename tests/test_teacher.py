@@ -1,6 +1,7 @@
 """The Diffusion Policy teacher: samplers, denoisers, real training runs, resume, evaluation."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -425,6 +426,22 @@ def test_demo_trained_episodes_are_never_shorter_than_the_task_s_own_nor_its_dem
     assert {t: limits[t] for t in ("PushCube-v1", "PickCube-v1", "PlugCharger-v1", "StackCube-v1", "LiftPegUpright-v1",
                                    "PegInsertionSide-v1")} == {"PushCube-v1": 100, "PickCube-v1": 100, "PlugCharger-v1": 200,
                                                                "StackCube-v1": 150, "LiftPegUpright-v1": 250, "PegInsertionSide-v1": 250}
+
+
+def test_the_smallest_camera_is_the_first_size_whose_crop_keeps_9_px_and_moves():
+    # It was this search up to 10,000: a crop under 0.0009 (policy.crop=0.0005) ended in StopIteration's traceback.
+    from robodistill.policies.diffusion.encoders import check_image_size
+
+    def searched(crop):
+        return next(s for s in range(1, 100_000) if max(1, int(s * crop)) >= 9 and (crop == 1 or int(s * crop) < s))
+
+    crops = {*(i / 400 for i in range(1, 401)), math.nextafter(1, 0), 0.0005}
+    crops |= {c for n in range(9, 300) for c in (9 / n, math.nextafter(9 / n, 0), math.nextafter(9 / n, 1)) if c <= 1}
+    for crop in crops:
+        smallest = searched(crop)
+        check_image_size(smallest, crop, "env.image_size")
+        with pytest.raises(UserError, match=rf"^env.image_size={smallest - 1} is too small for the policy's camera CNN: use {smallest} or more"):
+            check_image_size(smallest - 1, crop, "env.image_size")
 
 
 def test_a_camera_too_small_for_the_cnn_is_one_clear_line(tmp_path):

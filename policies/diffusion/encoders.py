@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,7 +28,12 @@ def check_image_size(size: int, crop: float, flag: str) -> None:
     is 2 px, one position, pooled from a single feature. Values out of range are EnvConfig's and check_config's to name."""
     if size < 1 or not 0 < crop <= 1:
         return
-    smallest = next(s for s in range(1, 10_000) if max(1, int(s * crop)) >= 9 and (crop == 1 or int(s * crop) < s))
+    # The smallest side whose crop, int(side * crop) as _crop takes it, keeps 9 px: 9 / crop rounded up, moved by one where
+    # the float product and quotient round to either side of a whole number. For crop < 1 that crop also moves: side * crop
+    # rounds up to side only for the float just below 1 at a power-of-two side, and its smallest side is 10.
+    smallest = math.ceil(9 / crop)
+    smallest -= int((smallest - 1) * crop) >= 9
+    smallest += int(smallest * crop) < 9
     if size < smallest:
         raise UserError(f"{flag}={size} is too small for the policy's camera CNN: use {smallest} or more (64 is typical), so that its "
                         f"policy.crop={crop:g} crop keeps 9 px (2x2 after its stride-2 convolutions){' and can move' if crop < 1 else ''}")
