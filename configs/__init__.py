@@ -167,10 +167,9 @@ DEMO_EPISODE_STEPS = {"StackCube-v1": 150, "LiftPegUpright-v1": 250, "PegInserti
 
 def demo_episode_steps(task: str) -> int:
     """The episode limit for a policy learned from `task`'s motion-planning demos: never shorter than the task's own."""
-    from robodistill.envs.factory import _registered_tasks
+    from robodistill.envs.factory import registered_episode_steps
 
-    registered = _registered_tasks()  # a task it lacks keeps 100, and the env's check names it
-    own = int(registered[task].max_episode_steps or 0) if task in registered else 0
+    own = registered_episode_steps(task) or 0  # a task ManiSkill lacks keeps 100, and the env's check names it
     return max(100, own, DEMO_EPISODE_STEPS.get(task, 0))
 
 

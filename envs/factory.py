@@ -100,6 +100,13 @@ def _registered_tasks() -> dict:
     return REGISTERED_ENVS
 
 
+def registered_episode_steps(task: str) -> int | None:
+    """The episode limit ManiSkill registers `task` with (it applies that time limit itself, so gymnasium's spec does not
+    know it); None for a task it does not register or registers without one."""
+    spec = _registered_tasks().get(task)
+    return None if spec is None or spec.max_episode_steps is None else int(spec.max_episode_steps)
+
+
 def _missing_assets(task: str) -> list[str]:
     from mani_skill.utils import assets
 

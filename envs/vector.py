@@ -51,13 +51,6 @@ def single_env(env: gym.Env, rgb: bool) -> gym.Env:
     return StateDictObservation(env)
 
 
-def _task_max_steps(task: str) -> int:
-    # ManiSkill applies its own time limit, so gymnasium's spec does not know it.
-    from mani_skill.utils.registration import REGISTERED_ENVS
-
-    return int(REGISTERED_ENVS[task].max_episode_steps)
-
-
 def _to_torch(x: Any, device: torch.device) -> Any:
     if isinstance(x, dict):
         return {k: _to_torch(v, device) for k, v in x.items()}
@@ -105,7 +98,9 @@ class VecEnv:
         self.single_action_space: gym.spaces.Box = vec.single_action_space
         self.action_low = torch.as_tensor(self.single_action_space.low, device=self.device)
         self.action_high = torch.as_tensor(self.single_action_space.high, device=self.device)
-        self.max_episode_steps: int = cfg.max_episode_steps or _task_max_steps(cfg.task)
+        from robodistill.envs.factory import registered_episode_steps  # here: the factory imports this module
+
+        self.max_episode_steps: int = cfg.max_episode_steps or registered_episode_steps(cfg.task)
         self.control_freq: int = int(vec.base_env.control_freq if self.batched else vec.get_attr("control_freq")[0])
 
     def reset(self, seed: int | list[int] | None = None, rebuild: bool = False) -> Obs:

@@ -417,12 +417,12 @@ def test_demo_trained_episodes_are_never_shorter_than_the_task_s_own_nor_its_dem
     # Every task got 100 steps: PlugCharger half of its own 200, StackCube (demos to 107 steps), LiftPegUpright (183)
     # and PegInsertionSide (189) less than their motion-planning demos take.
     from robodistill.configs import compose_checked, register_schemas
-    from robodistill.envs.factory import _registered_tasks
+    from robodistill.envs.factory import registered_episode_steps
 
     register_schemas(command)
     tasks = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "env").glob("*-v*.yaml"))
     limits = {t: OmegaConf.to_container(compose_checked(command, [f"env={t}"]).env, resolve=True)["max_episode_steps"] for t in tasks}
-    assert all(limits[t] >= _registered_tasks()[t].max_episode_steps for t in tasks), limits
+    assert all(limits[t] >= registered_episode_steps(t) for t in tasks), limits
     assert {t: limits[t] for t in ("PushCube-v1", "PickCube-v1", "PlugCharger-v1", "StackCube-v1", "LiftPegUpright-v1",
                                    "PegInsertionSide-v1")} == {"PushCube-v1": 100, "PickCube-v1": 100, "PlugCharger-v1": 200,
                                                                "StackCube-v1": 150, "LiftPegUpright-v1": 250, "PegInsertionSide-v1": 250}
