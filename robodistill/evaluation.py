@@ -166,10 +166,15 @@ def evaluate(
                 if film > 0:
                     frames.append(env.render()[:film])
                 action = executor.act()
-                if not bool(torch.isfinite(action).all()):  # else ManiSkill's "Action cannot be NaN" traceback (the AGV env's own)
-                    bad = int((~torch.isfinite(action)).flatten(1).any(1).nonzero()[0])
-                    raise UserError(f"the policy's actions are not finite (NaN or inf) in the episode with seed {seeds[bad]}: "
-                                    "its weights or normalisers are not, as a training run that diverged leaves them")
+                bad = ~torch.isfinite(action).flatten(1).all(1)
+                if bad.any():  # else ManiSkill's "Action cannot be NaN" traceback (the AGV env's own)
+                    rated = [i for i in bad.nonzero().flatten().tolist() if i not in finished]
+                    if rated:
+                        raise UserError(f"the policy's actions are not finite (NaN or inf) in the episode with seed {seeds[rated[0]]}: "
+                                        "its weights or normalisers are not, as a training run that diverged leaves them")
+                    # Envs whose episode ended early (the AGV's) step on, unrated and unseeded, until the wave ends: an
+                    # action there was blamed on the episode they had finished; they are held still instead.
+                    action = torch.where(bad.view(-1, *[1] * (action.dim() - 1)), torch.zeros_like(action), action)
                 obs, _, terminated, truncated, info = env.step(action)
                 steps += n_envs
                 done = (terminated | truncated).cpu()

@@ -138,6 +138,26 @@ def test_an_eval_json_the_disk_has_no_room_for_says_so_and_leaves_no_cut_short_f
     assert list(tmp_path.iterdir()) == []
 
 
+def test_actions_not_finite_only_after_an_episode_ended_do_not_end_the_evaluation():
+    # An AGV robot whose episode ended early steps on in an unrated one: its NaN action there was blamed on the finished
+    # episode's seed (6) and ended the evaluation. This actor drives straight ahead and is NaN where the goal is 0.7 of
+    # the arena or more away: in seed 6's and 7's episodes it never is, in the one robot 0 starts after its own it is.
+    from robodistill.policies.agv import AGVPolicy, GaussianActor
+
+    actor = GaussianActor(21, 2, 8)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.zero_()
+        first, last = actor.mean[0], actor.mean[-1]
+        first.weight[0, 16], first.bias[0] = float("inf"), float("-inf")  # inf * d - inf: NaN for d >= 0, -inf below
+        last.bias[0] = 1.0
+    mean, var = torch.zeros(21), torch.ones(21)
+    mean[16] = 0.7  # d = goal distance / arena size - 0.7
+    with make_env(EnvConfig(task="robodistill/AGVWarehouse-v0", scene="simple_static", num_envs=2), ignore_terminations=True) as env:
+        report = evaluate(AGVPolicy(actor, mean, var), env, 2, seed=6, progress=False)
+    assert [(e["seed"], e["episode_len"]) for e in report.episodes] == [(6, 10), (7, 33)]
+
+
 def test_a_policy_whose_actions_are_not_finite_is_one_clear_line():
     # a checkpoint with NaN weights (as a run that diverged leaves them) ended in ManiSkill's "Action cannot be NaN" traceback
     from robodistill.errors import UserError
