@@ -55,8 +55,9 @@ class RemoteTeacher:
     """A policy behind openpi's websocket protocol. Its metadata must say `policy.obs_horizon`
     (robodistill bundles do); a server without it (e.g. openpi's) gets single frames."""
 
-    def __init__(self, url: str, action_dims: int, api_key: str | None = None, prompt: str | None = None):
-        self.client = connect(url, api_key)
+    def __init__(self, url: str, action_dims: int, api_key: str | None = None, prompt: str | None = None,
+                 timeout_ms: float | None = None):
+        self.client = connect(url, api_key, timeout_ms)
         self.url, self.action_dims, self.prompt = url, action_dims, prompt
         meta = self.client.get_server_metadata()
         try:
@@ -97,14 +98,15 @@ class RemoteTeacher:
         return torch.from_numpy(np.stack(out)).to(next(iter(obs.values())).device)
 
 
-def load_teacher(spec: str, env, api_key: str | None = None) -> Teacher | None:
-    """`none`, `ws://host:port` (a served policy) or a checkpoint / bundle path for `env`."""
+def load_teacher(spec: str, env, api_key: str | None = None, timeout_ms: float | None = None) -> Teacher | None:
+    """`none`, `ws://host:port` (a served policy, whose request unanswered for `timeout_ms` ends the run) or a
+    checkpoint / bundle path for `env`."""
     if spec in ("", "none", None):
         return None
     if spec.startswith(("ws://", "wss://")):
         from robodistill.policies.vla.instructions import INSTRUCTIONS
 
-        return RemoteTeacher(spec, len(env.action_low), api_key, INSTRUCTIONS.get(env.cfg.task, [None])[0])
+        return RemoteTeacher(spec, len(env.action_low), api_key, INSTRUCTIONS.get(env.cfg.task, [None])[0], timeout_ms)
     try:
         policy = load_policy(spec, env)
     except UserError as err:

@@ -29,7 +29,18 @@ _WEBSOCKETS_LOG.setLevel(logging.CRITICAL)
 class _Client(WebsocketClientPolicy):
     """openpi's `WebsocketClientPolicy`, whose wait for the server's metadata is bounded and checked: its own waits
     forever on a websocket server that sends nothing on connect, and ends in a traceback from msgpack or websockets
-    on one that sends text or other bytes, or closes at once."""
+    on one that sends text or other bytes, or closes at once. Its wait for a reply is bounded by `timeout_s` too."""
+
+    timeout_s: float | None = None
+
+    def infer(self, obs: dict) -> dict:
+        # openpi's, but for the timeout: a server that takes a request and never answers it still answers the keepalive's
+        # pings (its websocket library does), so the caller waited for good
+        self._ws.send(self._packer.pack(obs))
+        response = self._ws.recv(timeout=self.timeout_s)
+        if isinstance(response, str):
+            raise RuntimeError(f"Error in inference server:\n{response}")
+        return msgpack_numpy.unpackb(response)
 
     def _wait_for_server(self):
         headers = {"Authorization": f"Api-Key {self._api_key}"} if self._api_key else None
@@ -62,8 +73,8 @@ class ServedPolicy(base_policy.BasePolicy):
     """openpi's `WebsocketClientPolicy` for the server at `url`, whose going away mid-run (killed,
     stopped, restarted) is one line naming it, not websockets' traceback from deep in the caller's loop."""
 
-    def __init__(self, client: base_policy.BasePolicy, url: str):
-        self.client, self.url = client, url
+    def __init__(self, client: base_policy.BasePolicy, url: str, timeout_ms: float | None = None):
+        self.client, self.url, self.timeout_ms = client, url, timeout_ms
 
     def get_server_metadata(self) -> dict:
         return self.client.get_server_metadata()
@@ -71,6 +82,9 @@ class ServedPolicy(base_policy.BasePolicy):
     def infer(self, obs: dict) -> dict:
         try:
             return self.client.infer(obs)
+        except TimeoutError as err:
+            raise CutShort(f"the policy server at {self.url} did not answer a request within {self.timeout_ms:g} ms (timeout_ms): "
+                           "a hung or overloaded server; check it, or raise timeout_ms for a slow one") from err
         except ConnectionClosed as err:
             if err.sent is not None and err.sent.reason == "keepalive ping timeout":  # this side gave up, in websockets' words
                 raise CutShort(f"the policy server at {self.url} stopped answering: no reply to the connection's pings for "
@@ -109,9 +123,10 @@ def chunk_in(reply, dims: int, whose: str) -> np.ndarray:
     return chunk
 
 
-def connect(url: str, api_key: str | None = None) -> ServedPolicy:
+def connect(url: str, api_key: str | None = None, timeout_ms: float | None = None) -> ServedPolicy:
     """`WebsocketClientPolicy` with the failures a user can fix turned into one clear line.
-    `api_key` defaults to the ROBODISTILL_API_KEY env var."""
+    `api_key` defaults to the ROBODISTILL_API_KEY env var; a request unanswered for `timeout_ms` (None: no limit, for a
+    caller that bounds its own waits, as `control` does) ends in one."""
     from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
     from websockets.uri import parse_uri
 
@@ -124,7 +139,7 @@ def connect(url: str, api_key: str | None = None) -> ServedPolicy:
         raise UserError(f"{url!r} is not a websocket URL ({reason}): use e.g. ws://127.0.0.1:8000") from err
     api_key = api_key or os.environ.get(API_KEY_ENV)
     try:
-        return ServedPolicy(_Client(url, api_key=api_key), url)
+        client = _Client(url, api_key=api_key)
     except InvalidStatus as err:
         code = err.response.status_code
         hint = f": set api_key= (or {API_KEY_ENV}) to the server's key" if code == 401 else ""
@@ -134,6 +149,8 @@ def connect(url: str, api_key: str | None = None) -> ServedPolicy:
                         "`robodistill serve bundle=<dir>`") from err
     except OSError as err:
         raise UserError(f"no policy server at {url} ({err}): start one with `robodistill serve bundle=<dir>`") from err
+    client.timeout_s = None if timeout_ms is None else timeout_ms / 1e3
+    return ServedPolicy(client, url, timeout_ms)
 
 
 def served_env(url: str, api_key: str | None = None) -> dict:

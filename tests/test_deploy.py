@@ -26,7 +26,7 @@ from robodistill import checkpoints, wire
 from robodistill.deploy.controller import ChunkAgent, ControllerConfig
 from robodistill.deploy.export import ExportConfig, export
 from robodistill.envs import EnvConfig, make_env
-from robodistill.errors import UserError
+from robodistill.errors import CutShort, UserError
 from robodistill.deploy.server import PolicyServer
 from robodistill.policies.bundle import Bundle, BundleError, metadata_checksum
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
@@ -837,6 +837,30 @@ def test_a_teacher_server_whose_actions_are_not_the_env_s_says_so_in_one_line():
                 teacher.act({"state": torch.zeros(2, 1, 35)})
             teacher.client.close()
         assert str(said.value) == f"teacher={url}: {message}", (name, str(said.value))
+
+
+@pytest.mark.timeout(60)
+def test_a_teacher_server_that_takes_requests_and_answers_none_ends_the_run_in_one_line():
+    # rpd waited for good: the server's websocket library still answered the keepalive's pings
+    from openpi_client import msgpack_numpy
+
+    from robodistill.policies.teachers import RemoteTeacher
+
+    def silent(ws):
+        ws.send(msgpack_numpy.packb({}))
+        try:
+            for _ in ws:  # reads every request, answers none
+                pass
+        except ConnectionClosed:
+            pass
+
+    with serving(silent) as url:
+        teacher = RemoteTeacher(url, action_dims=4, timeout_ms=300)
+        with pytest.raises(CutShort) as said:
+            teacher.act({"state": torch.zeros(1, 1, 35)})
+        teacher.client.close()
+    assert str(said.value) == (f"the policy server at {url} did not answer a request within 300 ms (timeout_ms): a hung or "
+                               "overloaded server; check it, or raise timeout_ms for a slow one")
 
 
 def test_a_teacher_server_whose_metadata_holds_other_values_is_one_line_or_single_frames():

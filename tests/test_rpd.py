@@ -211,6 +211,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
                          "teacher=ws://127.0.0.1:9": "no policy server at ws://127.0.0.1:9",
                          "teacher=missing.pt": "teacher=missing.pt: policy 'missing.pt' is neither",
                          "warm_start_steps=5": "warm_start_steps=5 needs a teacher",
+                         "timeout_ms=0": "timeout_ms=0.0 must be > 0",
                          "n_steps=300": "total_steps=200 is less than one rollout (n_steps * env.num_envs * ranks = 300"}.items():
         r = cli("rpd", bad, "total_steps=200")
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]

@@ -97,6 +97,7 @@ class RPDConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     teacher: str = "none"  # a diffusion checkpoint, a bundle dir, ws://host:port (a served policy), or none: plain PPO
     api_key: str | None = None  # for a ws:// teacher; default: the ROBODISTILL_API_KEY env var
+    timeout_ms: float = 30_000.0  # a ws:// teacher's request unanswered this long ends the run (as control's timeout_ms)
     total_steps: int = 200_000  # env steps, all envs (and all ranks) together
     seed: int = 0
     # RPD
@@ -578,6 +579,8 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"warm_start_steps={cfg.warm_start_steps} is counted in total_steps={cfg.total_steps}: make it smaller")
     if cfg.checkpoint_every < 1:
         raise UserError(f"checkpoint_every={cfg.checkpoint_every} must be >= 1")
+    if cfg.timeout_ms <= 0:
+        raise UserError(f"timeout_ms={cfg.timeout_ms} must be > 0 (how long a ws:// teacher's request may go unanswered)")
     if cfg.teacher_obs_mode is not None:
         if cfg.teacher_obs_mode not in OBS_MODES:
             raise UserError(f"teacher_obs_mode='{cfg.teacher_obs_mode}' is not one of {', '.join(OBS_MODES)} (or null: the student's)")
@@ -661,7 +664,7 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
     try:
         if cfg.teacher_obs_mode not in (None, cfg.env.obs_mode):
             view = make_env(replace(cfg.env, obs_mode=cfg.teacher_obs_mode, num_envs=1))
-        teacher = load_teacher(cfg.teacher, view or eval_env, cfg.api_key)
+        teacher = load_teacher(cfg.teacher, view or eval_env, cfg.api_key, cfg.timeout_ms)
         vec = SB3View(env)
         if view is not None:
             vec.log_sim_states(cfg.n_steps + 1)
