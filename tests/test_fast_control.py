@@ -25,6 +25,22 @@ from tests.conftest import ROBODISTILL, run_cli
 from tests.test_teacher import TINY, run_dir
 
 
+@pytest.fixture(scope="module")
+def teacher_10(pushcube_demos, tmp_path_factory):
+    """`train-teacher` of the PushCube demos for 10 iterations, run by the CLI once for the tests that only distill,
+    rate or time a teacher (each trained this same one in a CLI run of its own): see `teacher_run`."""
+    root = tmp_path_factory.mktemp("teacher_10")
+    train = run_cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t", cwd=root)
+    assert train.returncode == 0, train.stderr[-3000:]
+    return run_dir(root, "t")
+
+
+@pytest.fixture
+def teacher_run(teacher_10, tmp_path):
+    """The test's own copy of `teacher_10`'s run, where that test's CLI run would have put it (tmp_path/runs/train-teacher)."""
+    return shutil.copytree(teacher_10, tmp_path / "runs" / "train-teacher" / teacher_10.name)
+
+
 class Recorder:
     """A real analytic x0-predicting denoiser (shrinks x) that records what it was called with."""
 
@@ -226,11 +242,9 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
         policy.set_sampler("consistency", 5)
 
 
-def test_distill_killed_in_its_final_evaluation_resumes_and_evaluates_again(cli, tmp_path, pushcube_demos, monkeypatch):
+def test_distill_killed_in_its_final_evaluation_resumes_and_evaluates_again(cli, tmp_path, teacher_run, monkeypatch):
     from robodistill.training import distill
 
-    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
-    assert train.returncode == 0, train.stderr[-3000:]
     cfg = distill.DistillConfig(teacher=str(run_dir(tmp_path, "t") / "checkpoints" / "last.pt"), variant="regression",
                                 iterations=20, checkpoint_every=10, batch_size=16, eval_episodes=1, threads=1, device="cpu")
 
@@ -247,9 +261,7 @@ def test_distill_killed_in_its_final_evaluation_resumes_and_evaluates_again(cli,
     assert checkpoints.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["consistency"]["step"] == 20
 
 
-def test_distill_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(cli, cli_here, tmp_path, pushcube_demos):
-    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
-    assert train.returncode == 0, train.stderr[-3000:]
+def test_distill_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(cli, cli_here, tmp_path, teacher_run):
     teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
     first = cli("distill", f"teacher={teacher}", "variant=consistency", "target_decay=0.9", "iterations=10", "checkpoint_every=5",
                 "batch_size=16", "eval_episodes=0", "threads=1", "name=c")
@@ -298,13 +310,11 @@ def test_distill_refuses_images_of_another_size_than_the_teachers(cli_here, tmp_
     assert r.returncode == 2 and "holds 24x24 px images, but the teacher saw 48 px ones (its env.image_size)" in r.stderr, r.stderr[-2000:]
 
 
-def test_bench_latency_rates_a_sampler_as_eval_does_whatever_was_measured_before(cli, tmp_path, pushcube_demos, monkeypatch):
+def test_bench_latency_rates_a_sampler_as_eval_does_whatever_was_measured_before(cli, tmp_path, teacher_run, monkeypatch):
     """A sampler's episodes do not depend on calls= nor on the samplers measured before it: they are those
     `robodistill eval` runs with the same seed."""
     from robodistill.inference import latency
 
-    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
-    assert train.returncode == 0, train.stderr[-3000:]
     teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
     rated, evaluate = [], latency.evaluate
     monkeypatch.setattr(latency, "evaluate", lambda *args, **kw: rated.append(evaluate(*args, **kw)) or rated[-1])
@@ -319,10 +329,8 @@ def test_bench_latency_rates_a_sampler_as_eval_does_whatever_was_measured_before
     assert alone == pytest.approx([e["return"] for e in evaluated], abs=1e-5)
 
 
-def test_summary_lists_a_latency_only_bench(cli, tmp_path, pushcube_demos):
+def test_summary_lists_a_latency_only_bench(cli, tmp_path, teacher_run):
     """bench-latency episodes=0 (latency only) is a finished run, not an incomplete one."""
-    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
-    assert train.returncode == 0, train.stderr[-3000:]
     bench = cli("bench-latency", f"ckpt={run_dir(tmp_path, 't') / 'checkpoints' / 'last.pt'}", "episodes=0", "calls=2",
                 "samplers=[ddim:2]", "name=b")
     assert bench.returncode == 0, bench.stderr[-3000:]
@@ -337,9 +345,7 @@ def test_summary_lists_a_latency_only_bench(cli, tmp_path, pushcube_demos):
     assert row["checkpoint"] == "2026-01-01_00-00-00-multirun/0"
 
 
-def test_bench_latency_stopped_keeps_the_rows_it_measured(cli, tmp_path, pushcube_demos):
-    train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=10", "eval_every=0", "eval_episodes=0", "name=t")
-    assert train.returncode == 0, train.stderr[-3000:]
+def test_bench_latency_stopped_keeps_the_rows_it_measured(cli, tmp_path, teacher_run):
     proc = subprocess.Popen([*ROBODISTILL, "bench-latency", f"ckpt={run_dir(tmp_path, 't') / 'checkpoints' / 'last.pt'}", "episodes=0",
                              "calls=3000", "samplers=[ddim:1,ddpm:100]", "name=b"],  # ddpm:100 takes 3000 x 100 denoiser calls
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
