@@ -81,14 +81,36 @@ def cli(tmp_path):
     return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)
 
 
+def once_per_run(tmp_path_factory, name: str, make):
+    """`make(folder)`'s result (JSON: paths as strings), made once per test run. Under xdist each worker has its own
+    session, so every worker given a file that uses a session fixture made it again (the RGB demos about a minute,
+    the PushCube ones 20 s): the first worker makes it, holding a lock in the run's folder, the others wait and read it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    import fcntl
+    import json
+
+    run = tmp_path_factory.getbasetemp().parent  # the run's own folder, above each worker's basetemp
+    made = run / f"{name}.json"
+    with open(run / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when `make` fails
+        if made.exists():
+            return json.loads(made.read_text())
+        made.write_text(json.dumps(make(tmp_path_factory.mktemp(name))))
+        return json.loads(made.read_text())  # as the other workers read it
+
+
 @pytest.fixture(scope="session")
 def pushcube_demos(tmp_path_factory) -> Path:
     """3 PushCube demos, state + pd_ee_delta_pos, made by the CLI as a user would."""
-    root = tmp_path_factory.mktemp("pushcube")
-    r = run_cli("demos", "env=PushCube-v1", "n=3", "seed=10", f"out={root / 'ds'}", cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "3/3 demonstrations" in r.stdout and "failed plans, retried with new seeds: 0)" in r.stdout
-    return root / "ds" / "mp_n3_seed10.state.pd_ee_delta_pos.h5"
+
+    def make(root: Path) -> str:
+        r = run_cli("demos", "env=PushCube-v1", "n=3", "seed=10", f"out={root / 'ds'}", cwd=root)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "3/3 demonstrations" in r.stdout and "failed plans, retried with new seeds: 0)" in r.stdout
+        return str(root / "ds" / "mp_n3_seed10.state.pd_ee_delta_pos.h5")
+
+    return Path(once_per_run(tmp_path_factory, "pushcube", make))
 
 
 @pytest.fixture(scope="session")
@@ -97,19 +119,22 @@ def pickcube_rgb_demos(tmp_path_factory) -> dict:
     from robodistill.demos import DemosConfig, generate
     from robodistill.envs import EnvConfig
 
-    out = tmp_path_factory.mktemp("pickcube_rgb")
-    return generate(DemosConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out)))
+    return once_per_run(tmp_path_factory, "pickcube_rgb", lambda out: generate(
+        DemosConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), n=2, seed=0, out=str(out))))
 
 
 @pytest.fixture(scope="session")
 def pickcube_rgb_teacher(tmp_path_factory, pickcube_rgb_demos) -> Path:
     """A 4-iteration RGB teacher (MLP denoiser, distilled head) of the 48 px PickCube demos: a checkpoint that sees images."""
+    return Path(once_per_run(tmp_path_factory, "pickcube_rgb_teacher", lambda root: str(_rgb_teacher(root, pickcube_rgb_demos))))
+
+
+def _rgb_teacher(root: Path, pickcube_rgb_demos: dict) -> Path:
     from robodistill.envs import EnvConfig
     from robodistill.training.distill import DistillConfig
     from robodistill.training.distill import train as distill
     from robodistill.training.teacher import TrainTeacherConfig, train
 
-    root = tmp_path_factory.mktemp("pickcube_rgb_teacher")
     train(TrainTeacherConfig(env=EnvConfig(task="PickCube-v1", obs_mode="rgb", image_size=48), dataset=str(pickcube_rgb_demos["path"]),
                              iterations=4, batch_size=8, eval_every=0, eval_episodes=0, val_fraction=0, threads=1), root / "teacher")
     distill(DistillConfig(teacher=str(root / "teacher" / "checkpoints" / "last.pt"), iterations=2, batch_size=8, eval_episodes=0,
