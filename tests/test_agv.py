@@ -333,18 +333,18 @@ def test_cli_trains_and_shared_eval_rates_the_policy_with_video(cli, cli_here, t
     assert f"{pending}: no evaluations yet, left out" in both.stdout
     text = cli_here("plot", str(run), "--out", str(tmp_path / "curves.txt"))
     assert text.returncode == 2 and "curves.txt: give a .png, .pdf or .svg file" in text.stderr, text.stderr[-2000:]
-    lost = cli("plot", str(tmp_path / "runs"))
+    lost = cli_here("plot", str(tmp_path / "runs"))
     assert lost.returncode == 2 and "is not the run directory of a training command" in lost.stderr, lost.stderr[-2000:]
-    other = cli("agv-train", f"resume_from={first}", "total_steps=384", "scene=complex_static")
+    other = cli_here("agv-train", f"resume_from={first}", "total_steps=384", "scene=complex_static")
     assert other.returncode == 2 and "is a run of algo=ppo_rnd scene=simple_static" in other.stderr, other.stderr[-2000:]
-    done = cli("agv-train", f"resume_from={run}")
+    done = cli_here("agv-train", f"resume_from={run}")
     assert done.returncode == 2 and "at env step 256: the run already trained total_steps=256" in done.stderr, done.stderr[-2000:]
     # resume_from= without name=: the new run was named after the defaults' scene (ppo_rnd-complex_dynamic), so a later
     # resume=true name=nav found the older run and trained its steps again
     again = cli("agv-train", f"resume_from={first}", "total_steps=256", "progress=false")
     assert again.returncode == 0 and "ppo_rnd on simple_static: 256 env steps" in again.stdout, again.stderr[-2000:]
     assert [p.name[20:] for p in sorted((tmp_path / "runs" / "agv-train").iterdir())] == ["nav", "nav", "nav", "pending"]
-    none = cli("agv-train", "resume=true", "name=elsewhere")
+    none = cli_here("agv-train", "resume=true", "name=elsewhere")
     assert none.returncode == 2 and "resume=true: no earlier run named 'elsewhere'" in none.stderr, none.stderr[-2000:]
     ev = cli("eval", f"policy={run / 'policy.pt'}", "env=agv", "env.num_envs=2",
              "episodes=2", "video=true", "video_episodes=1")

@@ -187,19 +187,19 @@ def test_missing_vulkan_device_names_the_fix(cli):
 
 
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=submitit_local"]], ids=["basic", "submitit_local"])
-def test_multirun_sweeps_seeds_into_one_directory(cli, tmp_path, launcher):
+def test_multirun_sweeps_seeds_into_one_directory(cli, cli_here, tmp_path, launcher):
     # submitit_local runs each job as its own process the way submitit_slurm submits them to Slurm.
     r = cli("eval", "-m", *launcher, "seed=0,1", "policy=random", "episodes=1")
     assert r.returncode == 0, r.stderr[-3000:]
     (sweep,) = (tmp_path / "runs" / "eval").glob("*-multirun")
     seeds = [json.loads((sweep / str(i) / "eval.json").read_text())["seed"] for i in (0, 1)]
     assert seeds == [0, 1]
-    table = cli("summary")
+    table = cli_here("summary")
     # each job with the override it ran with, as plot's legend has them
     assert table.returncode == 0 and f"{sweep.name}/0 seed=0 " in table.stdout and f"{sweep.name}/1 seed=1 " in table.stdout, table.stdout
     assert "incomplete" not in table.stdout and table.stdout.count("/1) (random)") == 2  # each names its policy
     # by the name its jobs ran with (eval's default, ${env.task}), though the sweep's directory is <time>-multirun
-    assert cli("summary", "--name", "PushCube-v1").stdout == table.stdout and cli("summary", "--name", "other").returncode == 2
+    assert cli_here("summary", "--name", "PushCube-v1").stdout == table.stdout and cli_here("summary", "--name", "other").returncode == 2
     from robodistill.curves import labels
     from robodistill.summary import jobs
 

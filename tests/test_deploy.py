@@ -144,8 +144,8 @@ def test_serve_threads_bound_a_torchscript_graph_and_other_loads_leave_torch_s_a
         torch.set_num_threads(before)
 
 
-def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_path, cli):
-    bad = cli("export", f"ckpt={checkpoint}", "format=tflite")
+def test_export_and_bundle_refuse_what_they_cannot_use(checkpoint, bundle, tmp_path, cli_here):
+    bad = cli_here("export", f"ckpt={checkpoint}", "format=tflite")
     assert bad.returncode == 2 and "format='tflite' is not one of onnx, torchscript" in bad.stderr
     with pytest.raises(UserError, match="keeps a chunk per stream"):
         export(ExportConfig(ckpt=str(checkpoint), sampler="rti"), tmp_path / "x")
@@ -312,7 +312,7 @@ def test_a_served_rgb_bundle_says_how_to_send_its_images(pickcube_rgb_teacher, t
         server.stop()
 
 
-def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bundle, cli, tmp_path):
+def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bundle, cli, cli_here, tmp_path):
     env = {"ROBODISTILL_API_KEY": "sesame"}
     # seed=0 resets the episodes with seeds 0, 1 and is the server's noise seed (the fixture's default),
     # which `eval policy=<bundle> seed=0` also uses for its noise.
@@ -333,14 +333,14 @@ def test_closed_loop_through_the_server_equals_in_process_evaluation(server, bun
     assert through["timing"]["requests"] == 2 * 8  # 30 steps, 4 actions per chunk
     assert (c / "telemetry.csv").read_text().count("\n") == 61
 
-    table = cli("summary", "--name", "c")
+    table = cli_here("summary", "--name", "c")
     assert table.returncode == 0 and "through the server unpaced (hz=0)" in table.stdout and "0/60 deadline misses" in table.stdout
 
     wrong = cli("control", f"server=ws://127.0.0.1:{server}", "episodes=1", env={"ROBODISTILL_API_KEY": "nope"})
     assert wrong.returncode == 2 and "refused the connection (HTTP 401)" in wrong.stderr
     other = cli("control", f"server=ws://127.0.0.1:{server}", "task=PickCube-v1", "episodes=1", env=env)
     assert other.returncode == 2 and "task=PickCube-v1, but the policy drives PushCube-v1" in other.stderr
-    nobody = cli("control", "server=ws://127.0.0.1:9", "episodes=1")
+    nobody = cli_here("control", "server=ws://127.0.0.1:9", "episodes=1")
     assert nobody.returncode == 2 and "no policy server at ws://127.0.0.1:9" in nobody.stderr
 
 

@@ -163,7 +163,7 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     # A run that never evaluated has no best.pt: the error names the checkpoint it has.
     no_best = cli_here("eval", f"policy={teacher.with_name('best.pt')}")
     assert no_best.returncode == 2 and f"made none; its final weights are policy={teacher}" in no_best.stderr, no_best.stderr
-    no_head = cli("eval", f"policy={teacher}", "env.max_episode_steps=20", "sampler=consistency", "steps=1")
+    no_head = cli_here("eval", f"policy={teacher}", "env.max_episode_steps=20", "sampler=consistency", "steps=1")
     assert no_head.returncode == 2 and "robodistill distill teacher=" in no_head.stderr
 
     heads = {}
@@ -221,18 +221,18 @@ def test_distill_both_variants_then_eval_and_bench_latency(cli, cli_here, tmp_pa
     assert len(table) == 1 + len(rows) and all(f"| {rows[0]['checkpoint']} |" in line for line in table[1:]), bench.stdout
     listed = [result for command, _, result in summarize(tmp_path / "runs") if command == "bench-latency"]
     assert [line.split(",")[0].split()[-2:] for line in listed] == [["100", "calls"], ["10", "calls"], ["3", "calls"], ["1", "call"], ["3", "calls"]], listed
-    bad = cli("distill", "teacher=nothing.pt")
+    bad = cli_here("distill", "teacher=nothing.pt")
     assert bad.returncode == 2 and "teacher='nothing.pt'" in bad.stderr
-    bad = cli("bench-latency", "ckpt=nothing.pt")
+    bad = cli_here("bench-latency", "ckpt=nothing.pt")
     assert bad.returncode == 2 and "ckpt 'nothing.pt' is neither" in bad.stderr, bad.stderr
     unused = cli_here("bench-latency", f"ckpt={heads['regression']}", "samplers=[ddim:2]", "rti.timesteps=[5,0]", "episodes=0",
                       "calls=2", "name=unused")  # rti settings for a run without rti: not ignored in silence
     assert unused.returncode == 0 and "rti.timesteps: not used, this run samples no rti (add rti to samplers=)" in unused.stdout, unused.stderr
     bad = cli_here("bench-latency", f"ckpt={heads['regression']}", "samplers=[]")
     assert bad.returncode == 2 and "samplers= is empty: give at least one name[:steps]" in bad.stderr, bad.stderr
-    bad = cli("bench-latency", f"ckpt={out}")  # a run's folder, not the checkpoint in it
+    bad = cli_here("bench-latency", f"ckpt={out}")  # a run's folder, not the checkpoint in it
     assert bad.returncode == 2 and "is a folder, but neither an export bundle" in bad.stderr, bad.stderr
-    bad = cli("eval", f"policy={heads['regression'].parent.parent}")  # a distill run: its checkpoint is named
+    bad = cli_here("eval", f"policy={heads['regression'].parent.parent}")  # a distill run: its checkpoint is named
     assert bad.returncode == 2 and f"this one holds policy={heads['regression']}" in bad.stderr, bad.stderr
     with pytest.raises(UserError, match="'foo' is not name"):  # said before the first sampler's minutes, not after
         measure(str(heads["regression"]), EnvConfig(), ["ddim:2", "foo"], RTIConfig(), calls=2, episodes=1)

@@ -143,7 +143,7 @@ def test_warm_start_fits_the_student_to_the_acting_teacher_and_v_to_its_returns(
     assert ev > 0.5, ev  # V predicts the discounted returns of episodes it did not see
 
 
-def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
+def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, cli_here, tmp_path):
     args = ["teacher=scripted", "n_steps=100", "batch_size=50", "n_epochs=2", "hidden=[32,32]", "eval_every=200",
             "eval_episodes=2", "checkpoint_every=200", "env.max_episode_steps=25", "name=r", "warm_start_steps=100",
             "normalize_advantage=false"]
@@ -178,7 +178,7 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history] == [100, 200, 400] and all(0 <= h["success_once"] <= 1 for h in history)
     assert (run / "curves.png").stat().st_size > 10_000  # success and return at 100, 200 and 400 env steps
-    table = cli("summary", "--name", "r")
+    table = cli_here("summary", "--name", "r")
     assert table.returncode == 0 and any(line.startswith("rpd") and run.name in line and "400 env steps, success_once" in line
                                          for line in table.stdout.splitlines()), table.stdout
     student = PPO.load(run / "student.zip", device="cpu")
@@ -199,11 +199,11 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
                for n in ("zip", "bundle")]
     np.testing.assert_allclose(returns[0], returns[1], atol=1e-3)
     # PullCube-v1 gives the same 35-d state and 4-d action as PushCube-v1: only the task the zip records tells them apart.
-    other = cli("eval", f"policy={run / 'student.zip'}", "env=PullCube-v1", "episodes=1")
+    other = cli_here("eval", f"policy={run / 'student.zip'}", "env=PullCube-v1", "episodes=1")
     assert other.returncode == 2 and "was trained on {'task': 'PushCube-v1'" in other.stderr, other.stderr[-2000:]
     truncated = tmp_path / "truncated.zip"
     truncated.write_bytes((run / "student.zip").read_bytes()[:5000])
-    ex = cli("export", f"ckpt={truncated}")
+    ex = cli_here("export", f"ckpt={truncated}")
     assert ex.returncode == 2 and "truncated.zip' is not a stable-baselines3 PPO zip" in ex.stderr, ex.stderr[-2000:]
     assert list((tmp_path / "runs" / "export").iterdir()) == [bundle]  # and no run directory left behind
     for bad, message in {"distill=kl": "distill='kl' is not one of mse, l1, bc",
@@ -213,9 +213,9 @@ def test_rpd_cli_trains_resumes_and_saves_an_sb3_student(cli, tmp_path):
                          "warm_start_steps=5": "warm_start_steps=5 needs a teacher",
                          "timeout_ms=0": "timeout_ms=0.0 must be > 0",
                          "n_steps=300": "total_steps=200 is less than one rollout (n_steps * env.num_envs * ranks = 300"}.items():
-        r = cli("rpd", bad, "total_steps=200")
+        r = cli_here("rpd", bad, "total_steps=200")
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
-    done = cli("rpd", f"resume_from={run}", "total_steps=400")  # nothing left to train: not a run without its history
+    done = cli_here("rpd", f"resume_from={run}", "total_steps=400")  # nothing left to train: not a run without its history
     assert done.returncode == 2 and "at env step 400: the run already trained total_steps=400" in done.stderr, done.stderr[-2000:]
 
 

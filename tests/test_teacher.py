@@ -131,7 +131,7 @@ def test_killed_run_resumes_exactly_where_it_would_have_been(cli, tmp_path, push
             torch.testing.assert_close(tensor, ends[1][key][name], rtol=0, atol=0, msg=f"{key}.{name}")
 
 
-def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, tmp_path, pushcube_demos):
+def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, cli_here, tmp_path, pushcube_demos):
     train = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=20", "eval_every=0", "name=t")
     assert train.returncode == 0, train.stderr[-3000:]
     rows = [json.loads(l) for l in (run_dir(tmp_path, "t") / "metrics.jsonl").read_text().splitlines()]
@@ -149,11 +149,11 @@ def test_teacher_checkpoint_evaluates_with_any_sampler_and_checks_the_env(cli, t
         assert OmegaConf.load(run_dir(tmp_path, sampler, "eval") / ".hydra" / "config.yaml").env.max_episode_steps == (15 if limit else 20)
         assert rated["episodes"][0]["episode_len"] == (15 if limit else 20)
         assert rated["sampler"] == {"name": sampler, "steps": steps} and f"sampler {sampler} {steps} steps" in r.stdout
-    wrong_env = cli("eval", f"policy={ckpt}", "env=PickCube-v1", "episodes=1")
+    wrong_env = cli_here("eval", f"policy={ckpt}", "env=PickCube-v1", "episodes=1")
     assert wrong_env.returncode == 2 and "trained on {'task': 'PushCube-v1'" in wrong_env.stderr and "PickCube-v1" in wrong_env.stderr
-    zero = cli("eval", f"policy={ckpt}", "episodes=1", "sampler=ddim", "steps=0")
+    zero = cli_here("eval", f"policy={ckpt}", "episodes=1", "sampler=ddim", "steps=0")
     assert zero.returncode == 2 and "steps=0 must be between 1 and the 100 training timesteps" in zero.stderr, zero.stderr[-2000:]
-    random_sampler = cli("eval", "policy=random", "sampler=ddim", "episodes=1")
+    random_sampler = cli_here("eval", "policy=random", "sampler=ddim", "episodes=1")
     assert random_sampler.returncode == 2 and "apply to diffusion checkpoints" in random_sampler.stderr
 
 
