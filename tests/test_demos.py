@@ -340,7 +340,7 @@ def test_a_json_without_control_mode_says_to_add_it(pushcube, tmp_path):
 
 
 def test_demos_refuses_tasks_without_a_planner_and_bad_fields_before_planning(tmp_path, cli_here):
-    r = run_cli("demos", "env=PushT-v1", "n=1", cwd=tmp_path)
+    r = cli_here("demos", "env=PushT-v1", "n=1")
     assert r.returncode == 2 and "no motion-planning solution for PushT-v1" in r.stderr and "PickCube-v1" in r.stderr
     # A bad env field or out= is named before any planning starts, and nothing is written.
     (tmp_path / "a_file").write_text("")

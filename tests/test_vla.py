@@ -92,9 +92,9 @@ def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cl
     rated = cli("eval", f"policy={vla_run['ckpt']}", "env=PickCube-v1", "episodes=1")
     assert rated.returncode == 0, rated.stderr[-2000:]
     assert "as the policy was trained: env.obs_mode=rgb env.max_episode_steps=20 env.image_size=48" in rated.stdout, rated.stdout
-    bad = cli("eval", f"policy={vla_run['ckpt']}", "env=PullCube-v1")  # not one of its tasks: said first, not the camera
+    bad = cli_here("eval", f"policy={vla_run['ckpt']}", "env=PullCube-v1")  # not one of its tasks: said first, not the camera
     assert bad.returncode == 2 and "trained on PushCube-v1, PickCube-v1, not PullCube-v1" in bad.stderr, bad.stderr
-    unknown = cli("train-vla", "tasks=[OpenCabinetDrawer-v1]")
+    unknown = cli_here("train-vla", "tasks=[OpenCabinetDrawer-v1]")
     assert unknown.returncode == 2 and "no instructions for OpenCabinetDrawer-v1" in unknown.stderr
 
 
@@ -213,7 +213,7 @@ def tiny_llava(path, action_dim: int) -> None:
     LlavaForConditionalGeneration(config).save_pretrained(path)
 
 
-def test_hugging_face_vla_from_local_disk_acts_as_openvla_does(tmp_path, cli):
+def test_hugging_face_vla_from_local_disk_acts_as_openvla_does(tmp_path, cli_here):
     model_dir = tmp_path / "tiny-openvla"
     tiny_llava(model_dir, action_dim=4)
     with make_env(PICK) as env:
@@ -230,5 +230,5 @@ def test_hugging_face_vla_from_local_disk_acts_as_openvla_does(tmp_path, cli):
         torch.testing.assert_close(high[0, :3], torch.full((3,), 0.5 - 0.5 / 255), atol=1e-4, rtol=0)
         assert abs(low[0, 3] + 1 - 1 / 255) < 1e-4  # the gripper: the bin centre itself
         assert load_teacher(str(model_dir), env).act(history).shape == (1, 1, 4)  # one action per observation
-    state_only = cli("eval", f"policy={model_dir}", "env=PickCube-v1", "episodes=1")
+    state_only = cli_here("eval", f"policy={model_dir}", "env=PickCube-v1", "episodes=1")
     assert state_only.returncode == 2 and "needs camera images (env.obs_mode=rgb)" in state_only.stderr
