@@ -7,7 +7,9 @@ there (`.hydra/config.yaml`). Every hydra flag works (`--cfg job`, `-m` sweeps, 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import re
 import shutil
@@ -120,6 +122,13 @@ def named_as_resumed(command: str, args: list[str]) -> list[str]:
     return [*args, f"name={run.name[named.end():]}"] if named else args
 
 
+def _is_submitit_job() -> bool:
+    """This process is a submitit job (`python -m submitit.core._submit`), not a command or rank it started, which
+    inherit its environment and say their line as any command does."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec is not None and spec.name == "submitit.core._submit"
+
+
 def _guarded(task_fn, command: str = ""):
     """Bad input ends in one clear line, not a traceback through hydra; so does Ctrl-C."""
 
@@ -147,8 +156,11 @@ def _guarded(task_fn, command: str = ""):
             return task_fn(cfg)
         except UserError as err:
             end_progress_bars()
-            print(f"error: {err}{how_it_continues(cfg) if isinstance(err, CutShort) else ''}", file=sys.stderr)
+            line = f"error: {err}{how_it_continues(cfg) if isinstance(err, CutShort) else ''}"
+            print(line, file=sys.stderr)
             drop_empty_run_dir()
+            if _is_submitit_job():  # an exit leaves no result, which its launcher waits 15 s for
+                raise UserError(f"\n{line}") from None  # handed back to the launcher as the job's result, said below
             sys.exit(2)
         except KeyboardInterrupt as err:
             interrupted(cfg, str(err))
@@ -293,15 +305,21 @@ def main(argv: list[str] | None = None) -> None:
         return entry()
     # A submitit job runs in a process of its own: its one line reaches this one inside the launcher's exception,
     # which hydra would print as a traceback. HYDRA_FULL_ERROR lets the exception through, to say the job's line.
+    # A job that stopped on bad input hands its UserError back as its result, which hydra re-raises after writing
+    # "Error executing job with overrides" to stderr: held back here, since the job's own line says more.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    held = io.StringIO()
     try:
-        entry()
+        with contextlib.redirect_stderr(held):
+            entry()
     except Exception as err:
         said = list(dict.fromkeys(line.strip() for line in str(err).splitlines() if line.strip().startswith("error: ")))
-        if not type(err).__module__.startswith("submitit") or not said:
+        if not (type(err).__module__.startswith("submitit") or isinstance(err, UserError)) or not said:
+            sys.stderr.write(held.getvalue())
             raise
         print("\n".join(said), file=sys.stderr)
         sys.exit(2)
+    sys.stderr.write(held.getvalue())
 
 
 if __name__ == "__main__":

@@ -225,6 +225,11 @@ def test_a_bad_value_anywhere_in_a_sweep_is_one_line_before_its_first_job(cli_he
 def test_a_submitit_job_that_stops_on_bad_input_is_its_one_line(cli, tmp_path):
     r = cli("eval", "-m", "hydra/launcher=submitit_local", "seed=0,1", "policy=nothing.pt")
     assert r.returncode == 2 and r.stderr.startswith("error: policy 'nothing.pt' is neither") and r.stderr.count("\n") == 1, r.stderr
+    # each job handed its error back as its result: a job that exits leaves none, and submitit waits 15 s for it
+    assert len(list(tmp_path.glob("runs/eval/*/.submitit/*/*_result.pkl"))) == 2
+    # a command that a submitit job runs (its environment inherited) still ends in its one line
+    r = cli("eval", "policy=nothing.pt", env={"SUBMITIT_FOLDER": str(tmp_path / "job"), "SUBMITIT_EXECUTOR": "slurm"})
+    assert r.returncode == 2 and r.stderr.startswith("error: policy 'nothing.pt' is neither") and r.stderr.count("\n") == 1, r.stderr
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has Slurm: the sweep would be submitted")
