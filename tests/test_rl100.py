@@ -149,8 +149,12 @@ def test_online_chunk_reward_is_discounted_to_the_chunk_start(pushcube_demos, ma
         assert outcomes == [True] and torch.allclose(reward, torch.tensor([gamma**j])) and not seen
     else:
         assert outcomes == [False] and torch.allclose(reward, torch.tensor([5.0 * gamma ** (j + 1)]))
-        # V is asked about the observations the episode ended on, not the reset's
-        assert torch.allclose(seen[0][0, -1], torch.as_tensor(episode.obs["state"][end + 1]), atol=1e-2)
+        # V is asked about the observations the episode ended on, not the reset's. Compared on positions and poses:
+        # the fingers' joint velocities (state dims 9-17 are qvel) jitter by up to ~3e-2 between this replay and the
+        # demo's recording, by machine, while every position agrees to ~1e-4
+        final, stored = seen[0][0, -1], torch.as_tensor(episode.obs["state"][end + 1])
+        positions = torch.cat([torch.arange(9), torch.arange(18, final.numel())])
+        assert torch.allclose(final[positions], stored[positions], atol=1e-3)
 
 
 SMALL = ["env.max_episode_steps=40", "imitation.iterations=40", "imitation.batch_size=32", "offline.iterations=1",
