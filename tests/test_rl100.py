@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,67 @@ def test_rl100_that_diverges_ends_in_one_line(rl100_run, tmp_path):
             run_stages(cfg, tmp_path / str(i))
 
 
+def test_rl100_seed_layout_keeps_training_apart_from_evaluations_and_other_seeds():
+    """Collection seeds (30,000 + 1000 x iteration + seed) reached the online evaluations that pick the kept policy
+    (50,000 + 1000 x seed) at 20 iterations, online ones (40,000 + 100 x seed + ...) after 10,000 seeded starts, and
+    seeds 0 and 1 trained on nearly the same states. Checked at the largest budgets check() lets through: every seed a
+    purpose may use, for every run seed rl100 takes."""
+    from robodistill.evaluation import HELD_OUT_SEEDS
+    from robodistill.training.rl100 import RUN_SEEDS, SEEDS, collect_seeds, env_seed
+
+    def window(purpose, run_seed):  # (first, last) seed the purpose may reset with
+        return env_seed(purpose, run_seed), env_seed(purpose, run_seed, SEEDS[purpose][1] - 1)
+
+    training = ("collect", "online", "collect_draws")  # the last torch's seeds: no reset seed's either (torch keeps 32 bits)
+    evaluations = [p for p in SEEDS if p not in training]
+    assert set(evaluations) == {"rating", "gate_truth", "online_eval"}
+    trained = sorted(window(p, s) for p in training for s in range(RUN_SEEDS))
+    assert all(a[1] < b[0] for a, b in pairwise(trained))  # no two purposes or run seeds train on one seed
+    spans = {p: (min(window(p, s)[0] for s in range(RUN_SEEDS)), max(window(p, s)[1] for s in range(RUN_SEEDS))) for p in evaluations}
+    for lo, hi in spans.values():
+        assert all(last < lo or hi < first for first, last in trained)
+    # Selection on the online evaluations would flatter the stage's rating if they shared a seed.
+    assert spans["rating"][1] < spans["online_eval"][0] or spans["online_eval"][1] < spans["rating"][0]
+    assert 0 <= min(lo for lo, _ in spans.values()) and trained[-1][1] < 2**32  # ManiSkill's seeds
+    assert spans["rating"][0] > 9_999  # `robodistill demos seed=0` plans from 0 on
+    # The stages' ratings keep the seeds published results were rated on: HELD_OUT_SEEDS + seed + episode.
+    assert [env_seed("rating", s, k) for s, k in ((0, 0), (2, 199))] == [HELD_OUT_SEEDS, HELD_OUT_SEEDS + 201]
+    # Collection's torch seed (its later episodes' starts) as laid out: one per run seed and iteration, each iteration's
+    # first reset seed after the last one's envs.
+    assert [collect_seeds(s, it, 4) for s, it in ((0, 1), (RUN_SEEDS - 1, 3))] == [
+        (env_seed("collect", 0), env_seed("collect_draws", 0)),
+        (env_seed("collect", RUN_SEEDS - 1, 8), env_seed("collect_draws", RUN_SEEDS - 1, 2))]
+
+
+def test_rl100_resets_its_envs_with_the_seed_layout(rl100_run, pushcube_demos, tmp_path, monkeypatch):
+    """Every seed the stages reset an env with is the layout's (env_seed), for each purpose; a budget past a block is
+    refused before it trains."""
+    from robodistill.envs import EnvConfig
+    from robodistill.envs.vector import VecEnv
+    from robodistill.errors import UserError
+    from robodistill.training.rl100 import OfflineConfig, OnlineConfig, RL100Config, env_seed, run_stages
+
+    seeds = []
+    reset = VecEnv.reset
+
+    def recording_reset(self, seed=None, rebuild=False):
+        seeds.extend([] if seed is None else np.atleast_1d(seed).tolist())
+        return reset(self, seed, rebuild)
+
+    monkeypatch.setattr(VecEnv, "reset", recording_reset)
+    init = rl100_run[0] / "imitation" / "checkpoints" / "last.pt"
+    cfg = RL100Config(env=EnvConfig(task="PushCube-v1", max_episode_steps=40), dataset=str(pushcube_demos), init=str(init),
+                      stages=["offline", "online"], eval_episodes=1, seed=1,
+                      offline=OfflineConfig(iterations=2, collect_episodes=2, critic_steps=10, dynamics_steps=10, updates=2,
+                                            gate_every=2, fqe_steps=10, gate_eval_episodes=1, batch_size=32),
+                      online=OnlineConfig(env_steps=32, decisions=4, eval_every=1, eval_episodes=1))
+    run_stages(cfg, tmp_path / "run")
+    assert sorted(set(seeds)) == sorted({env_seed("rating", 1), env_seed("gate_truth", 1), env_seed("collect", 1, 0),
+                                         env_seed("collect", 1, 1), env_seed("online", 1), env_seed("online_eval", 1)})
+    with pytest.raises(UserError, match=r"^online\.env_steps=10000000000000 \(online\.envs=1, online\.decisions=4\): needs "):
+        run_stages(replace(cfg, stages=["online"], online=replace(cfg.online, env_steps=10**13)), tmp_path / "huge")
+
+
 def test_rl100_online_keeps_its_best_evaluated_policy(rl100_run, cli, tmp_path):
     run, _ = rl100_run
     init = run / "imitation" / "checkpoints" / "last.pt"
@@ -444,6 +506,11 @@ def test_rl100_bad_input_is_one_clear_line(cli_here, tmp_path):
         ("online.denoise_discount=0", "dataset=x.h5"): "online.denoise_discount=0.0 must be in (0, 1]",
         ("env.control_mode=pd_ee_pose", "dataset=x.h5"): "env.control_mode=pd_ee_pose: the online stage holds",
         ("dataset=x.h5",): "dataset=x.h5: no such file x.h5",
+        ("seed=1000", "dataset=x.h5"): "seed=1000: rl100 takes a seed from 0 to 999",
+        ("eval_episodes=9000001", "dataset=x.h5"): "eval_episodes=9000001: needs 9,000,001 seeded rating episodes per run, past the 9,000,000",
+        ("online.eval_episodes=9000001", "dataset=x.h5"): "online.eval_episodes=9000001: needs 9,000,001 seeded online_eval episodes",
+        ("offline.iterations=500001", "env.num_envs=2", "dataset=x.h5"):
+            "offline.iterations=500001 (x env.num_envs=2): needs 1,000,002 seeded collect episodes per run, past the 1,000,000",
     }.items():
         r = cli_here("rl100", *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])

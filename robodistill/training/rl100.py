@@ -23,6 +23,10 @@ Stages, in order (`stages=`), each resumable and runnable alone from a checkpoin
 Every stage ends with its policy evaluated on `eval_episodes` fixed-seed episodes; report.json,
 report.md and ope.png (estimate vs the true discounted success it estimates, per candidate) are
 rewritten after each stage.
+Env seeds are laid out in SEEDS: the stages' ratings at 10,000 + seed + k as every trainer's, the gate's
+truth and the online evaluations in blocks of their own, and the training episodes (offline collection,
+online) in a block per run seed above them all, so that no budget trains on an initial state an
+evaluation rates or that another seed's run trains on.
 Policies are written as ordinary diffusion checkpoints (the chain's mean path is the `ddim`
 sampler), so `robodistill eval/export/distill` take them unchanged. State observations only.
 """
@@ -59,6 +63,45 @@ from robodistill.training.runs import budget_spent, latest_run, set_threads, ten
 
 STAGES = ("imitation", "offline", "online", "distill")
 GATES = {"amq": ("amq",), "fqe": ("fqe",), "both": ("amq", "fqe")}  # the estimators whose verdicts must all be "no worse"
+
+# Env reset seeds, per purpose: (first seed, seeds each run seed may use, distance between two run seeds' first
+# seeds). Evaluations step 1 per run seed, so every seed's policies are rated on nearly the same states (common random
+# numbers); the stages' rating keeps HELD_OUT_SEEDS + seed, as every trainer's, so published ratings stay comparable.
+# Each training purpose has a block per run seed, above every evaluation and every seed `robodistill demos` plans
+# from: no run seed in range(RUN_SEEDS) and no budget check() lets through trains on an initial state an evaluation
+# rates (the online evaluations pick the kept policy, so they would flatter it) or on another run seed's. Under
+# 2 ** 32, ManiSkill's limit (and torch's: it keeps a seed's low 32 bits). Only each env's first episode of a collection,
+# or of an online (re)start, is reset with a seed; the later ones are laid out by torch's RNG in this process (which
+# collect_seeds() seeds from a block of its own, apart from the reset seeds that lay out a first episode with it too),
+# or in an env worker process (env.num_envs > 1 on the CPU) from a seed its first one's draws.
+RUN_SEEDS = 1000
+SEEDS = {
+    "rating": (HELD_OUT_SEEDS, 9_000_000, 1),  # each stage's policy, eval_episodes
+    "gate_truth": (20_000_000, 9_000_000, 1),  # the OPE gate's simulated truth, one per env
+    "online_eval": (30_000_000, 9_000_000, 1),  # online.eval_every's evaluations, online.eval_episodes
+    "collect": (1_000_000_000, 1_000_000, 2_000_000),  # offline rollouts, env.num_envs per iteration
+    "online": (1_001_000_000, 1_000_000, 2_000_000),  # online training, online.envs per (re)start
+    "collect_draws": (3_000_000_000, 1_000_000, 1_000_000),  # torch's seed while collecting, one per offline iteration
+}
+
+
+def env_seed(purpose: str, run_seed: int, index: int = 0) -> int:
+    """The reset seed of the `index`-th seeded episode a run with `run_seed` starts for `purpose` (SEEDS)."""
+    first, _, stride = SEEDS[purpose]
+    return first + stride * run_seed + index
+
+
+def check_seeds(purpose: str, needed: int, given: str) -> None:
+    """Refuses a budget (`given`, as the command line sets it) that needs more seeded episodes than its block holds."""
+    if needed > SEEDS[purpose][1]:
+        raise UserError(f"{given}: needs {needed:,} seeded {purpose} episodes per run, past the {SEEDS[purpose][1]:,} rl100 keeps "
+                        "apart for them (so that no training episode starts where an evaluation or another seed's run does): lower it")
+
+
+def collect_seeds(run_seed: int, iteration: int, envs: int) -> tuple[int, int]:
+    """Offline iteration `iteration`'s (from 1) first reset seed, and the seed of torch's draws while it collects (the
+    chain's noise; in this process, the later episodes' starts too)."""
+    return env_seed("collect", run_seed, (iteration - 1) * envs), env_seed("collect_draws", run_seed, iteration - 1)
 
 
 @dataclass
@@ -183,6 +226,14 @@ def check(cfg: RL100Config) -> None:
         raise UserError(f"online.denoise_discount={cfg.online.denoise_discount} must be in (0, 1] (DPPO's gamma_denoise, 0.99; 1: no discount)")
     if cfg.offline.amq_penalty < 0:
         raise UserError(f"offline.amq_penalty={cfg.offline.amq_penalty}: must be >= 0 (a negative one rewards leaving the data; 0 is RL-100's plain AM-Q)")
+    if not 0 <= cfg.seed < RUN_SEEDS:
+        raise UserError(f"seed={cfg.seed}: rl100 takes a seed from 0 to {RUN_SEEDS - 1} (each has its own blocks of training env "
+                        "seeds, apart from every other seed's and from every evaluation's)")
+    check_seeds("rating", cfg.eval_episodes, f"eval_episodes={cfg.eval_episodes}")
+    check_seeds("online_eval", cfg.online.eval_episodes, f"online.eval_episodes={cfg.online.eval_episodes}")
+    check_seeds("gate_truth", cfg.env.num_envs, f"env.num_envs={cfg.env.num_envs}")
+    check_seeds("collect", cfg.offline.iterations * cfg.env.num_envs,  # and so collect_draws' offline.iterations
+                f"offline.iterations={cfg.offline.iterations} (x env.num_envs={cfg.env.num_envs})")
     missing = [p for p in (cfg.dataset or "").split(",") if p and not Path(p).is_file()]
     if missing and {"imitation", "offline"} & set(cfg.stages):  # said before the run directory holds a report
         raise UserError(f"dataset={cfg.dataset}: no such file {missing[0]} (the .h5 written by `robodistill demos`)")
@@ -352,15 +403,16 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
     total_updates = o.iterations * o.updates
     with make_env(replace(env_cfg, reward_mode="sparse")) as train_env:
         if ref_true is None:
-            ref_true = gate_truth(reference, train_env, o.gate_eval_episodes, 20_000 + cfg.seed, cfg.gamma)
+            ref_true = gate_truth(reference, train_env, o.gate_eval_episodes, env_seed("gate_truth", cfg.seed), cfg.gamma)
         bar = tqdm(total=o.iterations, initial=iteration, desc="offline", unit="iter")
         writer = tensorboard(out, iteration * o.updates)  # against the offline PPO updates made so far
         while iteration < o.iterations:
             iteration += 1
             # 1. experience from the reference policy's stochastic chain
             reference.sampler = ChainSampler(ref_chain)
-            torch.manual_seed(cfg.seed * 1000 + iteration)
-            rollouts = collect(reference, train_env, o.collect_episodes, seed=30_000 + 1000 * iteration + cfg.seed)
+            first, draws = collect_seeds(cfg.seed, iteration, train_env.num_envs)
+            torch.manual_seed(draws)
+            rollouts = collect(reference, train_env, o.collect_episodes, seed=first)
             reference.set_sampler("ddim", cfg.chain.steps)
             buffer = buffer.cat(Transitions.from_episodes(rollouts, ref_chain, delta, cfg.gamma))
             # 2. critics and the model
@@ -399,7 +451,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                 if update % o.gate_every == 0 or update == o.updates:
                     cand = score(actor_chain, cfg.seed)
                     accepted = all(cand[k] >= ref_score[k] - o.gate_margin for k in GATES[o.gate])
-                    cand_true = gate_truth(actor, train_env, o.gate_eval_episodes, 20_000 + cfg.seed, cfg.gamma)
+                    cand_true = gate_truth(actor, train_env, o.gate_eval_episodes, env_seed("gate_truth", cfg.seed), cfg.gamma)
                     row = {"iteration": iteration, "update": update, "accepted": bool(accepted),
                            **cand, **{f"{k}_reference": v for k, v in ref_score.items()},
                            "true": cand_true["success_once"], "true_ci95": cand_true["ci95"], "true_reference": ref_true["success_once"],
@@ -488,6 +540,9 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
     base, actor = load(start, cfg.chain.steps)
     chain = DenoisingChain(actor, cfg.chain.steps, cfg.chain.finetune_steps, cfg.chain.std, cfg.chain.noise_clip)
     h, oh = actor.cfg.act_horizon, actor.obs_horizon
+    # A (re)start after u updates seeds its envs' first episodes u * envs on; one after the last update still resets them.
+    updates = -(-o.env_steps // (o.decisions * o.envs * h))
+    check_seeds("online", (updates + 1) * o.envs, f"online.env_steps={o.env_steps} (online.envs={o.envs}, online.decisions={o.decisions})")
     gamma_chunk = cfg.gamma ** h
     clip = clip_schedule(o.clip, o.clip_noisiest, cfg.chain.finetune_steps)
     norm = actor.normalizers["state"]
@@ -518,7 +573,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         unbiased measure of the kept policy, which selection on a few episodes flatters."""
         nonlocal best
         with make_env(env_cfg, ignore_terminations=True) as eval_env:
-            result = success(actor, eval_env, o.eval_episodes, 50_000 + cfg.seed * 1000)
+            result = success(actor, eval_env, o.eval_episodes, env_seed("online_eval", cfg.seed))
         evals.append({"env_steps": env_steps, "updates": len(history), **result})
         writer.add_scalar("online/eval_success_once", result["success_once"], env_steps)
         if best is None or result["success_once"] > best["success_once"]:  # strictly better, as RL-100's gate
@@ -536,7 +591,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
         hold[actor.dims["gripper_dims"]] = 1.0
     with make_env(replace(env_cfg, reward_mode="sparse", num_envs=o.envs)) as env:
         n = env.num_envs
-        obs = env.reset(seed=[40_000 + cfg.seed * 100 + len(history) * n + i for i in range(n)])
+        obs = env.reset(seed=[env_seed("online", cfg.seed, len(history) * n + i) for i in range(n)])
         hist = obs["state"].cpu().unsqueeze(1).repeat(1, oh, 1)
         bar = tqdm(total=o.env_steps, initial=env_steps, desc="online", unit="step")
         while env_steps < o.env_steps:
@@ -745,7 +800,7 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
     run.save_report()
     if start is not None and "imitation" not in cfg.stages and "init" not in run.report["stages"]:
         with make_env(env_cfg, ignore_terminations=True) as env:  # the starting point's success: the line to beat
-            run.report["stages"]["init"] = {**success(start, env, cfg.eval_episodes, HELD_OUT_SEEDS + cfg.seed), "policy": str(policy_path)}
+            run.report["stages"]["init"] = {**success(start, env, cfg.eval_episodes, env_seed("rating", cfg.seed)), "policy": str(policy_path)}
         run.save_report()
     for stage in STAGES:
         if run.done(stage):
@@ -771,7 +826,7 @@ def run_stages(cfg: RL100Config, run_dir: Path) -> dict:
         else:
             _, policy = load(policy_path, cfg.chain.steps)
         with make_env(env_cfg, ignore_terminations=True) as env:
-            result = success(policy, env, cfg.eval_episodes, HELD_OUT_SEEDS + cfg.seed)
+            result = success(policy, env, cfg.eval_episodes, env_seed("rating", cfg.seed))
         run.report["stages"][stage] = {**result, "policy": str(policy_path), "seconds": round(time.perf_counter() - tick, 1)}
         run.save_report()
         print(f"{stage}: success_once {result['success_once']:.1%} [{result['ci95'][0]:.1%}, {result['ci95'][1]:.1%}] "
