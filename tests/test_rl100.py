@@ -215,6 +215,21 @@ def test_rl100_killed_while_rating_a_finished_stage_resumes_to_its_rating(rl100_
     assert trained == {stage: (copy / stage / "checkpoints" / "last.pt").stat().st_mtime_ns for stage in trained}  # not trained again
 
 
+def test_rl100_imitation_resumed_reads_its_checkpoint_once(rl100_run, pushcube_demos, tmp_path, monkeypatch):
+    """Once to see whether the stage is done, once more in train-teacher to go on from it: one read serves both."""
+    from robodistill.envs import EnvConfig
+    from robodistill.training.rl100 import ImitationConfig, RL100Config, Run, imitation
+
+    shutil.copytree(rl100_run[0] / "imitation", tmp_path / "imitation")
+    last = (tmp_path / "imitation" / "checkpoints" / "last.pt").resolve()
+    reads, load = [], checkpoints.load
+    monkeypatch.setattr(checkpoints, "load", lambda path, *a, **kw: reads.append(Path(path).resolve()) or load(path, *a, **kw))
+    cfg = RL100Config(env=EnvConfig(task="PushCube-v1", max_episode_steps=40), dataset=str(pushcube_demos),
+                      imitation=ImitationConfig(iterations=50, batch_size=32))
+    imitation(cfg, Run(tmp_path))
+    assert reads.count(last) == 1 and checkpoints.load(last)["step"] == 50
+
+
 def test_rl100_resumed_with_another_init_is_refused_in_one_line(rl100_run, pushcube_demos, cli, tmp_path):
     """A run past its imitation stage, resumed with init=: the policy was rated and reported as the run's start while
     the finished imitation stage went on in its place."""

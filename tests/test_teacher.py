@@ -357,6 +357,27 @@ def test_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(cl
                                      "makes gripper_dims=[]: resume with the run's own dataset= and env") in data.stderr, data.stderr[-2000:]
 
 
+def test_a_resumed_run_reads_its_checkpoint_once(cli_here, tmp_path, pushcube_demos, monkeypatch):
+    """main read it for the env it trained in, again for its settings, and train() a third time: three torch.loads of
+    the whole model, EMA and optimizer state (agv-train's resume reads it once)."""
+    tiny = [a for a in TINY if not a.startswith("eval_episodes=")]
+    first = cli_here("train-teacher", f"dataset={pushcube_demos}", *tiny, "iterations=10", "eval_episodes=0", "name=once")
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = (run_dir(tmp_path, "once") / "checkpoints" / "last.pt").resolve()
+    reads, load = [], checkpoints.load
+    monkeypatch.setattr(checkpoints, "load", lambda path, *a, **kw: reads.append(Path(path).resolve()) or load(path, *a, **kw))
+    more = cli_here("train-teacher", "name=once", "resume=true", "iterations=20")
+    assert more.returncode == 0 and "resumed from" in more.stdout and "at iteration 10" in more.stdout, more.stderr[-3000:]
+    assert "as the resumed run was trained: env.max_episode_steps=20" in more.stdout  # its env, from that one read
+    assert reads.count(last) == 1, reads
+    # Another command's checkpoint is refused before anything is taken from it.
+    checkpoints.save(tmp_path / "agv.pt", {"kind": "agv_ppo", "env": {"task": "PushCube-v1", "max_episode_steps": 7}})
+    other = cli_here("train-teacher", f"resume_from={tmp_path / 'agv.pt'}", "iterations=20")
+    assert other.returncode == 2 and other.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'agv.pt'} holds a 'agv_ppo', not a train-teacher run's state: resume from "
+        "runs/train-teacher/<run>/checkpoints/last.pt") and "as the resumed run was trained" not in other.stdout, other.stderr[-2000:]
+
+
 def test_metrics_the_disk_has_no_room_for_end_the_run_in_one_line_keeping_the_rows_before(tmp_path, pushcube_demos, capsys):
     # metrics.jsonl, open for the whole run, ended it in OSError's traceback from metrics.flush(). (capsys: what the
     # run prints goes to memory, not to pytest's capture file, which the limit would cut short too.)

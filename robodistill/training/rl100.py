@@ -344,19 +344,18 @@ def log_scalars(writer, prefix: str, row: dict, step: int, leave_out: tuple[str,
 
 
 def imitation(cfg: RL100Config, run: Run) -> Path:
-    from robodistill.training.teacher import TrainTeacherConfig, train
+    from robodistill.training.teacher import TrainTeacherConfig, resumable, train
 
     out = run.dir / "imitation"
     last = out / "checkpoints" / "last.pt"
-    if last.is_file():  # killed while the finished stage was rated: there is nothing left to train
-        state = checkpoints.load(last)
-        if budget_spent(state["step"], cfg.imitation.iterations, state["train_seconds"], cfg.imitation.minutes):
-            return last
+    state = resumable(last) if last.is_file() else None  # read once: to see whether it is done, and to go on from
+    if state is not None and budget_spent(state["step"], cfg.imitation.iterations, state["train_seconds"], cfg.imitation.minutes):
+        return last  # killed while the finished stage was rated: there is nothing left to train
     train(TrainTeacherConfig(
         env=cfg.env, dataset=cfg.dataset, iterations=cfg.imitation.iterations, minutes=cfg.imitation.minutes,
         batch_size=cfg.imitation.batch_size, eval_every=0, eval_episodes=0, threads=cfg.threads, device="cpu",
-        seed=cfg.seed, name=cfg.name, resume_from=str(last) if last.is_file() else None,
-    ), out)
+        seed=cfg.seed, name=cfg.name, resume_from=str(last) if state is not None else None,
+    ), out, state)
     return last
 
 

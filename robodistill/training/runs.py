@@ -14,7 +14,8 @@ import torch
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
-from robodistill.evaluation import TRAINED_FIELDS, env_for_policy
+from robodistill.evaluation import TRAINED_FIELDS, take_env
+from robodistill.policies.base import trained_env
 from robodistill.summary import RUN_STAMP, jsonl_rows, named
 
 
@@ -190,12 +191,14 @@ def carry_best(resume_path: Path | None, step: int, run_dir: Path) -> None:
     checkpoints.write_atomic(run_dir / "checkpoints" / "best.pt", lambda f: f.write(old.read_bytes()))
 
 
-def resumed_env(env_cfg: EnvConfig, path: Path | None, given: set[str]) -> EnvConfig:
+def resumed_env(env_cfg: EnvConfig, path: Path | None, given: set[str], recorded: dict | None = None) -> EnvConfig:
     """A resumed run goes on in the env it trained in: its task and TRAINED_FIELDS, as its checkpoint
-    (`path`, None when not resuming) records them, where the command line (`given`) leaves them unset."""
+    (`path`, None when not resuming) records them, where the command line (`given`) leaves them unset. `recorded`: that
+    env, where the caller has read the checkpoint already."""
     if path is None:
         return env_cfg
-    return env_for_policy(env_cfg, str(path), given, ("task", *TRAINED_FIELDS), who="the resumed run")
+    return take_env(env_cfg, trained_env(str(path)) if recorded is None else recorded, given, ("task", *TRAINED_FIELDS),
+                    who="the resumed run")
 
 
 def resumed_settings(cfg, trained: dict, fields: tuple[str, ...], given: set[str]) -> dict:
@@ -277,6 +280,7 @@ def restore_training(state: dict, policy: torch.nn.Module, optimizer, lr_schedul
     power = ema.power
     ema.load_state_dict(state["ema_state"])
     ema.power = power
+    ema.to(device=next(policy.parameters()).device)  # its shadow weights are the checkpoint's tensors, read on the CPU
     checkpoints.set_rng_state(state["rng"])
     batch_gen.set_state(state["batch_rng"])
 

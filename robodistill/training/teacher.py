@@ -59,7 +59,9 @@ class TrainTeacherConfig:
     name: str = "teacher"
 
 
-def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
+def train(cfg: TrainTeacherConfig, run_dir: Path, saved: dict | None = None) -> dict:
+    """Train into `run_dir`, or go on from the checkpoint `resume`/`resume_from` name: `saved` is that checkpoint
+    (resumable's) where the caller has read it already (main, to take the run's settings from it)."""
     ranks, device = setup(cfg.device)
     set_threads(cfg.threads, ranks.world)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -135,7 +137,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path) -> dict:
 
     resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
     if resume_path is not None:
-        state = resumable(resume_path, device)
+        state = saved if saved is not None else resumable(resume_path)
         if state["policy"] != policy.spec():  # its config was taken or refused (main): the data's dims or the gripper's differ
             saved, built = ({**spec["config"], **spec["dims"]} for spec in (state["policy"], policy.spec()))
             differ = [k for k in built if saved.get(k) != built[k]]
@@ -254,9 +256,10 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {"obs": {k: v.to(device) for k, v in batch["obs"].items()}, "actions": batch["actions"].to(device)}
 
 
-def resumable(path: Path, device: torch.device | str = "cpu") -> dict:
-    """The checkpoint a train-teacher run continues from."""
-    state = checkpoints.load(path, map_location=device)
+def resumable(path: Path) -> dict:
+    """The checkpoint a train-teacher run continues from, on the CPU: its RNG states must be there (restore_training
+    moves the rest to the policy's device)."""
+    state = checkpoints.load(path)
     if state.get("kind") != KIND or "optimizer" not in state:  # a distill checkpoint holds a teacher, not its training
         what = "a distilled head" if "consistency" in state else f"a '{state.get('kind')}'"
         raise UserError(f"{path} holds {what}, not a train-teacher run's state: resume from runs/train-teacher/<run>/checkpoints/last.pt")
@@ -278,10 +281,12 @@ def main(cfg: DictConfig) -> dict:
     config = TrainTeacherConfig(**{**raw, "env": EnvConfig.from_mapping(raw["env"]), "policy": DiffusionConfig(**raw["policy"])})
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resume_path = find_resume(config.resume, config.resume_from, config.name, run_dir)
-    config.env = resumed_env(config.env, resume_path, given_fields())
-    if resume_path is not None:
-        config = resumed_trainer(config, resumable(resume_path), RESUMED, given_fields(), resume_path)
-    result = train(config, run_dir)
+    saved = None
+    if resume_path is not None:  # read once: its kind checked, then its env and settings taken, then trained on
+        saved = resumable(resume_path)
+        config.env = resumed_env(config.env, resume_path, given_fields(), saved.get("env") or {})
+        config = resumed_trainer(config, saved, RESUMED, given_fields(), resume_path)
+    result = train(config, run_dir, saved)
     if not result["main"]:
         return result
     if result["ranks"] > 1:
