@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path, for a machine with one NVIDIA GPU (run it where one is lent; each step stays under
-# 5 minutes): teacher training on the GPU, then PPO and RPD with sim_backend=physx_cuda and many envs
+# 5 minutes): teacher training on the GPU, resuming train-teacher and distill there, then PPO and RPD with sim_backend=physx_cuda and many envs
 # in one process. Prints samples/s (teacher) and training env steps/s (PPO, RPD).
 #
 #     bash benchmarks/gpu_check.sh [num_envs]        (after `make setup`; OUT=/tmp/gpu_check by default)
@@ -19,6 +19,15 @@ DATA="$OUT/demos/mp_n20_seed0.state.pd_ee_delta_pos.h5"
 echo "== teacher on the GPU (U-Net, 3 minutes)"
 timeout 300 $RD train-teacher env=PushCube-v1 dataset="$DATA" device=cuda policy.denoiser=unet policy.prediction_type=epsilon \
     lr=1e-4 batch_size=256 minutes=3 iterations=100000 eval_every=0 eval_episodes=20 hydra.run.dir="$OUT/teacher" | tail -3
+
+echo "== resume on the GPU: train-teacher and distill each continue their checkpoint (its RNG states read on the CPU)"
+R="$OUT/resume"
+timeout 300 $RD train-teacher env=PushCube-v1 dataset="$DATA" device=cuda iterations=200 checkpoint_every=100 eval_every=0 \
+    eval_episodes=0 hydra.run.dir="$R/teacher" | tail -1
+timeout 300 $RD train-teacher device=cuda iterations=400 resume_from="$R/teacher" hydra.run.dir="$R/teacher-resumed" | grep "resumed from"
+timeout 300 $RD distill teacher="$R/teacher-resumed/checkpoints/last.pt" device=cuda iterations=100 checkpoint_every=50 \
+    eval_episodes=0 hydra.run.dir="$R/distill" | tail -1
+timeout 300 $RD distill device=cuda iterations=200 resume_from="$R/distill" hydra.run.dir="$R/distill-resumed" | grep "resumed from"
 
 for teacher in none "$OUT/teacher/checkpoints/last.pt"; do
   echo "== rpd teacher=$teacher, physx_cuda x $ENVS envs"

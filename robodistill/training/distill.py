@@ -125,13 +125,14 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
 
     resume_path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir)
     if resume_path is not None:
-        state = checkpoints.load(resume_path, map_location=device)
+        state = checkpoints.load(resume_path)  # on the CPU, where its RNG states must be
         done = state.get("consistency", {})
         if done.get("config", {}).get("variant") != cfg.variant or state.get("policy") != payload["policy"]:
             raise UserError(f"{resume_path} is not a '{cfg.variant}' distillation of this teacher: start a new run (another name=)")
         head.load_state_dict(done["weights"])
         load_optimization(optimizer, lr_schedule, done["optimizer"], done["lr_schedule"])
         target_ema.load_state_dict(done["target_ema"])
+        target_ema.to(device=device)  # its shadow weights are the checkpoint's tensors
         target_ema.decay = cfg.target_decay  # the saved state's would win over the one given
         step, train_seconds = done["step"], done["train_seconds"]
         checkpoints.set_rng_state(done["rng"])

@@ -154,7 +154,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     batch_gen = torch.Generator().manual_seed(cfg.seed)
 
     if resume_path is not None:
-        state = checkpoints.load(resume_path, map_location=device)
+        state = checkpoints.load(resume_path)  # on the CPU, where its RNG states must be (restore_training moves the rest)
         if state["policy"] != policy.spec():  # its kind and step were checked before the demos (resumed_config)
             raise UserError(f"{resume_path} was written for another VLA config or task set: start a new run (another name=)")
         restore_training(state, policy, optimizer, lr_schedule, ema, batch_gen)
