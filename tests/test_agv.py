@@ -73,6 +73,17 @@ def test_vectorized_equals_single_env_stepping():
     assert dones.any()
 
 
+def test_unseeded_single_envs_drive_different_layouts_and_a_seed_still_repeats():
+    # gym.make_vec (and SB3's make_vec_env) reset their copies without a seed: each must get its own layouts
+    vec = gym.make_vec(TASK, num_envs=3, scene="simple_static")
+    obs, _ = vec.reset()
+    goals = {tuple(batch.goal[0]) for batch in vec.get_attr("batch")}
+    assert len(goals) == 3, goals
+    assert len({tuple(o) for o in obs}) == 3
+    a, b = gym.make(TASK, scene="simple_static"), gym.make(TASK, scene="simple_static")
+    np.testing.assert_array_equal(a.reset(seed=4)[0], b.reset(seed=4)[0])
+
+
 def test_gym_make_after_importing_robodistill_envs_and_bad_actions_are_refused():
     import subprocess
     import sys

@@ -65,7 +65,12 @@ class AGVWarehouseEnv(gym.Env):
         self.render_mode, self.render_size = render_mode, render_size
 
     def reset(self, *, seed: int | None = None, options=None):
+        unseeded = seed is None and self._np_random is None
         super().reset(seed=seed)
+        if unseeded:
+            # Gymnasium seeds a never-seeded env from the OS: copies made without a seed (gym.make_vec, SB3's
+            # make_vec_env) must not all drive the same layouts, as the batch's default generator (seed 0) would.
+            seed = int(self.np_random.integers(2**63))
         self.batch.reset(np.array([0]), [seed])
         return self.batch.observe()[0], {}
 
