@@ -108,6 +108,17 @@ def test_train_vla_refuses_a_camera_too_small_for_its_cnn(tmp_path):
     assert not (tmp_path / "datasets").exists()  # said before any demos are made
 
 
+def test_train_vla_refuses_a_task_named_twice(tmp_path):
+    # tasks=[PushCube-v1,PushCube-v1] made its demos, then ended in an IndexError traceback at the first batch
+    from robodistill.errors import UserError
+    from robodistill.training.vla import TrainVLAConfig, train
+
+    with pytest.raises(UserError, match=r"^tasks= names PushCube-v1 more than once: name each task once"):
+        train(TrainVLAConfig(tasks=["PushCube-v1", "PickCube-v1", "PushCube-v1"], demos=1, workers=1, iterations=1, eval_episodes=0,
+                             datasets=str(tmp_path / "datasets")), tmp_path / "run")
+    assert not (tmp_path / "datasets").exists()  # said before any demos are made
+
+
 def test_train_vla_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(vla_run, cli, cli_here):
     root = vla_run["root"]
     # Only what changes: the run's demos (the folder it was given relative to where it ran, found from here), batch size, evaluations and network stay its own (the defaults' demos=20 and

@@ -91,6 +91,9 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.tasks:
         raise UserError("tasks= is empty: name at least one task, e.g. tasks=[PushCube-v1,PickCube-v1]")
+    twice = sorted({t for t in cfg.tasks if cfg.tasks.count(t) > 1})
+    if twice:  # each task's phrasings are embedded once: a second entry would index past them
+        raise UserError(f"tasks= names {', '.join(twice)} more than once: name each task once (every batch holds each equally)")
     check_budget(cfg.iterations, cfg.batch_size, cfg.minutes, cfg.checkpoint_every)
     check_optimizer(cfg.lr, cfg.warmup, cfg.weight_decay)
     check_eval_episodes(cfg.eval_episodes, every=cfg.eval_every)
