@@ -305,6 +305,9 @@ def test_bad_env_input_is_a_user_error():
         agv("simple_static", reward_mode="shaped")
     with pytest.raises(UserError, match="env.collision_penalty must be >= 0"):
         agv("simple_static", collision_penalty=-1.0)
+    for steps in (0, -3):  # as for ManiSkill tasks; 0 rated one-step episodes with a time to goal of 0 s
+        with pytest.raises(UserError, match=rf"env.max_episode_steps must be >= 1 \(or null: the scene's own limit\), got {steps}"):
+            agv("simple_static", max_episode_steps=steps)
     with pytest.raises(UserError, match="env.collision_penalty applies to robodistill/AGVWarehouse-v0 only, not to PushCube-v1"):
         make_env(EnvConfig(task="PushCube-v1", collision_penalty=0.5))
     with pytest.raises(UserError, match="env.obs_mode=rgb: robodistill/AGVWarehouse-v0 observes lidar ranges"):

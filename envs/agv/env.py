@@ -40,6 +40,8 @@ def make_batch(scene: str, num: int, reward_mode: str | None = None, max_episode
         rewards = replace(rewards, collision=-float(collision_penalty))
     if num < 1:
         raise UserError(f"env.num_envs must be >= 1, got {num}")
+    if max_episode_steps is not None and max_episode_steps < 1:  # 0 truncated every episode after its first step
+        raise UserError(f"env.max_episode_steps must be >= 1 (or null: the scene's own limit), got {max_episode_steps}")
     spec = get_scene(scene)
     if max_episode_steps is not None:
         spec = replace(spec, max_steps=int(max_episode_steps))
