@@ -84,6 +84,17 @@ def test_unseeded_single_envs_drive_different_layouts_and_a_seed_still_repeats()
     np.testing.assert_array_equal(a.reset(seed=4)[0], b.reset(seed=4)[0])
 
 
+def test_each_env_has_its_own_spaces_so_seeded_random_actions_repeat():
+    # one Box shared by every env: seeding the second env's space reseeded the first's, whose draws then differed
+    a, b = gym.make(TASK, scene="simple_static"), gym.make(TASK, scene="simple_static")
+    vec = agv("simple_static", 2)
+    for space in (a.action_space, b.action_space, vec.single_action_space):
+        space.seed(0)
+    draws = [space.sample() for space in (a.action_space, b.action_space, vec.single_action_space)]
+    np.testing.assert_array_equal(draws[0], draws[1])
+    np.testing.assert_array_equal(draws[0], draws[2])
+
+
 def test_gym_make_after_importing_robodistill_envs_and_bad_actions_are_refused():
     import subprocess
     import sys

@@ -24,8 +24,15 @@ DEFAULT_SCENE = "complex_dynamic"
 # What an episode in progress is (AGVBatch's arrays): its layout, movers, pose, velocity, clock and running totals.
 EPISODE_STATE = ("rects", "goal", "mover_a", "mover_b", "mover_speed", "mover_phase", "pos", "theta", "v", "w", "t", "ret", "path")
 
-OBSERVATION_SPACE = gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
-ACTION_SPACE = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+# Made anew for each env: a space holds a random generator (`seed`, `sample`), and one shared by every env made in a
+# process let seeding one env's space reseed all the others.
+def observation_space() -> gym.spaces.Box:
+    return gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+
+
+def action_space() -> gym.spaces.Box:
+    return gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
 
 def make_batch(scene: str, num: int, reward_mode: str | None = None, max_episode_steps: int | None = None,
@@ -63,7 +70,7 @@ class AGVWarehouseEnv(gym.Env):
     def __init__(self, scene: str = DEFAULT_SCENE, reward_mode: str | None = None, max_episode_steps: int | None = None,
                  render_mode: str | None = None, render_size: int = 256, collision_penalty: float | None = None):
         self.batch = make_batch(scene, 1, reward_mode, max_episode_steps, collision_penalty)
-        self.observation_space, self.action_space = OBSERVATION_SPACE, ACTION_SPACE
+        self.observation_space, self.action_space = observation_space(), action_space()
         self.render_mode, self.render_size = render_mode, render_size
 
     def reset(self, *, seed: int | None = None, options=None):
@@ -100,10 +107,10 @@ class AGVVecEnv:
         self.batch = make_batch(cfg.scene or DEFAULT_SCENE, cfg.num_envs, cfg.reward_mode, cfg.max_episode_steps, cfg.collision_penalty)
         self.num_envs = cfg.num_envs
         self.device = torch.device("cpu")
-        self.single_observation_space = gym.spaces.Dict({"state": OBSERVATION_SPACE})
-        self.single_action_space = ACTION_SPACE
-        self.action_low = torch.as_tensor(ACTION_SPACE.low)
-        self.action_high = torch.as_tensor(ACTION_SPACE.high)
+        self.single_observation_space = gym.spaces.Dict({"state": observation_space()})
+        self.single_action_space = action_space()
+        self.action_low = torch.as_tensor(self.single_action_space.low)
+        self.action_high = torch.as_tensor(self.single_action_space.high)
         self.max_episode_steps = self.batch.max_steps
         self.control_freq = int(round(1 / DT))
         self._render = render

@@ -170,13 +170,14 @@ class _Normalize(nn.Module):
 def agv_graph(payload: dict) -> MeanActionGraph:
     """`robodistill agv-train`'s policy.pt (for the scene it was trained on; any scene takes the same observations)."""
     from robodistill.envs.agv.batch import STOP_ACTION
-    from robodistill.envs.agv.env import ACTION_SPACE
+    from robodistill.envs.agv.env import action_space
 
     actor = agv.GaussianActor(payload["obs_dim"], payload["act_dim"], payload["hidden"])
     actor.load_state_dict(payload["actor"])
     mean, var = payload["obs_mean"], payload["obs_var"]
     net = nn.Sequential(_Normalize(mean, var), actor.mean)
-    return MeanActionGraph(net, ACTION_SPACE.low, ACTION_SPACE.high, mean.numpy(), torch.sqrt(var).numpy(), agv.KIND,
+    bounds = action_space()
+    return MeanActionGraph(net, bounds.low, bounds.high, mean.numpy(), torch.sqrt(var).numpy(), agv.KIND,
                            stop=list(STOP_ACTION))
 
 
