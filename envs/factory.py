@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import gymnasium as gym
 
-from robodistill.envs.vector import VecEnv, single_env
+from robodistill.envs.vector import Filmed, VecEnv, single_env
 from robodistill.errors import UserError
 
 # Tasks run and tested here (CPU, no downloaded assets). Any other registered ManiSkill task that
@@ -213,7 +213,7 @@ def _worker_env(cfg: EnvConfig, render: bool, ignore_terminations: bool, flags: 
     # worker process seeds from the OS: runs with the same seed parted at their first auto-reset. With
     # enhanced_determinism such an episode is seeded from the env's own RNG, which the seeded resets set.
     env = _gym_make(cfg, 1, render, flags, enhanced_determinism=True)
-    return CPUGymWrapper(single_env(env, rgb=cfg.obs_mode == "rgb"), ignore_terminations=ignore_terminations, record_metrics=True)
+    return Filmed(CPUGymWrapper(single_env(env, rgb=cfg.obs_mode == "rgb"), ignore_terminations=ignore_terminations, record_metrics=True))
 
 
 def make_env(
@@ -243,8 +243,9 @@ def make_env(
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
         env = single_env(_gym_make(cfg, cfg.num_envs, render, flags), rgb=cfg.obs_mode == "rgb")
-        vec = ManiSkillVectorEnv(env, auto_reset=True, ignore_terminations=ignore_terminations, record_metrics=True)
-        return VecEnv(vec, cfg, observation=env.observation)
+        filmed = Filmed(env)
+        vec = ManiSkillVectorEnv(filmed, auto_reset=True, ignore_terminations=ignore_terminations, record_metrics=True)
+        return VecEnv(vec, cfg, observation=env.observation, filmed=filmed)
     # AsyncVectorEnv builds one env in this process for the spaces, so config errors surface here.
     make_one = functools.partial(_worker_env, cfg, render, ignore_terminations, flags)
     vec = gym.vector.AsyncVectorEnv(

@@ -6,7 +6,9 @@ Convention (ManiSkill's own `ManiSkillVectorEnv` conventions, whatever the backe
 - `step` returns torch tensors `reward` (B,), `terminated` (B,), `truncated` (B,) and `info`;
 - finished envs reset at once (same step); for them `info["_final_info"]` is True,
   `info["final_observation"]` holds the last observation and `info["final_info"]["episode"]` the
-  episode metrics `success_once`, `success_at_end` (with ignore_terminations), `return`, `episode_len`.
+  episode metrics `success_once`, `success_at_end` (with ignore_terminations), `return`, `episode_len`;
+- `render()` gives every env's frame of its current state, (B, H, W, 3) uint8; `step(action, render=True)` adds
+  `info["frames"]`, those of the state the step reached, rendered before the auto-reset: a video ends on the last state.
 """
 
 from __future__ import annotations
@@ -51,6 +53,28 @@ def single_env(env: gym.Env, rgb: bool) -> gym.Env:
     return StateDictObservation(env)
 
 
+class Filmed(gym.Wrapper):
+    """While `filming`, each step renders the state it reached into `frame`, inside the step: the vector env above
+    resets an episode that ended before its step returns, so a frame rendered after the step never shows that
+    episode's last state (ManiSkill's RecordEpisode films below the reset for the same reason). Not filming, it
+    renders nothing."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.filming = False
+        self.frame = None
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.frame = self.env.render() if self.filming else None
+        return out
+
+
+def _frames(x) -> np.ndarray:
+    """Frames as numpy: ManiSkill's batched envs render torch tensors (on the GPU with physx_cuda)."""
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _to_torch(x: Any, device: torch.device) -> Any:
     if isinstance(x, dict):
         return {k: _to_torch(v, device) for k, v in x.items()}
@@ -84,11 +108,14 @@ class VecEnv:
     """A batch of ManiSkill envs behind the convention above.
 
     Wraps `ManiSkillVectorEnv` (GPU, or one CPU env) or gymnasium's `AsyncVectorEnv` of
-    `CPUGymWrapper` workers (several CPU envs); `make_env` picks.
+    `CPUGymWrapper` workers (several CPU envs), the ManiSkill env (or each worker's) under a `Filmed` wrapper;
+    `make_env` picks.
     """
 
-    def __init__(self, vec: gym.vector.VectorEnv, cfg, observation=None):
+    def __init__(self, vec: gym.vector.VectorEnv, cfg, observation=None, filmed: Filmed | None = None):
         self._vec = vec
+        self._filmed = filmed  # batched: the one Filmed env below `vec`; the workers' are reached through `vec`
+        self._filming = False
         self.cfg = cfg
         self._observation = observation  # batched: the convention's wrapper, raw ManiSkill observation -> ours
         self.num_envs: int = vec.num_envs
@@ -113,18 +140,39 @@ class VecEnv:
             obs, _ = self._vec.reset(seed=seed, options={"reconfigure": True} if rebuild else None)
         return obs if self.batched else _to_torch(obs, self.device)
 
-    def step(self, action: torch.Tensor | np.ndarray):
+    def step(self, action: torch.Tensor | np.ndarray, render: bool = False):
+        """`render`: `info["frames"]` holds every env's frame of the state the step reached, (B, H, W, 3) uint8, that
+        of an episode the step ended included, rendered before the auto-reset (needs `make_env(..., render=True)`).
+        Without it, nothing is rendered."""
+        self._film(render)
         if self.batched:
             action = torch.as_tensor(action, device=self.device, dtype=torch.float32)
-            return self._vec.step(action)
+            obs, reward, terminated, truncated, info = self._vec.step(action)
+            if render:
+                info["frames"] = _frames(self._filmed.frame)
+            return obs, reward, terminated, truncated, info
         action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
         with self._workers():
             obs, reward, terminated, truncated, info = self._vec.step(action.astype(np.float32))
+            frames = np.stack(self._vec.get_attr("frame")) if render else None
         obs = _to_torch(obs, self.device)
         if "final_info" in info:
             info["final_observation"] = _stack_final_obs(info.pop("final_obs"), obs)
         info = _to_torch(info, self.device)
+        if render:
+            info["frames"] = frames
         return obs, _to_torch(reward, self.device).float(), _to_torch(terminated, self.device), _to_torch(truncated, self.device), info
+
+    def _film(self, on: bool) -> None:
+        """Switch the envs' `Filmed` wrappers to `on`; the workers' only when it changes (a message to each)."""
+        if on == self._filming:
+            return
+        if self.batched:
+            self._filmed.filming = on
+        else:
+            with self._workers():
+                self._vec.set_attr("filming", on)
+        self._filming = on
 
     def sim_states(self) -> np.ndarray:
         """(B, S) float32: each env's full simulator state (ManiSkill's `get_state`: poses, velocities,
@@ -154,8 +202,7 @@ class VecEnv:
     def render(self) -> np.ndarray:
         """RGB frames of every env, (B, H, W, 3) uint8 (needs `make_env(..., render=True)`)."""
         if self.batched:
-            frames = self._vec.render()
-            return frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+            return _frames(self._vec.render())
         with self._workers():
             return np.stack(self._vec.call("render"))
 

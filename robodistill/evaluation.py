@@ -141,7 +141,8 @@ def evaluate(
     """Run `episodes` episodes of `policy` in `env` (made with ignore_terminations=True).
 
     :param video_dir: if given (and env made with render=True), mp4s of the first
-        `video_episodes` episodes are written there.
+        `video_episodes` episodes are written there: an episode of T steps gives T + 1 frames, its reset state
+        and the state after each step, its last (solved or not) included.
     """
     rows: list[dict] = []
     n_envs = env.num_envs
@@ -159,12 +160,12 @@ def evaluate(
             executor = ChunkExecutor(policy, n_envs)
             executor.observe(obs)
             finished: dict[int, dict] = {}
-            frames: list[np.ndarray] = []
-            filmed: dict[int, int] = {}  # env -> frames of its episode: an env that ends early steps on into others
             film = min(n_envs, video_episodes - wave_start, episodes - wave_start) if record else 0
+            # The reset state, then the state each step reaches: rendered inside the step, so an episode's last state
+            # is filmed before the auto-reset replaces it (T + 1 frames for T steps).
+            frames: list[np.ndarray] = [env.render()[:film]] if film > 0 else []
+            filmed: dict[int, int] = {}  # env -> frames of its episode: an env that ends early steps on into others
             while len(finished) < n_envs:
-                if film > 0:
-                    frames.append(env.render()[:film])
                 action = executor.act()
                 bad = ~torch.isfinite(action).flatten(1).all(1)
                 if bad.any():  # else ManiSkill's "Action cannot be NaN" traceback (the AGV env's own)
@@ -175,8 +176,10 @@ def evaluate(
                     # Envs whose episode ended early (the AGV's) step on, unrated and unseeded, until the wave ends: an
                     # action there was blamed on the episode they had finished; they are held still instead.
                     action = torch.where(bad.view(-1, *[1] * (action.dim() - 1)), torch.zeros_like(action), action)
-                obs, _, terminated, truncated, info = env.step(action)
+                obs, _, terminated, truncated, info = env.step(action, render=film > 0)
                 steps += n_envs
+                if film > 0:
+                    frames.append(info["frames"][:film])
                 done = (terminated | truncated).cpu()
                 for i in done.nonzero().flatten().tolist():
                     if i not in finished:

@@ -1,6 +1,8 @@
 import json
+from dataclasses import replace
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 import torch
 
@@ -113,10 +115,39 @@ def test_results_do_not_depend_on_number_of_envs(tmp_path):
     videos = sorted(p.name for p in tmp_path.glob("*.mp4"))
     assert videos == ["episode_000.mp4", "episode_001.mp4", "episode_002.mp4"]
     frames = imageio.mimread(tmp_path / "episode_002.mp4")
-    assert len(frames) == 50 and frames[0].shape == (256, 256, 3)
+    assert len(frames) == 51 and frames[0].shape == (256, 256, 3)  # the reset state and the state after each step
     path = two.save(tmp_path / "eval.json", policy="scripted")
     saved = json.loads(path.read_text())
     assert len(saved["episodes"]) == 3 and saved["summary"]["episodes"] == 3
+
+
+def rendered_states(cfg: EnvConfig, seed: int, steps: int) -> np.ndarray:
+    """(steps + 1, H, W, 3): the states a scripted episode of `cfg` with `seed` passes through, rendered after its reset
+    and after each step, in an env whose episode limit is one step longer, so that no auto-reset replaces the last."""
+    with make_env(replace(cfg, num_envs=1, max_episode_steps=steps + 1), ignore_terminations=True, render=True) as env:
+        executor = ChunkExecutor(PushCubeScripted(), 1)
+        executor.observe(env.reset(seed=[seed], rebuild=True))
+        states = [env.render()[0]]
+        for _ in range(steps):
+            obs, *_ = env.step(executor.act())
+            executor.observe(obs)
+            states.append(env.render()[0])
+    return np.stack(states)
+
+
+def test_a_video_shows_its_episode_from_the_reset_state_to_the_last(tmp_path):
+    """Frames were rendered before each step, and the env resets an episode inside the step that ends it: a video of
+    T steps had T frames, and the last state, the one that shows the task solved or failed, was never filmed. (The
+    worker processes' frames, num_envs=2, are counted in test_results_do_not_depend_on_number_of_envs.)"""
+    steps = 5
+    cfg = EnvConfig(task="PushCube-v1", max_episode_steps=steps, render_size=64)
+    with make_env(cfg, ignore_terminations=True, render=True) as env:
+        evaluate(PushCubeScripted(), env, episodes=1, seed=0, progress=False, video_dir=tmp_path, video_episodes=1)
+    video = np.stack(imageio.mimread(tmp_path / "episode_000.mp4")).astype(np.float32)
+    assert len(video) == steps + 1, len(video)
+    # mp4 is lossy: each frame must be nearest to the state it is of, the last to the state after the last step.
+    gaps = np.abs(video[:, None] - rendered_states(cfg, 0, steps)[None].astype(np.float32)).mean(axis=(2, 3, 4))
+    assert gaps.argmin(axis=1).tolist() == list(range(steps + 1)), gaps.round(1)
 
 
 def test_an_evaluation_rates_as_in_a_fresh_env():

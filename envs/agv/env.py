@@ -123,15 +123,17 @@ class AGVVecEnv:
         self.batch.reset(np.arange(self.num_envs), seed)
         return {"state": torch.from_numpy(self.batch.observe())}
 
-    def step(self, action):
+    def step(self, action, render: bool = False):
+        """As `VecEnv.step`: `render` puts every robot's frame of the state the step reached, before the auto-reset,
+        in `info["frames"]`."""
         action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
         reward, terminated, truncated, episode = self.batch.step(action.astype(np.float64))
         done = terminated | truncated
-        info: dict = {}
+        info: dict = {"frames": self.render()} if render else {}
         if done.any():
             final_obs = self.batch.observe()
             self.batch.reset(np.flatnonzero(done))
-            info = {
+            info |= {
                 "_final_info": torch.from_numpy(done),
                 "final_observation": {"state": torch.from_numpy(final_obs)},
                 "final_info": {"episode": {k: torch.from_numpy(np.asarray(episode[k])) for k in EPISODE_METRICS}},
