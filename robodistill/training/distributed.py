@@ -297,7 +297,9 @@ def any_rank(flag: bool, ranks: Ranks) -> bool:
     """True on every rank if it is true on one (e.g. rank 0 has used up the time budget)."""
     if ranks.world == 1:
         return flag
-    t = torch.tensor([float(flag)])
+    # nccl (the CUDA ranks' backend) serves CUDA tensors only: a CPU one is refused ("No backend type associated with
+    # device type cpu"), at the first loss check (iteration 50) of every multi-GPU run
+    t = torch.tensor([float(flag)], device="cuda" if ranks.exchange == "nccl" else None)  # "cuda": the rank's own, set by setup()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
