@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path, for a machine with one NVIDIA GPU (run it where one is lent; each step stays under
-# 5 minutes): teacher training on the GPU, resuming train-teacher and distill there, then PPO and RPD with sim_backend=physx_cuda and many envs
+# 5 minutes): teacher training on the GPU, resuming train-teacher and distill there, bench-latency with the policy on the
+# GPU, then PPO and RPD with sim_backend=physx_cuda and many envs
 # in one process. Prints samples/s (teacher) and training env steps/s (PPO, RPD).
 #
 #     bash benchmarks/gpu_check.sh [num_envs]        (after `make setup`; OUT=/tmp/gpu_check by default)
@@ -28,6 +29,10 @@ timeout 300 $RD train-teacher device=cuda iterations=400 resume_from="$R/teacher
 timeout 300 $RD distill teacher="$R/teacher-resumed/checkpoints/last.pt" device=cuda iterations=100 checkpoint_every=50 \
     eval_episodes=0 hydra.run.dir="$R/distill" | tail -1
 timeout 300 $RD distill device=cuda iterations=200 resume_from="$R/distill" hydra.run.dir="$R/distill-resumed" | grep "resumed from"
+
+echo "== bench-latency with the policy on the GPU (env.sim_backend=physx_cuda: inputs on its device, each call waited for)"
+timeout 300 $RD bench-latency ckpt="$OUT/teacher/checkpoints/last.pt" env.sim_backend=physx_cuda samplers='[ddim:10]' calls=50 \
+    episodes=4 hydra.run.dir="$OUT/latency" | tail -2
 
 for teacher in none "$OUT/teacher/checkpoints/last.pt"; do
   echo "== rpd teacher=$teacher, physx_cuda x $ENVS envs"

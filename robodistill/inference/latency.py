@@ -52,13 +52,17 @@ def _percentiles(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def _timed(fn, calls: int) -> list[float]:
+def _timed(fn, calls: int, device: torch.device) -> list[float]:
+    # CUDA runs kernels asynchronously: a call on the GPU not waited for is timed as its launch, not its work
+    wait = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(5):  # warm-up: allocator, first-call dispatch
         fn()
+    wait()
     out = []
     for _ in range(calls):
         start = time.perf_counter()
         fn()
+        wait()
         out.append(time.perf_counter() - start)
     return out
 
@@ -84,19 +88,20 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
         for name, steps in parsed:  # each sampler's steps checked against this checkpoint before any is measured
             policy.set_sampler(name, steps, rti if name == "rti" else None)
         # Every sampler's episodes draw their noise from here, as `robodistill eval` with this seed would: not from
-        # wherever the timed calls and the samplers measured before left torch's RNG.
-        rng = torch.get_rng_state()
+        # wherever the timed calls and the samplers measured before left torch's RNG (the GPU's too: a policy on
+        # env.device=cuda draws there).
+        rng = checkpoints.rng_state()
         first = env.reset(seed=[seed] * env.num_envs)
         obs = {k: v[:1].unsqueeze(1).repeat_interleave(policy.obs_horizon, dim=1) for k, v in first.items()}
         cond = policy.condition(obs)
-        x = torch.randn(1, policy.cfg.pred_horizon, policy.dims["action_dim"])
-        t = torch.full((1,), policy.cfg.num_train_timesteps - 1)
+        x = torch.randn(1, policy.cfg.pred_horizon, policy.dims["action_dim"], device=cond.device)
+        t = torch.full((1,), policy.cfg.num_train_timesteps - 1, device=cond.device)
         with torch.no_grad():
-            floor, _ = _percentiles(_timed(lambda: policy.denoiser(x, t, cond), calls))
+            floor, _ = _percentiles(_timed(lambda: policy.denoiser(x, t, cond), calls, cond.device))
         for spec, (name, steps) in zip(samplers, parsed):
             policy.set_sampler(name, steps, rti if name == "rti" else None)
             policy.reset(None)
-            p50, p99 = _percentiles(_timed(lambda: policy.predict_chunk(obs), calls))
+            p50, p99 = _percentiles(_timed(lambda: policy.predict_chunk(obs), calls, cond.device))
             row = {
                 "checkpoint": label or _run_name(Path(ckpt).resolve()), "task": env_cfg.task, "sampler": spec,
                 "denoiser_calls": policy.sampler.steps, "actions_per_inference": policy.act_horizon,
@@ -104,7 +109,7 @@ def measure(ckpt: str, env_cfg: EnvConfig, samplers: list[str], rti: RTIConfig, 
                 "forward_ms": floor, "p50_over_forward": p50 / floor,
             }
             if episodes:
-                torch.set_rng_state(rng)
+                checkpoints.set_rng_state(rng)
                 report: EvalReport = evaluate(policy, env, episodes, seed=seed)
                 s = report.summary["success_once"]
                 row.update(success_once=s["rate"], ci95=s["ci95"], episodes=episodes, eval_seconds=report.seconds)
