@@ -21,11 +21,16 @@ echo "== teacher on the GPU (U-Net, 3 minutes)"
 timeout 300 $RD train-teacher env=PushCube-v1 dataset="$DATA" device=cuda policy.denoiser=unet policy.prediction_type=epsilon \
     lr=1e-4 batch_size=256 minutes=3 iterations=100000 eval_every=0 eval_episodes=20 hydra.run.dir="$OUT/teacher" | tail -3
 
-echo "== resume on the GPU: train-teacher and distill each continue their checkpoint (its RNG states read on the CPU)"
+echo "== resume on the GPU: train-teacher and distill each continue their checkpoint (RNG states read on the CPU; more saved than GPUs here)"
 R="$OUT/resume"
 timeout 300 $RD train-teacher env=PushCube-v1 dataset="$DATA" device=cuda iterations=200 checkpoint_every=100 eval_every=0 \
     eval_episodes=0 hydra.run.dir="$R/teacher" | tail -1
 timeout 300 $RD train-teacher device=cuda iterations=400 resume_from="$R/teacher" hydra.run.dir="$R/teacher-resumed" | grep "resumed from"
+# as written where two GPUs were visible (resumed with fewer: CUDA_VISIBLE_DEVICES): one CUDA RNG state more than GPUs here
+cp -r "$R/teacher" "$R/teacher-2gpus"
+"$PY" -c "import sys, torch; c = torch.load(sys.argv[1], weights_only=True); s = c['rng'].get('cuda', []); s.extend(s[:1]); torch.save(c, sys.argv[1])" \
+    "$R/teacher-2gpus/checkpoints/last.pt"
+timeout 300 $RD train-teacher device=cuda iterations=400 resume_from="$R/teacher-2gpus" hydra.run.dir="$R/teacher-2gpus-resumed" | grep "resumed from"
 timeout 300 $RD distill teacher="$R/teacher-resumed/checkpoints/last.pt" device=cuda iterations=100 checkpoint_every=50 \
     eval_episodes=0 hydra.run.dir="$R/distill" | tail -1
 timeout 300 $RD distill device=cuda iterations=200 resume_from="$R/distill" hydra.run.dir="$R/distill-resumed" | grep "resumed from"
