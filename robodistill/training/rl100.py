@@ -310,25 +310,31 @@ def collect(policy: DiffusionPolicy, env, episodes: int, seed: int) -> list[Epis
     obs = env.reset(seed=[seed + i for i in range(n)])
     executor = ChunkExecutor(policy, n)
     executor.observe(obs)
-    fresh = lambda i: {"state": [obs["state"][i].cpu().numpy()], "actions": [], "success": []}  # noqa: E731
-    current = [fresh(i) for i in range(n)]
+    fresh = lambda state: {"state": [state], "actions": [], "success": []}  # noqa: E731
+    current = [fresh(state) for state in obs["state"].cpu().numpy()]
     out: list[Episode] = []
     while len(out) < episodes:
         action = executor.act()
         obs, _, terminated, truncated, info = env.step(action)
         done = (terminated | truncated).cpu()
+        # Each step's tensors come to the CPU once, not an env at a time: on physx_cuda every element read of a GPU
+        # tensor is a transfer and a wait, three per env and step.
+        actions, now, solved = action.cpu().numpy(), obs["state"].cpu().numpy(), info["success"].cpu().numpy()
+        last = now
+        if done.any():
+            ended = done.numpy()
+            last, solved = now.copy(), solved.copy()
+            last[ended] = info["final_observation"]["state"].cpu().numpy()[ended]
+            solved[ended] = info["final_info"]["success"].cpu().numpy()[ended]
         for i in range(n):
-            ended = bool(done[i])
-            last = info["final_observation"]["state"][i] if ended else obs["state"][i]
-            solved = info["final_info"]["success"][i] if ended else info["success"][i]
-            current[i]["actions"].append(action[i].cpu().numpy())
-            current[i]["state"].append(last.cpu().numpy())
-            current[i]["success"].append(bool(solved))
-            if ended:
+            current[i]["actions"].append(actions[i])
+            current[i]["state"].append(last[i])
+            current[i]["success"].append(bool(solved[i]))
+            if done[i]:
                 c = current[i]
                 out.append(Episode(Path("rollout"), len(out), None, any(c["success"]), np.stack(c["actions"]).astype(np.float32),
                                    {"state": np.stack(c["state"]).astype(np.float32)}, np.array(c["success"])))
-                current[i] = fresh(i)
+                current[i] = fresh(now[i])
         executor.observe(obs, done)
     return out[:episodes]
 
