@@ -287,11 +287,13 @@ class SB3View(SB3VecEnv):
         done = (terminated | truncated).cpu().numpy()
         infos: list[dict] = [{} for _ in range(self.num_envs)]
         if done.any():
+            # on the CPU at once: an element of a GPU tensor read per finished env is a transfer and a wait each
+            cut = (truncated & ~terminated).cpu().numpy()
             final_obs = self.to_numpy(info["final_observation"])
             episode = {k: v.cpu().numpy() for k, v in info["final_info"].get("episode", {}).items()}
             for i in np.flatnonzero(done):
                 infos[i]["terminal_observation"] = final_obs[i] if self._flat else {k: v[i] for k, v in final_obs.items()}
-                infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+                infos[i]["TimeLimit.truncated"] = bool(cut[i])
                 if episode:
                     infos[i]["episode"] = {"r": float(episode["return"][i]), "l": int(episode["episode_len"][i])}
                     if "success_once" in episode:
