@@ -39,6 +39,16 @@ echo "== bench-latency with the policy on the GPU (env.sim_backend=physx_cuda: i
 timeout 300 $RD bench-latency ckpt="$OUT/teacher/checkpoints/last.pt" env.sim_backend=physx_cuda samplers='[ddim:10]' calls=50 \
     episodes=4 hydra.run.dir="$OUT/latency" | tail -2
 
+echo "== initial states on physx_cuda: seed 10001 alone, and in a 4-env reset seeded 10000..10003 (README: not the same episode)"
+"$PY" - <<'EOF'
+from robodistill.envs import EnvConfig, make_env
+states = []
+for n in (1, 4):
+    with make_env(EnvConfig(task="PushCube-v1", sim_backend="physx_cuda", num_envs=n)) as env:
+        states.append(env.reset(seed=[10001 - (n > 1) + i for i in range(n)])["state"][int(n > 1)].cpu())
+print(f"largest difference of the two initial states: {(states[0] - states[1]).abs().max():.4f}")
+EOF
+
 for teacher in none "$OUT/teacher/checkpoints/last.pt"; do
   echo "== rpd teacher=$teacher, physx_cuda x $ENVS envs"
   timeout 300 $RD rpd env=PushCube-v1 env.sim_backend=physx_cuda env.num_envs="$ENVS" teacher="$teacher" device=cuda \

@@ -8,6 +8,10 @@ Episodes run in waves of `env.num_envs`; episode k is reset with seed `seed + k`
 does not depend on how many envs ran it (nor does a deterministic policy's result; a sampler's noise is
 drawn per wave). Every episode runs to the time limit (ignore_terminations), so
 both success_once (ever succeeded) and success_at_end (succeeded at the last step) are defined.
+Not on physx_cuda with several envs: there ManiSkill lays out a reset's initial states for the whole
+batch from its first seed (torch.manual_seed(seeds[0]), then the task's draws for all envs at once;
+BaseEnv.reset), so episode k's depends on the wave's size and its place in it, and is not the one the
+CPU gives seed + k: the same rate is estimated, on other episodes.
 """
 
 from __future__ import annotations
