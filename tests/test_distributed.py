@@ -56,7 +56,7 @@ def test_ranks_stop_together_when_the_time_budget_runs_out(cli, tmp_path, pushcu
     # Rank 0's clock skips its evaluations, rank 1's counts the wait for them: a rank that left the loop on its
     # own clock left rank 0 waiting for its gradients until gloo's 30-minute timeout.
     r = cli("train-teacher", "launcher=torchrun", "nproc=2", "env=PushCube-v1", f"dataset={pushcube_demos}",
-            "minutes=0.1", "iterations=1000000", "batch_size=32", "eval_every=200", "eval_episodes=1",
+            "minutes=0.1", "iterations=1000000", "batch_size=32", "eval_every=50", "eval_episodes=1",
             "checkpoint_every=1000000", "policy.mlp_hidden=[64,64]", f"hydra.run.dir={tmp_path}", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(tmp_path)
