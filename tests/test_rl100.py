@@ -134,7 +134,17 @@ def test_online_chunk_reward_is_discounted_to_the_chunk_start(pushcube_demos, ma
     from robodistill.training.rl100 import play_chunk
 
     episode, h, gamma = load_episodes([pushcube_demos])[0], 8, 0.9
-    end = min(int(episode.step_success.argmax()), max_episode_steps - 1)  # the env step that ends the episode
+    # Where it is solved and the states it passes through are taken from a replay of the whole demo in a fresh env,
+    # not from the demo's recording: after the push's contacts a replay drifts from the recording by machine (cube
+    # orientation ~3e-3 within 5 steps of step 50 here, the fingers' velocities ~3e-2), while two replays of the same
+    # actions from the same seed in this process are identical
+    with make_env(EnvConfig(task="PushCube-v1", reward_mode="sparse", max_episode_steps=len(episode)), ignore_terminations=True) as env:
+        replayed, solved = [env.reset(seed=[episode.seed])["state"][0]], []
+        for action in torch.as_tensor(episode.actions):
+            obs, _, _, _, info = env.step(action[None])
+            replayed.append(obs["state"][0])
+            solved.append(bool(info["success"][0]))
+    end = min(solved.index(True), max_episode_steps - 1)  # the env step that ends the episode
     actions = torch.as_tensor(episode.actions[: (end // h + 1) * h])
     seen = []
     value_of = lambda hist: seen.append(hist) or torch.full((len(hist),), 5.0)  # noqa: E731
@@ -150,12 +160,8 @@ def test_online_chunk_reward_is_discounted_to_the_chunk_start(pushcube_demos, ma
         assert outcomes == [True] and torch.allclose(reward, torch.tensor([gamma**j])) and not seen
     else:
         assert outcomes == [False] and torch.allclose(reward, torch.tensor([5.0 * gamma ** (j + 1)]))
-        # V is asked about the observations the episode ended on, not the reset's. Compared on positions and poses:
-        # the fingers' joint velocities (state dims 9-17 are qvel) jitter by up to ~3e-2 between this replay and the
-        # demo's recording, by machine, while every position agrees to ~1e-4
-        final, stored = seen[0][0, -1], torch.as_tensor(episode.obs["state"][end + 1])
-        positions = torch.cat([torch.arange(9), torch.arange(18, final.numel())])
-        assert torch.allclose(final[positions], stored[positions], atol=1e-3)
+        # V is asked about the observations the episode ended on (the last two steps' history), not the reset's
+        assert torch.equal(seen[0][0], torch.stack(replayed[end : end + 2]))
 
 
 SMALL = ["env.max_episode_steps=40", "imitation.iterations=40", "imitation.batch_size=32", "offline.iterations=1",
