@@ -180,7 +180,9 @@ def test_vla_follows_its_instruction_and_teaches_in_process_and_served(vla_run, 
             default = served()
             assert default.shape == (4, 4)
             np.testing.assert_allclose(served(prompt=phrasings("PickCube-v1")[0]), default, atol=1e-6)
-            assert not np.allclose(served(prompt=phrasings("PushCube-v1")[0]), default, atol=1e-4)
+            # Against the same prompt's answer (bit-identical, each connection's noise restarting), not against a size of
+            # the prompt's effect: that depends on the tiny model's training (5e-4 here, 5x the 1e-4 this asked for)
+            assert not np.allclose(served(prompt=phrasings("PushCube-v1")[0]), default, atol=1e-6)
             assert served(prompt="lift the little box up to the mark").shape == (4, 4)
             remote = load_teacher(f"ws://127.0.0.1:{server.port}", env)
             assert remote.prompt == phrasings("PickCube-v1")[0]  # sent with every observation, as openpi clients do
