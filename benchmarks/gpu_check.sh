@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU path, for a machine with one NVIDIA GPU (run it where one is lent; each step stays under
 # 5 minutes): teacher training on the GPU, resuming train-teacher and distill there, bench-latency with the policy on the
-# GPU, then PPO and RPD with sim_backend=physx_cuda and many envs
-# in one process. Prints samples/s (teacher) and training env steps/s (PPO, RPD).
+# GPU, the simulator on each rank's own GPU (2 ranks where 2 GPUs are), then PPO and RPD
+# with sim_backend=physx_cuda and many envs in one process. Prints samples/s (teacher) and training env steps/s (PPO, RPD).
 #
 #     bash benchmarks/gpu_check.sh [num_envs]        (after `make setup`; OUT=/tmp/gpu_check by default)
 set -euo pipefail
@@ -48,6 +48,40 @@ for n in (1, 4):
         states.append(env.reset(seed=[10001 - (n > 1) + i for i in range(n)])["state"][int(n > 1)].cpu())
 print(f"largest difference of the two initial states: {(states[0] - states[1]).abs().max():.4f}")
 EOF
+
+echo "== each rank simulates on its own GPU: physx_cuda:0 here; with 2 GPUs, 2 ranks on physx_cuda, then rpd on them"
+cat > "$OUT/ranks_check.py" <<'EOF'
+import sys
+
+import torch
+
+from robodistill.envs import EnvConfig, make_env
+from robodistill.training.distributed import finish, setup
+
+backend = sys.argv[1]
+ranks, device = setup("cuda" if backend.startswith("physx_cuda") else "cpu")
+n = 16 if backend.startswith("physx_cuda") else 1
+with make_env(EnvConfig(task="PushCube-v1", sim_backend=backend, num_envs=n)) as env:
+    env.reset(seed=list(range(n)))
+    for _ in range(20):
+        obs, *_ = env.step(torch.zeros(n, 4, device=env.device))
+    sim = env._vec.base_env.backend.sim_device
+    current = torch.cuda.current_device() if device.type == "cuda" else None
+    print(f"rank {ranks.rank}: trains on {device}, simulates on {sim}, observations on {obs['state'].device}, "
+          f"current CUDA device {current}", flush=True)
+    gpu = backend.partition(":")[2]
+    expected = int(gpu) if gpu else device.index  # plain physx_cuda: the rank's own GPU (one process: index None)
+    if backend.startswith("physx_cuda") and expected is not None:  # and SAPIEN left torch's current device there
+        assert sim.cuda_id == expected == obs["state"].device.index == current, f"not on GPU {expected}"
+finish(ranks)
+EOF
+timeout 300 "$PY" "$OUT/ranks_check.py" physx_cuda:0
+if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  timeout 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 "$OUT/ranks_check.py" physx_cuda 2>&1 | grep "^rank"
+  timeout 300 $RD rpd env=PushCube-v1 env.sim_backend=physx_cuda env.num_envs=64 device=cuda launcher=torchrun nproc=2 \
+      total_steps=12800 n_steps=50 batch_size=800 eval_every=0 eval_episodes=64 obs_norm_steps=640 progress=false \
+      hydra.run.dir="$OUT/rpd-2gpus" | tail -2
+fi
 
 for teacher in none "$OUT/teacher/checkpoints/last.pt"; do
   echo "== rpd teacher=$teacher, physx_cuda x $ENVS envs"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import multiprocessing
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ SUPPORTED_TASKS = (
     "PlugCharger-v1",
 )
 OBS_MODES = ("state", "rgb")
-SIM_BACKENDS = ("physx_cpu", "physx_cuda")
+SIM_BACKENDS = ("physx_cpu", "physx_cuda")  # and physx_cuda:<n>, GPU n
 AGV_TASK = "robodistill/AGVWarehouse-v0"  # envs/agv; imported lazily so ManiSkill users never load it
 SETUP_HINT = "run `make setup` (scripts/setup.sh) to install Mesa's lavapipe Vulkan driver"
 
@@ -143,16 +144,24 @@ def _check(cfg: EnvConfig, flags: str) -> None:
         raise UserError(f"reward_mode '{cfg.reward_mode}' is not valid for {cfg.task} ({flags}reward_mode). Valid: {', '.join(reward_modes)}")
     if cfg.obs_mode not in OBS_MODES:
         raise UserError(f"unknown obs_mode '{cfg.obs_mode}' for {cfg.task} ({flags}obs_mode). Valid: {', '.join(OBS_MODES)}")
-    if cfg.sim_backend not in SIM_BACKENDS:
-        raise UserError(f"unknown sim_backend '{cfg.sim_backend}' ({flags}sim_backend). Valid: {', '.join(SIM_BACKENDS)}")
+    backend, colon, gpu = cfg.sim_backend.partition(":")
+    if backend not in SIM_BACKENDS or colon and not (backend == "physx_cuda" and gpu.isdigit()):
+        raise UserError(f"unknown sim_backend '{cfg.sim_backend}' ({flags}sim_backend). Valid: {', '.join(SIM_BACKENDS)}, "
+                        f"physx_cuda:<n> (GPU n)")
     if cfg.num_envs < 1:
         raise UserError(f"{flags}num_envs must be >= 1, got {cfg.num_envs}")
     if cfg.image_size < 1:
         raise UserError(f"{flags}image_size must be >= 1 (the camera's width and height in pixels), got {cfg.image_size}")
     if cfg.max_episode_steps is not None and cfg.max_episode_steps < 1:
         raise UserError(f"{flags}max_episode_steps must be >= 1 (or null: the task's own limit), got {cfg.max_episode_steps}")
-    if cfg.sim_backend == "physx_cuda" and not _cuda():
-        raise UserError(f"{flags}sim_backend=physx_cuda needs a CUDA GPU and a CUDA build of torch; use physx_cpu here")
+    if gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank's simulator on that one GPU, beside its own
+        raise UserError(f"{flags}sim_backend={cfg.sim_backend} puts every rank's simulation on GPU {gpu}: under launcher=torchrun "
+                        f"give {flags}sim_backend=physx_cuda, which simulates on each rank's own GPU")
+    if backend == "physx_cuda" and not _cuda():
+        raise UserError(f"{flags}sim_backend={cfg.sim_backend} needs a CUDA GPU and a CUDA build of torch; use physx_cpu here")
+    if gpu and int(gpu) >= _cuda_devices():
+        raise UserError(f"{flags}sim_backend={cfg.sim_backend}: this machine has {_cuda_devices()} CUDA device(s), "
+                        f"physx_cuda:0 to physx_cuda:{_cuda_devices() - 1}")
 
 
 def _cuda() -> bool:
@@ -161,16 +170,35 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _backends(cfg: EnvConfig) -> tuple[str, str]:
+    """ManiSkill's sim_backend and render_backend for `cfg`. Plain physx_cuda simulates and renders on this process's
+    current CUDA device, the rank's own under launcher=torchrun (training.distributed.setup sets it): given a bare
+    "physx_cuda", SAPIEN takes the first CUDA device it finds whatever torch's current device is, so every rank
+    simulated on GPU 0, while ManiSkill made its own tensors on torch.device("cuda"), the rank's GPU."""
+    if not cfg.sim_backend.startswith("physx_cuda"):
+        return cfg.sim_backend, "gpu" if _cuda() else "cpu"  # "gpu": SAPIEN's CUDA renderer; without CUDA, lavapipe directly (no warning)
+    import torch
+
+    gpu = cfg.sim_backend.partition(":")[2] or torch.cuda.current_device()
+    return f"physx_cuda:{gpu}", f"sapien_cuda:{gpu}"
+
+
 def gym_kwargs(cfg: EnvConfig, num_envs: int, render: bool) -> dict:
     """Keyword arguments for `gym.make(cfg.task, **kwargs)` of a ManiSkill task."""
+    sim_backend, render_backend = _backends(cfg)
     kwargs: dict[str, Any] = dict(
         num_envs=num_envs,
         obs_mode="rgb" if cfg.obs_mode == "rgb" else "state",
-        sim_backend=cfg.sim_backend,
+        sim_backend=sim_backend,
         render_mode="rgb_array" if render else None,
         human_render_camera_configs=dict(width=cfg.render_size, height=cfg.render_size),
-        # "gpu" means SAPIEN's CUDA renderer; without CUDA, ask for lavapipe directly (no warning).
-        render_backend="gpu" if _cuda() else "cpu",
+        render_backend=render_backend,
     )
     if cfg.obs_mode == "rgb":
         kwargs["sensor_configs"] = dict(width=cfg.image_size, height=cfg.image_size)
@@ -239,7 +267,7 @@ def make_env(
 
         return AGVVecEnv(cfg, render=render)
     _check(cfg, flags)
-    if cfg.sim_backend == "physx_cuda" or cfg.num_envs == 1:
+    if cfg.sim_backend.startswith("physx_cuda") or cfg.num_envs == 1:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
         env = single_env(_gym_make(cfg, cfg.num_envs, render, flags), rgb=cfg.obs_mode == "rgb")

@@ -116,6 +116,8 @@ def test_supported_task_builds_and_steps(task):
         (dict(control_mode="pd_teleport"), "Valid: pd_joint_delta_pos, pd_joint_pos, pd_ee_delta_pos"),
         (dict(reward_mode="shaped"), "Valid: normalized_dense, dense, sparse, none"),
         (dict(sim_backend="physx_gpu"), "Valid: physx_cpu, physx_cuda"),
+        (dict(sim_backend="physx_cuda:x"), "Valid: physx_cpu, physx_cuda, physx_cuda:<n> (GPU n)"),
+        (dict(sim_backend="physx_cpu:0"), "unknown sim_backend 'physx_cpu:0'"),  # ManiSkill would drop the :0 unread
         (dict(num_envs=0), "num_envs must be >= 1"),
         (dict(colour="red"), "unknown env field(s) ['colour']"),
     ],
@@ -129,8 +131,30 @@ def test_bad_env_config_names_field_and_choices(cfg, message):
 def test_gpu_backend_refused_clearly_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the GPU path is checked by benchmarks/gpu_check.sh")
-    with pytest.raises(UserError, match="physx_cuda needs a CUDA GPU"):
-        make_env(EnvConfig(sim_backend="physx_cuda", num_envs=16))
+    for backend in ("physx_cuda", "physx_cuda:0"):
+        with pytest.raises(UserError, match=f"sim_backend={backend} needs a CUDA GPU"):
+            make_env(EnvConfig(sim_backend=backend, num_envs=16))
+
+
+def test_gpu_simulation_runs_on_the_process_own_gpu(monkeypatch):
+    """What ManiSkill is asked for: plain physx_cuda on torch's current CUDA device (each rank's own under torchrun:
+    setup() sets it), rendering there too; SAPIEN would take a bare "physx_cuda" to its first GPU for every rank.
+    CUDA stands in for what this machine lacks: a second GPU, current in this process, as on rank 1."""
+    from robodistill.envs.factory import gym_kwargs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for given, gpu in (("physx_cuda", 1), ("physx_cuda:0", 0)):
+        kwargs = gym_kwargs(EnvConfig(sim_backend=given, num_envs=4), 4, render=False)
+        assert (kwargs["sim_backend"], kwargs["render_backend"]) == (f"physx_cuda:{gpu}", f"sapien_cuda:{gpu}")
+    assert gym_kwargs(EnvConfig(), 1, render=False)["render_backend"] == "gpu"  # physx_cpu: SAPIEN picks its renderer
+
+
+def test_one_gpu_for_every_rank_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each of 2 ranks
+    with pytest.raises(UserError, match="env.sim_backend=physx_cuda:1 puts every rank's simulation on GPU 1: under "
+                                        "launcher=torchrun give env.sim_backend=physx_cuda"):
+        make_env(EnvConfig(sim_backend="physx_cuda:1", num_envs=16))
 
 
 def test_sb3_view_trains_ppo_and_reports_episodes():
