@@ -34,6 +34,9 @@ timeout 300 $RD train-teacher device=cuda iterations=400 resume_from="$R/teacher
 timeout 300 $RD distill teacher="$R/teacher-resumed/checkpoints/last.pt" device=cuda iterations=100 checkpoint_every=50 \
     eval_episodes=0 hydra.run.dir="$R/distill" | tail -1
 timeout 300 $RD distill device=cuda iterations=200 resume_from="$R/distill" hydra.run.dir="$R/distill-resumed" | grep "resumed from"
+# distill reads the teacher on the CPU (only its weights go to the GPU); read onto the GPU, the EMA its checkpoints carry was cuda:0's
+"$PY" -c "import sys, torch; e = torch.load(sys.argv[1], weights_only=True)['ema']; d = {str(t.device) for t in e.values()}; \
+print('teacher weights in the distill checkpoint were read onto:', d); assert d == {'cpu'}" "$R/distill/checkpoints/last.pt"
 
 echo "== bench-latency with the policy on the GPU (env.sim_backend=physx_cuda: inputs on its device, each call waited for)"
 timeout 300 $RD bench-latency ckpt="$OUT/teacher/checkpoints/last.pt" env.sim_backend=physx_cuda samplers='[ddim:10]' calls=50 \

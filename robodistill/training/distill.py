@@ -85,7 +85,10 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         why = "no such file" if cfg.teacher else "required"
         raise UserError(f"teacher={cfg.teacher!r}: {why}; give the path of a train-teacher checkpoint (runs/train-teacher/<run>/checkpoints/last.pt)")
     cfg = replace(cfg, teacher=absolute_paths(cfg.teacher), dataset=cfg.dataset and absolute_paths(cfg.dataset))
-    payload = checkpoints.load(cfg.teacher, map_location=device)
+    # Read on the CPU and cut to what distillation keeps (what its own checkpoints carry): read onto `device`, the teacher's
+    # training state besides (weights, EMA shadows, Adam's two moments: 4x the EMA weights) was held there all run long.
+    payload = checkpoints.load(cfg.teacher)
+    payload = {k: payload.get(k) for k in ("kind", "policy", "env", "train", "ema")}
     if payload.get("kind") != KIND:
         raise UserError(f"teacher={cfg.teacher} holds a '{payload.get('kind')}', not a Diffusion Policy teacher")
     teacher = DiffusionPolicy.from_spec(payload["policy"])
