@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path, for a machine with one NVIDIA GPU (run it where one is lent; each step stays under
 # 5 minutes): teacher training on the GPU, resuming train-teacher and distill there, bench-latency with the policy on the
-# GPU, the simulator on each rank's own GPU (2 ranks where 2 GPUs are), then PPO and RPD
+# GPU, the simulator on each rank's own GPU (2 ranks where 2 GPUs are), a Hugging Face VLA on the GPU, then PPO and RPD
 # with sim_backend=physx_cuda and many envs in one process. Prints samples/s (teacher) and training env steps/s (PPO, RPD).
 #
 #     bash benchmarks/gpu_check.sh [num_envs]        (after `make setup`; OUT=/tmp/gpu_check by default)
@@ -85,6 +85,27 @@ if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; the
       total_steps=12800 n_steps=50 batch_size=800 eval_every=0 eval_episodes=64 obs_norm_steps=640 progress=false \
       hydra.run.dir="$OUT/rpd-2gpus" | tail -2
 fi
+
+echo "== a Hugging Face VLA runs on the env's device (a tiny Llava made here; a stand-in env: no camera needed)"
+timeout 300 "$PY" - cuda "$OUT/tiny-vla" <<'EOF'
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from robodistill.envs import EnvConfig
+from robodistill.policies import load_policy
+from tests.test_vla import tiny_llava
+
+device, model_dir = torch.device(sys.argv[1]), sys.argv[2]
+tiny_llava(model_dir, action_dim=4)
+env = SimpleNamespace(cfg=EnvConfig(task="PickCube-v1", obs_mode="rgb"), device=device,  # what load_policy reads of an env
+                      action_low=-torch.ones(4, device=device), action_high=torch.ones(4, device=device))
+vla = load_policy(model_dir, env)
+actions = vla.predict_chunk({"rgb": torch.zeros(2, 1, 32, 32, 3, dtype=torch.uint8, device=device)})
+print(f"VLA weights on {vla.model.device}, actions {tuple(actions.shape)} on {actions.device}")
+assert vla.model.device.type == device.type == actions.device.type
+EOF
 
 for teacher in none "$OUT/teacher/checkpoints/last.pt"; do
   echo "== rpd teacher=$teacher, physx_cuda x $ENVS envs"

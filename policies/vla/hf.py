@@ -10,6 +10,7 @@ weights, processor files; nothing is fetched: `local_files_only`) is a `Policy`:
 - unnormalised with the dataset's 1st/99th percentiles (`norm_stats[<unnorm_key>]["action"]`
   `q01`/`q99`/`mask` in config.json, OpenVLA's layout), then clipped to the env's action bounds.
 One action per observation (obs_horizon = act_horizon = 1), as the RPD authors use OpenVLA.
+The model runs on the env's device (the GPU with env.sim_backend=physx_cuda), as every loaded policy does.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ class HFVLAPolicy:
     act_horizon = 1
 
     def __init__(self, path: str, action_low: torch.Tensor, action_high: torch.Tensor, instruction: str | None,
-                 unnorm_key: str | None = None, n_action_bins: int = 256):
+                 unnorm_key: str | None = None, n_action_bins: int = 256, device: torch.device | str = "cpu"):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-            self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
+            self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval().to(device)
         except (OSError, ValueError) as err:
             raise UserError(f"{path} is not a vision-language model transformers can open offline "
                             f"(config.json, weights and processor files): {str(err)[:300]}") from err
@@ -81,9 +82,9 @@ class HFVLAPolicy:
         image_token = getattr(self.processor, "image_token", None)
         text = (f"{image_token}\n" if image_token else "") + PROMPT.format(instruction=instruction.lower().rstrip("."))
         texts = [text] * len(frames)
-        inputs = self.processor(text=texts, images=list(frames), return_tensors="pt")
+        inputs = self.processor(text=texts, images=list(frames), return_tensors="pt").to(self.model.device)
         generated = self.model.generate(**inputs, max_new_tokens=self.action_dim, do_sample=False)
-        actions = self.decode(generated[:, -self.action_dim:])
+        actions = self.decode(generated[:, -self.action_dim:].cpu())
         return actions[:, None].to(obs["rgb"].device)
 
 
@@ -92,4 +93,4 @@ def load_hf_vla(path: str, env) -> HFVLAPolicy:
 
     if env.cfg.obs_mode != "rgb":
         raise UserError(f"{path} is a vision-language-action model: it needs camera images (env.obs_mode=rgb)")
-    return HFVLAPolicy(path, env.action_low, env.action_high, INSTRUCTIONS.get(env.cfg.task, [None])[0])
+    return HFVLAPolicy(path, env.action_low, env.action_high, INSTRUCTIONS.get(env.cfg.task, [None])[0], device=env.device)
