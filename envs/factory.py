@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import gymnasium as gym
 
-from robodistill.envs.vector import Filmed, VecEnv, single_env
+from robodistill.envs.vector import Filmed, SeededAutoReset, VecEnv, single_env
 from robodistill.errors import UserError
 
 # Tasks run and tested here (CPU, no downloaded assets). Any other registered ManiSkill task that
@@ -237,11 +237,12 @@ def _worker_env(cfg: EnvConfig, render: bool, ignore_terminations: bool, flags: 
     from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
 
     torch.set_num_threads(1)
-    # ManiSkill lays out an episode reset without a seed (every auto-reset) with torch's global RNG, which a fresh
-    # worker process seeds from the OS: runs with the same seed parted at their first auto-reset. With
-    # enhanced_determinism such an episode is seeded from the env's own RNG, which the seeded resets set.
+    # Every episode is seeded (SeededAutoReset): ManiSkill's own seed for an auto-reset is drawn where evaluations rate,
+    # and without enhanced_determinism not used at all (torch's global RNG, which a fresh worker process seeds from the
+    # OS, lays the episode out). enhanced_determinism also draws the robot's initial joint noise from the episode's seed.
     env = _gym_make(cfg, 1, render, flags, enhanced_determinism=True)
-    return Filmed(CPUGymWrapper(single_env(env, rgb=cfg.obs_mode == "rgb"), ignore_terminations=ignore_terminations, record_metrics=True))
+    env = CPUGymWrapper(single_env(env, rgb=cfg.obs_mode == "rgb"), ignore_terminations=ignore_terminations, record_metrics=True)
+    return Filmed(SeededAutoReset(env))
 
 
 def make_env(

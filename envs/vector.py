@@ -70,6 +70,31 @@ class Filmed(gym.Wrapper):
         return out
 
 
+# The seeds auto-reset episodes of env worker processes start from: above every seed robodistill resets with on purpose
+# (`demos` from 0, the trainers' evaluations from HELD_OUT_SEEDS = 10,000, benchmarks' from 50,000, agv-train's from
+# 1,000,000, rl100's blocks up to 4,000,000,000), so that no training episode starts from an initial state an
+# evaluation rates; under 2 ** 32, the largest seed ManiSkill's numpy generators take.
+AUTO_RESET_SEEDS = (4_000_000_000, 2**32)
+
+
+class SeededAutoReset(gym.Wrapper):
+    """Seeds every episode of a worker env: a reset given a seed with it, an auto-reset (none given) with one drawn
+    from AUTO_RESET_SEEDS by a generator the last seed given restarts (repeatable: the same seeds, the same draws).
+    Left to ManiSkill, an auto-reset draws its episode's seed in [0, 2 ** 31), where evaluations rate: ~10% of 10^6
+    training episodes would start from one of 200 rated initial states."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.draws = np.random.default_rng(0)  # a worker never given a seed draws as one given 0 would
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is None:
+            seed = int(self.draws.integers(*AUTO_RESET_SEEDS))
+        else:
+            self.draws = np.random.default_rng(seed)
+        return self.env.reset(seed=seed, options=options)
+
+
 def _frames(x) -> np.ndarray:
     """Frames as numpy: ManiSkill's batched envs render torch tensors (on the GPU with physx_cuda)."""
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -5,6 +5,7 @@ import torch
 from stable_baselines3 import PPO
 
 from robodistill.envs import SUPPORTED_TASKS, EnvConfig, SB3View, make_env
+from robodistill.envs.vector import AUTO_RESET_SEEDS
 from robodistill.errors import CutShort, UserError
 
 
@@ -70,6 +71,19 @@ def test_process_vector_env_auto_resets_repeat_with_the_seed():
             runs.append(rollout(env, 6, seeds=[0, 1]))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0][:, 3], runs[0][:, 5])  # each auto-reset starts a new episode
+
+
+def test_process_vector_env_auto_resets_start_apart_from_every_rated_seed():
+    # ManiSkill drew an auto-reset episode's seed in [0, 2 ** 31), where robodistill's evaluations rate (HELD_OUT_SEEDS on)
+    with make_env(EnvConfig(task="PushCube-v1", num_envs=2, max_episode_steps=2)) as env:
+        env.reset(seed=[10_000, 10_001])
+        for _ in range(2):
+            obs, *_ = env.step(torch.zeros(2, 4))
+        seeds = [int(s[0]) for s in env._vec.get_attr("_episode_seed")]
+    assert all(AUTO_RESET_SEEDS[0] <= s < AUTO_RESET_SEEDS[1] for s in seeds), seeds
+    assert seeds[0] != seeds[1]
+    with make_env(EnvConfig(task="PushCube-v1")) as env1:  # the seed is the episode's: its initial state is that seed's
+        torch.testing.assert_close(env1.reset(seed=[seeds[1]])["state"][0], obs["state"][1], atol=1e-5, rtol=0)
 
 
 def test_a_worker_process_that_dies_ends_the_run_in_one_line_and_stops_the_others():

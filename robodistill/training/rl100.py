@@ -73,7 +73,7 @@ GATES = {"amq": ("amq",), "fqe": ("fqe",), "both": ("amq", "fqe")}  # the estima
 # 2 ** 32, ManiSkill's limit (and torch's: it keeps a seed's low 32 bits). Only each env's first episode of a collection,
 # or of an online (re)start, is reset with a seed; the later ones are laid out by torch's RNG in this process (which
 # collect_seeds() seeds from a block of its own, apart from the reset seeds that lay out a first episode with it too),
-# or in an env worker process (env.num_envs > 1 on the CPU) from a seed its first one's draws.
+# or in an env worker process (env.num_envs > 1 on the CPU) from AUTO_RESET_SEEDS (envs/vector.py), by draws its first one seeds.
 RUN_SEEDS = 1000
 SEEDS = {
     "rating": (HELD_OUT_SEEDS, 9_000_000, 1),  # each stage's policy, eval_episodes
