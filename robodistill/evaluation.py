@@ -46,6 +46,26 @@ TRAINED_FIELDS = ("obs_mode", "control_mode", "max_episode_steps", "image_size",
 HELD_OUT_SEEDS = 10_000
 
 
+def rated_seeds(seed: int, episodes: int) -> range:
+    """The reset seeds of a training run's evaluations: HELD_OUT_SEEDS + its seed + k for episode k."""
+    return range(HELD_OUT_SEEDS + seed, HELD_OUT_SEEDS + seed + episodes)
+
+
+def check_apart(datasets: dict[Path, list[int]], seeds: range, what: str = "this run's evaluations rate", fix: str | None = None) -> None:
+    """Refuses to train on a dataset (file -> the reset seeds its episodes start from) whose episodes start from
+    `seeds`, which the run resets episodes with for `what`: an evaluation there rates the initial states the policy
+    imitated, and reports a success the held-out states would not give, without a word. `fix` defaults to a trainer's
+    (a seed= whose evaluations clear the dataset's seeds)."""
+    for path, dataset_seeds in datasets.items():
+        met = sorted(s for s in set(dataset_seeds) if s in seeds)
+        if met:
+            shown = ", ".join(map(str, met[:5])) + (", ..." if len(met) > 5 else "")
+            fix = fix or (f"set seed={max(dataset_seeds) + 1 - HELD_OUT_SEEDS} or more (evaluations start at {HELD_OUT_SEEDS:,} + seed), "
+                          "or train on demonstrations planned from other seeds (`robodistill demos` plans from seed=0 on)")
+            raise UserError(f"dataset {path}: {len(met)} of its episodes start from seeds that {what} ({seeds.start} to "
+                            f"{seeds.stop - 1}): {shown}; it would rate the initial states the policy learnt from: {fix}")
+
+
 UNITS = {"path_length": "m", "time_to_goal": "s"}  # of the metrics an env records per episode (the AGV's)
 
 

@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import replace
 
 import imageio.v2 as imageio
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 from robodistill.envs import EnvConfig, make_env
-from robodistill.evaluation import TRAINED_FIELDS, evaluate, take_env, wilson_interval
+from robodistill.evaluation import HELD_OUT_SEEDS, TRAINED_FIELDS, evaluate, take_env, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies import RandomPolicy
 from robodistill.policies.scripted import PushCubeScripted
+from robodistill.training.rl100 import SEEDS
 from tests.conftest import disk_full_past
 
 
@@ -202,3 +204,43 @@ def test_a_policy_whose_actions_are_not_finite_is_one_clear_line():
                 p.fill_(float("nan"))
         with pytest.raises(UserError, match=r"^the policy's actions are not finite \(NaN or inf\) in the episode with seed 7: "):
             evaluate(policy, env, 1, seed=7, progress=False)
+
+
+def relabeled_demos(demos, folder, first_seed: int):
+    """A copy of the demos whose .json says they were planned from `first_seed` on, as `robodistill demos seed=<it>` records."""
+    folder.mkdir()
+    copy = folder / demos.name
+    shutil.copy(demos, copy)
+    meta = json.loads(demos.with_suffix(".json").read_text())
+    for k, row in enumerate(meta["episodes"]):
+        row["episode_seed"] = first_seed + k
+    copy.with_suffix(".json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_training_on_the_initial_states_a_run_rates_is_refused_before_it_trains(cli_here, pushcube_demos, tmp_path):
+    rated = relabeled_demos(pushcube_demos, tmp_path / "rated", HELD_OUT_SEEDS)  # `demos seed=10000`: seeds 10000-10002
+    tiny = ["policy.mlp_hidden=[64,64]", "env.max_episode_steps=20", "threads=1", "iterations=1", "val_fraction=0"]
+    teacher = cli_here("train-teacher", f"dataset={rated}", *tiny, "eval_episodes=2", "name=t")
+    assert teacher.returncode == 2 and (f"dataset {rated}: 2 of its episodes start from seeds that this run's evaluations rate "
+                                        "(10000 to 10001): 10000, 10001; it would rate the initial states the policy learnt from: "
+                                        "set seed=3 or more (evaluations start at 10,000 + seed)") in teacher.stderr, teacher.stderr[-2000:]
+    assert not list(tmp_path.glob("runs/train-teacher/*/checkpoints"))  # refused before it trained
+    # seeds whose evaluations clear the dataset's train, and so does a teacher that is never rated
+    assert cli_here("train-teacher", f"dataset={rated}", *tiny, "eval_episodes=2", "seed=3", "name=t").returncode == 0
+    unrated = cli_here("train-teacher", f"dataset={rated}", *tiny, "eval_episodes=0", "name=u")
+    assert unrated.returncode == 0, unrated.stderr[-2000:]
+    # distill rates a head that learnt the teacher's actions: the teacher's demonstrations count, not only its own dataset=
+    (ckpt,) = tmp_path.glob("runs/train-teacher/*-u/checkpoints/last.pt")
+    distill = cli_here("distill", f"teacher={ckpt}", f"dataset={pushcube_demos}", "iterations=1", "eval_episodes=3", "threads=1")
+    assert distill.returncode == 2 and f"dataset {rated}: 3 of its episodes start from seeds that this run's evaluations rate" in distill.stderr, \
+        distill.stderr[-2000:]
+    rl100 = cli_here("rl100", "env=PushCube-v1", f"dataset={rated}", "eval_episodes=1")
+    assert rl100.returncode == 2 and (f"dataset {rated}: 1 of its episodes start from seeds that this run rates its policies on "
+                                      "(10000 to 10000): 10000; it would rate the initial states the policy learnt from: train on "
+                                      "demonstrations planned from other seeds") in rl100.stderr, rl100.stderr[-2000:]
+    collected = relabeled_demos(pushcube_demos, tmp_path / "collected", SEEDS["collect"][0] + 5)  # rl100's own training episodes'
+    rl100 = cli_here("rl100", "env=PushCube-v1", f"dataset={collected}")
+    assert rl100.returncode == 2 and "3 of its episodes start from seeds that this run collects offline rollouts from" in rl100.stderr
+    assert not (tmp_path / "runs" / "rl100").exists() or not list(tmp_path.glob("runs/rl100/*/report.json"))
+

@@ -82,12 +82,39 @@ class TrajectoryFile:
         for key, value in obs.items():
             if len(value) != len(actions) + 1:
                 raise UserError(f"{where}: {len(value)} '{key}' observations for {len(actions)} actions (expected T + 1)")
-        seed = row.get("episode_seed", row.get("reset_kwargs", {}).get("seed"))
         step_success = np.asarray(group["success"][:], dtype=bool) if "success" in group else None
-        return Episode(self.path, int(row["episode_id"]), None if seed is None else int(seed), row.get("success"), actions, obs, step_success)
+        return Episode(self.path, int(row["episode_id"]), _seed(row), row.get("success"), actions, obs, step_success)
+
+    def seeds(self) -> list[int]:
+        """The reset seeds its episodes start from, where its .json records them (without reading the .h5)."""
+        return [seed for seed in map(_seed, self.meta["episodes"]) if seed is not None]
 
     def close(self) -> None:
         self.h5.close()
+
+
+def _seed(row: dict) -> int | None:
+    seed = row.get("episode_seed", row.get("reset_kwargs", {}).get("seed"))
+    return None if seed is None else int(seed)
+
+
+def episode_seeds(paths: list[str | Path]) -> dict[Path, list[int]]:
+    """The reset seeds each trajectory file's episodes start from (see TrajectoryFile.seeds)."""
+    out = {}
+    for path in paths:
+        f = open_trajectory(path)
+        out[f.path] = f.seeds()
+        f.close()
+    return out
+
+
+def seeds_by_file(episodes: list[Episode]) -> dict[Path, list[int]]:
+    """The reset seeds `episodes` start from, per file, where recorded."""
+    out: dict[Path, list[int]] = {}
+    for ep in episodes:
+        if ep.seed is not None:
+            out.setdefault(ep.source, []).append(ep.seed)
+    return out
 
 
 def _observations(obs: h5py.Dataset | h5py.Group, in_memory: bool, where: str) -> dict[str, ArrayLike]:

@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from robodistill import checkpoints
 from robodistill.data import Horizons, WindowDataset, load_episodes, sample_batches
+from robodistill.data.trajectories import episode_seeds, seeds_by_file
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
+from robodistill.evaluation import HELD_OUT_SEEDS, check_apart, evaluate, rated_seeds
 from robodistill.inference.samplers import clip_clean, ddim_step
 from robodistill.policies.diffusion.consistency import VARIANTS, ConsistencyHead
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
@@ -109,6 +110,9 @@ def train(cfg: DistillConfig, run_dir: Path) -> dict:
         raise UserError(f"dataset={dataset} holds {rgb.shape[2]}x{rgb.shape[1]} px images, but the teacher saw {env_cfg.image_size} px "
                         f"ones (its env.image_size): give a dataset recorded with env.image_size={env_cfg.image_size}, such as the "
                         f"teacher's own ({payload['train']['dataset']}, the default)")
+    # the head learns the teacher's actions: the teacher's own demonstrations are its training data too, where still on disk
+    taught = [d for d in payload["train"]["dataset"].split(",") if Path(d).is_file()]
+    check_apart({**episode_seeds(taught), **seeds_by_file(episodes)}, rated_seeds(cfg.seed, cfg.eval_episodes))
     p = teacher.cfg
     windows = WindowDataset(episodes, Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon),
                             delta_actions=zero_action_holds_still(env_cfg.control_mode))

@@ -49,10 +49,10 @@ from tqdm import tqdm
 from robodistill import checkpoints
 from robodistill.curves import draw_line, save_figure
 from robodistill.data import load_episodes
-from robodistill.data.trajectories import Episode
+from robodistill.data.trajectories import Episode, episode_seeds
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import HELD_OUT_SEEDS, TRAINED_FIELDS, env_for_policy, evaluate, take_env, wilson_interval
+from robodistill.evaluation import HELD_OUT_SEEDS, TRAINED_FIELDS, check_apart, env_for_policy, evaluate, take_env, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
@@ -237,6 +237,25 @@ def check(cfg: RL100Config) -> None:
     missing = [p for p in (cfg.dataset or "").split(",") if p and not Path(p).is_file()]
     if missing and {"imitation", "offline"} & set(cfg.stages):  # said before the run directory holds a report
         raise UserError(f"dataset={cfg.dataset}: no such file {missing[0]} (the .h5 written by `robodistill demos`)")
+    if {"imitation", "offline"} & set(cfg.stages):
+        check_data_apart(cfg)
+
+
+def check_data_apart(cfg: RL100Config) -> None:
+    """Refuses demonstrations that start from seeds the run rates its policies on, or starts its own training episodes
+    from (SEEDS), for the stages it runs: every later stage's policy descends from the demonstrations."""
+    data = episode_seeds(cfg.dataset.split(","))
+    blocks = {"rating": ("rates its policies on", cfg.eval_episodes, STAGES),
+              "gate_truth": ("rates the OPE gate's candidates on", cfg.env.num_envs, ("offline",)),
+              "collect": ("collects offline rollouts from", SEEDS["collect"][1], ("offline",)),
+              "online_eval": ("picks the online policy on", cfg.online.eval_episodes, ("online",)),
+              "online": ("trains online from", SEEDS["online"][1], ("online",))}
+    for purpose, (what, used, stages) in blocks.items():
+        if set(stages) & set(cfg.stages):
+            first = env_seed(purpose, cfg.seed)
+            check_apart(data, range(first, first + used), f"this run {what}",
+                        fix="train on demonstrations planned from other seeds (`robodistill demos` plans from seed=0 on, below every "
+                            f"seed rl100 resets with: {HELD_OUT_SEEDS:,} + seed and up)")
 
 
 class Run:

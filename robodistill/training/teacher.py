@@ -21,9 +21,10 @@ from tqdm import tqdm
 from robodistill import checkpoints
 from robodistill.curves import write_run_curves
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches, split_episodes
+from robodistill.data.trajectories import seeds_by_file
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
+from robodistill.evaluation import HELD_OUT_SEEDS, check_apart, evaluate, rated_seeds
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.encoders import check_image_size
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy
@@ -88,6 +89,7 @@ def train(cfg: TrainTeacherConfig, run_dir: Path, saved: dict | None = None) -> 
     episodes = episodes[: cfg.num_demos] if cfg.num_demos else episodes
     train_ids, val_ids = split_episodes(len(episodes), cfg.val_fraction, cfg.seed)
     train_eps, val_eps = [episodes[i] for i in train_ids], [episodes[i] for i in val_ids]
+    check_apart(seeds_by_file(train_eps), rated_seeds(cfg.seed, cfg.eval_episodes))
     p = cfg.policy
     try:
         horizons = Horizons(p.obs_horizon, p.pred_horizon, p.act_horizon)

@@ -24,10 +24,10 @@ from tqdm import tqdm
 from robodistill import checkpoints
 from robodistill.curves import write_run_curves
 from robodistill.data import Horizons, WindowDataset, fit_normalizers, load_episodes, sample_batches
-from robodistill.data.trajectories import demos_file
+from robodistill.data.trajectories import demos_file, seeds_by_file
 from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
-from robodistill.evaluation import HELD_OUT_SEEDS, evaluate
+from robodistill.evaluation import HELD_OUT_SEEDS, check_apart, evaluate, rated_seeds
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.encoders import check_image_size
 from robodistill.policies.vla.instructions import phrasings
@@ -116,6 +116,7 @@ def train(cfg: TrainVLAConfig, run_dir: Path) -> dict:
     for task in cfg.tasks:
         path = demos_for(cfg, task)
         eps = load_episodes([str(path)], control_mode=cfg.control_mode, obs_mode="rgb", task=task)
+        check_apart(seeds_by_file(eps), rated_seeds(cfg.seed, cfg.eval_episodes))
         size = eps[0].obs["rgb"].shape[1]
         if size != cfg.image_size:
             raise UserError(f"{path} holds {size}px images, not image_size={cfg.image_size}: move it away or set image_size={size}")
