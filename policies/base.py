@@ -156,3 +156,22 @@ def trained_env(spec: str) -> dict:
             return {}
         return (data or {}).get("robodistill_env") or {}
     return checkpoints.load(path).get("env") or {}
+
+
+def trained_data(spec: str, task: str) -> list[Path]:
+    """The demonstration files a policy checkpoint records it learnt `task` from: a diffusion policy's dataset= (its
+    teacher's for a distilled head, and the head's own), a VLA's demos of the task. [] for anything else (a bundle, an
+    RPD student or an AGV policy records none)."""
+    path = Path(spec)
+    if not path.is_file() or path.suffix == ".zip":
+        return []
+    payload = checkpoints.load(path)
+    train = payload.get("train") or {}
+    if payload.get("kind") == "vla":
+        from robodistill.data.trajectories import demos_file
+
+        if task not in train.get("tasks", []):
+            return []
+        return [Path(train["datasets"]) / task / demos_file(train["demos"], train["demo_seed"], "rgb", train["control_mode"])]
+    head = (payload.get("consistency") or {}).get("config", {}).get("dataset")
+    return [Path(d) for d in ",".join(filter(None, (train.get("dataset"), head))).split(",") if d]

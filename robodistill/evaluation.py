@@ -28,12 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from robodistill import checkpoints
+from robodistill.data.trajectories import episode_seeds
 from robodistill.envs import EnvConfig, VecEnv, make_env
 from robodistill.errors import UserError
 from robodistill.inference.chunks import ChunkExecutor
 from robodistill.inference.samplers import RTIConfig
 from robodistill.policies import Policy, load_policy
-from robodistill.policies.base import check_policy_spec, trained_env
+from robodistill.policies.base import check_policy_spec, trained_data, trained_env
 from robodistill.summary import counted, sampler_words
 
 # What a policy file records of the env it was trained in, and `eval` takes from it unless the command line sets
@@ -79,7 +80,7 @@ class EvalConfig:
     steps: int | None = None  # denoiser calls per chunk for `sampler` (default: consistency 1, else the checkpoint's; rti: see `rti.timesteps`)
     rti: RTIConfig = field(default_factory=RTIConfig)  # the rti sampler's settings
     episodes: int = 10
-    seed: int = 0  # episode k is reset with seed + k
+    seed: int = 0  # episode k is reset with seed + k (demos plan from 0 on: HELD_OUT_SEEDS rates held-out states)
     video: bool = False  # mp4s of the first video_episodes episodes in <run>/videos/
     video_episodes: int = 2
     name: str = "eval"  # run directory suffix
@@ -262,6 +263,23 @@ def take_env(env_cfg: EnvConfig, recorded: dict, given: set[str], fields: tuple[
     return replace(env_cfg, **taken)
 
 
+def note_training_states(policy: str, task: str, seeds: range) -> None:
+    """Says how many of the rated episodes (reset `seeds`) start from initial states the policy learnt from, where its
+    file records its demonstrations and they are still on disk: a note, not an error, for a user may mean to rate them."""
+    data: dict[Path, list[int]] = {}
+    for path in trained_data(policy, task):
+        try:
+            data.update(episode_seeds([path]))
+        except UserError:  # moved or replaced since: nothing to say about it, and the rating stands
+            continue
+    meeting = {path: set(learnt) & set(seeds) for path, learnt in data.items()}
+    met = set().union(*meeting.values())
+    if met:
+        where = ", ".join(str(path) for path, common in meeting.items() if common)
+        print(f"note: {len(met)} of these {counted(len(seeds), 'episode')} start from initial states in the policy's training data "
+              f"({where}): use seed={max(s for learnt in data.values() for s in learnt) + 1} or more to rate held-out states")
+
+
 def check_seed(seed: int) -> None:
     if seed < 0:  # numpy's generators, and so the env's reset, refuse it with a traceback
         raise UserError(f"seed must be >= 0 (episode k is reset with seed + k), got {seed}")
@@ -297,5 +315,6 @@ def main(cfg: DictConfig) -> EvalReport:
     report.save(run_dir / "eval.json", env=env_cfg.__dict__, policy=str(cfg.policy), seed=int(cfg.seed), sampler=used)
     with_sampler = f", sampler {sampler_words(used['name'], used['steps'], used.get('timesteps'))}" if used else ""
     print(report.table(f"{cfg.policy}{with_sampler} on {env_cfg.task} ({counted(report.summary['episodes'], 'episode')}, seed {cfg.seed})"))
+    note_training_states(str(cfg.policy), env_cfg.task, range(cfg.seed, cfg.seed + int(cfg.episodes)))
     print(f"run: {run_dir}")
     return report

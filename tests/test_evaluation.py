@@ -244,3 +244,16 @@ def test_training_on_the_initial_states_a_run_rates_is_refused_before_it_trains(
     assert rl100.returncode == 2 and "3 of its episodes start from seeds that this run collects offline rollouts from" in rl100.stderr
     assert not (tmp_path / "runs" / "rl100").exists() or not list(tmp_path.glob("runs/rl100/*/report.json"))
 
+
+def test_eval_says_how_many_episodes_start_from_the_policys_training_states(cli_here, pushcube_demos, tmp_path):
+    train = cli_here("train-teacher", f"dataset={pushcube_demos}", "policy.mlp_hidden=[64,64]", "iterations=1", "eval_episodes=0",
+                     "threads=1", "name=t")
+    assert train.returncode == 0, train.stderr[-2000:]
+    (ckpt,) = tmp_path.glob("runs/train-teacher/*-t/checkpoints/last.pt")
+    limit = ["env.max_episode_steps=5", "sampler=ddim", "steps=2"]
+    rated = cli_here("eval", f"policy={ckpt}", *limit, "seed=9", "episodes=3")  # seeds 9, 10, 11: the demos are 10, 11, 12
+    assert rated.returncode == 0, rated.stderr[-2000:]
+    assert (f"note: 2 of these 3 episodes start from initial states in the policy's training data ({pushcube_demos}): use "
+            "seed=13 or more to rate held-out states") in rated.stdout, rated.stdout[-2000:]
+    held_out = cli_here("eval", f"policy={ckpt}", *limit, "seed=13", "episodes=1")
+    assert held_out.returncode == 0 and "note:" not in held_out.stdout, held_out.stdout[-2000:]
