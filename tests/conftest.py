@@ -1,5 +1,7 @@
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +52,18 @@ def run_cli_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         os.chdir(here)
         sys.argv = argv
     return subprocess.CompletedProcess(["robodistill", *args], code, out.getvalue(), err.getvalue())
+
+
+def relabeled_demos(demos: Path, folder: Path, first_seed: int, name: str | None = None) -> Path:
+    """A copy of the demos whose .json says they were planned from `first_seed` on, as `robodistill demos seed=<it>` records."""
+    folder.mkdir(parents=True)
+    copy = folder / (name or demos.name)
+    shutil.copy(demos, copy)
+    meta = json.loads(demos.with_suffix(".json").read_text())
+    for k, row in enumerate(meta["episodes"]):
+        row["episode_seed"] = first_seed + k
+    copy.with_suffix(".json").write_text(json.dumps(meta))
+    return copy
 
 
 @contextmanager

@@ -1,5 +1,4 @@
 import json
-import shutil
 from dataclasses import replace
 
 import imageio.v2 as imageio
@@ -13,7 +12,7 @@ from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies import RandomPolicy
 from robodistill.policies.scripted import PushCubeScripted
 from robodistill.training.rl100 import SEEDS
-from tests.conftest import disk_full_past
+from tests.conftest import disk_full_past, relabeled_demos
 
 
 @pytest.mark.parametrize(
@@ -204,18 +203,6 @@ def test_a_policy_whose_actions_are_not_finite_is_one_clear_line():
                 p.fill_(float("nan"))
         with pytest.raises(UserError, match=r"^the policy's actions are not finite \(NaN or inf\) in the episode with seed 7: "):
             evaluate(policy, env, 1, seed=7, progress=False)
-
-
-def relabeled_demos(demos, folder, first_seed: int):
-    """A copy of the demos whose .json says they were planned from `first_seed` on, as `robodistill demos seed=<it>` records."""
-    folder.mkdir()
-    copy = folder / demos.name
-    shutil.copy(demos, copy)
-    meta = json.loads(demos.with_suffix(".json").read_text())
-    for k, row in enumerate(meta["episodes"]):
-        row["episode_seed"] = first_seed + k
-    copy.with_suffix(".json").write_text(json.dumps(meta))
-    return copy
 
 
 def test_training_on_the_initial_states_a_run_rates_is_refused_before_it_trains(cli_here, pushcube_demos, tmp_path):

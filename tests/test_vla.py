@@ -2,6 +2,7 @@
 task, use as an RPD teacher in process and served over the openpi protocol with a text prompt."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +14,13 @@ from robodistill.deploy.controller import ChunkAgent, ControllerConfig
 from robodistill.deploy.export import ExportConfig, export
 from robodistill.deploy.server import PolicyServer
 from robodistill.envs import EnvConfig, make_env
+from robodistill.evaluation import HELD_OUT_SEEDS
 from robodistill.policies import load_policy
 from robodistill.policies.bundle import Bundle, ObservationError
 from robodistill.policies.teachers import load_teacher
 from robodistill.policies.vla.instructions import phrasings
 from robodistill.policies.vla.text import TextEncoder
-from tests.conftest import run_cli
+from tests.conftest import relabeled_demos, run_cli
 
 PICK = EnvConfig(task="PickCube-v1", obs_mode="rgb", control_mode="pd_ee_delta_pos", image_size=48)
 
@@ -52,6 +54,17 @@ def vla_run(tmp_path_factory, pickcube_rgb_demos):
     r = run_cli("train-vla", "iterations=10", "eval_every=10", "eval_episodes=1", *common, f"hydra.run.dir={root / 'run'}", cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "common": common, "stdout": r.stdout, "ckpt": root / "run" / "checkpoints" / "last.pt"}
+
+
+def test_train_vla_refuses_demos_that_start_where_it_rates(cli_here, pickcube_rgb_demos, tmp_path):
+    # demos planned from seed 10000 (demo_seed=10000, or `robodistill demos seed=10000` renamed): its evaluations' states
+    relabeled_demos(Path(pickcube_rgb_demos["path"]), tmp_path / "datasets" / "PickCube-v1", HELD_OUT_SEEDS,
+                    name="mp_n2_seed0.rgb.pd_ee_delta_pos.h5")
+    r = cli_here("train-vla", "tasks=[PickCube-v1]", "demos=2", "datasets=datasets", "image_size=48", "control_mode=pd_ee_delta_pos",
+                 "max_episode_steps=20", "eval_episodes=1", "iterations=1", "policy.mlp_hidden=[64,64]")
+    assert r.returncode == 2 and ("mp_n2_seed0.rgb.pd_ee_delta_pos.h5: 1 of its episodes start from seeds that this run's "
+                                  "evaluations rate (10000 to 10000): 10000") in r.stderr, r.stderr[-2000:]
+    assert not list(tmp_path.glob("runs/train-vla/*/checkpoints"))
 
 
 def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cli_here, tmp_path):
