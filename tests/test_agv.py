@@ -450,3 +450,52 @@ def test_training_that_diverges_ends_in_one_line(tmp_path, lr, scene):
     with pytest.raises(UserError, match=r"^the policy's weights stopped being finite by env step \d+: training diverged at "
                                         + re.escape(f"lr={lr:g}: lower lr= and start again") + "$"):
         train(tiny(tmp_path, lr=lr, scene=scene, total_steps=1024), tmp_path)
+
+
+def test_gae_bootstraps_only_where_the_episode_goes_on():
+    from robodistill.training.ppo_rnd import gae
+
+    # 2 steps x 2 envs; env 0's episode ends at step 0, env 1's runs on past the rollout. By hand (gamma 0.9, lambda 0.5):
+    # env 0: A_1 = 0 + 0.9 * 1.0 - 0.2 = 0.7, A_0 = 1 - 0.5 = 0.5 (no bootstrap, nothing carried back from step 1)
+    # env 1: A_1 = 2 + 0.9 * 4.0 - 0.3 = 5.3, A_0 = (0.9 * 0.3 - 0.1) + 0.9 * 0.5 * 5.3 = 2.555
+    rewards, values = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.5, 0.1], [0.2, 0.3]])
+    nonterminal = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    adv, returns = gae(rewards, values, torch.tensor([1.0, 4.0]), nonterminal, 0.9, 0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 2.555], [0.7, 5.3]]))
+    torch.testing.assert_close(returns, adv + values)
+
+
+def test_intrinsic_rewards_are_divided_by_the_running_std_of_their_discounted_returns_and_never_cut(tmp_path, monkeypatch):
+    """Burda et al.'s normalisation, recomputed from the rollout's raw RND errors: the per-env forward filter
+    R <- gamma_int R + r_i feeds the running variance, r_i is divided by its square root, and the intrinsic GAE
+    bootstraps through episode ends, at gamma_int (here apart from gamma, so that swapping them shows)."""
+    from robodistill.training import ppo_rnd
+
+    raw, calls, error, real_gae = [], [], ppo_rnd.RND.error, ppo_rnd.gae
+
+    def recorded_error(self, obs):
+        out = error(self, obs)
+        if not torch.is_grad_enabled():  # the rollout's rewards; the predictor's loss takes a gradient
+            raw.append(out.clone())
+        return out
+
+    def recorded_gae(*args):
+        calls.append([a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+        return real_gae(*args)
+
+    monkeypatch.setattr(ppo_rnd.RND, "error", recorded_error)
+    monkeypatch.setattr(ppo_rnd, "gae", recorded_gae)
+    result = train(tiny(tmp_path, scene="complex_dynamic", num_envs=8, total_steps=256, gamma_int=0.9), tmp_path)  # one update
+    r = torch.stack(raw)
+    assert r.shape == (32, 8)
+    returns, filtered = torch.zeros_like(r), torch.zeros(8)
+    for t in range(32):
+        filtered = 0.9 * filtered + r[t]
+        returns[t] = filtered
+    rms = ppo_rnd.RunningMeanStd()
+    rms.update(returns.reshape(-1))
+    torch.testing.assert_close(result["int_rms"]["var"], rms.var)
+    (_, _, _, ext_nonterminal, gamma, _), (int_rewards, _, _, int_nonterminal, gamma_int, _) = calls
+    assert (ext_nonterminal == 0).any()  # an episode ended in the rollout: the extrinsic GAE stops there
+    torch.testing.assert_close(int_rewards, r / rms.var.sqrt())
+    assert torch.equal(int_nonterminal, torch.ones(32, 8)) and (gamma, gamma_int) == (0.99, 0.9)
