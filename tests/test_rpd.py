@@ -473,3 +473,70 @@ def test_ppo_settings_that_cannot_train_are_one_clear_line(cli_here):
                          ("n_epochs=-1", "n_epochs=-1 must be >= 1")):
         r = cli_here("rpd", "teacher=none", arg)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (arg, r.stderr[-2000:])
+
+
+def test_distill_losses_compare_the_student_s_mean_or_likelihood_with_the_teacher_s_action():
+    with make_env(ENV) as env:
+        model = RPD("MlpPolicy", SB3View(env), seed=0, **SMALL)
+    obs = torch.randn(6, *model.observation_space.shape)
+    teacher = torch.rand(6, *model.action_space.shape) * 2 - 1
+    dist = model.policy.get_distribution(obs)
+    mean, std = dist.distribution.mean, dist.distribution.stddev
+    expected = {"mse": ((mean - teacher) ** 2).mean(), "l1": (mean - teacher).abs().mean(),
+                # minus the student's log-likelihood of the teacher's action, summed over action dims as SB3's log_prob
+                "bc": -torch.distributions.Normal(mean, std).log_prob(teacher).sum(-1).mean()}
+    for distill, value in expected.items():
+        model.distill = distill
+        torch.testing.assert_close(model._distill_loss(dist, teacher), value)
+
+
+def test_cosine_lambda_anneals_from_distill_coef_to_zero_and_stays_off():
+    with make_env(ENV) as env:
+        model = RPD("MlpPolicy", SB3View(env), teacher=ChunkTeacher(), distill_coef=2.0, schedule="cosine", anneal_steps=1000,
+                    seed=0, **SMALL)
+    coef = {}
+    for steps in (0, 250, 500, 1000, 1500):
+        model.num_timesteps = steps
+        coef[steps] = model.coef()
+    assert coef == pytest.approx({0: 2.0, 250: 1.0 + 2 ** -0.5, 500: 1.0, 1000: 0.0, 1500: 0.0})
+    model.schedule = "constant"
+    assert model.coef() == 2.0  # at 1500 steps too
+
+
+def test_teacher_rollout_returns_are_discounted_within_each_episode(monkeypatch):
+    with make_env(ENV) as env:
+        vec = SB3View(env)
+        seen, step = [], env.step
+
+        def recorded(action):
+            out = step(action)
+            seen.append((out[1].float().cpu(), (out[2] | out[3]).cpu()))
+            return out
+
+        monkeypatch.setattr(env, "step", recorded)
+        data = teacher_rollout(env, vec, PolicyTeacher(load_policy("scripted", env)), 120, gamma=0.8, seed=0)
+    rewards, dones = (torch.stack(x)[:, 0].tolist() for x in zip(*seen))
+    ends = [t for t, d in enumerate(dones) if d]
+    assert len(ends) >= 2 and ends[0] < len(dones) - 1  # an episode ends, and another begins inside the rollout
+    ret, expected, complete = 0.0, [], []
+    for t in reversed(range(len(rewards))):
+        ret = rewards[t] + (0.0 if dones[t] else 0.8 * ret)
+        expected.insert(0, ret)
+        complete.insert(0, t <= ends[-1])
+    torch.testing.assert_close(data.returns, torch.tensor(expected))
+    assert data.complete.tolist() == complete and data.episodes == len(ends)
+
+
+def test_warm_start_leaves_v_alone_on_steps_whose_episode_the_rollout_cut_off():
+    with make_env(ENV) as env:
+        teacher = PolicyTeacher(load_policy("scripted", env))
+        vec = SB3View(env)
+        model = RPD("MlpPolicy", vec, teacher=teacher, seed=0, **SMALL)
+        v = [*model.policy.mlp_extractor.value_net.parameters(), *model.policy.value_net.parameters()]
+        value_net = [p.clone() for p in v]
+        cfg = RPDConfig(warm_start_steps=10, warm_start_epochs=2, batch_size=5, lr=1e-3, progress=False)
+        report = warm_start(model, env, vec, teacher, cfg, gamma=0.8, seed=0, ranks=Ranks())
+    # 10 steps end no episode of the scripted expert: no return is whole, so V has nothing to learn from
+    assert report["episodes"] == 0 and report["value_mse"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(value_net, v))
+    assert report["action_mse"] > 0
