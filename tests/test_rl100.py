@@ -17,7 +17,7 @@ from robodistill.policies.diffusion.chain import DenoisingChain
 from robodistill.policies.diffusion.config import DiffusionConfig
 from robodistill.policies.diffusion.policy import DiffusionPolicy
 from robodistill.summary import READERS
-from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions
+from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, fqe, greedy_actions
 from robodistill.evaluation import wilson_interval
 from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, plot_online, plot_ope
 
@@ -600,3 +600,65 @@ def test_rl100_offline_killed_between_its_report_and_checkpoint_keeps_each_gate_
     report = json.loads((copy / "report.json").read_text())
     assert [(d["iteration"], d["update"]) for d in report["decisions"]] == [(1, 2), (1, 4)]
     assert [it["iteration"] for it in report["stages"]["offline_iterations"]] == [1]
+
+
+def test_transitions_decide_from_the_history_at_the_chunk_start_and_go_on_from_the_one_at_its_end():
+    T, oh = 20, 2
+    states = np.arange(T + 1, dtype=np.float32)[:, None].repeat(9, 1)  # state i is i everywhere
+    success = np.zeros(T, bool)
+    success[15] = True  # solved by the 16th action: 16 decisions
+    episode = Episode(Path("synthetic.h5"), 0, 0, True, np.zeros((T, 4), np.float32), {"state": states}, success)
+    data = Transitions.from_episodes([episode], DenoisingChain(_policy()), delta_actions=True, gamma=0.9)  # identity normalizers
+    assert len(data) == 16
+    for t in range(16):
+        stop = min(t + 8, 16)  # a chunk spans 8 env steps, or up to the solving one
+        assert data.state[t].view(oh, 9)[:, 0].tolist() == [max(t - 1, 0), t]
+        assert data.next_state[t].view(oh, 9)[:, 0].tolist() == [stop - 1, stop]
+
+
+def _one_state_two_actions(n: int = 64) -> Transitions:
+    """One state where one action solves the task (reward 1) and the other fails (reward 0), taken equally often;
+    both end the episode (a bootstrap from V(next state) would add 0.9 V to both)."""
+    state = torch.zeros(n, 3)
+    action = torch.tensor([[1.0], [-1.0]]).repeat(n // 2, 1)
+    return Transitions(state, action, (action[:, 0] > 0).float(), torch.full((n,), 0.9), state.clone(), torch.ones(n),
+                       torch.ones(n, dtype=torch.bool))
+
+
+def test_iql_fits_v_to_the_upper_expectile_of_q_without_bootstrapping_past_the_end():
+    data = _one_state_two_actions()
+    torch.manual_seed(0)
+    iql = IQL(3, 1, expectile=0.7, hidden=(32, 32))
+    iql.fit(data, steps=1000, batch_size=64, gen=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q, v = iql.q(data.state[:2], data.action[:2]), iql.value(data.state[:1]).item()
+    assert torch.allclose(q, torch.tensor([1.0, 0.0]), atol=0.05), q
+    # V's 0.7-expectile of Q in {0, 1}, equally often: 0.7 (1 - v) = 0.3 v, v = 0.7. The lower one would be 0.3, the mean 0.5.
+    assert abs(v - 0.7) < 0.1, v
+
+
+def test_iql_target_critics_move_tau_of_the_way_to_the_trained_ones_each_step():
+    data = _one_state_two_actions()
+    torch.manual_seed(0)
+    iql = IQL(3, 1, tau=0.25, hidden=(32, 32))
+    before = [p.clone() for p in iql.target.parameters()]
+    iql.fit(data, steps=1, batch_size=64, gen=torch.Generator().manual_seed(0))
+    trained = list(torch.nn.ModuleList([iql.q1, iql.q2]).parameters())
+    assert any((now != start).any() for now, start in zip(trained, before))
+    for target, start, now in zip(iql.target.parameters(), before, trained):
+        torch.testing.assert_close(target - start, 0.25 * (now - start), rtol=1e-3, atol=1e-8)
+
+
+def test_fqe_discounts_each_transition_by_its_own_span():
+    """Two states: s0 -> s1 unrewarded, then s1 solves the task (reward 1, done); both transitions' discount is 0.5 (an
+    episode's shortened last chunk has its own gamma ** steps). Q^pi(s0) = 0.5: a discount that is not the transition's
+    own gives another value, and so does a bootstrap past the end (Q(s1) = 1 + 0.5 Q(s1): 2, and Q(s0) 1)."""
+    chain = DenoisingChain(_policy(), steps=4)
+    n = 64
+    s0, s1 = torch.zeros(n, 18), torch.ones(n, 18)
+    state = torch.cat([s0, s1])
+    action = greedy_actions(chain, state, seed=123)  # the policy's own actions, from many noises
+    data = Transitions(state, action, torch.cat([torch.zeros(n), torch.ones(n)]), torch.full((2 * n,), 0.5), torch.cat([s1, s1]),
+                       torch.cat([torch.zeros(n), torch.ones(n)]), torch.cat([torch.ones(n), torch.zeros(n)]).bool())
+    value = fqe(chain, data, s0[:8], steps=400, batch_size=64, seed=0)
+    assert abs(value - 0.5) < 0.05, value
