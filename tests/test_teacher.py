@@ -86,6 +86,18 @@ def test_a_meanstd_policy_samples_actions_more_than_one_std_from_the_mean(sample
     torch.testing.assert_close(policy.to_actions(x0), torch.full((2, 4, 3), 4.0))
 
 
+@pytest.mark.parametrize("obs_horizon", [1, 2, 3])
+def test_a_policy_executes_its_chunk_from_the_newest_observation_on(obs_horizon):
+    """A training window's chunk starts at its oldest observation (data/windows.py), so its first obs_horizon - 1
+    actions were taken before the newest observation, and the policy executes from the one after them."""
+    cfg = DiffusionConfig(obs_horizon=obs_horizon, pred_horizon=8, act_horizon=4, mlp_hidden=[32])
+    policy = DiffusionPolicy(cfg, 5, 3, -torch.ones(3), torch.ones(3))
+    policy.load_normalizers({"state": Normalizer.fit(torch.randn(100, 5).numpy()),
+                             "actions": Normalizer.fit(torch.tensor([[-1.0] * 3, [1.0] * 3]).numpy())})  # the identity
+    x0 = (torch.arange(8.0) / 10).view(1, 8, 1).expand(2, 8, 3)  # action k of the chunk is k / 10
+    assert policy.to_actions(x0)[:, :, 0].tolist() == [[pytest.approx((obs_horizon - 1 + k) / 10) for k in range(4)]] * 2
+
+
 def test_unet_needs_a_horizon_multiple_of_four():
     with pytest.raises(UserError, match="multiple of 4"):
         DiffusionPolicy(DiffusionConfig(denoiser="unet", pred_horizon=10, act_horizon=4), 5, 3, -torch.ones(3), torch.ones(3))
