@@ -122,6 +122,20 @@ def test_consistency_head_keeps_clean_chunks_and_samples_in_its_steps():
     assert consistency_timesteps(1, 100) == [99] and consistency_timesteps(3, 100) == [99, 66, 33]
 
 
+def test_consistency_head_scales_as_lcm_s_boundary_condition_and_jumps_as_it_forwards():
+    """f(x, t) = c_skip(t) x + c_out(t) F(x, t), c_skip and c_out those of diffusers' LCMScheduler at timestep_scaling 10
+    (d = 0.1): at every t > 0 f is almost all F's clean chunk, which f(x, 0) = x alone does not check. The sampler's
+    jump (cached embedding, scalings as numbers) is the same function."""
+    from diffusers import LCMScheduler
+
+    head = ConsistencyHead.from_denoiser(_policy().denoiser).eval()
+    lcm = LCMScheduler(timestep_scaling=10.0)
+    x, cond = torch.randn(2, 8, 3), torch.randn(2, 10)
+    for t in (0, 1, 5, 33, 99):
+        assert head.scalings(t) == pytest.approx(lcm.get_scalings_for_boundary_condition_discrete(t), rel=1e-12, abs=0)
+        torch.testing.assert_close(head.jump(x, t, cond), head(x, torch.full((2,), t), cond))
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_consistency_distillation_steps_the_teacher_as_its_ddim_sampler_does(prediction_type):
     """variant=consistency's target is the head at t - skip after one step of the teacher's own DDIM sampler, which
@@ -139,6 +153,34 @@ def test_consistency_distillation_steps_the_teacher_as_its_ddim_sampler_does(pre
     ddim.set_timesteps(10)  # a step spans 100 // 10 = skip timesteps
     for i, t in enumerate(t_hi.tolist()):
         torch.testing.assert_close(step[i], ddim.step(pred[i : i + 1], t, x[i : i + 1]).prev_sample[0])
+
+
+def test_consistency_distillation_asks_the_target_one_teacher_step_below_the_head(teacher_run, tmp_path, monkeypatch):
+    """variant=consistency pulls the head at (x_t, t) to its target copy at (x_{t - skip}, t - skip), x_{t - skip} one
+    step of the teacher's DDIM from x_t: a target asked at t, or at x_t, is not a point further down the teacher's ODE."""
+    from robodistill.training.distill import DistillConfig, train
+
+    calls, forward = [], ConsistencyHead.forward
+
+    def recorded(self, x, t, cond):
+        calls.append((torch.is_grad_enabled(), x.detach().clone(), t.clone(), cond.detach().clone()))
+        return forward(self, x, t, cond)
+
+    monkeypatch.setattr(ConsistencyHead, "forward", recorded)
+    ckpt = teacher_run / "checkpoints" / "last.pt"
+    train(DistillConfig(teacher=str(ckpt), variant="consistency", skip=10, iterations=2, batch_size=4, warmup=0, eval_episodes=0,
+                        threads=1, device="cpu"), tmp_path / "run")
+    payload = checkpoints.load(ckpt)
+    teacher = DiffusionPolicy.from_spec(payload["policy"])
+    teacher.load_state_dict(payload["ema"])
+    alphas = teacher.eval().noise_scheduler.alphas_cumprod
+    assert [grad for grad, *_ in calls] == [False, True] * 2  # each iteration: the target (no gradient), then the head
+    for (_, x_lo, t_lo, cond), (_, x_hi, t_hi, _) in zip(calls[::2], calls[1::2]):
+        assert torch.equal(t_lo, t_hi - 10)
+        with torch.no_grad():
+            step = ddim_step(teacher.denoiser(x_hi, t_hi, cond), x_hi, alphas[t_hi].view(-1, 1, 1), alphas[t_lo].view(-1, 1, 1),
+                             teacher.noise_scheduler)
+        torch.testing.assert_close(x_lo, step)
 
 
 def test_a_sampler_without_steps_takes_its_own_default_not_the_previous_samplers():
