@@ -499,3 +499,13 @@ def test_intrinsic_rewards_are_divided_by_the_running_std_of_their_discounted_re
     assert (ext_nonterminal == 0).any()  # an episode ended in the rollout: the extrinsic GAE stops there
     torch.testing.assert_close(int_rewards, r / rms.var.sqrt())
     assert torch.equal(int_nonterminal, torch.ones(32, 8)) and (gamma, gamma_int) == (0.99, 0.9)
+
+
+def test_observations_are_normalized_by_the_running_statistics_and_clipped_to_5():
+    """What the policy, both value heads and RND's networks see (CleanRL's RND clips at 5): a lidar ray or goal
+    distance far outside what the running statistics have seen stays an input the networks were trained near."""
+    from robodistill.policies.agv import normalize
+
+    obs = torch.tensor([[1.0, 100.0, -100.0, 3.0]])
+    mean, var = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([1.0, 4.0, 4.0, 4.0])
+    torch.testing.assert_close(normalize(obs, mean, var), torch.tensor([[0.0, 5.0, -5.0, 1.0]]))
