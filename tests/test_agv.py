@@ -509,3 +509,61 @@ def test_observations_are_normalized_by_the_running_statistics_and_clipped_to_5(
     obs = torch.tensor([[1.0, 100.0, -100.0, 3.0]])
     mean, var = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([1.0, 4.0, 4.0, 4.0])
     torch.testing.assert_close(normalize(obs, mean, var), torch.tensor([[0.0, 5.0, -5.0, 1.0]]))
+
+
+def test_a_time_out_bootstraps_v_ext_of_the_observation_the_episode_ended_on(tmp_path, monkeypatch):
+    """An episode cut by the time limit was not failed: its last reward gets gamma V_ext(its final observation), which
+    the env hands over in final_observation, its next observation being the new episode's reset state."""
+    from dataclasses import replace
+
+    from robodistill.training import ppo_rnd
+
+    steps, raw, values, calls, made = [], {}, [], [], []
+    make, norm, agent_values, real_gae = ppo_rnd.make_env, ppo_rnd.normalize, ppo_rnd.Agent.values, ppo_rnd.gae
+
+    def short_episodes(cfg):  # the real env, its episodes cut at 10 steps so that a 32-step rollout holds time-outs
+        env = make(replace(cfg, max_episode_steps=10))
+        made.append(env)
+        if len(made) == 1:  # the training env (the evaluation's comes second)
+            step = env.step
+
+            def recorded(action):
+                out = step(action)
+                steps.append((out[1].clone(), out[2].clone(), out[3].clone(), out[4]["final_observation"]["state"].clone() if out[4] else None))
+                return out
+
+            env.step = recorded
+        return env
+
+    def recorded_normalize(obs, mean, var):
+        out = norm(obs, mean, var)
+        raw[id(out)] = obs.clone()
+        return out
+
+    def recorded_values(self, obs):
+        out = agent_values(self, obs)
+        if not torch.is_grad_enabled():  # the rollout's; the update's take a gradient
+            values.append((raw[id(obs)], out[0].clone()))
+        return out
+
+    def recorded_gae(*args):
+        calls.append(args[0].clone())
+        return real_gae(*args)
+
+    monkeypatch.setattr(ppo_rnd, "make_env", short_episodes)
+    monkeypatch.setattr(ppo_rnd, "normalize", recorded_normalize)
+    monkeypatch.setattr(ppo_rnd.Agent, "values", recorded_values)
+    monkeypatch.setattr(ppo_rnd, "gae", recorded_gae)
+    train(tiny(tmp_path, scene="simple_static", algo="ppo", total_steps=128), tmp_path)  # one update, 4 envs x 32 steps
+    rewards, asked, cut_steps = calls[0], iter(values), 0
+    for t, (reward, terminated, truncated, final) in enumerate(steps[-32:]):  # after obs_norm_init_steps random ones
+        next(asked)  # V of the observation the step acted on
+        cut = truncated & ~terminated
+        if not cut.any():
+            torch.testing.assert_close(rewards[t], reward)
+            continue
+        cut_steps += 1
+        seen, v_ext = next(asked)
+        assert torch.equal(seen[cut], final[cut])
+        torch.testing.assert_close(rewards[t], reward + 0.99 * cut * v_ext)
+    assert cut_steps >= 2
