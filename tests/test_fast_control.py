@@ -17,7 +17,8 @@ from robodistill.data import Normalizer
 from robodistill.envs import EnvConfig
 from robodistill.errors import UserError
 from robodistill.inference.latency import figure, measure
-from robodistill.inference.samplers import RTIConfig, RTISampler, consistency_timesteps, ddim_step, make_training_scheduler
+from robodistill.inference.samplers import (ConsistencySampler, RTIConfig, RTISampler, consistency_timesteps, ddim_step,
+                                            make_training_scheduler)
 from robodistill.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robodistill.policies.diffusion.consistency import ConsistencyHead
 from robodistill.summary import summarize
@@ -153,6 +154,29 @@ def test_consistency_distillation_steps_the_teacher_as_its_ddim_sampler_does(pre
     ddim.set_timesteps(10)  # a step spans 100 // 10 = skip timesteps
     for i, t in enumerate(t_hi.tolist()):
         torch.testing.assert_close(step[i], ddim.step(pred[i : i + 1], t, x[i : i + 1]).prev_sample[0])
+
+
+def test_multistep_consistency_sampling_re_noises_its_clean_estimate_to_the_next_timestep():
+    """steps=2: a jump from noise at t=99, then the clean estimate noised to t=50 and a second jump from there. A second
+    jump from fresh noise would be a one-step sample at a lower timestep, not a refinement of the first."""
+
+    class Head:  # an analytic head (shrinks x) that records what it is asked
+        def __init__(self):
+            self.calls = []
+
+        def jump(self, x, t, cond):
+            self.calls.append((t, x.clone()))
+            return 0.5 * x
+
+    training, head = make_training_scheduler(100, prediction_type="sample"), Head()
+    out = ConsistencySampler(head, 2, training)(None, torch.zeros(3, 4), (3, 8, 2), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    x_T, noise = torch.randn((3, 8, 2), generator=gen), torch.randn((3, 8, 2), generator=gen)
+    assert [t for t, _ in head.calls] == [99, 50]
+    torch.testing.assert_close(head.calls[0][1], x_T)
+    renoised = training.add_noise((0.5 * x_T).clamp(-1, 1), noise, torch.full((3,), 50))
+    torch.testing.assert_close(head.calls[1][1], renoised)
+    torch.testing.assert_close(out, (0.5 * renoised).clamp(-1, 1))
 
 
 def test_consistency_distillation_asks_the_target_one_teacher_step_below_the_head(teacher_run, tmp_path, monkeypatch):
