@@ -540,3 +540,23 @@ def test_warm_start_leaves_v_alone_on_steps_whose_episode_the_rollout_cut_off():
     assert report["episodes"] == 0 and report["value_mse"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(value_net, v))
     assert report["action_mse"] > 0
+
+
+def test_lambda_weights_the_distillation_term_s_gradient():
+    """One plain-SGD step from the same weights on the same rollout: the step of lambda minus PPO's own (lambda = 0) is
+    lambda times the distillation loss's gradient, so it is 4x as long at lambda 2 as at 0.5."""
+    moved = {}
+    for coef in (0.0, 0.5, 2.0):
+        with make_env(ENV) as env:
+            vec = SB3View(env)
+            model = RPD("MlpPolicy", vec, teacher=PolicyTeacher(load_policy("scripted", env)), distill_coef=coef, seed=0,
+                        **{**SMALL, "learning_rate": 1e-2, "n_epochs": 1, "batch_size": 100, "max_grad_norm": 1e9, "target_kl": None})
+            fit_normalizer(model, vec, 100, seed=0)
+            model.policy.optimizer = torch.optim.SGD(model.policy.parameters(), lr=1e-2)  # Adam would normalise the scale away
+            start = torch.nn.utils.parameters_to_vector(model.policy.parameters()).detach().clone()
+            model.learn(100)  # one rollout, one minibatch: one step
+            moved[coef] = torch.nn.utils.parameters_to_vector(model.policy.parameters()).detach() - start
+    pull = moved[0.5] - moved[0.0]
+    scale = pull.abs().max().item()
+    assert scale > 1e-4, scale  # 2.5e-3 here
+    torch.testing.assert_close(moved[2.0] - moved[0.0], 4 * pull, rtol=0, atol=1e-3 * scale)  # float32 rounding of the weights
