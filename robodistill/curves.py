@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import textwrap
 from pathlib import Path
 
 from robodistill import checkpoints
@@ -72,6 +73,11 @@ def series(run: Path, label: str, command: str | None = None) -> tuple[str, dict
     return command, success, lower, lower_name
 
 
+# A legend line's characters at its font size (7 pt) that fit inside the 8-inch axes: a longer label (runs of one name
+# told apart by a teacher's path and several settings) is wrapped, where matplotlib let the legend run off the figure's
+# left edge and squeezed the axes to make room for it. Lines break between overrides, never inside a path at a hyphen.
+LEGEND_CHARS = 90
+
 # overrides that do not change what a run learns, left out of the labels that tell runs of one name apart
 UNLABELLED = ("name", "resume", "resume_from", "progress", "threads", "hydra")
 
@@ -129,7 +135,7 @@ def plot(runs: list[Path], out: Path, command: str | None = None) -> Path:
         first = colour
         for label, points in success.items():
             x, y, lo, hi = zip(*points)
-            top.plot(x, y, "o-", ms=3, color=f"C{colour % 10}", label=label)
+            top.plot(x, y, "o-", ms=3, color=f"C{colour % 10}", label=textwrap.fill(label, LEGEND_CHARS, break_on_hyphens=False))
             if len(points) > 1:
                 top.fill_between(x, lo, hi, color=f"C{colour % 10}", alpha=0.15, lw=0)
             else:  # a band through one point has no width: its interval as an error bar

@@ -336,6 +336,38 @@ def test_curves_show_a_lone_evaluation_with_its_interval_and_a_flat_loss_by_its_
     assert bottom.yaxis.get_offset_text().get_text() == "" and all(0.0234 < t < 0.0235 for t in ticks), ticks
 
 
+def test_curves_legend_of_runs_that_differ_in_long_overrides_stays_inside_the_figure(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from robodistill.curves import plot
+
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig) or close(fig))  # kept to look at, still closed
+    # two runs of one name, labelled by the overrides they differ in: a teacher's path and a few settings, as
+    # `plot` of rpd runs with and without a teacher (or a run and its resumed continuation) gives them
+    teacher = "teacher=runs/train-teacher/2026-01-01_00-00-00-PushCube-v1-mlp/checkpoints/last.pt"
+    given = {"a": ["env=PushCube-v1", teacher, "total_steps=400", "eval_every=200", "eval_episodes=30", "obs_norm_steps=50",
+                   "batch_size=50", "checkpoint_every=200"], "b": ["teacher=none", "total_steps=600"]}
+    for stamp, overrides in zip(("00", "01"), given.values()):
+        run = tmp_path / "runs" / "rpd" / f"2026-01-01_00-00-{stamp}-rpd"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in ["name=rpd", *overrides]))
+        (run / "history.json").write_text(json.dumps([{"step": s, "success_once": 0.5, "ci95": [0.2, 0.8], "return": 3.0}
+                                                      for s in (0, 200)]))
+    plot(sorted((tmp_path / "runs" / "rpd").iterdir()), tmp_path / "c.png")
+    fig = drawn[-1]
+    canvas = FigureCanvasAgg(fig)  # pyplot's close detached its own
+    canvas.draw()
+    top = fig.axes[0]
+    legend = top.get_legend().get_window_extent(canvas.get_renderer())
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1, (legend, fig.bbox)  # was cut off at the left edge
+    assert top.get_window_extent().width > 0.7 * fig.bbox.width  # and the axes were squeezed into a third of the width
+    # wrapped between overrides: a path is kept whole, not broken at one of its hyphens
+    assert [t.get_text().replace("\n", " ") for t in top.get_legend().get_texts()] == [f"rpd {' '.join(given['a'])}",
+                                                                                       "rpd teacher=none total_steps=600"]
+
+
 def test_resume_goes_on_with_the_runs_own_settings_and_applies_the_ones_given(cli, cli_here, tmp_path, pushcube_demos):
     first = cli("train-teacher", f"dataset={pushcube_demos}", *TINY, "iterations=20", "eval_every=10", "checkpoint_every=10",
                 "lr=1e-4", "batch_size=16", "ema_power=0.5", "name=r")
