@@ -21,7 +21,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.random import RandomPolicy
 from robodistill.summary import summarize
-from robodistill.training.ppo_rnd import RND, Agent, AGVTrainConfig, check, train
+from robodistill.training.ppo_rnd import RND, Agent, AGVTrainConfig, check, combined_advantage, train
 from tests.conftest import SlowPolicy
 
 
@@ -463,6 +463,14 @@ def test_gae_bootstraps_only_where_the_episode_goes_on():
     adv, returns = gae(rewards, values, torch.tensor([1.0, 4.0]), nonterminal, 0.9, 0.5)
     torch.testing.assert_close(adv, torch.tensor([[0.5, 2.555], [0.7, 5.3]]))
     torch.testing.assert_close(returns, adv + values)
+
+
+def test_the_policy_follows_2_a_ext_plus_1_a_int_with_two_value_heads():
+    """RND's weights (Burda et al.), AGVTrainConfig's defaults: the task's advantage counts twice the novelty's."""
+    adv_ext, adv_int = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 1.0, 3.0])
+    torch.testing.assert_close(combined_advantage(AGVTrainConfig(), adv_ext, adv_int), torch.tensor([2.0, 1.0, 1.0]))
+    torch.testing.assert_close(combined_advantage(AGVTrainConfig(ext_coef=0.5, int_coef=4.0), adv_ext, adv_int),
+                               torch.tensor([0.5, 4.0, 11.5]))
 
 
 def test_intrinsic_rewards_are_divided_by_the_running_std_of_their_discounted_returns_and_never_cut(tmp_path, monkeypatch):

@@ -187,6 +187,12 @@ def gae(rewards, values, next_value, nonterminal, gamma, lam):
     return adv, adv + values
 
 
+def combined_advantage(cfg: AGVTrainConfig, adv_ext: torch.Tensor, adv_int: torch.Tensor) -> torch.Tensor:
+    """The advantage the policy follows with two value heads: ext_coef A_ext + int_coef A_int (Burda et al.: 2 and 1,
+    so that novelty steers the policy less than the task does)."""
+    return cfg.ext_coef * adv_ext + cfg.int_coef * adv_int
+
+
 def resumable(path: Path) -> dict:
     """The checkpoint an agv-train run continues from."""
     ck = checkpoints.load(path)
@@ -320,7 +326,7 @@ def train(cfg: AGVTrainConfig, run_dir: str | Path, saved: dict | None = None) -
         ext_rewards = rew_buf + int_buf if rnd_on and not two_heads else rew_buf
         adv_ext, ret_ext = gae(ext_rewards, vext_buf, next_vext, 1.0 - done_buf, cfg.gamma, cfg.gae_lambda)
         adv_int, ret_int = gae(int_buf, vint_buf, next_vint, torch.ones_like(done_buf), cfg.gamma_int, cfg.gae_lambda)
-        adv = cfg.ext_coef * adv_ext + cfg.int_coef * adv_int if two_heads else adv_ext
+        adv = combined_advantage(cfg, adv_ext, adv_int) if two_heads else adv_ext
         obs_rms.update(next_raw.reshape(-1, obs_dim))  # after the rollout: the predictor trains on fresh statistics
         rnd_in = normalize(next_raw.reshape(-1, obs_dim), obs_rms.mean, obs_rms.var)
 
