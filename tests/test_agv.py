@@ -453,7 +453,7 @@ def test_training_that_diverges_ends_in_one_line(tmp_path, lr, scene):
 
 
 def test_gae_bootstraps_only_where_the_episode_goes_on():
-    from robodistill.training.ppo_rnd import gae
+    from robodistill.training.advantages import gae
 
     # 2 steps x 2 envs; env 0's episode ends at step 0, env 1's runs on past the rollout. By hand (gamma 0.9, lambda 0.5):
     # env 0: A_1 = 0 + 0.9 * 1.0 - 0.2 = 0.7, A_0 = 1 - 0.5 = 0.5 (no bootstrap, nothing carried back from step 1)

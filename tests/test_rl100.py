@@ -19,7 +19,7 @@ from robodistill.policies.diffusion.policy import DiffusionPolicy
 from robodistill.summary import READERS
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, fqe, greedy_actions
 from robodistill.evaluation import wilson_interval
-from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, plot_online, plot_ope
+from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, decision_advantages, plot_online, plot_ope
 
 
 def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
@@ -507,6 +507,19 @@ def test_chain_ppo_loss_weights_the_shared_advantage_by_the_denoising_discount()
     log_ratio = torch.full((1, 4), 0.5, requires_grad=True)
     chain_ppo_loss(log_ratio, torch.ones(1), 0.2)[0].backward()
     assert not log_ratio.grad.any()
+
+
+def test_online_advantages_discount_a_decision_by_gamma_to_the_act_horizon_and_stop_at_an_episode_s_end():
+    """2 decisions x 2 envs of 2 env steps each, gamma 0.9 (0.81 a decision), lambda 0.5. Env 0's episode is solved in
+    decision 0, env 1's times out in decision 1 (its reward 0.5 holds play_chunk's bootstrap): neither takes a bootstrap
+    from the decision after, the new episode's. By hand:
+    env 0: A_1 = 0 + 0.81 * 2.0 - 0.4 = 1.22, A_0 = 1 - 0.5 = 0.5 (nothing carried back from decision 1)
+    env 1: A_1 = 0.5 - 0.3 = 0.2 (no 0.81 * 3.0), A_0 = (0.81 * 0.3 - 0.2) + 0.81 * 0.5 * 0.2 = 0.124"""
+    reward, ended = torch.tensor([[1.0, 0.0], [0.0, 0.5]]), torch.tensor([[True, False], [False, True]])
+    value = torch.tensor([[0.5, 0.2], [0.4, 0.3]])
+    adv, returns = decision_advantages(reward, ended, value, torch.tensor([2.0, 3.0]), gamma=0.9, act_horizon=2, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.124], [1.22, 0.2]]))
+    torch.testing.assert_close(returns, adv + value)
 
 
 def test_rl100_bad_input_is_one_clear_line(cli_here, tmp_path):

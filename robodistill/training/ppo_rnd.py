@@ -36,6 +36,7 @@ from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.agv import AGVPolicy, GaussianActor, layer, normalize, payload
 from robodistill.summary import counted
+from robodistill.training.advantages import gae
 from robodistill.training.distributed import finite_weights
 from robodistill.training.runs import check_eval_episodes, check_ppo, check_unfinished, find_resume, resumed_settings, tensorboard
 
@@ -173,18 +174,6 @@ def check_continues(saved: dict, cfg: AGVTrainConfig, resume_path: Path) -> None
     raise UserError(f"{resume_path} is a run of {' '.join(f'{k}={saved[k]}' for k in shown)}, not "
                     f"{' '.join(f'{k}={getattr(cfg, k)}' for k in shown)}: drop {'/'.join(f'{k}=' for k in changed)} "
                     f"to continue it as it was")
-
-
-def gae(rewards, values, next_value, nonterminal, gamma, lam):
-    """Generalized advantage estimates over a (T, B) rollout; nonterminal[t] masks the bootstrap from t+1."""
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        nxt = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        delta = rewards[t] + gamma * nxt * nonterminal[t] - values[t]
-        last = delta + gamma * lam * nonterminal[t] * last
-        adv[t] = last
-    return adv, adv + values
 
 
 def combined_advantage(cfg: AGVTrainConfig, adv_ext: torch.Tensor, adv_int: torch.Tensor) -> torch.Tensor:

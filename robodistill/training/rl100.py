@@ -57,6 +57,7 @@ from robodistill.inference.chunks import ChunkExecutor
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.summary import counted
+from robodistill.training.advantages import gae
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
 from robodistill.training.distributed import diverged
 from robodistill.training.runs import budget_spent, latest_run, set_threads, tensorboard
@@ -547,6 +548,14 @@ def play_chunk(env, actions: torch.Tensor, hist: torch.Tensor, hold: torch.Tenso
     return reward, ended, hist, outcomes
 
 
+def decision_advantages(reward: torch.Tensor, ended: torch.Tensor, value: torch.Tensor, next_value: torch.Tensor, gamma: float,
+                        act_horizon: int, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The online stage's GAE over its (D, n) decisions and their value targets. A decision spans act_horizon env steps,
+    so the next one's value is worth gamma ** act_horizon; one whose episode ended in its chunk (solved, or timed out,
+    whose bootstrap play_chunk has put in its reward) takes nothing from the next decision, the new episode's."""
+    return gae(reward, value, next_value, (~ended).float(), gamma**act_horizon, lam)
+
+
 def chain_ppo_loss(log_ratio: torch.Tensor, adv: torch.Tensor, clip: float | torch.Tensor, denoise_discount: float = 1.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped surrogate over the denoising chain, offline and online: every fine-tuned step
@@ -567,7 +576,6 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
     # A (re)start after u updates seeds its envs' first episodes u * envs on; one after the last update still resets them.
     updates = -(-o.env_steps // (o.decisions * o.envs * h))
     check_seeds("online", (updates + 1) * o.envs, f"online.env_steps={o.env_steps} (online.envs={o.envs}, online.decisions={o.decisions})")
-    gamma_chunk = cfg.gamma ** h
     clip = clip_schedule(o.clip, o.clip_noisiest, cfg.chain.finetune_steps)
     norm = actor.normalizers["state"]
     state_of = lambda hist: norm(hist).flatten(1)  # noqa: E731
@@ -635,15 +643,7 @@ def online(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
             batch = {k: torch.stack(v) for k, v in rows.items()}  # (D, n, ...)
             with torch.no_grad():
                 next_value = value(state_of(hist)).squeeze(-1)
-                adv = torch.zeros_like(batch["reward"])
-                gae = torch.zeros(n)
-                for d in reversed(range(o.decisions)):
-                    nonterminal = (~batch["ended"][d]).float()
-                    nv = next_value if d == o.decisions - 1 else batch["value"][d + 1]
-                    delta = batch["reward"][d] + gamma_chunk * nonterminal * nv - batch["value"][d]
-                    gae = delta + gamma_chunk * o.gae_lambda * nonterminal * gae
-                    adv[d] = gae
-                returns = adv + batch["value"]
+                adv, returns = decision_advantages(batch["reward"], batch["ended"], batch["value"], next_value, cfg.gamma, h, o.gae_lambda)
             flat = {k: v.flatten(0, 1) for k, v in {**batch, "adv": adv, "returns": returns}.items()}
             total = len(flat["adv"])
             train_actor = len(history) >= o.critic_warmup
