@@ -19,7 +19,7 @@ from robodistill.policies.diffusion.policy import DiffusionPolicy
 from robodistill.summary import READERS
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, fqe, greedy_actions
 from robodistill.evaluation import wilson_interval
-from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, decision_advantages, plot_online, plot_ope
+from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, decision_advantages, gate_accepts, plot_online, plot_ope
 
 
 def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
@@ -520,6 +520,16 @@ def test_online_advantages_discount_a_decision_by_gamma_to_the_act_horizon_and_s
     adv, returns = decision_advantages(reward, ended, value, torch.tensor([2.0, 3.0]), gamma=0.9, act_horizon=2, lam=0.5)
     torch.testing.assert_close(adv, torch.tensor([[0.5, 0.124], [1.22, 0.2]]))
     torch.testing.assert_close(returns, adv + value)
+
+
+def test_the_gate_accepts_a_candidate_only_if_every_estimator_it_names_says_no_worse():
+    ref = {"amq": 1.0, "fqe": 0.5}
+    split = {"amq": 1.5, "fqe": 0.25}  # AM-Q says better, FQE worse
+    assert not gate_accepts(split, ref, "both", 0.0)
+    assert gate_accepts(split, ref, "amq", 0.0) and not gate_accepts(split, ref, "fqe", 0.0)
+    assert gate_accepts({"amq": 1.0, "fqe": 0.5}, ref, "both", 0.0)  # a tie is no worse
+    assert gate_accepts({"amq": 0.75, "fqe": 0.5}, ref, "both", 0.25)  # worse by no more than the margin
+    assert not gate_accepts({"amq": 0.5, "fqe": 0.5}, ref, "both", 0.25)
 
 
 def test_rl100_bad_input_is_one_clear_line(cli_here, tmp_path):

@@ -385,6 +385,12 @@ def imitation(cfg: RL100Config, run: Run) -> Path:
     return last
 
 
+def gate_accepts(cand: dict, ref: dict, gate: str, margin: float) -> bool:
+    """The OPE gate's verdict: a candidate replaces the reference only if every estimator of GATES[gate] scores it no
+    worse than the reference, less `margin`; one that says worse is enough to keep the reference."""
+    return all(cand[k] >= ref[k] - margin for k in GATES[gate])
+
+
 def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path:
     o, out = cfg.offline, run.dir / "offline"
     base, actor = load(start, cfg.chain.steps)
@@ -475,7 +481,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                 optimizer.step()
                 if update % o.gate_every == 0 or update == o.updates:
                     cand = score(actor_chain, cfg.seed)
-                    accepted = all(cand[k] >= ref_score[k] - o.gate_margin for k in GATES[o.gate])
+                    accepted = gate_accepts(cand, ref_score, o.gate, o.gate_margin)
                     cand_true = gate_truth(actor, train_env, o.gate_eval_episodes, env_seed("gate_truth", cfg.seed), cfg.gamma)
                     row = {"iteration": iteration, "update": update, "accepted": bool(accepted),
                            **cand, **{f"{k}_reference": v for k, v in ref_score.items()},
