@@ -19,7 +19,8 @@ from robodistill.policies.diffusion.policy import DiffusionPolicy
 from robodistill.summary import READERS
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, fqe, greedy_actions
 from robodistill.evaluation import wilson_interval
-from robodistill.training.rl100 import chain_ppo_loss, clip_schedule, decision_advantages, gate_accepts, plot_online, plot_ope
+from robodistill.training.rl100 import (chain_ppo_loss, clip_schedule, decision_advantages, gate_accepts, offline_advantage,
+                                        plot_online, plot_ope)
 
 
 def _policy(prediction_type: str = "sample", state_dim: int = 9) -> DiffusionPolicy:
@@ -658,6 +659,26 @@ def test_iql_fits_v_to_the_upper_expectile_of_q_without_bootstrapping_past_the_e
     assert torch.allclose(q, torch.tensor([1.0, 0.0]), atol=0.05), q
     # V's 0.7-expectile of Q in {0, 1}, equally often: 0.7 (1 - v) = 0.3 v, v = 0.7. The lower one would be 0.3, the mean 0.5.
     assert abs(v - 0.7) < 0.1, v
+
+
+def test_the_offline_advantage_is_q_of_the_executed_action_less_v_of_its_state_normalised():
+    """The direction of every offline PPO step (chain_ppo_loss raises the likelihood of a chain with a positive one).
+    Fitted IQL critics on two states: at s0 action +1 solves the task and -1 fails, at s1 both solve. By hand:
+    Q(s0, +1) = 1, Q(s0, -1) = 0, V(s0) = 0.7 (the 0.7-expectile of {0, 1}), Q(s1, +-1) = 1 = V(s1): A = [0.3, -0.7, 0, 0],
+    mean -0.1, std 0.424: [0.94, -1.41, 0.24, 0.24]. V - Q gives [-0.94, 1.41, -0.24, -0.24]; Q alone [0.5, -1.5, 0.5, 0.5]."""
+    n = 64
+    s0, s1 = torch.zeros(n, 3), torch.ones(n, 3)
+    action = torch.tensor([[1.0], [-1.0]]).repeat(n, 1)
+    state = torch.cat([s0, s1])
+    reward = torch.cat([(action[:n, 0] > 0).float(), torch.ones(n)])
+    data = Transitions(state, action, reward, torch.full((2 * n,), 0.9), state.clone(), torch.ones(2 * n),
+                       torch.ones(2 * n, dtype=torch.bool))
+    torch.manual_seed(0)
+    iql = IQL(3, 1, expectile=0.7, hidden=(32, 32))
+    iql.fit(data, steps=1000, batch_size=64, gen=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adv = offline_advantage(iql, torch.cat([s0[:2], s1[:2]]), action[:4])
+    torch.testing.assert_close(adv, torch.tensor([0.943, -1.414, 0.236, 0.236]), rtol=0, atol=0.1)  # 0.03 off here
 
 
 def test_iql_target_critics_move_tau_of_the_way_to_the_trained_ones_each_step():

@@ -385,6 +385,13 @@ def imitation(cfg: RL100Config, run: Run) -> Path:
     return last
 
 
+def offline_advantage(iql: IQL, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """The offline PPO step's advantage, shared by every fine-tuned denoising step: A = Q(s, a_0) - V(s), how much
+    better the executed action is than V (IQL's upper expectile of Q over the data's actions), normalised over the batch."""
+    adv = iql.q(state, action) - iql.value(state)
+    return (adv - adv.mean()) / (adv.std() + 1e-8)
+
+
 def gate_accepts(cand: dict, ref: dict, gate: str, margin: float) -> bool:
     """The OPE gate's verdict: a candidate replaces the reference only if every estimator of GATES[gate] scores it no
     worse than the reference, less `margin`; one that says worse is enough to keep the reference."""
@@ -471,9 +478,7 @@ def offline(cfg: RL100Config, run: Run, start: Path, env_cfg: EnvConfig) -> Path
                 with torch.no_grad():
                     cond = actor.encoder({"state": b.state.view(len(b), actor.obs_horizon, -1)})
                     chain, logp_old = ref_chain.sample(cond, gen)
-                    a0 = ref_chain.executed(chain[:, -1])
-                    adv = iql.q(b.state, a0) - iql.value(b.state)
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    adv = offline_advantage(iql, b.state, ref_chain.executed(chain[:, -1]))
                 loss, ratio = chain_ppo_loss(actor_chain.log_prob(cond, chain) - logp_old, adv, clip)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
