@@ -136,21 +136,23 @@ def given_fields() -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
 
 
-def record_taken(values: dict) -> None:
+def record_taken(values: dict, run_dir=None) -> None:
     """Write the fields a command took from elsewhere (a checkpoint, a teacher; dotted keys such as
     `env.max_episode_steps`) into its run's .hydra/config.yaml, so that the config a run keeps is the one it ran
-    with, and a later `resume=true` of it finds them. Outside a hydra run, and on ranks other than 0, nothing."""
+    with, and a later `resume=true` of it finds them. `run_dir`: that run's directory, where it is not the one hydra made
+    for this command (rl100 goes on in the run it resumes). Outside a hydra run, and on ranks other than 0, nothing."""
     import os
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    if not values or not HydraConfig.initialized() or os.environ.get("RANK", "0") != "0":
+    if not values or os.environ.get("RANK", "0") != "0":
         return
-    output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)  # none under `--cfg job`
-    saved = Path(output_dir or "") / ".hydra" / "config.yaml"
-    if output_dir and saved.is_file():
+    if run_dir is None and HydraConfig.initialized():
+        run_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)  # none under `--cfg job`
+    saved = Path(run_dir or "") / ".hydra" / "config.yaml"
+    if run_dir and saved.is_file():
         config = OmegaConf.load(saved)
         for key, value in values.items():
             OmegaConf.update(config, key, value, merge=False)

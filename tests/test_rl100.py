@@ -266,6 +266,77 @@ def test_rl100_resuming_a_finished_run_says_there_is_nothing_left(rl100_run, pus
     assert (run / "report.json").read_text() == report
 
 
+def _stopped_before_the_head(run: Path) -> None:
+    """As if `run` was killed after its online stage: the head's stage is left to do."""
+    report = json.loads((run / "report.json").read_text())
+    del report["stages"]["distill"]
+    (run / "report.json").write_text(json.dumps(report))
+    shutil.rmtree(run / "distill")
+
+
+def test_rl100_resumed_by_its_name_alone_goes_on_as_it_was_started(rl100_run, pushcube_demos, tmp_path):
+    """`rl100 resume=true name=<run>` took only the run's env: it ended "dataset= is required for the imitation and
+    offline stages", and one that gave the data but not a budget went on with the default's. It takes every setting of
+    the run now, its data and start found from any directory; a budget raised on resuming is kept for the next resume."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import run_cli
+
+    start = tmp_path / "start"
+    start.mkdir()
+    shutil.copy(rl100_run[0] / "imitation" / "checkpoints" / "last.pt", start / "teacher.pt")
+    for suffix in (".h5", ".json"):
+        shutil.copy(pushcube_demos.with_suffix(suffix), start / f"demos{suffix}")
+    r = run_cli("rl100", "env=PushCube-v1", "dataset=demos.h5", "init=teacher.pt", "stages=[distill]", "env.max_episode_steps=40",
+                "eval_episodes=2", "chain.steps=5", "chain.finetune_steps=5", "head.iterations=10", "seed=3", "name=again",
+                cwd=start)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = (start / "runs" / "rl100").iterdir()
+    started = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert (started.dataset, started.init) == (str(start / "demos.h5"), str(start / "teacher.pt"))
+
+    def head_trained(report: dict) -> int:
+        assert report["stages"]["distill"]["episodes"] == 2 and set(report["stages"]) == {"init", "distill"}
+        return checkpoints.load(run / "distill" / "checkpoints" / "last.pt")["consistency"]["step"]
+
+    # From another directory, by the run's directory, with a larger budget for the head.
+    _stopped_before_the_head(run)
+    r = run_cli("rl100", f"resume_from={run}", "head.iterations=12", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"as the resumed run was trained: dataset={start / 'demos.h5'} init={start / 'teacher.pt'} stages=[distill] eval_episodes=2 " \
+           "seed=3 chain.steps=5 chain.finetune_steps=5 " in r.stdout
+    assert head_trained(json.loads((run / "report.json").read_text())) == 12
+    resumed = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert resumed.head.iterations == 12 and OmegaConf.merge(started, {"head": {"iterations": 12}}) == resumed
+    assert not (tmp_path / "runs" / "rl100").exists()  # the directory hydra made for it went
+
+    # By its name alone: the budget raised is the run's now.
+    _stopped_before_the_head(run)
+    r = run_cli("rl100", "resume=true", "name=again", cwd=start)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "head.iterations=12" in r.stdout and head_trained(json.loads((run / "report.json").read_text())) == 12
+    assert OmegaConf.load(run / ".hydra" / "config.yaml") == resumed and [p.name for p in run.parent.iterdir()] == [run.name]
+
+
+@pytest.mark.parametrize(("given", "why"), [
+    ("seed=1", "runs with seed=0, which every stage trains or is rated with"),
+    ("chain.steps=5", "runs with chain.steps=10, which every stage trains or is rated with"),
+    ("online.env_steps=320", "runs with online.env_steps=160, and its finished online stage is kept as it ran"),
+])
+def test_rl100_resume_that_changes_what_its_stages_ran_with_is_refused_in_one_line(rl100_run, cli_here, tmp_path, given, why):
+    """A resume goes on with the run's settings; one given another value that its finished stages' results (or every
+    stage's) depend on would leave them inconsistent with the rest, so it is refused, the run untouched."""
+    copy = tmp_path / "copy"
+    shutil.copytree(rl100_run[0], copy)
+    _stopped_before_the_head(copy)
+    before = {p: (copy / p).read_text() for p in ("report.json", ".hydra/config.yaml")}
+    r = cli_here("rl100", f"resume_from={copy}", given)
+    key = given.split("=")[0]
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {given}: {copy} {why}; drop {key}= to resume it, or start a new run with {given}"), r.stderr[-2000:]
+    assert before == {p: (copy / p).read_text() for p in before}
+
+
 def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl100_run, pushcube_demos, cli, tmp_path):
     run, _ = rl100_run
     init = run / "imitation" / "checkpoints" / "last.pt"

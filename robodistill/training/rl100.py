@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,8 @@ from robodistill.summary import counted
 from robodistill.training.advantages import gae
 from robodistill.training.critics import IQL, DynamicsEnsemble, Transitions, am_q, fqe, mlp
 from robodistill.training.distributed import diverged
-from robodistill.training.runs import budget_spent, latest_run, set_threads, tensorboard
+from robodistill.training.runs import (absolute_paths, budget_spent, command_line, latest_run, resumed_settings, set_threads, setting,
+                                      tensorboard, with_fields)
 
 STAGES = ("imitation", "offline", "online", "distill")
 GATES = {"amq": ("amq",), "fqe": ("fqe",), "both": ("amq", "fqe")}  # the estimators whose verdicts must all be "no worse"
@@ -180,11 +181,24 @@ class RL100Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     gamma: float = 0.99  # per env step
     eval_episodes: int = 200  # each stage's policy, fixed seeds
-    resume: bool = False  # continue the newest run with this name: finished stages are kept, the rest continue there
+    resume: bool = False  # continue the newest run with this name, with its settings (RESUMED): finished stages are kept, the rest continue there
     resume_from: str | None = None  # or this rl100 run directory
     threads: int = 1
     seed: int = 0
     name: str = "rl100"
+
+
+# What a resumed run keeps of its own (its .hydra/config.yaml) unless the command line sets it: every setting it was started
+# with, so that `resume=true` alone goes on as the run was, not with the defaults. Its env is report.json's (main); where
+# it is written (name) and the threads it may use are this command's.
+RESUMED = ("dataset", "init", "stages", "gamma", "eval_episodes", "seed",
+           *(f"{group}.{f.name}" for group, kind in (("imitation", ImitationConfig), ("chain", ChainConfig), ("offline", OfflineConfig),
+                                                     ("online", OnlineConfig), ("head", HeadConfig)) for f in fields(kind)))
+# Those a resume may not change: every stage trains or is rated with them, so the finished stages' results would not be
+# the rest's. (init is checked against the start the run rated, check_same_start.)
+FROZEN = ("dataset", "seed", "gamma", "eval_episodes", *(k for k in RESUMED if k.startswith("chain.")))
+# The stage whose own settings a group holds: frozen too once that stage has finished, for it is kept as it ran.
+STAGE_OF = {"imitation": "imitation", "offline": "offline", "online": "online", "head": "distill"}
 
 
 def check(cfg: RL100Config) -> None:
@@ -891,10 +905,38 @@ def check_unfinished_stages(stages: list[str], run: Run) -> None:
                     f"policies{start}")
 
 
+def resumed_config(cfg: RL100Config, run: Run, given: set[str]) -> tuple[RL100Config, dict]:
+    """`cfg` as the run it resumes (`run`) was started, where `given` leaves a RESUMED setting unset (see resumed_settings),
+    and the settings `given` changes. A FROZEN setting, or a finished stage's own, given another value is refused; one a
+    resume may change (a budget raised, a stage added) is for the caller to write into the run's .hydra/config.yaml, so
+    that resuming it again keeps it."""
+    saved = run.dir / ".hydra" / "config.yaml"
+    recorded, absent = OmegaConf.load(saved) if saved.is_file() else OmegaConf.create(), object()
+    trained = {}
+    for key in RESUMED:
+        value = OmegaConf.select(recorded, key, default=absent)
+        if value is not absent:  # a field newer than the run keeps this command's value
+            trained[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    for key in ("dataset", "init"):  # as main records them; a run started before it did may hold them relative
+        if trained.get(key):
+            trained[key] = absolute_paths(trained[key])
+    changed = {k: setting(cfg, k) for k in given if k in trained and setting(cfg, k) != trained[k]}
+    cfg = with_fields(cfg, resumed_settings(cfg, trained, RESUMED, given))
+    check_unfinished_stages(cfg.stages, run)
+    for key, value in changed.items():
+        stage = STAGE_OF.get(key.partition(".")[0])
+        if key in FROZEN or (stage is not None and run.done(stage)):
+            why = "which every stage trains or is rated with" if key in FROZEN else f"and its finished {stage} stage is kept as it ran"
+            raise UserError(f"{key}={command_line(value)}: {run.dir} runs with {key}={command_line(trained[key])}, {why}; drop {key}= "
+                            f"to resume it, or start a new run with {key}={command_line(value)}")
+    check_same_start(cfg.init, run)
+    return cfg, changed
+
+
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    from robodistill.configs import given_fields
+    from robodistill.configs import given_fields, record_taken
 
     container = OmegaConf.to_container(cfg, resolve=True)
     config = RL100Config(
@@ -909,14 +951,19 @@ def main(cfg: DictConfig) -> dict:
     elif config.resume:  # the new run directory stays empty, and goes when the command ends
         run_dir = latest_run(config.name, run_dir, "report.json")
     resuming = bool(config.resume or config.resume_from)
+    # recorded absolute, so that a resume (which takes them) finds them from any directory
+    config = replace(config, dataset=config.dataset and absolute_paths(config.dataset), init=config.init and absolute_paths(config.init))
+    record = {"dataset": config.dataset, "init": config.init}
+    if resuming:
+        config, record = resumed_config(config, Run(run_dir), given_fields())
     recorded = Run(run_dir).report.get("env") if resuming else None  # runs before 2026-12-04 did not record it
     if recorded:
         config.env = take_env(config.env, recorded, given_fields(), ("task", *TRAINED_FIELDS), who="the resumed run")
     elif config.init:  # the starting policy's own env (what it sees, how it acts, its episode limit) unless told otherwise
         config.env = env_for_policy(config.env, config.init, given_fields(),
                                     ("obs_mode", "control_mode", "max_episode_steps", "image_size"), who="the init= policy")
-    if resuming:
-        check_unfinished_stages(config.stages, Run(run_dir))
+    check(config)  # before the run's config records a value: one refused is not kept for the next resume
+    record_taken(record, run_dir)
     report = run_stages(config, run_dir)
     if resuming:  # it went on in the earlier run's directory; the one hydra made for it holds nothing
         from robodistill.cli import drop_empty_run_dir

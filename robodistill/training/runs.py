@@ -208,13 +208,7 @@ def resumed_settings(cfg, trained: dict, fields: tuple[str, ...], given: set[str
     (so that resuming this run again keeps them) and returned, for the caller to set."""
     from robodistill.configs import record_taken
 
-    def current(key: str):
-        node = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        return node
-
-    taken = {k: trained[k] for k in fields if k in trained and k not in given and trained[k] != current(k)}
+    taken = {k: trained[k] for k in fields if k in trained and k not in given and trained[k] != setting(cfg, k)}
     if taken and os.environ.get("RANK", "0") == "0":  # under torchrun every rank takes them; one says so
         print(f"as the resumed run was trained: {' '.join(f'{k}={command_line(v)}' for k, v in taken.items())} (set <field>= to change)")
     record_taken(taken)
@@ -232,9 +226,26 @@ def resumed_trainer(cfg, state: dict, fields: tuple[str, ...], given: set[str], 
                         f"was built with {' '.join(f'policy.{k}={command_line(built[k])}' for k in changed)} ({path}); drop "
                         f"{' '.join(f'policy.{k}=' for k in changed)} to continue it, or train a new policy without resume")
     trained = {**state["train"], **{f"policy.{k}": v for k, v in built.items()}}
-    taken = resumed_settings(cfg, trained, (*fields, *(f"policy.{k}" for k in built)), given)
-    policy = replace(cfg.policy, **{k.removeprefix("policy."): v for k, v in taken.items() if k.startswith("policy.")})
-    return replace(cfg, policy=policy, **{k: v for k, v in taken.items() if not k.startswith("policy.")})
+    return with_fields(cfg, resumed_settings(cfg, trained, (*fields, *(f"policy.{k}" for k in built)), given))
+
+
+def setting(cfg, key: str):
+    """`cfg`'s field `key`, dotted for a nested config (`policy.mlp_hidden`)."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def with_fields(cfg, values: dict):
+    """`cfg` (a dataclass) with `values`, keyed by field as resumed_settings returns them (dotted for a nested config)."""
+    own, nested = {}, {}
+    for key, value in values.items():
+        group, dot, rest = key.partition(".")
+        if dot:
+            nested.setdefault(group, {})[rest] = value
+        else:
+            own[key] = value
+    return replace(cfg, **own, **{group: with_fields(getattr(cfg, group), v) for group, v in nested.items()})
 
 
 def command_line(value) -> str:
