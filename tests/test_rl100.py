@@ -525,6 +525,18 @@ def test_online_plot_draws_evaluations_at_0_and_100_percent(tmp_path):
     assert (tmp_path / "online.png").stat().st_size > 0
 
 
+def test_online_plot_of_updates_in_which_no_episode_ended_warns_of_nothing(tmp_path):
+    """At tiny budgets no rollout episode ends within an update and nothing is evaluated: the success panel has nothing
+    to label, and matplotlib's "No artists with labels found to put in legend" warning was printed in the run's output."""
+    import warnings
+
+    history = [{"env_steps": 32, "train_success": None, "explained_variance": 0.1, "approx_kl": 0.01, "clip_frac": 0.1}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_online(history, [], tmp_path / "online.png")
+    assert (tmp_path / "online.png").stat().st_size > 0
+
+
 def test_gate_and_online_plots_read_close_estimates_and_a_single_update(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     from matplotlib.backends.backend_agg import FigureCanvasAgg

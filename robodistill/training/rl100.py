@@ -813,7 +813,8 @@ def plot_online(history: list[dict], evals: list[dict], path: Path) -> None:
         err = [[v - e["ci95"][0] for v, e in zip(y, evals)], [e["ci95"][1] - v for v, e in zip(y, evals)]]
         axes[0].errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=3, label="mean path (95% CI)")
     axes[0].set(xlabel="env steps", ylabel="success", ylim=(-0.02, 1.02), title="success")
-    axes[0].legend(loc="lower left", fontsize=8)
+    if rollouts or evals:  # else nothing to label (tiny budgets: no episode ended within an update), which matplotlib warns of
+        axes[0].legend(loc="lower left", fontsize=8)
     explained = [(r["env_steps"], r["explained_variance"]) for r in history if "explained_variance" in r]  # absent in runs resumed from older versions
     if explained:
         draw_line(axes[1], explained, color="tab:green")
