@@ -67,6 +67,19 @@ def test_train_vla_refuses_demos_that_start_where_it_rates(cli_here, pickcube_rg
     assert not list(tmp_path.glob("runs/train-vla/*/checkpoints"))
 
 
+def test_train_vla_of_one_task_ends_with_an_eval_command_that_names_it(cli_here, pickcube_rgb_demos, tmp_path):
+    # it printed env=<PickCube-v1>, the angle brackets of a choice among several tasks around the one there is
+    (tmp_path / "datasets" / "PickCube-v1").mkdir(parents=True)
+    for suffix in (".h5", ".json"):
+        (tmp_path / "datasets" / "PickCube-v1" / f"mp_n2_seed0.rgb.pd_ee_delta_pos{suffix}").symlink_to(
+            pickcube_rgb_demos["path"].replace(".h5", suffix))
+    r = cli_here("train-vla", "tasks=[PickCube-v1]", "demos=2", "datasets=datasets", "image_size=48", "control_mode=pd_ee_delta_pos",
+                 "max_episode_steps=20", "eval_episodes=0", "iterations=1", "batch_size=8", "policy.mlp_hidden=[64,64]",
+                 f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"(robodistill eval policy={tmp_path / 'run' / 'checkpoints' / 'last.pt'} env=PickCube-v1)" in r.stdout, r.stdout[-2000:]
+
+
 def test_train_vla_makes_demos_evaluates_every_task_and_resumes(vla_run, cli, cli_here, tmp_path):
     root = vla_run["root"]
     assert (root / "datasets" / "PushCube-v1" / "mp_n2_seed0.rgb.pd_ee_delta_pos.h5").is_file()

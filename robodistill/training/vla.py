@@ -282,8 +282,8 @@ def main(cfg: DictConfig) -> dict:
         print("| task | success_once [95% CI] |\n|---|---|")
         for task, s in final["tasks"].items():
             print(f"| {task} | {s['success_once']:.0%} [{s['ci95'][0]:.0%}, {s['ci95'][1]:.0%}] |")
-    # eval takes the camera, control mode and episode limit from the checkpoint: only the task is to choose
-    print(f"checkpoints: {run_dir / 'checkpoints'}  (robodistill eval policy={run_dir / 'checkpoints' / 'last.pt'} "
-          f"env=<{'|'.join(config.tasks)}>)")
+    # eval takes the camera, control mode and episode limit from the checkpoint: only the task is to choose, of several
+    task = config.tasks[0] if len(config.tasks) == 1 else f"<{'|'.join(config.tasks)}>"
+    print(f"checkpoints: {run_dir / 'checkpoints'}  (robodistill eval policy={run_dir / 'checkpoints' / 'last.pt'} env={task})")
     write_run_curves(run_dir, "train-vla")
     return result
