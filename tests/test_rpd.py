@@ -423,6 +423,30 @@ def test_rpd_resumed_from_another_directory_finds_its_teacher(cli, tmp_path, pus
     assert more.returncode == 0 and f"teacher={teacher}" in more.stdout, more.stderr[-3000:]
 
 
+def test_rpd_rated_on_the_initial_states_its_teacher_learnt_from_is_refused_before_it_trains(cli_here, tmp_path, pushcube_demos):
+    # the student learns the teacher's actions: rated on the teacher's demonstrations' initial states, it is rated where
+    # its teacher is strongest (distill refuses the same for its head); rpd read no dataset and trained on
+    from tests.conftest import relabeled_demos
+    from tests.test_teacher import TINY, run_dir
+
+    rated = relabeled_demos(pushcube_demos, tmp_path / "rated", HELD_OUT_SEEDS)  # `demos seed=10000`: seeds 10000-10002
+    t = cli_here("train-teacher", f"dataset={rated}", *TINY, "iterations=1", "eval_episodes=0", "val_fraction=0", "name=t")
+    assert t.returncode == 0, t.stderr[-3000:]
+    teacher = run_dir(tmp_path, "t") / "checkpoints" / "last.pt"
+    args = [f"teacher={teacher}", "total_steps=50", "n_steps=50", "batch_size=50", "n_epochs=1", "hidden=[16]", "eval_every=0",
+            "eval_episodes=2", "threads=1"]
+    r = cli_here("rpd", *args, "name=r")
+    assert r.returncode == 2 and (f"dataset {rated}: 2 of its episodes start from seeds that this run rates its student on (10000 to "
+                                  f"10001): 10000, 10001; it would rate the initial states the policy learnt from: teacher={teacher} was "
+                                  "trained on them and the student learns its actions: set seed=3 or more") in r.stderr, r.stderr[-2000:]
+    assert not list(tmp_path.glob("runs/rpd/*/history.json"))  # refused before it trained
+    # a student that does not learn from the teacher (plain PPO) is not refused, nor one whose teacher's data is gone
+    assert cli_here("rpd", *args, "distill_coef=0", "name=ppo").returncode == 0
+    rated.unlink()
+    gone = cli_here("rpd", *args, "name=gone")
+    assert gone.returncode == 0, gone.stderr[-2000:]
+
+
 def test_a_state_student_of_an_rgb_teacher_is_told_to_show_it_images(cli_here, pickcube_rgb_teacher):
     # The loader said "set env.obs_mode=rgb" alone: an RGB student, whose NatureCNN needs 36 px or more where the
     # teacher's camera (taken for the student) may be smaller, and a teacher refuses another camera size.

@@ -63,12 +63,13 @@ from tqdm import tqdm
 
 from robodistill import checkpoints
 from robodistill.curves import write_run_curves
+from robodistill.data.trajectories import episode_seeds
 from robodistill.envs import EnvConfig, SB3View, VecEnv, make_env
 from robodistill.envs.factory import AGV_TASK, OBS_MODES
 from robodistill.errors import UserError
-from robodistill.evaluation import HELD_OUT_SEEDS, evaluate, take_env
+from robodistill.evaluation import HELD_OUT_SEEDS, check_apart, evaluate, rated_seeds, take_env
 from robodistill.inference.chunks import ChunkExecutor
-from robodistill.policies.base import NAMED_POLICIES, trained_env
+from robodistill.policies.base import NAMED_POLICIES, trained_data, trained_env
 from robodistill.policies.student import GaussianStudent, NormalizedState, StateAndImage
 from robodistill.policies.teachers import Teacher, load_teacher
 from robodistill.summary import counted
@@ -593,6 +594,18 @@ def check(cfg: RPDConfig) -> None:
         raise UserError(f"env.image_size={cfg.env.image_size} is too small for the student's NatureCNN: use 36 or more (64 is typical)")
 
 
+def check_teacher_apart(cfg: RPDConfig) -> None:
+    """Refuses to rate the student on initial states its teacher was trained on, where the teacher's file records its
+    demonstrations and they are still on disk: the student learns the teacher's actions (and a warm start copies its
+    acting), so it would be rated where its teacher is strongest, as distill refuses for its head."""
+    taught = episode_seeds([path for path in trained_data(cfg.teacher, cfg.env.task) if path.is_file()])
+    last = max((seed for seeds in taught.values() for seed in seeds), default=HELD_OUT_SEEDS)
+    check_apart(taught, rated_seeds(cfg.seed, cfg.eval_episodes), "this run rates its student on",
+                fix=f"teacher={cfg.teacher} was trained on them and the student learns its actions: set seed={last + 1 - HELD_OUT_SEEDS} "
+                    f"or more (evaluations start at {HELD_OUT_SEEDS:,} + seed), or give a teacher trained on demonstrations planned "
+                    "from other seeds")
+
+
 def resume_checkpoint(cfg: RPDConfig, run_dir: Path) -> Path | None:
     """The student zip a run continues from; None for a fresh run."""
     path = find_resume(cfg.resume, cfg.resume_from, cfg.name, run_dir, filename="last.zip")
@@ -665,6 +678,8 @@ def train(cfg: RPDConfig, run_dir: Path) -> dict:
         if cfg.teacher_obs_mode not in (None, cfg.env.obs_mode):
             view = make_env(replace(cfg.env, obs_mode=cfg.teacher_obs_mode, num_envs=1))
         teacher = load_teacher(cfg.teacher, view or eval_env, cfg.api_key, cfg.timeout_ms)
+        if cfg.distill_coef > 0 or cfg.warm_start_steps > 0:
+            check_teacher_apart(cfg)
         vec = SB3View(env)
         if view is not None:
             vec.log_sim_states(cfg.n_steps + 1)
