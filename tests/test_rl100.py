@@ -337,6 +337,25 @@ def test_rl100_resume_that_changes_what_its_stages_ran_with_is_refused_in_one_li
     assert before == {p: (copy / p).read_text() for p in before}
 
 
+def test_rl100_resume_that_changes_the_shape_of_its_unfinished_offline_stage_s_saved_state_is_refused_in_one_line(rl100_run, cli_here,
+                                                                                                                   tmp_path):
+    """offline/state.pt holds offline.ensemble dynamics models: a resume that changed it, allowed for a stage that has not
+    finished, ended in load_state_dict's traceback (Error(s) in loading state_dict for DynamicsEnsemble)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(rl100_run[0], copy)
+    report = json.loads((copy / "report.json").read_text())
+    for stage in ("offline", "online", "distill"):  # killed after the offline stage's last checkpoint, before its policy
+        del report["stages"][stage]
+    (copy / "report.json").write_text(json.dumps(report))
+    (copy / "offline" / "policy.pt").unlink()
+    before = {p: (copy / p).read_text() for p in ("report.json", ".hydra/config.yaml")}
+    r = cli_here("rl100", f"resume_from={copy}", "offline.ensemble=3")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: offline.ensemble=3: {copy} runs with offline.ensemble=5, which shapes its unfinished offline stage's saved state "
+        "(offline/state.pt); drop offline.ensemble= to resume it, or start a new run with offline.ensemble=3"), r.stderr[-2000:]
+    assert before == {p: (copy / p).read_text() for p in before}
+
+
 def test_rl100_gate_that_accepts_nothing_keeps_the_start_and_offline_resumes(rl100_run, pushcube_demos, cli, tmp_path):
     run, _ = rl100_run
     init = run / "imitation" / "checkpoints" / "last.pt"

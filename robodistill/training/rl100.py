@@ -199,6 +199,9 @@ RESUMED = ("dataset", "init", "stages", "gamma", "eval_episodes", "seed",
 FROZEN = ("dataset", "seed", "gamma", "eval_episodes", *(k for k in RESUMED if k.startswith("chain.")))
 # The stage whose own settings a group holds: frozen too once that stage has finished, for it is kept as it ran.
 STAGE_OF = {"imitation": "imitation", "offline": "offline", "online": "online", "head": "distill"}
+# Those that shape the saved state of their stage's run (its state.pt: the dynamics ensemble's members): frozen too once
+# the stage has one, which would not load into another shape.
+SHAPES_STATE = ("offline.ensemble",)
 
 
 def check(cfg: RL100Config) -> None:
@@ -926,8 +929,10 @@ def resumed_config(cfg: RL100Config, run: Run, given: set[str]) -> tuple[RL100Co
     check_unfinished_stages(cfg.stages, run)
     for key, value in changed.items():
         stage = STAGE_OF.get(key.partition(".")[0])
-        if key in FROZEN or (stage is not None and run.done(stage)):
-            why = "which every stage trains or is rated with" if key in FROZEN else f"and its finished {stage} stage is kept as it ran"
+        saved = key in SHAPES_STATE and (run.dir / stage / "state.pt").is_file()
+        if key in FROZEN or (stage is not None and run.done(stage)) or saved:
+            why = ("which every stage trains or is rated with" if key in FROZEN else f"and its finished {stage} stage is kept as it ran"
+                   if run.done(stage) else f"which shapes its unfinished {stage} stage's saved state ({stage}/state.pt)")
             raise UserError(f"{key}={command_line(value)}: {run.dir} runs with {key}={command_line(trained[key])}, {why}; drop {key}= "
                             f"to resume it, or start a new run with {key}={command_line(value)}")
     check_same_start(cfg.init, run)
