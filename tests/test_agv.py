@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from robodistill import checkpoints
 from robodistill.envs import EnvConfig, make_env
 from robodistill.envs.agv import SCENES, TASK
-from robodistill.envs.agv.batch import GOAL_RADIUS, OBS_DIM, RAY_RANGE, RAYS, ray_box_distances, ray_circle_distances
-from robodistill.envs.agv.scenes import FAR, walls
+from robodistill.envs.agv.batch import DT, GOAL_RADIUS, OBS_DIM, RAY_RANGE, RAYS, ray_box_distances, ray_circle_distances
+from robodistill.envs.agv.scenes import FAR, get_scene, walls
 from robodistill.errors import UserError
 from robodistill.evaluation import evaluate
 from robodistill.policies.random import RandomPolicy
@@ -119,7 +119,7 @@ def test_gym_make_after_importing_robodistill_envs_and_bad_actions_are_refused()
 
 def test_single_env_works_under_gymnasiums_episode_statistics_and_time_limit():
     # CleanRL-style wrapping: RecordEpisodeStatistics owns info["episode"], and gym.make's
-    # max_episode_steps adds a TimeLimit the env cannot see; the env's own metrics must survive both.
+    # max_episode_steps adds a TimeLimit over the env; the env's own metrics must survive both.
     env = gym.wrappers.RecordEpisodeStatistics(gym.make(TASK, scene="simple_static", max_episode_steps=5))
     env.reset(seed=0)
     for t in range(1, 6):
@@ -127,6 +127,25 @@ def test_single_env_works_under_gymnasiums_episode_statistics_and_time_limit():
         assert info["episode_len"] == t and not terminated
     assert truncated and info["episode"]["l"] == 5 and info["success_once"] is False
     assert info["path_length"] > 0 and info["return"] == pytest.approx(info["episode"]["r"])
+
+
+def test_time_to_goal_of_an_episode_gym_makes_time_limit_cuts_is_censored_at_that_limit():
+    # the env could not see gym.make's TimeLimit and censored at the scene's 200 steps: 20 s for a 0.7 s episode
+    for make in (lambda: gym.make(TASK, scene="simple_static", max_episode_steps=7),
+                 lambda: gym.make(gym.make(TASK, scene="simple_static", max_episode_steps=7).spec)):  # remade from its spec
+        env = make()
+        env.reset(seed=0)
+        for _ in range(7):
+            _, _, terminated, truncated, info = env.step(np.array([-1.0, 1.0], dtype=np.float32))  # circles in place
+        assert truncated and not terminated and info["time_to_goal"] == pytest.approx(7 * DT)
+    # a TimeLimit past the scene's own leaves the scene's: its episodes end there, censored there
+    env = gym.make(TASK, scene="simple_static", max_episode_steps=500)
+    env.reset(seed=0)
+    for steps in range(1, 501):
+        _, _, terminated, truncated, info = env.step(np.array([-1.0, 1.0], dtype=np.float32))
+        if terminated or truncated:
+            break
+    assert truncated and steps == get_scene("simple_static").max_steps and info["time_to_goal"] == pytest.approx(steps * DT)
 
 
 def test_lidar_hits_known_walls_and_movers_at_known_distances():

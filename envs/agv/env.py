@@ -61,8 +61,8 @@ class AGVWarehouseEnv(gym.Env):
     Every step's `info` holds the episode's metrics so far (EPISODE_METRICS), as ManiSkill's envs
     report `success` every step: the key "episode" stays free for gymnasium's
     RecordEpisodeStatistics and SB3's Monitor, and an episode that gymnasium's TimeLimit cuts
-    (`gym.make(..., max_episode_steps=N)`, which only ever shortens the scene's own limit: gymnasium
-    keeps that argument from the env) still ends with its metrics.
+    (`gym.make(..., max_episode_steps=N)`, which only ever shortens the scene's own limit) still ends
+    with its metrics, `time_to_goal` censored at N (TakeTimeLimit).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1 / DT))}
@@ -93,6 +93,21 @@ class AGVWarehouseEnv(gym.Env):
 
     def render(self):
         return render(self.batch, self.render_size)[0]
+
+
+class TakeTimeLimit(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Gives the AGV env the episode limit of the TimeLimit it wraps, where that is the shorter: gymnasium keeps
+    `gym.make`'s max_episode_steps from the env, which then censored `time_to_goal` of the episodes the TimeLimit cut
+    at the scene's limit (20 s for an episode cut at 0.7 s). The registration lists it in additional_wrappers, which
+    `gym.make` applies over its TimeLimit."""
+
+    def __init__(self, env: gym.Env):
+        gym.utils.RecordConstructorArgs.__init__(self)
+        super().__init__(env)
+        limit = env.spec.max_episode_steps if env.spec is not None else None
+        batch = env.unwrapped.batch
+        if limit is not None and limit < batch.max_steps:
+            batch.max_steps = limit
 
 
 class AGVVecEnv:
