@@ -230,6 +230,10 @@ def test_training_on_the_initial_states_a_run_rates_is_refused_before_it_trains(
     rl100 = cli_here("rl100", "env=PushCube-v1", f"dataset={collected}")
     assert rl100.returncode == 2 and "3 of its episodes start from seeds that this run collects offline rollouts from" in rl100.stderr
     assert not (tmp_path / "runs" / "rl100").exists() or not list(tmp_path.glob("runs/rl100/*/report.json"))
+    # started from a policy (no stage reads a dataset): the policy's own demonstrations count
+    rl100 = cli_here("rl100", "env=PushCube-v1", f"init={ckpt}", "stages=[online]", "eval_episodes=1")
+    assert rl100.returncode == 2 and f"dataset {rated}: 1 of its episodes start from seeds that this run rates its policies on" in rl100.stderr, \
+        rl100.stderr[-2000:]
 
 
 def test_eval_says_how_many_episodes_start_from_the_policys_training_states(cli_here, pushcube_demos, tmp_path):

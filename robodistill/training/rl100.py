@@ -54,6 +54,7 @@ from robodistill.envs import EnvConfig, make_env, zero_action_holds_still
 from robodistill.errors import UserError
 from robodistill.evaluation import HELD_OUT_SEEDS, TRAINED_FIELDS, check_apart, env_for_policy, evaluate, take_env, wilson_interval
 from robodistill.inference.chunks import ChunkExecutor
+from robodistill.policies.base import trained_data
 from robodistill.policies.diffusion.chain import ChainSampler, DenoisingChain, check_chain
 from robodistill.policies.diffusion.policy import KIND, DiffusionPolicy, from_checkpoint
 from robodistill.summary import counted
@@ -255,14 +256,16 @@ def check(cfg: RL100Config) -> None:
     missing = [p for p in (cfg.dataset or "").split(",") if p and not Path(p).is_file()]
     if missing and {"imitation", "offline"} & set(cfg.stages):  # said before the run directory holds a report
         raise UserError(f"dataset={cfg.dataset}: no such file {missing[0]} (the .h5 written by `robodistill demos`)")
-    if {"imitation", "offline"} & set(cfg.stages):
-        check_data_apart(cfg)
+    check_data_apart(cfg)
 
 
 def check_data_apart(cfg: RL100Config) -> None:
     """Refuses demonstrations that start from seeds the run rates its policies on, or starts its own training episodes
-    from (SEEDS), for the stages it runs: every later stage's policy descends from the demonstrations."""
-    data = episode_seeds(cfg.dataset.split(","))
+    from (SEEDS), for the stages it runs: every later stage's policy descends from them. Those of dataset= where a
+    stage reads it, and those the init= policy was trained on, where its file records them and they are still on disk."""
+    given = cfg.dataset.split(",") if cfg.dataset and {"imitation", "offline"} & set(cfg.stages) else []
+    taught = [path for path in trained_data(cfg.init, cfg.env.task) if path.is_file()] if cfg.init else []
+    data = episode_seeds([*given, *taught])
     blocks = {"rating": ("rates its policies on", cfg.eval_episodes, STAGES),
               "gate_truth": ("rates the OPE gate's candidates on", cfg.env.num_envs, ("offline",)),
               "collect": ("collects offline rollouts from", SEEDS["collect"][1], ("offline",)),
