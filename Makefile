@@ -27,8 +27,8 @@ demo: setup
 	$(RD) control bundle=$$($(call LAST,export))/bundle hz=20 episodes=20 seed=10000 name=demo
 	$(RD) summary --name demo
 
-# Two workers, one test file each: most tests keep one core busy. On 2 cores the suite takes ~18 minutes
-# (18 min 8 s, 318 tests, from a clean clone at stop 56; setup adds ~2 minutes).
+# Two workers, one test file each: most tests keep one core busy. On 2 cores the suite takes ~20 minutes
+# (20 min 0 s, 360 tests, from a clean clone at stop 57; setup adds ~2 minutes).
 test: setup
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
